@@ -1,0 +1,166 @@
+"""Attention of one execution block over local window + memory (DESIGN §3, §4).
+
+For a query at text position ``p`` and a key at position ``j <= p``:
+
+* **local** when ``p - j < n_local`` -- or when ``p < n_init + n_local`` (the
+  text is still short: ordinary causal attention) -- with ordinary relative
+  RoPE positions;
+* **memory** otherwise: init tokens, the retrieved blocks, and the remainder
+  (tail tokens outside the window).  Memory keys sit at position 0 and the
+  query is rotated as at position ``n_local - 1``.  Streaming keeps only the
+  init tokens as memory.
+
+Local and memory logits form one softmax (exactly as if concatenated).  The
+mass each key receives while local is added to its token score.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import QLLMConfig
+from .memory import LayerMemory
+from .retrieval import question_vector, select_blocks
+
+__all__ = ["RopeTable", "apply_rope", "attend", "encode_question"]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE: x [..., T, D] with cos/sin [T, D] (or [D]) -> same shape."""
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rot * sin
+
+
+class RopeTable:
+    """cos/sin of positions ``0 .. n-1`` from the model's own rotary module.
+
+    The rotary module carries the model's RoPE variant and scaling (llama3,
+    yarn, longrope, attention scaling); positions stay small, so float32 angles
+    are exact enough.
+    """
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        self.cos = cos.float()  # [n, D]
+        self.sin = sin.float()
+
+    @classmethod
+    def from_module(cls, rotary: torch.nn.Module, n: int, head_dim: int, device, layer_type=None) -> "RopeTable":
+        x = torch.zeros(1, 1, head_dim, dtype=torch.float32, device=device)
+        pos = torch.arange(n, device=device).unsqueeze(0)
+        with torch.no_grad():
+            if layer_type is not None:
+                cos, sin = rotary(x, pos, layer_type=layer_type)
+            else:
+                cos, sin = rotary(x, pos)
+        return cls(cos[0], sin[0])
+
+    def __len__(self) -> int:
+        return self.cos.shape[0]
+
+
+def attend(mem: LayerMemory, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           rope: RopeTable, scaling: float) -> torch.Tensor:
+    """Process one forward call's tokens through the layer memory.
+
+    q  [n_q_heads, T, head_dim], k, v [n_kv_heads, T, head_dim]: un-rotated.
+    Returns the attention output [n_q_heads, T, head_dim] in q's dtype.
+    The tokens are processed in execution blocks of ``exc_block_size``.
+    """
+    E = mem.config.exc_block_size
+    T = q.shape[1]
+    if T <= E:
+        return _exec_block(mem, q, k, v, rope, scaling)
+    outs = [_exec_block(mem, q[:, s:s + E], k[:, s:s + E], v[:, s:s + E], rope, scaling)
+            for s in range(0, T, E)]
+    return torch.cat(outs, dim=1)
+
+
+def _fixed_query(q: torch.Tensor, rope: RopeTable, n_local: int) -> torch.Tensor:
+    """Queries rotated as at position n_local-1, scaled like a key at position 0 (cos[0])."""
+    return apply_rope(q, rope.cos[n_local - 1], rope.sin[n_local - 1]) * rope.cos[0]
+
+
+def _exec_block(mem: LayerMemory, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                rope: RopeTable, scaling: float) -> torch.Tensor:
+    cfg: QLLMConfig = mem.config
+    hq, E, d = q.shape
+    hkv = k.shape[0]
+    g = hq // hkv
+    dev = q.device
+    out_dtype = q.dtype
+    P0, T0 = mem.n_seen, mem.tail_start
+    qf = q.float()
+
+    # Recent segment = tail + this block, positions T0 .. P0+E-1.
+    Rk = torch.cat([mem.tail_k.float(), k.float()], dim=1)  # [hkv, L, d]
+    Rv = torch.cat([mem.tail_v.float(), v.float()], dim=1)
+    L = Rk.shape[1]
+    if L > len(rope):
+        raise RuntimeError(f"qllm: recent segment of {L} tokens exceeds the RoPE table ({len(rope)})")
+    q_loc = apply_rope(qf, rope.cos[L - E:L], rope.sin[L - E:L])
+    k_loc = apply_rope(Rk, rope.cos[:L], rope.sin[:L])
+
+    p = torch.arange(P0, P0 + E, device=dev).unsqueeze(1)  # [E, 1]
+    j = torch.arange(T0, T0 + L, device=dev).unsqueeze(0)  # [1, L]
+    dense = p < cfg.n_init + cfg.n_local
+    local = (j <= p) & ((p - j < cfg.n_local) | dense)      # [E, L]
+
+    qg = q_loc.reshape(hkv, g * E, d)
+    logits_r = torch.matmul(qg, k_loc.transpose(1, 2)).mul_(scaling).view(hkv, g, E, L)
+    logits_r = logits_r.masked_fill(~local, float("-inf"))
+
+    q_fix = _fixed_query(qf, rope, cfg.n_local)  # [hq, E, d]
+    q_fix_g = q_fix.reshape(hkv, g * E, d)
+    # Tail keys that are memory for some query of the block: j <= P0+E-1-n_local.
+    m = max(0, min(L, P0 + E - cfg.n_local - T0)) if not bool(dense[-1]) else 0
+    if m > 0:
+        mem_mask = (j[:, :m] <= p - cfg.n_local) & ~dense
+        if not cfg.uses_blocks:
+            mem_mask = mem_mask & (j[:, :m] < cfg.n_init)
+        lf = torch.matmul(q_fix_g, Rk[:, :m].transpose(1, 2)).mul_(scaling).view(hkv, g, E, m)
+        logits_r[..., :m] = torch.where(mem_mask, lf, logits_r[..., :m])
+
+    # Memory outside the tail: init + retrieved blocks.
+    mk = [mem.init_k.float()] if mem.init_k.shape[1] else []
+    mv = [mem.init_v.float()] if mem.init_v.shape[1] else []
+    ids = select_blocks(mem, q_fix.mean(dim=1))
+    mem.last_retrieved = ids
+    if ids is not None:
+        bk, bv = mem.gather_blocks(ids)
+        mk.append(bk.float())
+        mv.append(bv.float())
+    if mk:
+        Mk = torch.cat(mk, dim=1) if len(mk) > 1 else mk[0]
+        Mv = torch.cat(mv, dim=1) if len(mv) > 1 else mv[0]
+        logits_m = torch.matmul(q_fix_g, Mk.transpose(1, 2)).mul_(scaling)  # [hkv, g*E, M]
+        M = Mk.shape[1]
+        logits = torch.cat([logits_m.view(hkv, g, E, M), logits_r], dim=-1)
+        probs = torch.softmax(logits, dim=-1)
+        probs_m, probs_r = probs[..., :M], probs[..., M:]
+        out = torch.matmul(probs_m.reshape(hkv, g * E, M), Mv)
+        out = out + torch.matmul(probs_r.reshape(hkv, g * E, L), Rv)
+    else:
+        probs_r = torch.softmax(logits_r, dim=-1)
+        out = torch.matmul(probs_r.reshape(hkv, g * E, L), Rv)
+
+    # Token scores: mass each recent key received while local (masked entries are exactly 0 unless memory).
+    received = (probs_r * local).sum(dim=2).reshape(hq, L)
+    mem.append(k, v, received)
+    return out.view(hq, E, d).to(out_dtype)
+
+
+def encode_question(mem: LayerMemory, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    rope: RopeTable, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the question through a fresh memory of the same shape and return
+    (attention output [n_q_heads, T, head_dim], question vector [n_q_heads, head_dim] f32).
+
+    The question (at most n_local tokens) attends to itself with ordinary
+    causal attention; each of its tokens collects the mass it receives.
+    """
+    T = q.shape[1]
+    scratch = LayerMemory(mem.config.replace(strategy="streaming", n_init=0, exc_block_size=max(T, 1)),
+                          mem.n_q_heads, mem.n_kv_heads, mem.head_dim, mem.dtype, mem.device)
+    out = _exec_block(scratch, q, k, v, rope, scaling)
+    q_fix = _fixed_query(q.float(), rope, mem.config.n_local)
+    return out, question_vector(q_fix, scratch.tail_scores, mem.config)

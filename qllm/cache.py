@@ -1,0 +1,60 @@
+"""QLLMCache: the per-sequence memory of a patched model, as a transformers Cache.
+
+It subclasses ``DynamicCache`` so that ``generate`` and the model code treat it
+like any cache; layers that qllm patches keep their state in ``LayerMemory``
+objects instead of the cache's K/V lists (unpatched layers -- e.g. Gemma3's
+sliding-window layers -- use the ordinary cache layers).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from .memory import LayerMemory
+
+__all__ = ["QLLMCache"]
+
+
+class QLLMCache(DynamicCache):
+    """Cache object holding one ``LayerMemory`` per patched layer.
+
+    Parameters
+    ----------
+    handle : the patch handle of the model (``model._qllm``).
+    """
+
+    def __init__(self, handle) -> None:
+        try:
+            super().__init__(config=handle.text_config)
+        except TypeError:  # older signature
+            super().__init__()
+        self._qllm = handle
+        self.memories: dict[int, LayerMemory] = {}
+        self.n_seen = 0
+        self.mode = "text"  # "text" | "question"
+        self.question_ids: torch.Tensor | None = None  # 1-D token ids of the question, once encoded
+        self.has_question = False
+
+    # -- transformers Cache API -----------------------------------------
+    def get_seq_length(self, layer_idx: int | None = 0, *args, **kwargs) -> int:  # noqa: D401
+        """Tokens of text seen so far."""
+        return self.n_seen
+
+    # -- qllm -------------------------------------------------------------
+    def memory(self, layer_idx: int, n_q_heads: int, n_kv_heads: int, head_dim: int,
+               dtype: torch.dtype, device: torch.device) -> LayerMemory:
+        mem = self.memories.get(layer_idx)
+        if mem is None:
+            mem = LayerMemory(self._qllm.config, n_q_heads, n_kv_heads, head_dim, dtype, device)
+            self.memories[layer_idx] = mem
+        return mem
+
+    def nbytes(self) -> int:
+        """Bytes held by all layer memories."""
+        return sum(m.nbytes() for m in self.memories.values())
+
+    def retrieved_blocks(self) -> dict[int, list[int]]:
+        """Per layer, the block ids retrieved for the last execution block."""
+        return {i: ([] if m.last_retrieved is None else m.last_retrieved.tolist())
+                for i, m in sorted(self.memories.items())}

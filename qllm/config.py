@@ -1,0 +1,120 @@
+"""QLLMConfig: the knobs of query-aware context memory, with the paper's names."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+__all__ = ["QLLMConfig", "STRATEGIES"]
+
+STRATEGIES = ("qllm", "infllm", "streaming", "full")
+
+
+@dataclass(frozen=True)
+class QLLMConfig:
+    """Configuration of query-aware context memory (DESIGN §2-§7).
+
+    Parameters
+    ----------
+    n_init : int
+        Tokens at the start of the text kept forever ("attention sinks").
+    n_local : int
+        Sliding-window size: every query sees the last ``n_local`` keys with
+        ordinary relative positions.
+    block_size : int
+        Tokens per memory block.
+    topk : int
+        Memory blocks retrieved per execution block (and per layer).
+    repr_topk : int
+        Tokens averaged into each block representative (and into the question
+        vector).
+    exc_block_size : int
+        Queries per execution block during prefill (decode uses 1).
+    question_weight : float
+        ``w`` in ``s_b = sum_h qbar_h.r_bh + w * sum_h Q_h.r_bh``.
+    strategy : {"qllm", "infllm", "streaming", "full"}
+        ``qllm``: retrieval scored by the queries and the question;
+        ``infllm``: same with ``w = 0`` (question ignored);
+        ``streaming``: init + local window only (no memory blocks);
+        ``full``: the unpatched model (dense attention, ordinary cache).
+    device_blocks : int or None
+        Compute-device block budget per layer (blocks beyond it are kept in
+        host memory).  ``None``: no limit.
+    chunk_size : int
+        Prefill is fed through the model in chunks of this many tokens (bounds
+        activation memory for texts of any length).
+    max_question_tokens : int or None
+        Longest question accepted (default: ``n_local``).
+    """
+
+    n_init: int = 128
+    n_local: int = 1024
+    block_size: int = 128
+    topk: int = 8
+    repr_topk: int = 4
+    exc_block_size: int = 512
+    question_weight: float = 4.0
+    strategy: str = "qllm"
+    device_blocks: int | None = None
+    chunk_size: int = 8192
+    max_question_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        def _int(name: str, lo: int) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"QLLMConfig.{name}: expected an int, got {type(v).__name__}")
+            if v < lo:
+                raise ValueError(f"QLLMConfig.{name}: expected >= {lo}, got {v}")
+
+        _int("n_init", 0)
+        _int("n_local", 1)
+        _int("block_size", 1)
+        _int("topk", 0)
+        _int("repr_topk", 1)
+        _int("exc_block_size", 1)
+        _int("chunk_size", 1)
+        if self.device_blocks is not None:
+            _int("device_blocks", 0)
+        if self.max_question_tokens is not None:
+            _int("max_question_tokens", 1)
+        w = self.question_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)):
+            raise TypeError(f"QLLMConfig.question_weight: expected a float, got {type(w).__name__}")
+        if not math.isfinite(float(w)):
+            raise ValueError(f"QLLMConfig.question_weight: expected a finite number, got {w}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"QLLMConfig.strategy: expected one of {STRATEGIES}, got {self.strategy!r}")
+        if self.strategy in ("qllm", "infllm") and self.topk < 1:
+            raise ValueError(f"QLLMConfig.topk: strategy {self.strategy!r} needs topk >= 1, got {self.topk}")
+
+    # -- derived ---------------------------------------------------------
+    @property
+    def uses_blocks(self) -> bool:
+        """Whether memory blocks are kept and retrieved (qllm / infllm)."""
+        return self.strategy in ("qllm", "infllm")
+
+    @property
+    def uses_question(self) -> bool:
+        return self.strategy == "qllm" and self.question_weight != 0.0
+
+    @property
+    def question_limit(self) -> int:
+        return self.max_question_tokens if self.max_question_tokens is not None else self.n_local
+
+    @property
+    def max_rel_position(self) -> int:
+        """Largest RoPE position used (relative positions inside the recent segment)."""
+        return max(self.n_init, self.block_size) + self.n_local + self.exc_block_size
+
+    def replace(self, **changes) -> "QLLMConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def small(cls, **changes) -> "QLLMConfig":
+        """The small budget of DESIGN §7 (small models, CPU tests)."""
+        base = dict(n_init=128, n_local=256, block_size=64, topk=4, repr_topk=4, exc_block_size=256,
+                    question_weight=1.0)
+        base.update(changes)
+        return cls(**base)

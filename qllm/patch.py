@@ -1,0 +1,386 @@
+"""Drop-in patching of Hugging Face decoder models.
+
+``qllm.patch(model, config)`` leaves the model's own attention code in charge
+of projections, q/k norms and everything else; it only
+
+1. hands each patched attention module identity cos/sin (a forward pre-hook),
+   so the module produces un-rotated queries and keys -- RoPE is applied by
+   qllm with positions from the model's own rotary module;
+2. routes the attention call to qllm through transformers' AttentionInterface
+   (the name ``"qllm"``; unpatched layers are forwarded to the original
+   implementation);
+3. wraps the decoder's ``forward`` to attach a :class:`QLLMCache`, encode the
+   question, and feed long prompts in chunks.
+
+``unpatch`` removes all of it; importing qllm changes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from transformers import AttentionInterface, DynamicCache
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .attention import RopeTable, attend, encode_question
+from .cache import QLLMCache
+from .config import QLLMConfig
+
+log = logging.getLogger("qllm")
+
+__all__ = ["patch", "unpatch", "patched", "set_question", "record", "is_patched", "PatchHandle"]
+
+ATTN_NAME = "qllm"
+_SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3")
+
+
+@dataclass
+class PatchHandle:
+    """Everything ``patch`` changed on one model, so ``unpatch`` can undo it."""
+
+    model: torch.nn.Module
+    config: QLLMConfig
+    text_config: object
+    base: torch.nn.Module
+    attn_modules: dict[int, torch.nn.Module]
+    orig_attn_impl: str | None
+    cache_kw: str
+    rotary: torch.nn.Module | None
+    rotary_layer_type: str | None
+    hooks: list = field(default_factory=list)
+    question: dict | None = None  # {"ids": LongTensor} or {"span": (a, b)}
+    progress: Callable[[int, int, QLLMCache], None] | None = None
+    recorder: list | None = None
+    _rope: dict = field(default_factory=dict)
+
+    def rope(self, device: torch.device) -> RopeTable:
+        key = str(device)
+        table = self._rope.get(key)
+        if table is None:
+            hd = next(iter(self.attn_modules.values())).head_dim
+            table = RopeTable.from_module(self.rotary, self.config.max_rel_position + 1, hd, device,
+                                          self.rotary_layer_type)
+            self._rope[key] = table
+        return table
+
+
+# ---------------------------------------------------------------- registry
+def _register_attention() -> None:
+    if ATTN_NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(ATTN_NAME, _qllm_attention)
+    # Masks for layers qllm does not patch (e.g. sliding-window layers) are built as for SDPA.
+    if ATTN_NAME not in AttentionMaskInterface._global_mapping:
+        AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+def _original_attention(module: torch.nn.Module, name: str | None) -> Callable:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if name in (None, "eager"):
+        if eager is None:
+            raise RuntimeError(f"qllm: no eager attention for {type(module).__name__}")
+        return eager
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def _qllm_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """AttentionInterface entry: [B, H, T, D] tensors in, ([B, T, H, D], None) out."""
+    handle: PatchHandle | None = kwargs.pop("qllm_handle", None)
+    cache: QLLMCache | None = kwargs.pop("qllm_cache", None)
+    if handle is None or cache is None:
+        # A layer qllm does not patch on a patched model: original implementation.
+        h = getattr(module, "_qllm_owner", None)
+        fn = _original_attention(module, h.orig_attn_impl if h is not None else "sdpa")
+        return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if query.shape[0] != 1:
+        raise ValueError(f"qllm: batch size 1 is supported, got {query.shape[0]}")
+    if scaling is None:
+        scaling = module.head_dim ** -0.5
+    q, k, v = query[0], key[0], value[0]
+    mem = cache.memory(module.layer_idx, q.shape[0], k.shape[0], q.shape[-1], k.dtype, k.device)
+    rope = handle.rope(q.device)
+    with torch.no_grad():
+        if cache.mode == "question":
+            out, qvec = encode_question(mem, q, k, v, rope, float(scaling))
+            mem.question = qvec
+        else:
+            out = attend(mem, q, k, v, rope, float(scaling))
+    if handle.recorder is not None:
+        handle.recorder.append({"layer": module.layer_idx, "mode": cache.mode, "q": q.detach().clone(),
+                                "k": k.detach().clone(), "v": v.detach().clone(), "out": out.detach().clone()})
+    return out.transpose(0, 1).unsqueeze(0), None
+
+
+# ------------------------------------------------------------------- hooks
+def _attn_pre_hook(handle: PatchHandle):
+    def hook(module, args, kwargs):
+        cache = kwargs.pop("cache", None)
+        cache2 = kwargs.pop("past_key_values", None)
+        cache = cache if cache is not None else cache2
+        if not isinstance(cache, QLLMCache):
+            raise RuntimeError("qllm: patched attention called without a QLLMCache (call the model, not the layer)")
+        cos, sin = kwargs["position_embeddings"]
+        kwargs["position_embeddings"] = (torch.ones_like(cos), torch.zeros_like(sin))
+        kwargs["qllm_cache"] = cache
+        kwargs["qllm_handle"] = handle
+        return args, kwargs
+    return hook
+
+
+def _find_layers(model: torch.nn.Module):
+    base = getattr(model, "base_model", model)
+    if hasattr(base, "language_model") and not hasattr(base, "layers"):
+        base = base.language_model
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise TypeError(f"qllm.patch: model: no decoder layers found on {type(model).__name__}")
+    return base, layers
+
+
+def _bad_input(msg: str) -> ValueError:
+    return ValueError("qllm: " + msg)
+
+
+def _wrap_forward(handle: PatchHandle):
+    base = handle.base
+    orig = type(base).forward.__get__(base)  # the class's forward, bound
+    cache_kw = handle.cache_kw
+
+    def forward(*args, **kwargs):
+        if args:
+            kwargs["input_ids"] = args[0]
+            if len(args) > 1:
+                raise TypeError("qllm: pass decoder inputs other than input_ids by keyword")
+        input_ids = kwargs.get("input_ids")
+        embeds = kwargs.get("inputs_embeds")
+        x = input_ids if input_ids is not None else embeds
+        if x is None:
+            raise _bad_input("input_ids or inputs_embeds is required")
+        if x.shape[0] != 1:
+            raise _bad_input(f"input_ids: batch size 1 is supported by qllm, got {x.shape[0]} "
+                             "(run sequences one at a time)")
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
+            raise _bad_input("attention_mask: padding is not supported (batch size 1, no padding tokens)")
+        cache = kwargs.pop(cache_kw, None)
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None) if cache_kw != "past_key_values" else None
+        if cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0):
+            cache = QLLMCache(handle)
+        elif not isinstance(cache, QLLMCache):
+            raise _bad_input(f"{cache_kw}: expected a qllm cache or an empty one, got a filled "
+                             f"{type(cache).__name__} (start the text with a fresh cache)")
+        if cache.n_seen == 0 and not cache.has_question and cache.mode == "text":
+            _encode_question(handle, cache, input_ids)
+        kwargs["use_cache"] = True
+        T = x.shape[1]
+        cs = handle.config.chunk_size
+        if T <= cs:
+            out = orig(**kwargs, **{cache_kw: cache})
+            cache.n_seen += T
+            return out
+        if kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
+            raise _bad_input(f"output_hidden_states/output_attentions with a prompt longer than "
+                             f"chunk_size={cs} tokens is not supported")
+        key = "input_ids" if input_ids is not None else "inputs_embeds"
+        hidden, out = [], None
+        t0 = time.perf_counter()
+        for s in range(0, T, cs):
+            kw = dict(kwargs)
+            kw[key] = x[:, s:s + cs]
+            kw.pop("attention_mask", None)
+            kw.pop("position_ids", None)
+            out = orig(**kw, **{cache_kw: cache})
+            cache.n_seen += kw[key].shape[1]
+            hidden.append(out.last_hidden_state)
+            if handle.progress is not None:
+                handle.progress(min(s + cs, T), T, cache)
+        log.debug("qllm: prefill %d tokens in %.2fs", T, time.perf_counter() - t0)
+        out.last_hidden_state = torch.cat(hidden, dim=1)
+        return out
+
+    return forward
+
+
+def _encode_question(handle: PatchHandle, cache: QLLMCache, input_ids: torch.Tensor | None) -> None:
+    """Run the question tokens through the model once to get per-layer question vectors."""
+    cfg = handle.config
+    q = handle.question
+    cache.has_question = True  # decided once per cache
+    if not cfg.uses_question:
+        if cfg.strategy == "infllm" and q is not None:
+            log.info("qllm: strategy 'infllm' ignores the question")
+        return
+    if q is None:
+        log.info("qllm: no question given: retrieval uses the text's queries only (InfLLM behaviour)")
+        cache.has_question = False
+        return
+    if "ids" in q:
+        ids = q["ids"]
+    else:
+        a, b = q["span"]
+        if input_ids is None:
+            raise _bad_input("question span needs input_ids (not inputs_embeds)")
+        if not (0 <= a < b <= input_ids.shape[1]):
+            raise _bad_input(f"question span: expected 0 <= start < end <= {input_ids.shape[1]}, got ({a}, {b})")
+        ids = input_ids[0, a:b]
+    ids = ids.reshape(1, -1).to(handle.base.device if hasattr(handle.base, "device") else ids.device)
+    n = ids.shape[1]
+    if n == 0:
+        raise _bad_input("question: empty")
+    if n > cfg.question_limit:
+        raise _bad_input(f"question: {n} tokens, at most {cfg.question_limit} supported "
+                         "(QLLMConfig.max_question_tokens, default n_local)")
+    scratch = QLLMCache(handle)
+    scratch.mode = "question"
+    orig = type(handle.base).forward.__get__(handle.base)
+    with torch.no_grad():
+        orig(input_ids=ids, use_cache=True, **{handle.cache_kw: scratch})
+    for i, m in scratch.memories.items():
+        cache.memory(i, m.n_q_heads, m.n_kv_heads, m.head_dim, m.dtype, m.device).question = m.question
+    cache.question_ids = ids[0].detach().clone()
+    log.info("qllm: question of %d tokens encoded", n)
+
+
+# -------------------------------------------------------------------- API
+def is_patched(model: torch.nn.Module) -> bool:
+    return getattr(model, "_qllm", None) is not None
+
+
+def patch(model: torch.nn.Module, config: QLLMConfig | None = None) -> torch.nn.Module:
+    """Give ``model`` query-aware context memory; returns the same model.
+
+    Parameters
+    ----------
+    model : a transformers causal LM (Llama, Mistral, Qwen2/2.5, Qwen3, Gemma3).
+    config : QLLMConfig, default ``QLLMConfig()``.
+    """
+    if config is None:
+        config = QLLMConfig()
+    if not isinstance(config, QLLMConfig):
+        raise TypeError(f"qllm.patch: config: expected QLLMConfig, got {type(config).__name__}")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"qllm.patch: model: expected a torch.nn.Module, got {type(model).__name__}")
+    if is_patched(model):
+        raise ValueError("qllm.patch: model is already patched (call qllm.unpatch first)")
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    mtype = getattr(text_config, "model_type", "")
+    if mtype not in _SUPPORTED:
+        log.warning("qllm: model type %r is not one of the tested families %s", mtype, _SUPPORTED)
+    base, layers = _find_layers(model)
+    layer_types = getattr(text_config, "layer_types", None)
+    attn = {}
+    for i, layer in enumerate(layers):
+        mod = getattr(layer, "self_attn", None)
+        if mod is None:
+            raise TypeError(f"qllm.patch: model: layer {i} has no self_attn")
+        if layer_types is not None and layer_types[i] != "full_attention":
+            continue  # sliding-window layers keep their own attention
+        attn[i] = mod
+    params = inspect.signature(type(base).forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+    rotary = getattr(base, "rotary_emb", None)
+    rotary_layer_type = None
+    if rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters:
+        rotary_layer_type = "full_attention"
+    if rotary is None and config.strategy != "full":
+        raise TypeError(f"qllm.patch: model: no rotary embedding module found on {type(base).__name__}")
+    handle = PatchHandle(model=model, config=config, text_config=text_config, base=base, attn_modules=attn,
+                         orig_attn_impl=text_config._attn_implementation, cache_kw=cache_kw,
+                         rotary=rotary, rotary_layer_type=rotary_layer_type)
+    model._qllm = handle
+    if config.strategy == "full":
+        log.info("qllm: strategy 'full': the model keeps its own dense attention")
+        return model
+    _register_attention()
+    for mod in layers:
+        mod.self_attn._qllm_owner = handle
+    for i, mod in attn.items():
+        handle.hooks.append(mod.register_forward_pre_hook(_attn_pre_hook(handle), with_kwargs=True))
+    text_config._attn_implementation = ATTN_NAME
+    base.forward = _wrap_forward(handle)
+    return model
+
+
+def unpatch(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo :func:`patch` completely; returns the model."""
+    handle: PatchHandle | None = getattr(model, "_qllm", None)
+    if handle is None:
+        raise ValueError("qllm.unpatch: model is not patched")
+    for h in handle.hooks:
+        h.remove()
+    if handle.config.strategy != "full":
+        handle.text_config._attn_implementation = handle.orig_attn_impl
+        handle.base.__dict__.pop("forward", None)
+        _, layers = _find_layers(model)
+        for layer in layers:
+            layer.self_attn.__dict__.pop("_qllm_owner", None)
+    del model._qllm
+    return model
+
+
+@contextlib.contextmanager
+def patched(model: torch.nn.Module, config: QLLMConfig | None = None) -> Iterator[torch.nn.Module]:
+    """``with qllm.patched(model, config): ...`` -- patch for the block, then unpatch."""
+    patch(model, config)
+    try:
+        yield model
+    finally:
+        unpatch(model)
+
+
+def set_question(model: torch.nn.Module, question=None, *, tokenizer=None, span: tuple[int, int] | None = None):
+    """Tell a patched model the user's question for the next text it reads.
+
+    Exactly one of:
+      * ``question``: a string (needs ``tokenizer``) or a 1-D tensor/list of token ids;
+      * ``span=(start, end)``: token positions of the question inside the next prompt.
+    ``set_question(model)`` with nothing clears it (InfLLM behaviour, logged).
+    The question applies to every fresh cache until changed.
+    """
+    handle: PatchHandle | None = getattr(model, "_qllm", None)
+    if handle is None:
+        raise ValueError("qllm.set_question: model is not patched (call qllm.patch first)")
+    if question is not None and span is not None:
+        raise ValueError("qllm.set_question: give either question or span, not both")
+    if span is not None:
+        if (not isinstance(span, (tuple, list)) or len(span) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in span)):
+            raise ValueError(f"qllm.set_question: span: expected (start, end) ints, got {span!r}")
+        if not 0 <= span[0] < span[1]:
+            raise ValueError(f"qllm.set_question: span: expected 0 <= start < end, got {tuple(span)}")
+        handle.question = {"span": (int(span[0]), int(span[1]))}
+    elif question is None:
+        handle.question = None
+    elif isinstance(question, str):
+        if tokenizer is None:
+            raise ValueError("qllm.set_question: tokenizer is required for a question string")
+        if not question.strip():
+            raise ValueError("qllm.set_question: question: empty string")
+        ids = tokenizer(question, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        handle.question = {"ids": ids}
+    else:
+        ids = torch.as_tensor(question)
+        if ids.dim() != 1 or ids.numel() == 0 or ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError("qllm.set_question: question: expected a non-empty 1-D sequence of token ids")
+        handle.question = {"ids": ids.long()}
+    return model
+
+
+@contextlib.contextmanager
+def record(model: torch.nn.Module) -> Iterator[list]:
+    """Record (layer, q, k, v, out) of every patched attention call -- for tests and inspection."""
+    handle: PatchHandle = getattr(model, "_qllm")
+    handle.recorder = []
+    try:
+        yield handle.recorder
+    finally:
+        handle.recorder = None

@@ -1,0 +1,155 @@
+"""Build qllm's native parts.
+
+Three pieces:
+  * ``qllm_core``  -- the C11 core (csrc/src), a static library (build_clib);
+  * ``qllm._core`` -- CPython + NumPy C API binding of the core (csrc/python);
+  * ``qllm._C``    -- ATen extension registering ``torch.ops.qllm`` (csrc/torch),
+                      plus the CUDA kernels (csrc/cuda) when CUDA is built.
+
+``QLLM_CUDA=auto|0|1`` (default auto): with ``auto`` the CUDA sources are built
+when nvcc is found.  If the installed torch is a CPU build, the CUDA sources are
+still compiled (to catch errors) but not linked: there is no CUDA torch to
+register them with.  ``QLLM_CUDA=1`` fails when nvcc is missing.
+``QLLM_CUDA_ARCH`` (default ``90``) picks the target (sm_90 / compute_90).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+from setuptools import setup
+from setuptools.extension import Extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+INCLUDE = os.path.join("csrc", "include")
+C_FLAGS = ["-std=c11", "-O3", "-Wall", "-Wextra", "-Werror", "-fPIC", "-pthread"]
+CXX_FLAGS = ["-std=c++17", "-O3", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter"]
+
+
+def _log(msg: str) -> None:
+    print(f"[qllm setup] {msg}", file=sys.stderr)
+
+
+def _find_nvcc() -> str | None:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return os.path.join(home, "bin", "nvcc")
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for cand in ("/usr/local/cuda/bin/nvcc",):
+        if os.path.exists(cand):
+            return cand
+    return None
+
+
+def _cuda_mode() -> str:
+    mode = os.environ.get("QLLM_CUDA", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        raise SystemExit(f"QLLM_CUDA: expected auto, 0 or 1, got {mode!r}")
+    return mode
+
+
+def _nvcc_flags(arch: str) -> list[str]:
+    return [
+        "-O3",
+        "-std=c++17",
+        f"-gencode=arch=compute_{arch},code=sm_{arch}",
+        "--expt-relaxed-constexpr",
+        "-Xcompiler=-Wall,-Wextra",
+        "-lineinfo",
+        f"-I{os.path.join(ROOT, INCLUDE)}",
+    ]
+
+
+def _compile_cuda_check(nvcc: str, arch: str, build_temp: str) -> None:
+    """Compile every .cu to an object: CPU torch cannot load them, but errors surface."""
+    sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    os.makedirs(build_temp, exist_ok=True)
+    for src in sources:
+        obj = os.path.join(build_temp, os.path.basename(src) + ".o")
+        cmd = [nvcc, "-c", src, "-o", obj, "-Xcompiler=-fPIC", *_nvcc_flags(arch)]
+        _log("nvcc (compile check) " + os.path.basename(src))
+        subprocess.check_call(cmd)
+    _log(f"compiled {len(sources)} CUDA source(s); not linked: torch is a CPU build")
+
+
+def _extensions():
+    import torch
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    mode = _cuda_mode()
+    arch = os.environ.get("QLLM_CUDA_ARCH", "90")
+    nvcc = _find_nvcc() if mode != "0" else None
+    if mode == "1" and nvcc is None:
+        raise SystemExit("QLLM_CUDA=1 but nvcc was not found (set CUDA_HOME)")
+    torch_has_cuda = torch.version.cuda is not None
+    build_cuda = nvcc is not None and torch_has_cuda
+    check_cuda = nvcc is not None and not torch_has_cuda
+
+    core = Extension(
+        "qllm._core",
+        sources=sorted(glob.glob("csrc/python/*.c")),
+        include_dirs=[INCLUDE, np.get_include()],
+        extra_compile_args=C_FLAGS + ["-DNPY_NO_DEPRECATED_API=NPY_1_7_API_VERSION"],
+        extra_link_args=["-pthread"],
+    )
+    torch_sources = sorted(glob.glob("csrc/torch/*.cpp"))
+    if build_cuda:
+        _log(f"building CUDA kernels for sm_{arch} with {nvcc}")
+        ops = CUDAExtension(
+            "qllm._C",
+            sources=torch_sources + sorted(glob.glob("csrc/cuda/*.cu")),
+            include_dirs=[os.path.join(ROOT, INCLUDE)],
+            define_macros=[("QLLM_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": _nvcc_flags(arch)},
+            extra_link_args=["-pthread"],
+        )
+    else:
+        if nvcc is None:
+            _log("nvcc not found or QLLM_CUDA=0: CPU-only build")
+        ops = CppExtension(
+            "qllm._C",
+            sources=torch_sources,
+            include_dirs=[os.path.join(ROOT, INCLUDE)],
+            extra_compile_args={"cxx": CXX_FLAGS},
+            extra_link_args=["-pthread"],
+        )
+    return [core, ops], (nvcc, arch) if check_cuda else None
+
+
+def main() -> None:
+    from torch.utils.cpp_extension import BuildExtension
+
+    exts, cuda_check = _extensions()
+
+    class build_ext(BuildExtension):
+        def run(self):
+            if cuda_check is not None:
+                _compile_cuda_check(cuda_check[0], cuda_check[1],
+                                    os.path.join(self.build_temp, "cuda_check"))
+            super().run()
+
+    setup(
+        libraries=[
+            (
+                "qllm_core",
+                {
+                    "sources": sorted(glob.glob("csrc/src/*.c")),
+                    "include_dirs": [INCLUDE],
+                    "cflags": C_FLAGS,
+                },
+            )
+        ],
+        ext_modules=exts,
+        cmdclass={"build_ext": build_ext},
+    )
+
+
+if __name__ == "__main__":
+    main()
