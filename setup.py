@@ -26,9 +26,9 @@ from setuptools import setup
 from setuptools.extension import Extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-INCLUDE = os.path.join("csrc", "include")
+INCLUDE = os.path.join(ROOT, "csrc", "include")
 C_FLAGS = ["-std=c11", "-O3", "-Wall", "-Wextra", "-Werror", "-fPIC", "-pthread"]
-CXX_FLAGS = ["-std=c++17", "-O3", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter"]
+CXX_FLAGS = ["-std=c++20", "-O3", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter"]
 
 
 def _log(msg: str) -> None:
@@ -58,12 +58,12 @@ def _cuda_mode() -> str:
 def _nvcc_flags(arch: str) -> list[str]:
     return [
         "-O3",
-        "-std=c++17",
+        "-std=c++20",
         f"-gencode=arch=compute_{arch},code=sm_{arch}",
         "--expt-relaxed-constexpr",
         "-Xcompiler=-Wall,-Wextra",
         "-lineinfo",
-        f"-I{os.path.join(ROOT, INCLUDE)}",
+        f"-I{INCLUDE}",
     ]
 
 
@@ -100,14 +100,18 @@ def _extensions():
         extra_link_args=["-pthread"],
     )
     torch_sources = sorted(glob.glob("csrc/torch/*.cpp"))
+    # torch's headers are system headers for us: -Werror applies to our code only.
+    from torch.utils.cpp_extension import include_paths
+
+    cxx_flags = CXX_FLAGS + [f for p in include_paths() for f in ("-isystem", p)]
     if build_cuda:
         _log(f"building CUDA kernels for sm_{arch} with {nvcc}")
         ops = CUDAExtension(
             "qllm._C",
             sources=torch_sources + sorted(glob.glob("csrc/cuda/*.cu")),
-            include_dirs=[os.path.join(ROOT, INCLUDE)],
+            include_dirs=[INCLUDE],
             define_macros=[("QLLM_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": _nvcc_flags(arch)},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": _nvcc_flags(arch)},
             extra_link_args=["-pthread"],
         )
     else:
@@ -116,8 +120,8 @@ def _extensions():
         ops = CppExtension(
             "qllm._C",
             sources=torch_sources,
-            include_dirs=[os.path.join(ROOT, INCLUDE)],
-            extra_compile_args={"cxx": CXX_FLAGS},
+            include_dirs=[INCLUDE],
+            extra_compile_args={"cxx": cxx_flags},
             extra_link_args=["-pthread"],
         )
     return [core, ops], (nvcc, arch) if check_cuda else None
@@ -128,7 +132,9 @@ def main() -> None:
 
     exts, cuda_check = _extensions()
 
-    class build_ext(BuildExtension):
+    # No ninja: torch's ninja path compiles .c files with the C++ compiler; the plain
+    # path compiles the C binding with the C compiler and the torch extension as C++.
+    class build_ext(BuildExtension.with_options(use_ninja=False)):
         def run(self):
             if cuda_check is not None:
                 _compile_cuda_check(cuda_check[0], cuda_check[1],

@@ -10,6 +10,8 @@ with the CUDA ops.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -153,7 +155,7 @@ def test_repr_compute_out_strided_slice(seed, out_dtype, dtype, shape):
     buf = torch.full((2 * nb + 3, hq + 1, 2 * d + 1), sentinel, dtype=out_dtype)
     index = (slice(1, 1 + 2 * nb, 2), slice(1, None), slice(0, 2 * d, 2))
     out = buf[index]
-    assert out.shape == (nb, hq, d) and not out.is_contiguous()
+    assert out.shape == (nb, hq, d) and (out.numel() == 1 or not out.is_contiguous())
     result = ops.repr_compute_out(keys, scores, topk, out)
     assert result is None
     expected = ref.repr_compute_ref(keys, scores, topk)
@@ -580,12 +582,51 @@ def test_bad_out_memory_raises_value_error():
     keys, scores = _ok_repr()
     with pytest.raises(ValueError, match=r"qllm\.repr_compute_out: out: expected a tensor whose elements do not overlap"):
         ops.repr_compute_out(keys, scores, 2, torch.empty(1, 4, 4).expand(3, 4, 4))
-    # out aliasing an input
+    # out aliasing an input: contiguous, and interleaved (a strided view of keys' storage)
     with pytest.raises(ValueError, match=r"qllm\.repr_compute_out: out: expected memory not shared with keys"):
         ops.repr_compute_out(keys, scores, 2, keys.view(-1)[: 3 * 4 * 4].view(3, 4, 4))
+    with pytest.raises(ValueError, match=r"qllm\.repr_compute_out: out: expected memory not shared with scores"):
+        ops.repr_compute_out(keys, scores, 2, scores[:, :, ::2])
+    # disjoint rows of one buffer are fine
+    buf = torch.randn(6, 4, 8)
+    k2 = buf.view(6, 2, 16, 1).expand(6, 2, 16, 4)[:3, :, :8]
+    ops.repr_compute_out(k2, scores, 2, buf[3:, :, :4])
+    torch.testing.assert_close(buf[3:, :, :4], ref.repr_compute_ref(k2, scores, 2), rtol=1e-5, atol=1e-6)
 
 
-def test_neg_view_raises_value_error():
+def test_negative_bit_views():
+    """Functional ops: the dispatcher resolves the bit on inputs, results are exact.
+    repr_compute_out: a negative-bit tensor is refused with ValueError."""
     keys, scores = _ok_repr()
-    with pytest.raises(ValueError, match=r"qllm\.repr_compute: keys: expected a tensor without the negative bit"):
-        ops.repr_compute(torch._neg_view(keys), scores, 2)
+    neg_keys = torch.zeros(keys.shape, dtype=torch.complex64)
+    neg_keys.imag.copy_(-keys)
+    neg_keys = neg_keys.conj().imag  # public way to get a float view with the negative bit
+    assert neg_keys.is_neg() and torch.equal(neg_keys, keys)
+    assert torch.equal(ops.repr_compute(neg_keys, scores, 2), ops.repr_compute(keys, scores, 2))
+    with pytest.raises(ValueError, match=r"qllm\.repr_compute_out: keys: expected a tensor without the negative bit"):
+        ops.repr_compute_out(neg_keys, scores, 2, torch.empty(3, 4, 4))
+    out = torch.zeros(3, 4, 4, dtype=torch.complex64).conj().imag
+    assert out.is_neg()
+    with pytest.raises(ValueError, match=r"qllm\.repr_compute_out: out: expected a tensor without the negative bit"):
+        ops.repr_compute_out(keys, scores, 2, out)
+    with pytest.raises(TypeError, match=r"qllm\.repr_compute_out: out: expected dtype"):
+        ops.repr_compute_out(keys, scores, 2, torch.zeros(3, 4, 4, dtype=torch.complex64).conj())
+
+
+def test_negative_bit_out_does_not_crash_the_process():
+    """Without the fallthrough in ops.cpp the math-bit fallback reads past the
+    dispatcher stack for `-> ()` ops and the interpreter aborts at exit."""
+    # load only the op library (importing the whole package is slow)
+    code = (
+        "import torch, gc\n"
+        f"torch.ops.load_library({qllm._C.__file__!r})\n"
+        "out = torch.zeros(3, 4, 4, dtype=torch.complex64).conj().imag\n"
+        "try:\n"
+        "    torch.ops.qllm.repr_compute_out(torch.randn(3, 2, 8, 4), torch.randn(3, 4, 8), 2, out)\n"
+        "except ValueError as e:\n"
+        "    print('ValueError', e)\n"
+        "gc.collect()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ValueError qllm.repr_compute_out: out:" in proc.stdout

@@ -414,7 +414,7 @@ static int get_weight(PyObject *obj, float *out)
 /* ====================================================== repr_compute */
 
 PyDoc_STRVAR(repr_compute_doc,
-"repr_compute(keys, scores, repr_topk) -> numpy.ndarray\n"
+"repr_compute(keys, scores, repr_topk)\n--\n"
 "\n"
 "Representative keys of memory blocks.\n"
 "\n"
@@ -544,7 +544,7 @@ static int get_score_inputs(PyObject *reprs_o, PyObject *query_o, PyObject *ques
 }
 
 PyDoc_STRVAR(retrieval_score_doc,
-"retrieval_score(reprs, query, question=None, weight=0.0) -> numpy.ndarray\n"
+"retrieval_score(reprs, query, question=None, weight=0.0)\n--\n"
 "\n"
 "Query-weighted block scores::\n"
 "\n"
@@ -610,7 +610,7 @@ done:
 }
 
 PyDoc_STRVAR(retrieval_topk_doc,
-"retrieval_topk(scores, k) -> numpy.ndarray\n"
+"retrieval_topk(scores, k)\n--\n"
 "\n"
 "Indices of the k highest scores, by descending score, ties toward the lower\n"
 "index (fully deterministic).\n"
@@ -677,7 +677,7 @@ done:
 }
 
 PyDoc_STRVAR(retrieval_select_doc,
-"retrieval_select(reprs, query, question=None, weight=0.0, k=8) -> (idx, scores)\n"
+"retrieval_select(reprs, query, question=None, weight=0.0, k=8)\n--\n"
 "\n"
 "retrieval_score followed by retrieval_topk, in one core call.\n"
 "\n"
@@ -757,7 +757,7 @@ done:
 /* ====================================================== gather_slots */
 
 PyDoc_STRVAR(gather_slots_doc,
-"gather_slots(pool, slots) -> numpy.ndarray\n"
+"gather_slots(pool, slots)\n--\n"
 "\n"
 "Copy pool slots into a contiguous layout:\n"
 "``out[h, i*block_size + t, :] = pool[slots[i], h, t, :]``.\n"
@@ -828,7 +828,7 @@ done:
 /* ====================================================== threads */
 
 PyDoc_STRVAR(set_num_threads_doc,
-"set_num_threads(n) -> None\n"
+"set_num_threads(n)\n--\n"
 "\n"
 "Number of worker threads the core may use for one call; n <= 0 restores the\n"
 "default (the number of online CPUs, at most 64).  Process-wide.");
@@ -852,9 +852,9 @@ static PyObject *py_set_num_threads(PyObject *Py_UNUSED(mod), PyObject *args, Py
 }
 
 PyDoc_STRVAR(get_num_threads_doc,
-"get_num_threads() -> int\n"
+"get_num_threads()\n--\n"
 "\n"
-"Number of worker threads the core may use for one call.");
+"Returns the number of worker threads (an int) the core may use for one call.");
 
 static PyObject *py_get_num_threads(PyObject *Py_UNUSED(mod), PyObject *Py_UNUSED(ignored))
 {
@@ -1037,6 +1037,12 @@ static PyObject *BlockStore_new(PyTypeObject *type, PyObject *args, PyObject *kw
     if (slots_o != NULL && get_dim_param(slots_o, "device_slots", 0, &device_slots) < 0)
         return NULL;
     if (data_o != NULL) {
+        if (!PyLong_Check(data_o) && !PyArray_IsScalar(data_o, Bool) &&
+            !PyArray_IsScalar(data_o, Integer)) {
+            PyErr_Format(PyExc_TypeError, "store_data: expected a bool, got %.200s",
+                         Py_TYPE(data_o)->tp_name);
+            return NULL;
+        }
         store_data = PyObject_IsTrue(data_o);
         if (store_data < 0)
             return NULL;
@@ -1139,7 +1145,7 @@ static int get_block_id(BlockStoreObject *self, PyObject *obj, int32_t *out)
 }
 
 PyDoc_STRVAR(BlockStore_append_doc,
-"append(k=None, v=None) -> (id, moves)\n"
+"append($self, /, k=None, v=None)\n--\n"
 "\n"
 "Add one block as the newest id (most recently used).\n"
 "\n"
@@ -1220,10 +1226,10 @@ done:
 }
 
 PyDoc_STRVAR(BlockStore_lookup_doc,
-"lookup(id) -> (tier, slot)\n"
+"lookup($self, /, id)\n--\n"
 "\n"
-"Where block ``id`` lives: tier 'device' or 'host' and the slot in that tier.\n"
-"IndexError for an unknown id.");
+"Where block ``id`` lives.  Returns (tier, slot): tier 'device' or 'host' and\n"
+"the slot in that tier.  IndexError for an unknown id.");
 
 static PyObject *BlockStore_lookup(BlockStoreObject *self, PyObject *args, PyObject *kwargs)
 {
@@ -1246,7 +1252,7 @@ static PyObject *BlockStore_lookup(BlockStoreObject *self, PyObject *args, PyObj
 }
 
 PyDoc_STRVAR(BlockStore_touch_doc,
-"touch(ids) -> None\n"
+"touch($self, /, ids)\n--\n"
 "\n"
 "Mark ids as used now (LRU), in order.  ids: 1-D int32 array [n] (int64 arrays\n"
 "and lists of ints are converted).  IndexError for an unknown id (nothing is\n"
@@ -1272,10 +1278,11 @@ static PyObject *BlockStore_touch(BlockStoreObject *self, PyObject *args, PyObje
 }
 
 PyDoc_STRVAR(BlockStore_evict_doc,
-"evict(id) -> moves\n"
+"evict($self, /, id)\n--\n"
 "\n"
-"Move block ``id`` from the device tier to the host tier; [] if it is already\n"
-"on the host.  moves: list of (block, from_tier, from_slot, to_tier, to_slot).");
+"Move block ``id`` from the device tier to the host tier.  Returns the moves:\n"
+"[(block, 'device', from_slot, 'host', to_slot)], or [] if it is already on\n"
+"the host.  IndexError for an unknown id.");
 
 static PyObject *BlockStore_evict(BlockStoreObject *self, PyObject *args, PyObject *kwargs)
 {
@@ -1296,7 +1303,7 @@ static PyObject *BlockStore_evict(BlockStoreObject *self, PyObject *args, PyObje
 }
 
 PyDoc_STRVAR(BlockStore_fetch_doc,
-"fetch(ids) -> moves\n"
+"fetch($self, /, ids)\n--\n"
 "\n"
 "Make ids resident in the device tier.  Each missing block takes a free device\n"
 "slot or the slot of the least recently used device block not in ids, which\n"
@@ -1338,7 +1345,7 @@ static PyObject *BlockStore_fetch(BlockStoreObject *self, PyObject *args, PyObje
 }
 
 PyDoc_STRVAR(BlockStore_gather_doc,
-"gather(ids) -> (k, v)\n"
+"gather($self, /, ids)\n--\n"
 "\n"
 "Copy blocks ids (any tier) into contiguous K/V (data mode only; LRU state is\n"
 "not changed).\n"
@@ -1392,7 +1399,7 @@ done:
 }
 
 PyDoc_STRVAR(BlockStore_clear_doc,
-"clear() -> None\n"
+"clear($self, /)\n--\n"
 "\n"
 "Drop every block (capacity and pools are kept; ids restart at 0).");
 
@@ -1536,8 +1543,8 @@ static PySequenceMethods BlockStore_as_sequence = {
 };
 
 PyDoc_STRVAR(BlockStore_doc,
-"BlockStore(block_size, n_kv_heads, head_dim, dtype='float32', device_slots=1024,\n"
-"           store_data=True)\n"
+"BlockStore(block_size, n_kv_heads, head_dim, dtype='float32', device_slots=1024, store_data=True)\n"
+"--\n"
 "\n"
 "Block memory of one layer: which block lives in which slot of which tier\n"
 "('device' pool of ``device_slots`` blocks, unbounded 'host' tier), with LRU\n"

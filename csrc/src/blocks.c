@@ -204,13 +204,13 @@ static void put_move(qllm_block_move *moves, int64_t *n, int32_t block, int32_t 
     ++*n;
 }
 
-/* Device block with the smallest (last use, id) that is not marked with the
- * current epoch; -1 if none. */
+/* Device block with the smallest (last use, id) that is not marked with
+ * `epoch` (epoch 0: exclude nothing; fetch epochs start at 1); -1 if none. */
 static int32_t lru_victim(const qllm_blocks_t *s, uint64_t epoch) {
     int32_t best = -1;
     for (int64_t i = 0; i < s->dev_slots; ++i) {
         int32_t id = s->dev_owner[i];
-        if (id < 0 || s->mark[id] == epoch)
+        if (id < 0 || (epoch != 0 && s->mark[id] == epoch))
             continue;
         if (best < 0 || s->last_use[id] < s->last_use[best] ||
             (s->last_use[id] == s->last_use[best] && id < best))
@@ -417,7 +417,7 @@ qllm_status qllm_blocks_append(qllm_blocks_t *store, const qllm_tensor *k, const
     } else {
         int32_t dslot;
         if (evict) {
-            const int32_t victim = lru_victim(s, 0); /* epoch 0 marks nobody */
+            const int32_t victim = lru_victim(s, 0);
             if (victim < 0)
                 return qllm_error_set(QLLM_ERR_INTERNAL, "append: full device tier without a victim");
             dslot = evict_to_host(s, victim, out_moves, &n);

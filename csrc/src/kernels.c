@@ -41,7 +41,8 @@ static inline float h2f(uint16_t h) {
     const uint32_t two_w = w + w;
     const float normalized = f32_from_bits((two_w >> 4) + (0xe0u << 23)) * 0x1.0p-112f;
     const float denormalized = f32_from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
-    const uint32_t mag = two_w < (1u << 27) ? f32_bits(denormalized) : f32_bits(normalized);
+    const uint32_t sub = 0u - (uint32_t)(two_w < (1u << 27)); /* all ones for subnormals */
+    const uint32_t mag = (f32_bits(denormalized) & sub) | (f32_bits(normalized) & ~sub);
     return f32_from_bits(sign | mag);
 }
 
@@ -53,6 +54,28 @@ static inline uint16_t f2b(float f) {
     const uint32_t rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
     const uint32_t quiet = (x >> 16) | 0x40u;
     return (uint16_t)((x & 0x7fffffffu) > 0x7f800000u ? quiet : rounded);
+}
+
+/* f32 -> f16, nearest even, branch-free (vectorisable); bitwise equal to
+ * qllm_f32_to_f16.  Normal results: rebias and round on the integer bits;
+ * subnormal results: add a magic float whose ulp is the f16 subnormal step
+ * (2^-24), letting the FPU round to nearest even; >= 65520: Inf; NaN: quiet,
+ * top payload bits kept. */
+static inline uint16_t f2h(float f) {
+    const uint32_t x = f32_bits(f);
+    const uint32_t sign = (x >> 16) & 0x8000u;
+    const uint32_t ax = x & 0x7fffffffu;
+    const uint32_t norm = (ax - 0x38000000u + 0xfffu + ((ax >> 13) & 1u)) >> 13;
+    const uint32_t magic = 0x3f000000u; /* 0.5f: ulp 2^-24 */
+    const uint32_t sub = f32_bits(f32_from_bits(ax) + f32_from_bits(magic)) - magic;
+    const uint32_t nan = 0x7e00u | ((ax >> 13) & 0x3ffu);
+    const uint32_t is_sub = 0u - (uint32_t)(ax < 0x38800000u);
+    const uint32_t is_inf = 0u - (uint32_t)(ax >= 0x47800000u);
+    const uint32_t is_nan = 0u - (uint32_t)(ax > 0x7f800000u);
+    uint32_t r = (sub & is_sub) | (norm & ~is_sub);
+    r = (0x7c00u & is_inf) | (r & ~is_inf);
+    r = (nan & is_nan) | (r & ~is_nan);
+    return (uint16_t)(sign | r);
 }
 
 /* Convert a strided row of f32 | f16 | bf16 to contiguous f32. */
@@ -104,9 +127,14 @@ void qllm_row_from_f32(const float *restrict src, void *dst, qllm_dtype dtype, i
                 d[i * stride] = src[i];
         }
     } else if (dtype == QLLM_DTYPE_F16) {
-        uint16_t *d = (uint16_t *)dst;
-        for (int64_t i = 0; i < n; ++i)
-            d[i * stride] = qllm_f32_to_f16(src[i]);
+        uint16_t *restrict d = (uint16_t *)dst;
+        if (stride == 1) {
+            for (int64_t i = 0; i < n; ++i)
+                d[i] = f2h(src[i]);
+        } else {
+            for (int64_t i = 0; i < n; ++i)
+                d[i * stride] = f2h(src[i]);
+        }
     } else {
         uint16_t *restrict d = (uint16_t *)dst;
         if (stride == 1) {
@@ -172,25 +200,6 @@ float qllm_dot_f32(const float *restrict a, const float *restrict b, int64_t n) 
     for (int j = 0; i < n; ++i, ++j)
         acc[j] += a[i] * b[i];
     return lanes_sum(acc);
-}
-
-/* Two dot products against the same row r, in one pass. */
-void qllm_dot2_f32(const float *restrict a, const float *restrict b, const float *restrict r,
-                   int64_t n, float *out_a, float *out_b) {
-    float acc_a[QLLM_LANES] = {0}, acc_b[QLLM_LANES] = {0};
-    int64_t i = 0;
-    for (; i + QLLM_LANES <= n; i += QLLM_LANES) {
-        for (int j = 0; j < QLLM_LANES; ++j) {
-            acc_a[j] += a[i + j] * r[i + j];
-            acc_b[j] += b[i + j] * r[i + j];
-        }
-    }
-    for (int j = 0; i < n; ++i, ++j) {
-        acc_a[j] += a[i] * r[i];
-        acc_b[j] += b[i] * r[i];
-    }
-    *out_a = lanes_sum(acc_a);
-    *out_b = lanes_sum(acc_b);
 }
 
 /* acc += x. */

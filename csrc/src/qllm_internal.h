@@ -89,11 +89,6 @@ void qllm_row_copy(const void *src, int64_t src_stride, void *dst, int64_t dst_s
  * in a fixed tree: deterministic for a given n. */
 float qllm_dot_f32(const float *a, const float *b, int64_t n);
 
-/* *out_a = dot(a, r), *out_b = dot(b, r) in one pass over r (same lane
- * scheme and rounding as qllm_dot_f32). */
-void qllm_dot2_f32(const float *a, const float *b, const float *r, int64_t n, float *out_a,
-                   float *out_b);
-
 /* Index of the first NaN or Inf among s[i * stride], i < n; -1 if none. */
 int64_t qllm_find_nonfinite_f32(const float *s, int64_t stride, int64_t n);
 
@@ -126,10 +121,10 @@ void qllm_topk_select(const float *s, int64_t stride, int64_t n, int64_t k, int6
 typedef void (*qllm_range_fn)(void *ctx, int64_t begin, int64_t end, void *scratch, int chunk);
 
 /*
- * Run fn over items [0, n) split into at most QLLM_MAX_THREADS contiguous
- * chunks, one per thread, when `work` (estimated total cost) is at least
- * QLLM_PARALLEL_MIN_WORK and more than one thread is allowed; otherwise one
- * chunk on the caller.  Every thread is joined before return; a thread that
+ * Run fn over items [0, n) split into contiguous chunks, one per thread (at
+ * most qllm_get_num_threads(), and none with less than a quarter of
+ * QLLM_PARALLEL_MIN_WORK), when `work` (estimated total cost) is at least
+ * QLLM_PARALLEL_MIN_WORK; otherwise one chunk on the caller.  Every thread is joined before return; a thread that
  * cannot be created runs its chunk on the caller.  The number of chunks used
  * is stored in *out_chunks (may be NULL).  Returns QLLM_OK or QLLM_ERR_NOMEM
  * (scratch allocation, message set; fn not called).

@@ -106,34 +106,32 @@ typedef struct {
     const float *q, *qq; /* [n_q, D] f32 contiguous; qq NULL without a question */
     float weight;
     int64_t n_q, head_dim;
+    int flat_inplace; /* reprs[b] is already a contiguous f32 [n_q * head_dim] row */
     int64_t bad[QLLM_MAX_THREADS]; /* first non-finite score per chunk, -1 if none */
 } score_ctx;
 
+/* s[b] for blocks [b0, b1).  Each block's reprs are one flat f32 vector of
+ * n_q * head_dim values (used in place when they already are, else converted
+ * into scratch), dotted with the flat query (and question): one long dot per
+ * block keeps the vector loop busy, and every layout / dtype of the same
+ * values gives bitwise the same score. */
 static void score_range(void *vctx, int64_t b0, int64_t b1, void *scratch, int chunk) {
     score_ctx *c = (score_ctx *)vctx;
     const qllm_tensor *R = c->reprs, *O = c->out;
-    const int64_t D = c->head_dim;
-    float *row = (float *)scratch;
-    const int fast = R->dtype == QLLM_DTYPE_F32 && R->strides[2] == 1;
+    const int64_t D = c->head_dim, N = c->n_q * D;
+    float *flat = (float *)scratch;
     for (int64_t b = b0; b < b1; ++b) {
-        float s1 = 0.0f, s2 = 0.0f;
-        for (int64_t h = 0; h < c->n_q; ++h) {
-            const char *rp = qllm_tensor_ptr(R, b * R->strides[0] + h * R->strides[1]);
-            const float *r = (const float *)rp;
-            if (!fast) {
-                qllm_row_to_f32(rp, R->dtype, R->strides[2], D, row);
-                r = row;
-            }
-            if (c->qq != NULL) {
-                float a, q2;
-                qllm_dot2_f32(c->q + h * D, c->qq + h * D, r, D, &a, &q2);
-                s1 += a;
-                s2 += q2;
-            } else {
-                s1 += qllm_dot_f32(c->q + h * D, r, D);
-            }
+        const float *r = flat;
+        if (c->flat_inplace) {
+            r = (const float *)qllm_tensor_ptr(R, b * R->strides[0]);
+        } else {
+            for (int64_t h = 0; h < c->n_q; ++h)
+                qllm_row_to_f32(qllm_tensor_ptr(R, b * R->strides[0] + h * R->strides[1]),
+                                R->dtype, R->strides[2], D, flat + h * D);
         }
-        const float s = c->qq != NULL ? s1 + c->weight * s2 : s1;
+        float s = qllm_dot_f32(c->q, r, N);
+        if (c->qq != NULL)
+            s = s + c->weight * qllm_dot_f32(c->qq, r, N);
         *(float *)qllm_tensor_ptr(O, b * O->strides[0]) = s;
         if (!isfinite(s) && c->bad[chunk] < 0)
             c->bad[chunk] = b;
@@ -220,10 +218,11 @@ static qllm_status score_run(const qllm_tensor *reprs, const qllm_tensor *query,
     for (int i = 0; i < QLLM_MAX_THREADS; ++i)
         c.bad[i] = -1;
     const double work = (double)B * (double)n_q * (double)D * (question != NULL ? 2.0 : 1.0);
-    const int fast = reprs->dtype == QLLM_DTYPE_F32 && reprs->strides[2] == 1;
-    int chunks = 0;
-    qllm_status st = qllm_parallel_for(B, work, fast ? 0 : (size_t)D * sizeof(float), score_range,
-                                       &c, &chunks);
+    c.flat_inplace = reprs->dtype == QLLM_DTYPE_F32 && (reprs->strides[2] == 1 || D == 1) &&
+                     (reprs->strides[1] == D || n_q == 1);
+    int chunks = 0; /* n_q * D floats fit in size_t: load_heads allocated as many */
+    qllm_status st = qllm_parallel_for(B, work, c.flat_inplace ? 0 : (size_t)(n_q * D) * sizeof(float),
+                                       score_range, &c, &chunks);
     free((void *)c.q);
     free((void *)c.qq);
     if (st != QLLM_OK)

@@ -61,8 +61,15 @@ qllm_status qllm_parallel_for(int64_t n, double work, size_t scratch_bytes, qllm
                               void *ctx, int *out_chunks) {
     int chunks = 1;
     if (n > 1 && work >= QLLM_PARALLEL_MIN_WORK) {
-        int nt = qllm_get_num_threads();
-        chunks = n < (int64_t)nt ? (int)n : nt;
+        /* one chunk per thread, but no chunk below a quarter of the threshold:
+         * a thread costs tens of microseconds to start */
+        const double by_work = work / (QLLM_PARALLEL_MIN_WORK / 4);
+        int64_t c = qllm_get_num_threads();
+        if (c > n)
+            c = n;
+        if ((double)c > by_work)
+            c = (int64_t)by_work;
+        chunks = c > 1 ? (int)c : 1;
     }
     if (out_chunks != NULL)
         *out_chunks = n > 0 ? chunks : 0;

@@ -188,6 +188,17 @@ TORCH_LIBRARY(qllm, m) {
     /* pool [n_slots, n_kv_heads, block_size, head_dim], slots int32|int64 [n]
      * -> [n_kv_heads, n * block_size, head_dim], pool's dtype. */
     m.def("gather_slots(Tensor pool, Tensor slots) -> Tensor");
+
+    /* ---- GPU path (qllm/gpu.py) -- owned by the CUDA work (issue 4) ----
+     * attend_run: one forward call of one layer through the GPU layer memory:
+     * loops over the execution blocks of `schedule` on the device (no host
+     * synchronisation).  Arguments and layouts: csrc/cuda/attend_checks.cuh.
+     * CUDA impl: ops_cuda.cpp; Meta impl: end of this file. */
+    m.def(
+        "attend_run(Tensor q, Tensor k_store, Tensor v_store, Tensor(a!) scores, "
+        "Tensor(b!) reprs, Tensor(c!) retrieved, Tensor(d!) out, Tensor cos, Tensor sin, "
+        "Tensor? question, Tensor schedule, float scaling, float weight, int[] cfg) -> ()");
+    /* ---- end of GPU path section ---- */
 }
 
 TORCH_LIBRARY_IMPL(qllm, CPU, m) {
@@ -222,6 +233,13 @@ TORCH_LIBRARY_IMPL(qllm, Negative, m) {
 TORCH_LIBRARY_IMPL(qllm, Conjugate, m) {
     m.impl("repr_compute_out", torch::CppFunction::makeFallthrough());
 }
+
+/* ---- GPU path (issue 4): Meta impl of attend_run, same checks as CUDA ---- */
+#include "../cuda/attend_checks.cuh"
+TORCH_LIBRARY_IMPL(qllm, Meta, m) {
+    m.impl("attend_run", &qllm_torch::attend_run_meta);
+}
+/* ---- end of GPU path section ---- */
 
 /* `from qllm import _C` needs a module object; registration happens in the
  * static initialisers above when the shared library is loaded. */

@@ -33,8 +33,8 @@
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
-#include <utility>
 #include <optional>
+#include <utility>
 
 #include "qllm/qllm.h"
 

@@ -1,0 +1,885 @@
+/*
+ * attend.cu -- kernels of the GPU attention path (qllm/gpu.py, driven per
+ * execution block by csrc/torch/ops_cuda.cpp).  No kernel reads anything back
+ * to the host: the retrieved block ids are written by select_kernel and read
+ * by attn_kernel through the block table directly.
+ *
+ * Per execution block (E queries at text positions P0 .. P0+E-1):
+ *   prep_kernel     rotate queries (local: index p - T0; fixed: n_local - 1,
+ *                   times cos[0]) and the recent segment's keys (index j - T0)
+ *   select_kernel   top-k block ids of precomputed block scores (ascending)
+ *   attn_kernel     FlashAttention-style tiles over [init | retrieved blocks |
+ *                   tail memory] (fixed-position query, un-rotated keys) then
+ *                   the local window (rotated), one online softmax; bf16/f16
+ *                   mma.sync, f32 accumulate; writes out and the row's lse
+ *   combine_kernel  merges key splits (small E: decode) by log-sum-exp
+ *   tscore_kernel   token scores: per key of the recent segment, the sum over
+ *                   queries of its LOCAL probability (recomputed with the
+ *                   final lse), in a fixed order (deterministic)
+ *   cut_kernel      representatives of newly cut blocks
+ *   bscore_kernel   block scores qcomb[i] . reprs[b] for (exec block, block)
+ *   qcomb_kernel    mean fixed query per exec block + w * question
+ * Logits are kept in the log2 domain: x = q.k * scaling * log2(e).
+ */
+#include "common.cuh"
+
+namespace qllm_cuda {
+namespace {
+
+constexpr int BM = QLLM_CUDA_ATTN_BM; /* query rows per attention CTA */
+constexpr int BN = QLLM_CUDA_ATTN_BN; /* keys per tile */
+constexpr int ATT_THREADS = (BM / 16) * 32;
+constexpr int TS_KEYS = 64;    /* keys per token-score CTA (4 warps x 16) */
+constexpr int TS_Q = 64;       /* queries per token-score step */
+constexpr int TS_THREADS = 128;
+constexpr float kLog2e = 1.4426950408889634f;
+
+/* ------------------------------------------------------------------ prep */
+
+template <typename T>
+__global__ void prep_kernel(qllm_gpu_layer ly, qllm_gpu_exec ex, const T *__restrict__ q,
+                            int64_t q_hs, int64_t q_ts, T *__restrict__ qfix,
+                            T *__restrict__ qloc, T *__restrict__ krot) {
+    const int D = ly.head_dim, H2 = D / 2;
+    const int64_t nq = static_cast<int64_t>(ly.hq) * ex.E * H2;
+    const int64_t nk = static_cast<int64_t>(ly.hkv) * ex.L * H2;
+    const int64_t off = ex.P0 - ex.T0;
+    const float *cf = ly.cos + static_cast<int64_t>(ly.n_local - 1) * D;
+    const float *sf = ly.sin + static_cast<int64_t>(ly.n_local - 1) * D;
+    const float *c0 = ly.cos;
+    const T *kst = static_cast<const T *>(ly.k_store);
+    for (int64_t w = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; w < nq + nk;
+         w += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+        if (w < nq) {
+            const int d = static_cast<int>(w % H2);
+            const int64_t rr = w / H2;
+            const int64_t r = rr % ex.E, h = rr / ex.E;
+            const T *src = q + h * q_hs + r * q_ts;
+            const float x1 = Cvt<T>::to_f(src[d]), x2 = Cvt<T>::to_f(src[d + H2]);
+            const float *c = ly.cos + (off + r) * D;
+            const float *s = ly.sin + (off + r) * D;
+            const int64_t o = (h * ex.E + r) * D;
+            qloc[o + d] = Cvt<T>::from_f(x1 * c[d] - x2 * s[d]);
+            qloc[o + d + H2] = Cvt<T>::from_f(x2 * c[d + H2] + x1 * s[d + H2]);
+            qfix[o + d] = Cvt<T>::from_f((x1 * cf[d] - x2 * sf[d]) * c0[d]);
+            qfix[o + d + H2] = Cvt<T>::from_f((x2 * cf[d + H2] + x1 * sf[d + H2]) * c0[d + H2]);
+        } else {
+            const int64_t w2 = w - nq;
+            const int d = static_cast<int>(w2 % H2);
+            const int64_t rr = w2 / H2;
+            const int64_t s = rr % ex.L, hk = rr / ex.L;
+            const T *src = kst + (hk * ly.cap + ex.T0 + s) * D;
+            const float x1 = Cvt<T>::to_f(src[d]), x2 = Cvt<T>::to_f(src[d + H2]);
+            const float *c = ly.cos + s * D;
+            const float *sn = ly.sin + s * D;
+            const int64_t o = (hk * ex.L + s) * D;
+            krot[o + d] = Cvt<T>::from_f(x1 * c[d] - x2 * sn[d]);
+            krot[o + d + H2] = Cvt<T>::from_f(x2 * c[d + H2] + x1 * sn[d + H2]);
+        }
+    }
+}
+
+/* ----------------------------------------------------------- qcomb / bscore */
+
+template <typename T>
+__global__ void qcomb_kernel(qllm_gpu_layer ly, const T *__restrict__ q, int64_t q_hs,
+                             int64_t q_ts, int64_t Tn, int exc, const float *__restrict__ question,
+                             float weight, float *__restrict__ qcomb) {
+    const int D = ly.head_dim, H2 = D / 2;
+    const int i = blockIdx.x, h = blockIdx.y;
+    const float *cf = ly.cos + static_cast<int64_t>(ly.n_local - 1) * D;
+    const float *sf = ly.sin + static_cast<int64_t>(ly.n_local - 1) * D;
+    const float *c0 = ly.cos;
+    const int64_t r0 = static_cast<int64_t>(i) * exc;
+    const int64_t r1 = r0 + exc < Tn ? r0 + exc : Tn;
+    for (int d = threadIdx.x; d < H2; d += blockDim.x) {
+        float s1 = 0.0f, s2 = 0.0f;
+        for (int64_t r = r0; r < r1; ++r) {
+            const T *src = q + h * q_hs + r * q_ts;
+            const float x1 = Cvt<T>::to_f(src[d]), x2 = Cvt<T>::to_f(src[d + H2]);
+            s1 += (x1 * cf[d] - x2 * sf[d]) * c0[d];
+            s2 += (x2 * cf[d + H2] + x1 * sf[d + H2]) * c0[d + H2];
+        }
+        const float n = static_cast<float>(r1 - r0);
+        float m1 = s1 / n, m2 = s2 / n;
+        if (question != nullptr) {
+            m1 += weight * question[h * D + d];
+            m2 += weight * question[h * D + d + H2];
+        }
+        float *o = qcomb + (static_cast<int64_t>(i) * ly.hq + h) * D;
+        o[d] = m1;
+        o[d + H2] = m2;
+    }
+}
+
+constexpr int BS_B = 32, BS_I = 8, BS_X = 256;
+
+__global__ void __launch_bounds__(256) bscore_kernel(const float *__restrict__ reprs, int64_t X,
+                                                     const float *__restrict__ qcomb, int i0,
+                                                     int i1, int64_t b0, int64_t b1,
+                                                     float *__restrict__ out, int64_t ld) {
+    __shared__ float Rs[BS_B][BS_X + 1];
+    __shared__ float Qs[BS_I][BS_X];
+    const int tid = threadIdx.x;
+    const int bb = tid & 31, ii = tid >> 5;
+    const int64_t bt = b0 + static_cast<int64_t>(blockIdx.x) * BS_B;
+    const int it = i0 + blockIdx.y * BS_I;
+    float acc = 0.0f;
+    for (int64_t x0 = 0; x0 < X; x0 += BS_X) {
+        for (int e = tid; e < BS_B * BS_X; e += 256) {
+            const int row = e / BS_X, col = e % BS_X;
+            const int64_t b = bt + row;
+            Rs[row][col] = (b < b1 && x0 + col < X) ? reprs[b * X + x0 + col] : 0.0f;
+        }
+        for (int e = tid; e < BS_I * BS_X; e += 256) {
+            const int row = e / BS_X, col = e % BS_X;
+            const int i = it + row;
+            Qs[row][col] = (i < i1 && x0 + col < X) ? qcomb[static_cast<int64_t>(i) * X + x0 + col]
+                                                     : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll 8
+        for (int c = 0; c < BS_X; ++c) acc += Rs[bb][c] * Qs[ii][c];
+        __syncthreads();
+    }
+    const int64_t b = bt + bb;
+    const int i = it + ii;
+    if (b < b1 && i < i1) out[static_cast<int64_t>(i) * ld + b] = acc;
+}
+
+/* ------------------------------------------------------------------ top-k */
+
+__global__ void select_kernel(const float *__restrict__ s, int64_t n, int k,
+                              int32_t *__restrict__ ids) {
+    extern __shared__ int64_t sel[];
+    __shared__ float sh_s[32];
+    __shared__ int64_t sh_i[32];
+    float prev_s = 0.0f;
+    int64_t prev_i = -1;
+    for (int r = 0; r < k; ++r) {
+        float best_s = -FLT_MAX;
+        int64_t best_i = -1;
+        for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+            const float v = s[i];
+            if (prev_i >= 0 && !ranks_before(prev_s, prev_i, v, i)) continue;
+            if (ranks_before(v, i, best_s, best_i)) {
+                best_s = v;
+                best_i = i;
+            }
+        }
+        block_best(best_s, best_i, sh_s, sh_i);
+        if (threadIdx.x == 0) sel[r] = best_i;
+        prev_s = best_s;
+        prev_i = best_i;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) { /* ascending block order (k is small) */
+        for (int a = 1; a < k; ++a) {
+            const int64_t v = sel[a];
+            int b = a - 1;
+            while (b >= 0 && sel[b] > v) {
+                sel[b + 1] = sel[b];
+                --b;
+            }
+            sel[b + 1] = v;
+        }
+        for (int a = 0; a < k; ++a) ids[a] = static_cast<int32_t>(sel[a]);
+    }
+}
+
+/* ------------------------------------------------------------- attention */
+
+struct AttnArgs {
+    const void *qfix, *qloc; /* [hq, E, D] */
+    const void *kst, *vst;   /* [hkv, cap, D] */
+    int64_t cap;
+    const void *krot;        /* [hkv, L, D] */
+    const int32_t *ids;
+    int64_t P0, T0;
+    int E, L, init_len, n_ret, bs, n_init, n_local, m, group, streaming, hq;
+    float sl2;
+    void *out;
+    int64_t o_hs, o_ts;
+    float *lse; /* [hq, E] */
+    float *part_o, *part_lse;
+    int n_split;
+};
+
+/* Text position of memory key u (init | retrieved blocks | tail memory). */
+__device__ __forceinline__ int64_t mem_pos(const AttnArgs &a, int64_t u) {
+    if (u < a.init_len) return u;
+    u -= a.init_len;
+    const int64_t nbk = static_cast<int64_t>(a.n_ret) * a.bs;
+    if (u < nbk) {
+        const int64_t bi = u / a.bs;
+        return a.n_init + static_cast<int64_t>(a.ids[bi]) * a.bs + (u - bi * a.bs);
+    }
+    return a.T0 + (u - nbk);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(ATT_THREADS, 1) attn_kernel(const AttnArgs a) {
+    constexpr int LD = D + 8;     /* padded smem row (elements): ldmatrix without conflicts */
+    constexpr int CH = D / 8;     /* 16-byte chunks per row */
+    constexpr int NDT = D / 8;    /* 8-wide n-tiles of the output */
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T *Qf = reinterpret_cast<T *>(smem_raw);
+    T *Ql = Qf + BM * LD;
+    T *Ks = Ql + BM * LD; /* [2][BN][LD] */
+    T *Vs = Ks + 2 * BN * LD;
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+    const int qt = blockIdx.x, h = blockIdx.y, split = blockIdx.z;
+    const int hk = h / a.group;
+    const int r0 = qt * BM;
+    const int rows_valid = min(BM, a.E - r0);
+
+    const T *kst = static_cast<const T *>(a.kst);
+    const T *vst = static_cast<const T *>(a.vst);
+    const T *krot = static_cast<const T *>(a.krot);
+    const int64_t kv_head = static_cast<int64_t>(hk) * a.cap;
+
+    /* tiles: memory tiles first, then local tiles of the recent segment */
+    const int64_t nbk = static_cast<int64_t>(a.n_ret) * a.bs;
+    const int64_t fixed_end = a.init_len + nbk; /* keys seen by every query */
+    const int64_t M_total = fixed_end + a.m;
+    const int n_mt = static_cast<int>((M_total + BN - 1) / BN);
+    const int64_t off = a.P0 - a.T0;
+    const int64_t dense_lim = static_cast<int64_t>(a.n_init) + a.n_local;
+    const bool first_dense = a.P0 + r0 < dense_lim;
+    int64_t lo_s = first_dense ? 0 : off + r0 - a.n_local + 1;
+    if (lo_s < 0) lo_s = 0;
+    const int64_t hi_s = off + r0 + rows_valid - 1;
+    const int lt0 = static_cast<int>(lo_s / BN), lt1 = static_cast<int>(hi_s / BN);
+    const int n_tot = n_mt + (lt1 - lt0 + 1);
+    const int per = (n_tot + a.n_split - 1) / a.n_split;
+    const int t_begin = split * per;
+    const int t_end = min(n_tot, t_begin + per);
+
+    /* Q tiles (both rotations) */
+    {
+        const T *qf = static_cast<const T *>(a.qfix) + (static_cast<int64_t>(h) * a.E + r0) * D;
+        const T *ql = static_cast<const T *>(a.qloc) + (static_cast<int64_t>(h) * a.E + r0) * D;
+        for (int c = tid; c < BM * CH; c += ATT_THREADS) {
+            const int row = c / CH, ch = c % CH;
+            const bool v = row < rows_valid;
+            const int64_t o = v ? static_cast<int64_t>(row) * D + ch * 8 : 0;
+            cp_async16(Qf + row * LD + ch * 8, qf + o, v);
+            cp_async16(Ql + row * LD + ch * 8, ql + o, v);
+        }
+    }
+
+    auto load_tile = [&](int t, int stage) {
+        T *ks = Ks + stage * BN * LD;
+        T *vs = Vs + stage * BN * LD;
+        for (int c = tid; c < BN * CH; c += ATT_THREADS) {
+            const int kr = c / CH, ch = c % CH;
+            const T *ksrc;
+            const T *vsrc;
+            bool v;
+            if (t < n_mt) {
+                const int64_t u = static_cast<int64_t>(t) * BN + kr;
+                v = u < M_total;
+                const int64_t pos = v ? mem_pos(a, u) : 0;
+                ksrc = kst + (kv_head + pos) * D + ch * 8;
+                vsrc = vst + (kv_head + pos) * D + ch * 8;
+            } else {
+                const int64_t s = static_cast<int64_t>(lt0 + t - n_mt) * BN + kr;
+                v = s < a.L;
+                const int64_t sv = v ? s : 0;
+                ksrc = krot + (static_cast<int64_t>(hk) * a.L + sv) * D + ch * 8;
+                vsrc = vst + (kv_head + a.T0 + sv) * D + ch * 8;
+            }
+            cp_async16(ks + kr * LD + ch * 8, ksrc, v);
+            cp_async16(vs + kr * LD + ch * 8, vsrc, v);
+        }
+    };
+
+    float O[NDT][4];
+#pragma unroll
+    for (int i = 0; i < NDT; ++i) O[i][0] = O[i][1] = O[i][2] = O[i][3] = 0.0f;
+    float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.0f, 0.0f};
+    int64_t prow[2];
+    bool drow[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        prow[i] = a.P0 + r0 + warp * 16 + g + 8 * i;
+        drow[i] = prow[i] < dense_lim;
+    }
+    const bool warp_active = warp * 16 < rows_valid;
+
+    if (t_begin < t_end) load_tile(t_begin, 0);
+    cp_async_commit();
+
+    for (int t = t_begin; t < t_end; ++t) {
+        const int st = (t - t_begin) & 1;
+        if (t + 1 < t_end) {
+            load_tile(t + 1, st ^ 1);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        if (warp_active) {
+            const bool is_mem = t < n_mt;
+            const T *Qs = is_mem ? Qf : Ql;
+            const T *ks = Ks + st * BN * LD;
+            const T *vs = Vs + st * BN * LD;
+            float S[8][4];
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt) S[nt][0] = S[nt][1] = S[nt][2] = S[nt][3] = 0.0f;
+#pragma unroll
+            for (int kk2 = 0; kk2 < D / 32; ++kk2) {
+                uint32_t qa0[4], qa1[4];
+                const T *qp = Qs + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD +
+                              kk2 * 32 + (lane >> 4) * 8;
+                ldsm_x4(qa0[0], qa0[1], qa0[2], qa0[3], qp);
+                ldsm_x4(qa1[0], qa1[1], qa1[2], qa1[3], qp + 16);
+#pragma unroll
+                for (int nt = 0; nt < 8; ++nt) {
+                    uint32_t b0, b1, b2, b3;
+                    ldsm_x4(b0, b1, b2, b3, ks + (nt * 8 + (lane & 7)) * LD + kk2 * 32 + (lane >> 3) * 8);
+                    mma16816<T>(S[nt], qa0, b0, b1);
+                    mma16816<T>(S[nt], qa1, b2, b3);
+                }
+            }
+            /* mask, scale into the log2 domain, row max */
+            float mx[2] = {-INFINITY, -INFINITY};
+            if (is_mem) {
+                const int64_t ubase = static_cast<int64_t>(t) * BN;
+                const bool all_fixed = ubase + BN <= fixed_end;
+#pragma unroll
+                for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int i = e >> 1;
+                        const int64_t u = ubase + nt * 8 + tq * 2 + (e & 1);
+                        bool vis;
+                        if (all_fixed || u < fixed_end) {
+                            vis = true;
+                        } else if (u >= M_total) {
+                            vis = false;
+                        } else {
+                            const int64_t pos = a.T0 + (u - fixed_end);
+                            vis = !drow[i] && pos <= prow[i] - a.n_local &&
+                                  (!a.streaming || pos < a.n_init);
+                        }
+                        const float x = vis ? S[nt][e] * a.sl2 : -INFINITY;
+                        S[nt][e] = x;
+                        mx[i] = fmaxf(mx[i], x);
+                    }
+            } else {
+                const int64_t sbase = static_cast<int64_t>(lt0 + t - n_mt) * BN;
+#pragma unroll
+                for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int i = e >> 1;
+                        const int64_t s = sbase + nt * 8 + tq * 2 + (e & 1);
+                        const int64_t j = a.T0 + s;
+                        const bool vis = s < a.L && j <= prow[i] &&
+                                         (prow[i] - j < a.n_local || drow[i]);
+                        const float x = vis ? S[nt][e] * a.sl2 : -INFINITY;
+                        S[nt][e] = x;
+                        mx[i] = fmaxf(mx[i], x);
+                    }
+            }
+            float ref[2], alpha[2];
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+                const float mn = fmaxf(mrow[i], mx[i]);
+                ref[i] = mn == -INFINITY ? 0.0f : mn;
+                alpha[i] = exp2f(mrow[i] - ref[i]);
+                mrow[i] = mn;
+            }
+            float rs[2] = {0.0f, 0.0f};
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float p = exp2f(S[nt][e] - ref[e >> 1]);
+                    S[nt][e] = p;
+                    rs[e >> 1] += p;
+                }
+#pragma unroll
+            for (int i = 0; i < 2; ++i) lrow[i] = lrow[i] * alpha[i] + rs[i];
+#pragma unroll
+            for (int dt = 0; dt < NDT; ++dt) {
+                O[dt][0] *= alpha[0];
+                O[dt][1] *= alpha[0];
+                O[dt][2] *= alpha[1];
+                O[dt][3] *= alpha[1];
+            }
+            /* O += P V */
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                uint32_t pa[4];
+                pa[0] = Cvt<T>::pack(S[2 * kk][0], S[2 * kk][1]);
+                pa[1] = Cvt<T>::pack(S[2 * kk][2], S[2 * kk][3]);
+                pa[2] = Cvt<T>::pack(S[2 * kk + 1][0], S[2 * kk + 1][1]);
+                pa[3] = Cvt<T>::pack(S[2 * kk + 1][2], S[2 * kk + 1][3]);
+                const T *vp = vs + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + (lane >> 4) * 8;
+#pragma unroll
+                for (int dt2 = 0; dt2 < D / 16; ++dt2) {
+                    uint32_t b0, b1, b2, b3;
+                    ldsm_x4_t(b0, b1, b2, b3, vp + dt2 * 16);
+                    mma16816<T>(O[2 * dt2], pa, b0, b1);
+                    mma16816<T>(O[2 * dt2 + 1], pa, b2, b3);
+                }
+            }
+        }
+        __syncthreads();
+    }
+
+    /* epilogue */
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        float l = lrow[i];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const int r = r0 + warp * 16 + g + 8 * i;
+        if (!warp_active || r >= a.E) continue;
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        const float lse = l > 0.0f ? mrow[i] + __log2f(l) : -INFINITY;
+        if (a.n_split == 1) {
+            T *o = static_cast<T *>(a.out) + h * a.o_hs + r * a.o_ts;
+#pragma unroll
+            for (int dt = 0; dt < NDT; ++dt)
+                *reinterpret_cast<uint32_t *>(o + dt * 8 + tq * 2) =
+                    Cvt<T>::pack(O[dt][2 * i] * inv, O[dt][2 * i + 1] * inv);
+            if (tq == 0) a.lse[static_cast<int64_t>(h) * a.E + r] = lse;
+        } else {
+            const int64_t row = (static_cast<int64_t>(split) * a.hq + h) * a.E + r;
+            float *o = a.part_o + row * D;
+#pragma unroll
+            for (int dt = 0; dt < NDT; ++dt)
+                *reinterpret_cast<float2 *>(o + dt * 8 + tq * 2) =
+                    make_float2(O[dt][2 * i] * inv, O[dt][2 * i + 1] * inv);
+            if (tq == 0) a.part_lse[row] = lse;
+        }
+    }
+}
+
+/* Merge n_split partial results of each (head, row). One warp per row. */
+template <typename T>
+__global__ void combine_kernel(const float *__restrict__ part_o, const float *__restrict__ part_lse,
+                               int n_split, int hq, int E, int D, T *out, int64_t o_hs,
+                               int64_t o_ts, float *lse) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int r = blockIdx.x * (blockDim.x >> 5) + warp, h = blockIdx.y;
+    if (r >= E) return;
+    float mx = -INFINITY;
+    for (int s = 0; s < n_split; ++s)
+        mx = fmaxf(mx, part_lse[(static_cast<int64_t>(s) * hq + h) * E + r]);
+    const float ref = mx == -INFINITY ? 0.0f : mx;
+    float tot = 0.0f;
+    for (int s = 0; s < n_split; ++s) tot += exp2f(part_lse[(static_cast<int64_t>(s) * hq + h) * E + r] - ref);
+    const float inv = tot > 0.0f ? 1.0f / tot : 0.0f;
+    T *o = out + h * o_hs + r * o_ts;
+    for (int d = lane; d < D; d += 32) {
+        float acc = 0.0f;
+        for (int s = 0; s < n_split; ++s) {
+            const int64_t row = (static_cast<int64_t>(s) * hq + h) * E + r;
+            acc += exp2f(part_lse[row] - ref) * part_o[row * D + d];
+        }
+        o[d] = Cvt<T>::from_f(acc * inv);
+    }
+    if (lane == 0) lse[static_cast<int64_t>(h) * E + r] = tot > 0.0f ? ref + __log2f(tot) : -INFINITY;
+}
+
+/* ----------------------------------------------------------- token scores */
+
+struct TsArgs {
+    const void *qloc, *krot;
+    const float *lse;
+    float *scores;
+    int64_t ring, P0, T0;
+    int E, L, n_init, n_local, group;
+    float sl2;
+};
+
+/* One CTA per (64 keys of the recent segment, query head).  S^T = K Q^T with
+ * the keys as MMA rows, so the sum over queries is a row sum.  The query
+ * tiles are visited in order: the result does not depend on scheduling. */
+template <typename T, int D>
+__global__ void __launch_bounds__(TS_THREADS) tscore_kernel(const TsArgs a) {
+    constexpr int LD = D + 8, CH = D / 8;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T *Ks = reinterpret_cast<T *>(smem_raw);
+    T *Qs = Ks + TS_KEYS * LD; /* [2][TS_Q][LD] */
+    float *Ls = reinterpret_cast<float *>(Qs + 2 * TS_Q * LD); /* [2][TS_Q] */
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+    const int64_t s0 = static_cast<int64_t>(blockIdx.x) * TS_KEYS;
+    const int h = blockIdx.y, hk = h / a.group;
+    const T *krot = static_cast<const T *>(a.krot) + static_cast<int64_t>(hk) * a.L * D;
+    const T *qloc = static_cast<const T *>(a.qloc) + static_cast<int64_t>(h) * a.E * D;
+    const float *lse = a.lse + static_cast<int64_t>(h) * a.E;
+    const int64_t dense_lim = static_cast<int64_t>(a.n_init) + a.n_local;
+
+    for (int c = tid; c < TS_KEYS * CH; c += TS_THREADS) {
+        const int kr = c / CH, ch = c % CH;
+        const bool v = s0 + kr < a.L;
+        cp_async16(Ks + kr * LD + ch * 8, krot + (v ? (s0 + kr) * D + ch * 8 : 0), v);
+    }
+    /* query rows that see a key of this tile as LOCAL */
+    int64_t r_lo = a.T0 + s0 - a.P0;
+    if (r_lo < 0) r_lo = 0;
+    int64_t r_hi = a.T0 + s0 + TS_KEYS - 1 + a.n_local - 1 - a.P0;
+    const int64_t r_dense = dense_lim - 1 - a.P0;
+    if (r_dense > r_hi) r_hi = r_dense;
+    if (r_hi > a.E - 1) r_hi = a.E - 1;
+    const int qa = static_cast<int>(r_lo / TS_Q);
+    const int qb = r_lo <= r_hi ? static_cast<int>(r_hi / TS_Q) : qa - 1;
+
+    auto load_q = [&](int qt, int stage) {
+        T *qs = Qs + stage * TS_Q * LD;
+        for (int c = tid; c < TS_Q * CH; c += TS_THREADS) {
+            const int qr = c / CH, ch = c % CH;
+            const int64_t r = static_cast<int64_t>(qt) * TS_Q + qr;
+            const bool v = r < a.E;
+            cp_async16(qs + qr * LD + ch * 8, qloc + (v ? r * D + ch * 8 : 0), v);
+        }
+        if (tid < TS_Q) {
+            const int64_t r = static_cast<int64_t>(qt) * TS_Q + tid;
+            Ls[stage * TS_Q + tid] = r < a.E ? lse[r] : 0.0f;
+        }
+    };
+
+    if (qa <= qb) load_q(qa, 0);
+    cp_async_commit();
+
+    float acc[2] = {0.0f, 0.0f};
+    uint32_t ka[D / 16][4];
+    bool have_k = false;
+    for (int qt = qa; qt <= qb; ++qt) {
+        const int st = (qt - qa) & 1;
+        if (qt + 1 <= qb) {
+            load_q(qt + 1, st ^ 1);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        if (!have_k) {
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk)
+                ldsm_x4(ka[kk][0], ka[kk][1], ka[kk][2], ka[kk][3],
+                        Ks + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + kk * 16 +
+                            (lane >> 4) * 8);
+            have_k = true;
+        }
+        const T *qs = Qs + st * TS_Q * LD;
+        const float *ls = Ls + st * TS_Q;
+        float S[8][4];
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) S[nt][0] = S[nt][1] = S[nt][2] = S[nt][3] = 0.0f;
+#pragma unroll
+        for (int kk2 = 0; kk2 < D / 32; ++kk2)
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt) {
+                uint32_t b0, b1, b2, b3;
+                ldsm_x4(b0, b1, b2, b3, qs + (nt * 8 + (lane & 7)) * LD + kk2 * 32 + (lane >> 3) * 8);
+                mma16816<T>(S[nt], ka[2 * kk2], b0, b1);
+                mma16816<T>(S[nt], ka[2 * kk2 + 1], b2, b3);
+            }
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int col = nt * 8 + tq * 2 + (e & 1);
+                const int64_t r = static_cast<int64_t>(qt) * TS_Q + col;
+                const int64_t s = s0 + warp * 16 + g + 8 * (e >> 1);
+                const int64_t p = a.P0 + r, j = a.T0 + s;
+                const bool vis = r < a.E && s < a.L && j <= p && (p - j < a.n_local || p < dense_lim);
+                if (vis) acc[e >> 1] += exp2f(S[nt][e] * a.sl2 - ls[col]);
+            }
+        __syncthreads();
+    }
+    cp_async_wait<0>();
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], 1);
+        acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], 2);
+    }
+    if (tq == 0) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int64_t s = s0 + warp * 16 + g + 8 * i;
+            if (s >= a.L) continue;
+            const int64_t pos = a.T0 + s;
+            float *slot = a.scores + static_cast<int64_t>(h) * a.ring + (pos & (a.ring - 1));
+            *slot = (pos >= a.P0 ? 0.0f : *slot) + acc[i];
+        }
+    }
+}
+
+/* ------------------------------------------------------------ cut blocks */
+
+template <typename T>
+__global__ void cut_kernel(qllm_gpu_layer ly, int64_t b0, int k) {
+    extern __shared__ int64_t sel[];
+    __shared__ float sh_s[32];
+    __shared__ int64_t sh_i[32];
+    const int64_t b = b0 + blockIdx.x;
+    const int h = blockIdx.y, D = ly.head_dim, bs = ly.block_size;
+    const int64_t pos0 = ly.n_init + b * bs;
+    const float *sc = ly.scores + static_cast<int64_t>(h) * ly.ring;
+    float prev_s = 0.0f;
+    int64_t prev_i = -1;
+    for (int r = 0; r < k; ++r) {
+        float best_s = -FLT_MAX;
+        int64_t best_i = -1;
+        for (int64_t t = threadIdx.x; t < bs; t += blockDim.x) {
+            const float s = sc[(pos0 + t) & (ly.ring - 1)];
+            if (prev_i >= 0 && !ranks_before(prev_s, prev_i, s, t)) continue;
+            if (ranks_before(s, t, best_s, best_i)) {
+                best_s = s;
+                best_i = t;
+            }
+        }
+        block_best(best_s, best_i, sh_s, sh_i);
+        if (threadIdx.x == 0) sel[r] = best_i;
+        prev_s = best_s;
+        prev_i = best_i;
+    }
+    __syncthreads();
+    const T *keys = static_cast<const T *>(ly.k_store) +
+                    (static_cast<int64_t>(h / (ly.hq / ly.hkv)) * ly.cap + pos0) * D;
+    float *out = ly.reprs + (b * ly.hq + h) * D;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float acc = 0.0f;
+        for (int r = 0; r < k; ++r) acc += Cvt<T>::to_f(keys[sel[r] * D + d]);
+        out[d] = acc / static_cast<float>(k);
+    }
+}
+
+/* ------------------------------------------------------------ launch utils */
+
+int grid_for(int64_t work, int threads) {
+    int64_t b = (work + threads - 1) / threads;
+    if (b < 1) b = 1;
+    if (b > 132 * 16) b = 132 * 16;
+    return static_cast<int>(b);
+}
+
+int check_layer(const qllm_gpu_layer *ly, const char *what) {
+    if (ly->dtype != QLLM_DTYPE_F16 && ly->dtype != QLLM_DTYPE_BF16)
+        return set_error(QLLM_CUDA_ERR_ARG, "%s: dtype must be f16 or bf16", what);
+    if (ly->head_dim != 64 && ly->head_dim != 128)
+        return set_error(QLLM_CUDA_ERR_ARG, "%s: head_dim %d not in {64, 128}", what, ly->head_dim);
+    if (ly->hkv < 1 || ly->hq % ly->hkv != 0)
+        return set_error(QLLM_CUDA_ERR_ARG, "%s: bad head counts", what);
+    return QLLM_CUDA_OK;
+}
+
+template <typename Kern>
+int ensure_smem(Kern k, size_t bytes, const char *what) {
+    if (bytes <= 48 * 1024) return QLLM_CUDA_OK;
+    const cudaError_t e =
+        cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+    if (e != cudaSuccess)
+        return set_error(QLLM_CUDA_ERR_LAUNCH, "%s: cannot reserve %zu bytes of shared memory: %s",
+                         what, bytes, cudaGetErrorString(e));
+    return QLLM_CUDA_OK;
+}
+
+template <typename T, int D>
+int launch_attention(const AttnArgs &a, int n_qt, int hq, cudaStream_t stream) {
+    const size_t smem = static_cast<size_t>(2 * BM + 4 * BN) * (D + 8) * sizeof(T);
+    static bool ready = false;
+    if (!ready) {
+        const int st = ensure_smem(attn_kernel<T, D>, smem, "attn_kernel");
+        if (st != QLLM_CUDA_OK) return st;
+        ready = true;
+    }
+    dim3 grid(n_qt, hq, a.n_split);
+    attn_kernel<T, D><<<grid, ATT_THREADS, smem, stream>>>(a);
+    return check_launch("attn_kernel");
+}
+
+template <typename T, int D>
+int launch_tscore(const TsArgs &a, int hq, cudaStream_t stream) {
+    const size_t smem = static_cast<size_t>(TS_KEYS + 2 * TS_Q) * (D + 8) * sizeof(T) +
+                        2 * TS_Q * sizeof(float);
+    static bool ready = false;
+    if (!ready) {
+        const int st = ensure_smem(tscore_kernel<T, D>, smem, "tscore_kernel");
+        if (st != QLLM_CUDA_OK) return st;
+        ready = true;
+    }
+    dim3 grid((a.L + TS_KEYS - 1) / TS_KEYS, hq);
+    tscore_kernel<T, D><<<grid, TS_THREADS, smem, stream>>>(a);
+    return check_launch("tscore_kernel");
+}
+
+}  // namespace
+}  // namespace qllm_cuda
+
+using namespace qllm_cuda;
+
+#define QLLM_DISPATCH_T(dtype, ...)                      \
+    do {                                                 \
+        if ((dtype) == QLLM_DTYPE_F16) {                 \
+            using T = __half;                            \
+            __VA_ARGS__;                                 \
+        } else {                                         \
+            using T = __nv_bfloat16;                     \
+            __VA_ARGS__;                                 \
+        }                                                \
+    } while (0)
+
+extern "C" int qllm_cuda_exec_prep(const qllm_gpu_layer *ly, const qllm_gpu_exec *ex,
+                                   const void *q, int64_t q_hs, int64_t q_ts, void *qfix,
+                                   void *qloc, void *krot, cudaStream_t stream) {
+    int st = check_layer(ly, "exec_prep");
+    if (st) return st;
+    if (ex->E < 1 || ex->L < ex->E || ex->L > ly->rope_len)
+        return set_error(QLLM_CUDA_ERR_ARG, "exec_prep: E=%d L=%d rope_len=%lld", ex->E, ex->L,
+                         (long long)ly->rope_len);
+    const int64_t work = (static_cast<int64_t>(ly->hq) * ex->E + static_cast<int64_t>(ly->hkv) * ex->L) *
+                         (ly->head_dim / 2);
+    QLLM_DISPATCH_T(ly->dtype,
+                    prep_kernel<T><<<grid_for(work, 256), 256, 0, stream>>>(
+                        *ly, *ex, static_cast<const T *>(q), q_hs, q_ts, static_cast<T *>(qfix),
+                        static_cast<T *>(qloc), static_cast<T *>(krot)));
+    return check_launch("prep_kernel");
+}
+
+extern "C" int qllm_cuda_query_comb(const qllm_gpu_layer *ly, const void *q, int64_t q_hs,
+                                    int64_t q_ts, int64_t n_rows, int exc, int n_exec,
+                                    const float *question, float weight, float *qcomb,
+                                    cudaStream_t stream) {
+    int st = check_layer(ly, "query_comb");
+    if (st) return st;
+    if (n_exec < 1 || exc < 1 || n_rows < 1 || ly->hq > 65535)
+        return set_error(QLLM_CUDA_ERR_ARG, "query_comb: bad sizes");
+    dim3 grid(n_exec, ly->hq);
+    QLLM_DISPATCH_T(ly->dtype, qcomb_kernel<T><<<grid, ly->head_dim / 2, 0, stream>>>(
+                                   *ly, static_cast<const T *>(q), q_hs, q_ts, n_rows, exc, question,
+                                   weight, qcomb));
+    return check_launch("qcomb_kernel");
+}
+
+extern "C" int qllm_cuda_block_scores(const qllm_gpu_layer *ly, const float *qcomb, int i0, int i1,
+                                      int64_t b0, int64_t b1, float *bscore, int64_t ld,
+                                      cudaStream_t stream) {
+    if (i1 <= i0 || b1 <= b0) return QLLM_CUDA_OK;
+    const int64_t nbx = (b1 - b0 + BS_B - 1) / BS_B;
+    const int nby = (i1 - i0 + BS_I - 1) / BS_I;
+    if (nbx > 2147483647 || nby > 65535) return set_error(QLLM_CUDA_ERR_ARG, "block_scores: grid too large");
+    dim3 grid(static_cast<unsigned>(nbx), nby);
+    bscore_kernel<<<grid, 256, 0, stream>>>(ly->reprs, static_cast<int64_t>(ly->hq) * ly->head_dim,
+                                            qcomb, i0, i1, b0, b1, bscore, ld);
+    return check_launch("bscore_kernel");
+}
+
+extern "C" int qllm_cuda_select_blocks(const float *bscore, int64_t n, int k, int32_t *ids,
+                                       cudaStream_t stream) {
+    if (k < 1 || k > n || k > 4096)
+        return set_error(QLLM_CUDA_ERR_ARG, "select_blocks: k=%d, n=%lld", k, (long long)n);
+    select_kernel<<<1, 1024, static_cast<size_t>(k) * sizeof(int64_t), stream>>>(bscore, n, k, ids);
+    return check_launch("select_kernel");
+}
+
+extern "C" int qllm_cuda_exec_attention(const qllm_gpu_layer *ly, const qllm_gpu_exec *ex,
+                                        const void *qfix, const void *qloc, const void *krot,
+                                        const int32_t *ids, float scaling, void *out,
+                                        int64_t o_hs, int64_t o_ts, float *lse, int n_split,
+                                        float *part_o, float *part_lse, cudaStream_t stream) {
+    int st = check_layer(ly, "exec_attention");
+    if (st) return st;
+    if (n_split < 1 || n_split > QLLM_CUDA_MAX_SPLIT || (n_split > 1 && (!part_o || !part_lse)))
+        return set_error(QLLM_CUDA_ERR_ARG, "exec_attention: n_split=%d", n_split);
+    if (ex->n_ret > 0 && ids == nullptr)
+        return set_error(QLLM_CUDA_ERR_ARG, "exec_attention: n_ret=%d without ids", ex->n_ret);
+    AttnArgs a;
+    a.qfix = qfix;
+    a.qloc = qloc;
+    a.kst = ly->k_store;
+    a.vst = ly->v_store;
+    a.cap = ly->cap;
+    a.krot = krot;
+    a.ids = ids;
+    a.P0 = ex->P0;
+    a.T0 = ex->T0;
+    a.E = ex->E;
+    a.L = ex->L;
+    a.init_len = ex->init_len;
+    a.n_ret = ex->n_ret;
+    a.bs = ly->block_size;
+    a.n_init = ly->n_init;
+    a.n_local = ly->n_local;
+    a.m = ex->m;
+    a.group = ly->hq / ly->hkv;
+    a.streaming = ly->streaming;
+    a.hq = ly->hq;
+    a.sl2 = scaling * kLog2e;
+    a.out = out;
+    a.o_hs = o_hs;
+    a.o_ts = o_ts;
+    a.lse = lse;
+    a.part_o = part_o;
+    a.part_lse = part_lse;
+    a.n_split = n_split;
+    const int n_qt = (ex->E + BM - 1) / BM;
+    if (ly->hq > 65535) return set_error(QLLM_CUDA_ERR_ARG, "exec_attention: too many heads");
+    QLLM_DISPATCH_T(ly->dtype, {
+        st = ly->head_dim == 64 ? launch_attention<T, 64>(a, n_qt, ly->hq, stream)
+                                : launch_attention<T, 128>(a, n_qt, ly->hq, stream);
+    });
+    if (st || n_split == 1) return st;
+    dim3 grid((ex->E + 3) / 4, ly->hq);
+    QLLM_DISPATCH_T(ly->dtype, combine_kernel<T><<<grid, 128, 0, stream>>>(
+                                   part_o, part_lse, n_split, ly->hq, ex->E, ly->head_dim,
+                                   static_cast<T *>(out), o_hs, o_ts, lse));
+    return check_launch("combine_kernel");
+}
+
+extern "C" int qllm_cuda_exec_token_scores(const qllm_gpu_layer *ly, const qllm_gpu_exec *ex,
+                                           const void *qloc, const void *krot, const float *lse,
+                                           float scaling, cudaStream_t stream) {
+    int st = check_layer(ly, "exec_token_scores");
+    if (st) return st;
+    if (ly->ring < ex->L || (ly->ring & (ly->ring - 1)) != 0)
+        return set_error(QLLM_CUDA_ERR_ARG, "exec_token_scores: ring %lld < L %d or not a power of 2",
+                         (long long)ly->ring, ex->L);
+    TsArgs a;
+    a.qloc = qloc;
+    a.krot = krot;
+    a.lse = lse;
+    a.scores = ly->scores;
+    a.ring = ly->ring;
+    a.P0 = ex->P0;
+    a.T0 = ex->T0;
+    a.E = ex->E;
+    a.L = ex->L;
+    a.n_init = ly->n_init;
+    a.n_local = ly->n_local;
+    a.group = ly->hq / ly->hkv;
+    a.sl2 = scaling * kLog2e;
+    QLLM_DISPATCH_T(ly->dtype, {
+        st = ly->head_dim == 64 ? launch_tscore<T, 64>(a, ly->hq, stream)
+                                : launch_tscore<T, 128>(a, ly->hq, stream);
+    });
+    return st;
+}
+
+extern "C" int qllm_cuda_cut_blocks(const qllm_gpu_layer *ly, int64_t b0, int64_t n, int repr_topk,
+                                    cudaStream_t stream) {
+    int st = check_layer(ly, "cut_blocks");
+    if (st) return st;
+    if (n <= 0) return QLLM_CUDA_OK;
+    if (b0 < 0 || b0 + n > ly->reprs_cap || repr_topk < 1 || n > 2147483647)
+        return set_error(QLLM_CUDA_ERR_ARG, "cut_blocks: blocks %lld..%lld of %lld", (long long)b0,
+                         (long long)(b0 + n), (long long)ly->reprs_cap);
+    const int k = repr_topk < ly->block_size ? repr_topk : ly->block_size;
+    dim3 grid(static_cast<unsigned>(n), ly->hq);
+    QLLM_DISPATCH_T(ly->dtype, cut_kernel<T><<<grid, 128, static_cast<size_t>(k) * sizeof(int64_t),
+                                               stream>>>(*ly, b0, k));
+    return check_launch("cut_kernel");
+}

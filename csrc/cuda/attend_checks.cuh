@@ -1,0 +1,117 @@
+/*
+ * attend_checks.cuh -- argument checks and the Meta implementation of
+ * qllm.attend_run, the fused per-forward-call op of the GPU path
+ * (qllm/gpu.py).  Host C++ only (ATen); included by csrc/torch/ops.cpp (Meta)
+ * and csrc/torch/ops_cuda.cpp (CUDA), so both run the same checks.
+ *
+ * attend_run(q, k_store, v_store, scores!, reprs!, retrieved!, out!, cos, sin,
+ *            question?, schedule, scaling, weight, cfg) -> ()
+ *
+ *   q          [hq, T, D] f16|bf16, stride(2) == 1     un-rotated queries
+ *   k_store,   [hkv, cap, D] q's dtype, contiguous      un-rotated K/V by text
+ *   v_store                                             position (already holding
+ *                                                       this call's tokens)
+ *   scores     [hq, R] f32 contiguous, R a power of 2   token-score ring
+ *   reprs      [cap_b, hq, D] f32 contiguous            block representatives
+ *   retrieved  [n_exec, kk] int32 contiguous            out: retrieved ids per
+ *                                                       execution block, ascending, -1 padded
+ *   out        [hq, T, D] q's dtype, stride(2) == 1     out: attention output
+ *   cos, sin   [P, D] f32 contiguous                    RoPE table (positions 0..P-1)
+ *   question   [hq, D] f32 contiguous or None           (already gated by strategy)
+ *   schedule   [n_exec, 10] int64, CPU, contiguous      per execution block:
+ *              t0, E, P0, T0, init_len, n_blocks, n_ret, m, cut_b0, cut_n
+ *   cfg        [n_init, n_local, block_size, topk, repr_topk, streaming]
+ */
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+namespace qllm_torch {
+
+constexpr const char *kAttendRun = "qllm.attend_run";
+constexpr int kScheduleFields = 10;
+constexpr int kCfgFields = 6;
+
+inline void check_attend_run_args(const at::Tensor &q, const at::Tensor &k_store,
+                                  const at::Tensor &v_store, const at::Tensor &scores,
+                                  const at::Tensor &reprs, const at::Tensor &retrieved,
+                                  const at::Tensor &out, const at::Tensor &cos,
+                                  const at::Tensor &sin, const std::optional<at::Tensor> &question,
+                                  const at::Tensor &schedule, at::IntArrayRef cfg) {
+    const char *op = kAttendRun;
+    TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
+                     ": q: expected dtype float16 or bfloat16, got ", q.scalar_type());
+    TORCH_CHECK_VALUE(q.dim() == 3, op, ": q: expected 3 dims (q_heads, tokens, dim), got ", q.dim());
+    const int64_t hq = q.size(0), T = q.size(1), D = q.size(2);
+    TORCH_CHECK_VALUE(D == 64 || D == 128, op, ": q: head_dim must be 64 or 128, got ", D);
+    TORCH_CHECK_VALUE(T >= 1 && hq >= 1, op, ": q: expected >= 1 tokens and heads, got ", q.sizes());
+    TORCH_CHECK_VALUE(q.stride(2) == 1, op, ": q: expected stride 1 along dim");
+    for (const auto &pr : {std::make_pair("k_store", &k_store), std::make_pair("v_store", &v_store)}) {
+        const at::Tensor &t = *pr.second;
+        TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), op, ": ", pr.first,
+                         ": expected q's dtype ", q.scalar_type(), ", got ", t.scalar_type());
+        TORCH_CHECK_VALUE(t.dim() == 3 && t.size(2) == D && t.is_contiguous(), op, ": ", pr.first,
+                          ": expected a contiguous [kv_heads, capacity, ", D, "] tensor, got ",
+                          t.sizes());
+        TORCH_CHECK_VALUE(t.device() == q.device(), op, ": ", pr.first, ": expected device ",
+                          q.device(), ", got ", t.device());
+    }
+    TORCH_CHECK_VALUE(v_store.sizes() == k_store.sizes(), op, ": v_store: expected k_store's shape");
+    const int64_t hkv = k_store.size(0);
+    TORCH_CHECK_VALUE(hkv >= 1 && hq % hkv == 0, op, ": q_heads ", hq,
+                      " must be a multiple of kv_heads ", hkv);
+    TORCH_CHECK_TYPE(scores.scalar_type() == at::kFloat, op, ": scores: expected float32");
+    TORCH_CHECK_VALUE(scores.dim() == 2 && scores.size(0) == hq && scores.is_contiguous(), op,
+                      ": scores: expected a contiguous [", hq, ", R] tensor, got ", scores.sizes());
+    const int64_t R = scores.size(1);
+    TORCH_CHECK_VALUE(R >= 1 && (R & (R - 1)) == 0, op, ": scores: ring size ", R,
+                      " must be a power of two");
+    TORCH_CHECK_TYPE(reprs.scalar_type() == at::kFloat, op, ": reprs: expected float32");
+    TORCH_CHECK_VALUE(reprs.dim() == 3 && reprs.size(1) == hq && reprs.size(2) == D &&
+                          reprs.is_contiguous(),
+                      op, ": reprs: expected a contiguous [blocks, ", hq, ", ", D, "] tensor, got ",
+                      reprs.sizes());
+    TORCH_CHECK_TYPE(retrieved.scalar_type() == at::kInt, op, ": retrieved: expected int32");
+    TORCH_CHECK_VALUE(retrieved.dim() == 2 && retrieved.size(1) >= 1 && retrieved.is_contiguous(),
+                      op, ": retrieved: expected a contiguous [exec_blocks, k] tensor");
+    TORCH_CHECK_TYPE(out.scalar_type() == q.scalar_type(), op, ": out: expected q's dtype");
+    TORCH_CHECK_VALUE(out.sizes() == q.sizes() && out.stride(2) == 1, op,
+                      ": out: expected q's shape with stride 1 along dim, got ", out.sizes());
+    for (const auto &pr : {std::make_pair("cos", &cos), std::make_pair("sin", &sin)}) {
+        const at::Tensor &t = *pr.second;
+        TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, op, ": ", pr.first, ": expected float32");
+        TORCH_CHECK_VALUE(t.dim() == 2 && t.size(1) == D && t.is_contiguous(), op, ": ", pr.first,
+                          ": expected a contiguous [positions, ", D, "] tensor");
+        TORCH_CHECK_VALUE(t.device() == q.device(), op, ": ", pr.first, ": expected device ", q.device());
+    }
+    TORCH_CHECK_VALUE(sin.sizes() == cos.sizes(), op, ": sin: expected cos's shape");
+    if (question.has_value()) {
+        const at::Tensor &t = *question;
+        TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, op, ": question: expected float32");
+        TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == hq && t.size(1) == D && t.is_contiguous(), op,
+                          ": question: expected a contiguous [", hq, ", ", D, "] tensor");
+        TORCH_CHECK_VALUE(t.device() == q.device(), op, ": question: expected device ", q.device());
+    }
+    for (const at::Tensor *t : {&scores, &reprs, &retrieved, &out})
+        TORCH_CHECK_VALUE(t->device() == q.device(), op, ": outputs must be on q's device ", q.device());
+    TORCH_CHECK_TYPE(schedule.scalar_type() == at::kLong, op, ": schedule: expected int64");
+    TORCH_CHECK_VALUE(schedule.dim() == 2 && schedule.size(1) == kScheduleFields &&
+                          schedule.size(0) == retrieved.size(0) && schedule.size(0) >= 1,
+                      op, ": schedule: expected [exec_blocks, ", kScheduleFields,
+                      "] matching retrieved, got ", schedule.sizes());
+    TORCH_CHECK_VALUE(cfg.size() == kCfgFields, op, ": cfg: expected ", kCfgFields, " values, got ",
+                      cfg.size());
+}
+
+inline void attend_run_meta(const at::Tensor &q, const at::Tensor &k_store,
+                            const at::Tensor &v_store, const at::Tensor &scores,
+                            const at::Tensor &reprs, const at::Tensor &retrieved,
+                            const at::Tensor &out, const at::Tensor &cos, const at::Tensor &sin,
+                            const std::optional<at::Tensor> &question, const at::Tensor &schedule,
+                            double scaling, double weight, at::IntArrayRef cfg) {
+    check_attend_run_args(q, k_store, v_store, scores, reprs, retrieved, out, cos, sin, question,
+                          schedule, cfg);
+}
+
+}  // namespace qllm_torch

@@ -1,0 +1,154 @@
+/*
+ * qllm_cuda.cuh -- extern "C" launchers of qllm's CUDA kernels.
+ *
+ * Host-only declarations (no device code): included by the .cu files and by
+ * csrc/torch/ops_cuda.cpp.  Every launcher takes raw device pointers (or
+ * qllm_tensor views of device memory) plus the stream to run on, enqueues its
+ * kernel(s) without synchronising, checks every launch, and returns a status:
+ *
+ *   QLLM_CUDA_OK (0)       enqueued
+ *   QLLM_CUDA_ERR_ARG      a size / shape / dtype the kernels do not handle
+ *   QLLM_CUDA_ERR_LAUNCH   cudaGetLastError() after a launch was not cudaSuccess
+ *
+ * qllm_cuda_last_error() returns a thread-local message for the last failure.
+ * Nothing here allocates device memory: callers pass outputs and workspaces.
+ */
+#pragma once
+
+#include <cuda_runtime_api.h>
+#include <stdint.h>
+
+#include "qllm/qllm.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum { QLLM_CUDA_OK = 0, QLLM_CUDA_ERR_ARG = 1, QLLM_CUDA_ERR_LAUNCH = 2 };
+
+/* Message of the last failed launcher call on this thread ("" if none). */
+const char *qllm_cuda_last_error(void);
+
+/* ===================================================== generic op kernels */
+/* Views may be strided (strides in elements, >= 0), dtypes f32/f16/bf16
+ * unless stated; shapes were validated by the binding. */
+
+/* Representatives: keys [nb, hkv, T, D], scores [nb, hq, T] (finite),
+ * out [nb, hq, D]: mean key of the repr_topk best tokens (ties: lower token),
+ * summed in selection order in f32 and divided by k once. */
+int qllm_cuda_repr_compute(const qllm_tensor *keys, const qllm_tensor *scores, int64_t repr_topk,
+                           const qllm_tensor *out, cudaStream_t stream);
+
+/* Block scores: reprs [nb, hq, D], query [hq, D], question [hq, D] or NULL
+ * -> out f32 [nb] = sum q.r + weight * sum Q.r. */
+int qllm_cuda_retrieval_score(const qllm_tensor *reprs, const qllm_tensor *query,
+                              const qllm_tensor *question, float weight, const qllm_tensor *out,
+                              cudaStream_t stream);
+
+/* Top-k: scores f32 [n] (finite), out int32 [k] (k <= n), descending,
+ * ties toward the lower index.  One thread block. */
+int qllm_cuda_retrieval_topk(const qllm_tensor *scores, int64_t k, const qllm_tensor *out,
+                             cudaStream_t stream);
+
+/* Gather: pool [n_slots, H, T, D] (any dtype of 2 or 4 bytes), slots int32 or
+ * int64 [n] with values in range (checked by the caller), out contiguous
+ * [H, n*T, D] of pool's dtype.  slots_is_i64 selects the index type. */
+int qllm_cuda_gather_slots(const qllm_tensor *pool, const void *slots, int slots_is_i64,
+                           int64_t n, int64_t slots_stride, void *out, cudaStream_t stream);
+
+/* ============================================== fused attention (gpu path) */
+/* Kernels of qllm/gpu.py's attend_cuda, driven per execution block by
+ * csrc/torch/ops_cuda.cpp.  Storage dtype: f16 (dtype 1) or bf16 (2);
+ * head_dim 64 or 128.  Layouts (all contiguous, elements):
+ *   k_store / v_store [hkv, cap, D]   un-rotated K/V by text position
+ *   scores            [hq, R]        f32 token-score ring, slot pos & (R-1)
+ *   reprs             [cap_b, hq, D] f32 block representatives
+ *   qfix / qloc       [hq, E, D]     rotated queries of the execution block
+ *   krot              [hkv, L, D]    keys of the recent segment, rotated by
+ *                                    their index in it (position - T0)
+ *   lse               [hq, E]        f32 log2-sum-exp2 of each query row
+ */
+typedef struct {
+    int dtype;       /* 1 = f16, 2 = bf16 */
+    int head_dim;    /* 64 | 128 */
+    int hq, hkv;     /* heads; hq % hkv == 0 */
+    int n_init, n_local, block_size, streaming;
+    int64_t cap;     /* k/v store rows per head */
+    int64_t ring;    /* R, a power of two */
+    const float *cos, *sin; /* [P, D] */
+    int64_t rope_len;       /* P */
+    void *k_store, *v_store;
+    float *scores;
+    float *reprs;
+    int64_t reprs_cap;      /* cap_b */
+} qllm_gpu_layer;
+
+/* One execution block: queries at text positions P0 .. P0+E-1 (rows t0 ..
+ * t0+E-1 of q), tail = positions T0 .. P0-1, recent segment length
+ * L = P0 - T0 + E. */
+typedef struct {
+    int64_t P0, T0;
+    int E, L;
+    int init_len;   /* init keys (positions 0 .. init_len-1) in memory */
+    int n_ret;      /* retrieved blocks (ids from `ids`) */
+    int m;          /* tail keys that may be memory (positions T0 .. T0+m-1) */
+} qllm_gpu_exec;
+
+/* Rotate: qfix/qloc [hq, E, D] from q rows (q + t0*q_ts), krot [hkv, L, D]
+ * from k_store positions T0 .. T0+L-1. */
+int qllm_cuda_exec_prep(const qllm_gpu_layer *ly, const qllm_gpu_exec *ex, const void *q,
+                        int64_t q_hs, int64_t q_ts, void *qfix, void *qloc, void *krot,
+                        cudaStream_t stream);
+
+/* Mean fixed-position query per execution block plus weight * question:
+ * qcomb[i, h, :] for the blocks i = 0 .. n_exec-1 of a call of T rows of q
+ * (block i = rows i*exc .. min((i+1)*exc, T) - 1).  question [hq, D] f32 may
+ * be NULL (then weight is ignored). */
+int qllm_cuda_query_comb(const qllm_gpu_layer *ly, const void *q, int64_t q_hs, int64_t q_ts,
+                         int64_t T, int exc, int n_exec, const float *question, float weight,
+                         float *qcomb, cudaStream_t stream);
+
+/* bscore[i, b] = qcomb[i] . reprs[b] (flattened hq*D) for i in [i0, i1),
+ * b in [b0, b1); bscore row stride ld. */
+int qllm_cuda_block_scores(const qllm_gpu_layer *ly, const float *qcomb, int i0, int i1,
+                           int64_t b0, int64_t b1, float *bscore, int64_t ld,
+                           cudaStream_t stream);
+
+/* Top-k of bscore[0..n) -> ids[0..k) in ascending block order. */
+int qllm_cuda_select_blocks(const float *bscore, int64_t n, int k, int32_t *ids,
+                            cudaStream_t stream);
+
+/* Attention of the execution block over [init | retrieved blocks | tail
+ * memory] (fixed positions) and the local window, one softmax.
+ * out [hq, E, D] at out + h*o_hs + r*o_ts; lse [hq, E].  With n_split > 1
+ * the key tiles are split over n_split thread blocks per row tile and merged:
+ * part_o [n_split, hq, E, D] f32 and part_lse [n_split, hq, E] are scratch. */
+int qllm_cuda_exec_attention(const qllm_gpu_layer *ly, const qllm_gpu_exec *ex,
+                             const void *qfix, const void *qloc, const void *krot,
+                             const int32_t *ids, float scaling, void *out, int64_t o_hs,
+                             int64_t o_ts, float *lse, int n_split, float *part_o,
+                             float *part_lse, cudaStream_t stream);
+
+/* Token scores: for every key of the recent segment add the probability mass
+ * it received as a LOCAL key from this block's queries (merged softmax, lse
+ * from exec_attention) into the score ring; slots of new positions (>= P0)
+ * start from zero. */
+int qllm_cuda_exec_token_scores(const qllm_gpu_layer *ly, const qllm_gpu_exec *ex,
+                                const void *qloc, const void *krot, const float *lse,
+                                float scaling, cudaStream_t stream);
+
+/* Representatives of blocks b0 .. b0+n-1 (positions n_init + b*block_size ..)
+ * from the k store and the score ring. */
+int qllm_cuda_cut_blocks(const qllm_gpu_layer *ly, int64_t b0, int64_t n, int repr_topk,
+                         cudaStream_t stream);
+
+/* Max number of n_split the attention launcher accepts. */
+#define QLLM_CUDA_MAX_SPLIT 32
+
+/* Tile geometry of exec_attention, for the caller's n_split choice. */
+#define QLLM_CUDA_ATTN_BM 128
+#define QLLM_CUDA_ATTN_BN 64
+
+#ifdef __cplusplus
+}
+#endif

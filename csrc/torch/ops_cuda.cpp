@@ -1,0 +1,354 @@
+/*
+ * ops_cuda.cpp -- CUDA implementations of torch.ops.qllm (schemas in ops.cpp).
+ *
+ * The generic ops (repr_compute[_out], retrieval_score/topk/select,
+ * gather_slots) run the same argument checks as the CPU ones (tensor_view.h)
+ * and then one launcher of csrc/cuda on the current stream.  Where the CPU
+ * core reports non-finite values or out-of-range indices, these do too: that
+ * check reads a flag back from the device (a synchronisation), acceptable for
+ * the generic per-block Python path; the fast path (attend_run) never does.
+ *
+ * attend_run: one call per forward call and layer of qllm/gpu.py.  It loops
+ * over the execution blocks of a host-side schedule (all sizes are known on
+ * the host from token counts) and enqueues the kernels of attend.cu; block
+ * ids chosen by the device top-k stay on the device and drive the attention.
+ */
+#ifdef QLLM_WITH_CUDA
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "../cuda/attend_checks.cuh"
+#include "../cuda/qllm_cuda.cuh"
+#include "tensor_view.h"
+
+namespace qllm_torch {
+namespace {
+
+constexpr const char *kReprCompute = "qllm.repr_compute";
+constexpr const char *kReprComputeOut = "qllm.repr_compute_out";
+constexpr const char *kRetrievalScore = "qllm.retrieval_score";
+constexpr const char *kRetrievalTopk = "qllm.retrieval_topk";
+constexpr const char *kRetrievalSelect = "qllm.retrieval_select";
+constexpr const char *kGatherSlots = "qllm.gather_slots";
+
+void check_cuda(const char *op, int st) {
+    TORCH_CHECK(st == QLLM_CUDA_OK, op, ": ", qllm_cuda_last_error());
+}
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+/* Multiprocessors of the current device (queried once per device). */
+int multiprocessors() {
+    static int cached[64] = {0};
+    int dev = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&dev));
+    if (dev < 0 || dev >= 64) return 132;
+    if (cached[dev] == 0) {
+        int n = 0;
+        C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+        cached[dev] = n > 0 ? n : 1;
+    }
+    return cached[dev];
+}
+
+/* Non-finite values raise like the CPU core (QLLM_ERR_NONFINITE -> ValueError). */
+void check_finite(const char *op, const char *name, const at::Tensor &t) {
+    if (t.numel() == 0) return;
+    const bool ok = at::isfinite(t).all().item<bool>();
+    TORCH_CHECK_VALUE(ok, op, ": ", name, ": contains NaN or Inf [QLLM_ERR_NONFINITE]");
+}
+
+/* ---------------------------------------------------------- repr_compute */
+
+void repr_compute_out_impl(const char *op, const at::Tensor &keys, const at::Tensor &scores,
+                           int64_t repr_topk, const at::Tensor &out) {
+    check_finite(op, "scores", scores);
+    const qllm_tensor k = input_view(keys);
+    const qllm_tensor s = input_view(scores);
+    const qllm_tensor o = output_view(out);
+    check_cuda(op, qllm_cuda_repr_compute(&k, &s, repr_topk, &o, stream()));
+}
+
+at::Tensor repr_compute_cuda(const at::Tensor &keys, const at::Tensor &scores, int64_t repr_topk) {
+    const auto shape = check_repr_compute_args(kReprCompute, keys, scores, repr_topk);
+    const c10::cuda::CUDAGuard guard(keys.device());
+    at::Tensor out = at::empty_symint(shape, keys.options().dtype(at::kFloat));
+    repr_compute_out_impl(kReprCompute, keys, scores, repr_topk, out);
+    return out;
+}
+
+void repr_compute_out_cuda(const at::Tensor &keys, const at::Tensor &scores, int64_t repr_topk,
+                           const at::Tensor &out) {
+    const auto shape = check_repr_compute_args(kReprComputeOut, keys, scores, repr_topk);
+    check_repr_compute_out(kReprComputeOut, out, keys, shape);
+    check_out_no_overlap(kReprComputeOut, out, {{"keys", &keys}, {"scores", &scores}});
+    const c10::cuda::CUDAGuard guard(keys.device());
+    repr_compute_out_impl(kReprComputeOut, keys, scores, repr_topk, out);
+}
+
+/* -------------------------------------------------------------- retrieval */
+
+at::Tensor score_impl(const char *op, const at::Tensor &reprs, const at::Tensor &query,
+                      const std::optional<at::Tensor> &question, double weight,
+                      c10::SymDimVector shape) {
+    at::Tensor out = at::empty_symint(shape, reprs.options().dtype(at::kFloat));
+    const qllm_tensor r = input_view(reprs);
+    const qllm_tensor q = input_view(query);
+    const qllm_tensor qq = question.has_value() ? input_view(*question) : qllm_tensor{};
+    const qllm_tensor o = output_view(out);
+    check_cuda(op, qllm_cuda_retrieval_score(&r, &q, question.has_value() ? &qq : nullptr,
+                                             static_cast<float>(weight), &o, stream()));
+    check_finite(op, "block scores (reprs, query or question)", out);
+    return out;
+}
+
+at::Tensor retrieval_score_cuda(const at::Tensor &reprs, const at::Tensor &query,
+                                const std::optional<at::Tensor> &question, double weight) {
+    const auto shape = check_retrieval_score_args(kRetrievalScore, reprs, query, question, weight);
+    const c10::cuda::CUDAGuard guard(reprs.device());
+    return score_impl(kRetrievalScore, reprs, query, question, weight, shape);
+}
+
+at::Tensor topk_impl(const char *op, const at::Tensor &scores, int64_t k, c10::SymDimVector shape) {
+    at::Tensor idx = at::empty_symint(shape, scores.options().dtype(at::kInt));
+    const qllm_tensor s = input_view(scores);
+    const qllm_tensor o = output_view(idx);
+    check_cuda(op, qllm_cuda_retrieval_topk(&s, idx.size(0), &o, stream()));
+    return idx;
+}
+
+at::Tensor retrieval_topk_cuda(const at::Tensor &scores, int64_t k) {
+    const auto shape = check_retrieval_topk_args(kRetrievalTopk, scores, k);
+    const c10::cuda::CUDAGuard guard(scores.device());
+    check_finite(kRetrievalTopk, "scores", scores);
+    return topk_impl(kRetrievalTopk, scores, k, shape);
+}
+
+std::tuple<at::Tensor, at::Tensor> retrieval_select_cuda(const at::Tensor &reprs,
+                                                         const at::Tensor &query,
+                                                         const std::optional<at::Tensor> &question,
+                                                         double weight, int64_t k) {
+    const auto shapes = check_retrieval_select_args(kRetrievalSelect, reprs, query, question, weight, k);
+    const c10::cuda::CUDAGuard guard(reprs.device());
+    at::Tensor scores = score_impl(kRetrievalSelect, reprs, query, question, weight, shapes.scores);
+    at::Tensor idx = topk_impl(kRetrievalSelect, scores, k, shapes.indices);
+    return {idx, scores};
+}
+
+/* ---------------------------------------------------------- gather_slots */
+
+at::Tensor gather_slots_cuda(const at::Tensor &pool, const at::Tensor &slots) {
+    const auto shape = check_gather_slots_args(kGatherSlots, pool, slots);
+    const c10::cuda::CUDAGuard guard(pool.device());
+    check_index_range(kGatherSlots, "slots", slots, pool.size(0));
+    at::Tensor out = at::empty_symint(shape, pool.options());
+    if (out.numel() == 0) return out;
+    const qllm_tensor p = input_view(pool);
+    check_cuda(kGatherSlots,
+               qllm_cuda_gather_slots(&p, slots.const_data_ptr(), slots.scalar_type() == at::kLong,
+                                      slots.size(0), slots.stride(0), out.mutable_data_ptr(),
+                                      stream()));
+    return out;
+}
+
+/* ------------------------------------------------------------ attend_run */
+
+struct ExecRow {
+    int64_t t0, E, P0, T0, init_len, n_blocks, n_ret, m, cut_b0, cut_n;
+};
+
+ExecRow read_row(const int64_t *s, int64_t i) {
+    const int64_t *r = s + i * kScheduleFields;
+    return ExecRow{r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9]};
+}
+
+void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::Tensor &v_store,
+                     const at::Tensor &scores, const at::Tensor &reprs, const at::Tensor &retrieved,
+                     const at::Tensor &out, const at::Tensor &cos, const at::Tensor &sin,
+                     const std::optional<at::Tensor> &question, const at::Tensor &schedule,
+                     double scaling, double weight, at::IntArrayRef cfg) {
+    const char *op = kAttendRun;
+    check_attend_run_args(q, k_store, v_store, scores, reprs, retrieved, out, cos, sin, question,
+                          schedule, cfg);
+    TORCH_CHECK_VALUE(schedule.device().is_cpu() && schedule.is_contiguous(), op,
+                      ": schedule: expected a contiguous CPU tensor");
+    TORCH_CHECK_VALUE(q.is_cuda(), op, ": q: expected a CUDA tensor");
+    const c10::cuda::CUDAGuard guard(q.device());
+    const cudaStream_t st = stream();
+
+    const int64_t hq = q.size(0), T = q.size(1), D = q.size(2);
+    const int64_t hkv = k_store.size(0), cap = k_store.size(1);
+    const int64_t R = scores.size(1), cap_b = reprs.size(0), P = cos.size(0);
+    const int64_t n_exec = schedule.size(0), kk = retrieved.size(1);
+    const int64_t n_init = cfg[0], n_local = cfg[1], bs = cfg[2], topk = cfg[3],
+                  repr_topk = cfg[4], streaming = cfg[5];
+    TORCH_CHECK_VALUE(n_init >= 0 && n_local >= 1 && bs >= 1 && topk >= 0 && repr_topk >= 1 &&
+                          (streaming == 0 || streaming == 1) && n_local <= P,
+                      op, ": cfg: bad values ", cfg);
+    const bool uses_blocks = streaming == 0;
+
+    /* Host-side validation of the schedule: every index the kernels form
+     * stays inside the tensors. */
+    const int64_t *sched = schedule.const_data_ptr<int64_t>();
+    int64_t e_max = 1, l_max = 1, t_next = 0;
+    for (int64_t i = 0; i < n_exec; ++i) {
+        const ExecRow r = read_row(sched, i);
+        const int64_t L = r.P0 - r.T0 + r.E;
+        TORCH_CHECK_VALUE(r.t0 == t_next && r.E >= 1 && r.t0 + r.E <= T, op,
+                          ": schedule row ", i, ": rows ", r.t0, "+", r.E, " do not tile q's ", T, " tokens");
+        t_next = r.t0 + r.E;
+        TORCH_CHECK_VALUE(r.T0 >= 0 && r.T0 <= r.P0 && r.P0 + r.E <= cap && L <= P && L <= R, op,
+                          ": schedule row ", i, ": positions P0=", r.P0, " T0=", r.T0, " E=", r.E,
+                          " exceed store ", cap, ", rope table ", P, " or score ring ", R);
+        TORCH_CHECK_VALUE(r.init_len >= 0 && r.init_len <= r.T0 && r.m >= 0 && r.m <= L, op,
+                          ": schedule row ", i, ": init_len / m out of range");
+        TORCH_CHECK_VALUE(r.n_blocks >= 0 && r.n_blocks <= cap_b &&
+                              (r.n_blocks == 0 || n_init + r.n_blocks * bs <= r.T0) &&
+                              r.n_ret >= 0 && r.n_ret <= std::min(r.n_blocks, std::min(kk, topk)) &&
+                              (uses_blocks || r.n_ret == 0),
+                          op, ": schedule row ", i, ": blocks out of range");
+        TORCH_CHECK_VALUE(r.n_ret == 0 || r.init_len == n_init, op, ": schedule row ", i,
+                          ": retrieval needs the init tokens in memory");
+        TORCH_CHECK_VALUE(r.cut_n >= 0 && (r.cut_n == 0 || (uses_blocks && r.cut_b0 >= 0 &&
+                                                            r.cut_b0 + r.cut_n <= cap_b &&
+                                                            n_init + (r.cut_b0 + r.cut_n) * bs <= r.P0 + r.E &&
+                                                            n_init + r.cut_b0 * bs >= r.T0)),
+                          op, ": schedule row ", i, ": cut blocks out of range");
+        e_max = std::max(e_max, r.E);
+        l_max = std::max(l_max, L);
+    }
+    TORCH_CHECK_VALUE(t_next == T, op, ": schedule covers ", t_next, " of ", T, " tokens");
+
+    qllm_gpu_layer ly;
+    ly.dtype = q.scalar_type() == at::kHalf ? QLLM_DTYPE_F16 : QLLM_DTYPE_BF16;
+    ly.head_dim = static_cast<int>(D);
+    ly.hq = static_cast<int>(hq);
+    ly.hkv = static_cast<int>(hkv);
+    ly.n_init = static_cast<int>(n_init);
+    ly.n_local = static_cast<int>(n_local);
+    ly.block_size = static_cast<int>(bs);
+    ly.streaming = static_cast<int>(streaming);
+    ly.cap = cap;
+    ly.ring = R;
+    ly.cos = cos.const_data_ptr<float>();
+    ly.sin = sin.const_data_ptr<float>();
+    ly.rope_len = P;
+    ly.k_store = const_cast<void *>(k_store.const_data_ptr());
+    ly.v_store = const_cast<void *>(v_store.const_data_ptr());
+    ly.scores = scores.mutable_data_ptr<float>();
+    ly.reprs = reprs.mutable_data_ptr<float>();
+    ly.reprs_cap = cap_b;
+
+    /* workspace (caching allocator: no synchronisation) */
+    const auto opt_t = q.options();
+    const auto opt_f = q.options().dtype(at::kFloat);
+    at::Tensor qfix = at::empty({hq, e_max, D}, opt_t);
+    at::Tensor qloc = at::empty({hq, e_max, D}, opt_t);
+    at::Tensor krot = at::empty({hkv, l_max, D}, opt_t);
+    at::Tensor lse = at::empty({hq, e_max}, opt_f);
+    const int sms = multiprocessors();
+    auto choose_split = [&](const ExecRow &r) -> int {
+        const int64_t ctas = ((r.E + QLLM_CUDA_ATTN_BM - 1) / QLLM_CUDA_ATTN_BM) * hq;
+        if (ctas >= sms) return 1;
+        const int64_t M = r.init_len + r.n_ret * bs + r.m;
+        const int64_t L = r.P0 - r.T0 + r.E;
+        const int64_t tiles = (M + QLLM_CUDA_ATTN_BN - 1) / QLLM_CUDA_ATTN_BN +
+                              std::min(L, n_local + QLLM_CUDA_ATTN_BM) / QLLM_CUDA_ATTN_BN + 1;
+        int64_t s = (2 * sms + ctas - 1) / ctas;
+        s = std::min<int64_t>({s, tiles, QLLM_CUDA_MAX_SPLIT});
+        return static_cast<int>(std::max<int64_t>(s, 1));
+    };
+    int split_max = 1;
+    for (int64_t i = 0; i < n_exec; ++i) split_max = std::max(split_max, choose_split(read_row(sched, i)));
+    at::Tensor part_o, part_lse;
+    if (split_max > 1) {
+        part_o = at::empty({split_max, hq, e_max, D}, opt_f);
+        part_lse = at::empty({split_max, hq, e_max}, opt_f);
+    }
+    retrieved.fill_(-1);
+
+    const float *qq = question.has_value() ? question->const_data_ptr<float>() : nullptr;
+    const float w = static_cast<float>(weight);
+    const char *qbase = static_cast<const char *>(q.const_data_ptr());
+    char *obase = static_cast<char *>(out.mutable_data_ptr());
+    const int64_t esz = q.element_size();
+    at::Tensor qcomb, bscore;
+    if (uses_blocks) {
+        /* Block scores for every (execution block, block existing at the start). */
+        const int64_t exc = read_row(sched, 0).E; /* all rows but the last have this size */
+        for (int64_t i = 0; i + 1 < n_exec; ++i)
+            TORCH_CHECK_VALUE(read_row(sched, i).E == exc, op,
+                              ": schedule: execution blocks must have equal sizes but the last");
+        qcomb = at::empty({n_exec, hq, D}, opt_f);
+        bscore = at::empty({n_exec, std::max<int64_t>(cap_b, 1)}, opt_f);
+        check_cuda(op, qllm_cuda_query_comb(&ly, q.const_data_ptr(), q.stride(0), q.stride(1), T,
+                                            static_cast<int>(exc), static_cast<int>(n_exec), qq, w,
+                                            qcomb.mutable_data_ptr<float>(), st));
+        const int64_t n_start = read_row(sched, 0).n_blocks;
+        check_cuda(op, qllm_cuda_block_scores(&ly, qcomb.const_data_ptr<float>(), 0,
+                                              static_cast<int>(n_exec), 0, n_start,
+                                              bscore.mutable_data_ptr<float>(), bscore.size(1), st));
+    }
+
+    for (int64_t i = 0; i < n_exec; ++i) {
+        const ExecRow r = read_row(sched, i);
+        qllm_gpu_exec ex;
+        ex.P0 = r.P0;
+        ex.T0 = r.T0;
+        ex.E = static_cast<int>(r.E);
+        ex.L = static_cast<int>(r.P0 - r.T0 + r.E);
+        ex.init_len = static_cast<int>(r.init_len);
+        ex.n_ret = static_cast<int>(r.n_ret);
+        ex.m = static_cast<int>(r.m);
+        check_cuda(op, qllm_cuda_exec_prep(&ly, &ex, qbase + r.t0 * q.stride(1) * esz, q.stride(0),
+                                           q.stride(1), qfix.mutable_data_ptr(),
+                                           qloc.mutable_data_ptr(), krot.mutable_data_ptr(), st));
+        int32_t *ids = retrieved.mutable_data_ptr<int32_t>() + i * kk;
+        if (r.n_ret > 0)
+            check_cuda(op, qllm_cuda_select_blocks(bscore.const_data_ptr<float>() + i * bscore.size(1),
+                                                   r.n_blocks, static_cast<int>(r.n_ret), ids, st));
+        const int n_split = choose_split(r);
+        check_cuda(op, qllm_cuda_exec_attention(
+                           &ly, &ex, qfix.const_data_ptr(), qloc.const_data_ptr(),
+                           krot.const_data_ptr(), ids, static_cast<float>(scaling),
+                           obase + r.t0 * out.stride(1) * esz, out.stride(0), out.stride(1),
+                           lse.mutable_data_ptr<float>(), n_split,
+                           n_split > 1 ? part_o.mutable_data_ptr<float>() : nullptr,
+                           n_split > 1 ? part_lse.mutable_data_ptr<float>() : nullptr, st));
+        check_cuda(op, qllm_cuda_exec_token_scores(&ly, &ex, qloc.const_data_ptr(),
+                                                   krot.const_data_ptr(), lse.const_data_ptr<float>(),
+                                                   static_cast<float>(scaling), st));
+        if (r.cut_n > 0) {
+            check_cuda(op, qllm_cuda_cut_blocks(&ly, r.cut_b0, r.cut_n, static_cast<int>(repr_topk), st));
+            if (i + 1 < n_exec)
+                check_cuda(op, qllm_cuda_block_scores(&ly, qcomb.const_data_ptr<float>(),
+                                                      static_cast<int>(i + 1),
+                                                      static_cast<int>(n_exec), r.cut_b0,
+                                                      r.cut_b0 + r.cut_n,
+                                                      bscore.mutable_data_ptr<float>(),
+                                                      bscore.size(1), st));
+        }
+    }
+}
+
+}  // namespace
+}  // namespace qllm_torch
+
+TORCH_LIBRARY_IMPL(qllm, CUDA, m) {
+    m.impl("repr_compute", &qllm_torch::repr_compute_cuda);
+    m.impl("repr_compute_out", &qllm_torch::repr_compute_out_cuda);
+    m.impl("retrieval_score", &qllm_torch::retrieval_score_cuda);
+    m.impl("retrieval_topk", &qllm_torch::retrieval_topk_cuda);
+    m.impl("retrieval_select", &qllm_torch::retrieval_select_cuda);
+    m.impl("gather_slots", &qllm_torch::gather_slots_cuda);
+    m.impl("attend_run", &qllm_torch::attend_run_cuda);
+}
+
+#endif /* QLLM_WITH_CUDA */
