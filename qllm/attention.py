@@ -26,10 +26,19 @@ __all__ = ["RopeTable", "apply_rope", "attend", "encode_question"]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE: x [..., T, D] with cos/sin [T, D] (or [D]) -> same shape."""
-    half = x.shape[-1] // 2
-    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rot * sin
+    """Rotate-half RoPE: x [..., T, D] with cos/sin [T, D] (or [D]) -> new tensor.
+
+    Same as ``x * cos + cat(-x2, x1) * sin`` with ``x = cat(x1, x2)``, without the cat.
+    """
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    out = torch.empty_like(x)
+    o1, o2 = out[..., :h], out[..., h:]
+    torch.mul(x1, cos[..., :h], out=o1)
+    o1.addcmul_(x2, sin[..., :h], value=-1.0)
+    torch.mul(x2, cos[..., h:], out=o2)
+    o2.addcmul_(x1, sin[..., h:])
+    return out
 
 
 class RopeTable:
@@ -88,66 +97,73 @@ def _exec_block(mem: LayerMemory, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     hkv = k.shape[0]
     g = hq // hkv
     dev = q.device
-    out_dtype = q.dtype
     P0, T0 = mem.n_seen, mem.tail_start
     qf = q.float()
 
-    # Recent segment = tail + this block, positions T0 .. P0+E-1.
-    Rk = torch.cat([mem.tail_k.float(), k.float()], dim=1)  # [hkv, L, d]
-    Rv = torch.cat([mem.tail_v.float(), v.float()], dim=1)
+    # Recent segment = tail + this block, positions T0 .. P0+E-1 (storage dtype; f32 views for math).
+    Rk = torch.cat([mem.tail_k, k.to(mem.dtype)], dim=1)  # [hkv, L, d]
+    Rv = torch.cat([mem.tail_v, v.to(mem.dtype)], dim=1)
+    Rkf, Rvf = Rk.float(), Rv.float()
     L = Rk.shape[1]
     if L > len(rope):
         raise RuntimeError(f"qllm: recent segment of {L} tokens exceeds the RoPE table ({len(rope)})")
     q_loc = apply_rope(qf, rope.cos[L - E:L], rope.sin[L - E:L])
-    k_loc = apply_rope(Rk, rope.cos[:L], rope.sin[:L])
+    k_loc = apply_rope(Rkf, rope.cos[:L], rope.sin[:L])
 
     p = torch.arange(P0, P0 + E, device=dev).unsqueeze(1)  # [E, 1]
     j = torch.arange(T0, T0 + L, device=dev).unsqueeze(0)  # [1, L]
     dense = p < cfg.n_init + cfg.n_local
     local = (j <= p) & ((p - j < cfg.n_local) | dense)      # [E, L]
 
-    qg = q_loc.reshape(hkv, g * E, d)
-    logits_r = torch.matmul(qg, k_loc.transpose(1, 2)).mul_(scaling).view(hkv, g, E, L)
-    logits_r = logits_r.masked_fill(~local, float("-inf"))
+    lr = torch.matmul(q_loc.reshape(hkv, g * E, d), k_loc.transpose(1, 2)).view(hkv, g, E, L)
+    lr.mul_(scaling).masked_fill_(~local, float("-inf"))
 
     q_fix = _fixed_query(qf, rope, cfg.n_local)  # [hq, E, d]
     q_fix_g = q_fix.reshape(hkv, g * E, d)
     # Tail keys that are memory for some query of the block: j <= P0+E-1-n_local.
-    m = max(0, min(L, P0 + E - cfg.n_local - T0)) if not bool(dense[-1]) else 0
+    all_dense = P0 + E - 1 < cfg.n_init + cfg.n_local  # host arithmetic: no device sync
+    m = 0 if all_dense else max(0, min(L, P0 + E - cfg.n_local - T0))
     if m > 0:
         mem_mask = (j[:, :m] <= p - cfg.n_local) & ~dense
         if not cfg.uses_blocks:
             mem_mask = mem_mask & (j[:, :m] < cfg.n_init)
-        lf = torch.matmul(q_fix_g, Rk[:, :m].transpose(1, 2)).mul_(scaling).view(hkv, g, E, m)
-        logits_r[..., :m] = torch.where(mem_mask, lf, logits_r[..., :m])
+        lf = torch.matmul(q_fix_g, Rkf[:, :m].transpose(1, 2)).view(hkv, g, E, m).mul_(scaling)
+        lr[..., :m] = torch.where(mem_mask, lf, lr[..., :m])
 
     # Memory outside the tail: init + retrieved blocks.
-    mk = [mem.init_k.float()] if mem.init_k.shape[1] else []
-    mv = [mem.init_v.float()] if mem.init_v.shape[1] else []
+    mk = [mem.init_k] if mem.init_k.shape[1] else []
+    mv = [mem.init_v] if mem.init_v.shape[1] else []
     ids = select_blocks(mem, q_fix.mean(dim=1))
     mem.last_retrieved = ids
     if ids is not None:
         bk, bv = mem.gather_blocks(ids)
-        mk.append(bk.float())
-        mv.append(bv.float())
-    if mk:
-        Mk = torch.cat(mk, dim=1) if len(mk) > 1 else mk[0]
-        Mv = torch.cat(mv, dim=1) if len(mv) > 1 else mv[0]
-        logits_m = torch.matmul(q_fix_g, Mk.transpose(1, 2)).mul_(scaling)  # [hkv, g*E, M]
-        M = Mk.shape[1]
-        logits = torch.cat([logits_m.view(hkv, g, E, M), logits_r], dim=-1)
-        probs = torch.softmax(logits, dim=-1)
-        probs_m, probs_r = probs[..., :M], probs[..., M:]
-        out = torch.matmul(probs_m.reshape(hkv, g * E, M), Mv)
-        out = out + torch.matmul(probs_r.reshape(hkv, g * E, L), Rv)
-    else:
-        probs_r = torch.softmax(logits_r, dim=-1)
-        out = torch.matmul(probs_r.reshape(hkv, g * E, L), Rv)
+        mk.append(bk)
+        mv.append(bv)
 
-    # Token scores: mass each recent key received while local (masked entries are exactly 0 unless memory).
-    received = (probs_r * local).sum(dim=2).reshape(hq, L)
-    mem.append(k, v, received)
-    return out.view(hq, E, d).to(out_dtype)
+    # One softmax over [memory | recent], computed in two parts with a shared max.
+    mx = lr.amax(dim=-1, keepdim=True)
+    if mk:
+        Mk = (torch.cat(mk, dim=1) if len(mk) > 1 else mk[0]).float()
+        Mv = (torch.cat(mv, dim=1) if len(mv) > 1 else mv[0]).float()
+        M = Mk.shape[1]
+        lm = torch.matmul(q_fix_g, Mk.transpose(1, 2)).view(hkv, g, E, M).mul_(scaling)
+        mx = torch.maximum(mx, lm.amax(dim=-1, keepdim=True))
+        lm.sub_(mx).exp_()
+        lr.sub_(mx).exp_()
+        denom = lm.sum(dim=-1, keepdim=True) + lr.sum(dim=-1, keepdim=True)
+        out = torch.matmul(lm.view(hkv, g * E, M), Mv) + torch.matmul(lr.view(hkv, g * E, L), Rvf)
+    else:
+        lr.sub_(mx).exp_()
+        denom = lr.sum(dim=-1, keepdim=True)
+        out = torch.matmul(lr.view(hkv, g * E, L), Rvf)
+    inv = denom.reciprocal_()  # [hkv, g, E, 1]
+    out = out.view(hkv, g, E, d).mul_(inv)
+
+    # Token scores: mass each recent key received from the queries for which it is local.
+    lr.mul_(local)
+    received = torch.matmul(inv.transpose(-1, -2), lr).reshape(hq, L)
+    mem.extend(Rk, Rv, received)
+    return out.view(hq, E, d).to(q.dtype)
 
 
 def encode_question(mem: LayerMemory, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

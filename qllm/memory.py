@@ -76,11 +76,6 @@ class LayerMemory:
         self.last_retrieved: torch.Tensor | None = None  # block ids of the last execution block
 
     # ------------------------------------------------------------------ views
-    @property
-    def memory_k(self) -> torch.Tensor:
-        """Init keys (once moved out of the tail): [n_kv_heads, n, head_dim]."""
-        return self.init_k
-
     def block_reprs(self) -> torch.Tensor:
         """Representatives of all blocks: [n_blocks, n_q_heads, head_dim] f32."""
         if self.reprs is None:
@@ -103,17 +98,17 @@ class LayerMemory:
         return total
 
     # ------------------------------------------------------------ bookkeeping
-    def append(self, k: torch.Tensor, v: torch.Tensor, scores_add: torch.Tensor) -> None:
-        """Append the execution block's keys/values to the tail and account scores.
+    def extend(self, tail_k: torch.Tensor, tail_v: torch.Tensor, received: torch.Tensor) -> None:
+        """Replace the tail by ``tail + new tokens`` and account token scores.
 
-        k, v        [n_kv_heads, E, head_dim] (storage dtype)
-        scores_add  [n_q_heads, tail_len + E] f32: mass received by each tail token
+        tail_k, tail_v  [n_kv_heads, tail_len + E, head_dim] (storage dtype): the old tail followed
+                        by the execution block's keys/values
+        received        [n_q_heads, tail_len + E] f32: mass each of those tokens received
         """
-        E = k.shape[1]
-        self.tail_k = torch.cat([self.tail_k, k.to(self.dtype)], dim=1)
-        self.tail_v = torch.cat([self.tail_v, v.to(self.dtype)], dim=1)
+        E = tail_k.shape[1] - self.tail_k.shape[1]
+        self.tail_k, self.tail_v = tail_k, tail_v
         pad = torch.zeros(self.n_q_heads, E, dtype=torch.float32, device=self.device)
-        self.tail_scores = torch.cat([self.tail_scores, pad], dim=1) + scores_add
+        self.tail_scores = torch.cat([self.tail_scores, pad], dim=1).add_(received)
         self.n_seen += E
         self._settle()
 

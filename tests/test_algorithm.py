@@ -34,6 +34,17 @@ CPU = torch.device("cpu")
 # ----------------------------------------------------------------- helpers
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread (several threads only add sync cost, badly so on a busy CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
+
 def rope_tables(kind: str, head_dim: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin [n, head_dim] of positions 0..n-1."""
     if kind == "computed":
@@ -52,8 +63,9 @@ def rope_tables(kind: str, head_dim: int, n: int) -> tuple[torch.Tensor, torch.T
         "yarn": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                  "original_max_position_embeddings": 32},
     }[kind]
+    max_pos = 128 if kind == "yarn" else 4096  # yarn: factor == max_pos / original_max_pos
     cfg = LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
-                      max_position_embeddings=4096, rope_parameters=params)
+                      max_position_embeddings=max_pos, rope_parameters=params)
     rot = LlamaRotaryEmbedding(cfg)
     with torch.no_grad():
         cos, sin = rot(torch.zeros(1, 1, head_dim), torch.arange(n).unsqueeze(0))

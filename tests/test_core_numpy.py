@@ -14,7 +14,6 @@ operation sequences against a small pure-Python model of what qllm.h promises.
 from __future__ import annotations
 
 import gc
-import importlib
 import importlib.util
 import pathlib
 import re
@@ -1168,6 +1167,12 @@ def test_module_surface():
     assert "int64" in core.gather_slots.__doc__
     for n in ("append", "lookup", "touch", "evict", "fetch", "gather", "clear"):
         assert getattr(core.BlockStore, n).__doc__, n
+    import inspect
+
+    assert str(inspect.signature(core.retrieval_select)) == (
+        "(reprs, query, question=None, weight=0.0, k=8)")
+    assert str(inspect.signature(core.BlockStore)) == (
+        "(block_size, n_kv_heads, head_dim, dtype='float32', device_slots=1024, store_data=True)")
     with pytest.raises(TypeError):
         core.set_num_threads("4")
     with pytest.raises(ValueError):

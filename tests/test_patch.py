@@ -38,6 +38,17 @@ VOCAB = 128
 # ----------------------------------------------------------------- models
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread (several threads only add sync cost, badly so on a busy CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
+
 def model_config(family: str):
     import transformers as tf
 
@@ -523,3 +534,51 @@ def test_question_longer_than_n_local():
             logits(model, ids_of(60, seed=30))
         qllm.set_question(model, ids_of(CFG.n_local, seed=29)[0])  # exactly n_local is fine
         assert logits(model, ids_of(60, seed=30)).shape == (1, 60, VOCAB)
+
+
+def test_question_limit_above_n_local():
+    """max_question_tokens > n_local: a question of n_local < n <= max_question_tokens tokens must
+    either be refused cleanly (ValueError naming the question / max_question_tokens, at config or
+    at call time) or be encoded as rule 7 says (plain causal attention over the whole question)."""
+    try:
+        cfg = CFG.replace(max_question_tokens=100)
+    except ValueError as exc:
+        assert "max_question_tokens" in str(exc)
+        return
+    model = make_model("llama", seed=34)
+    with qllm.patched(model, cfg):
+        for n in (40, 60):  # > n_local = 32
+            qllm.set_question(model, ids_of(n, seed=35)[0])
+            try:
+                with qllm.record(model) as rec:
+                    logits(model, ids_of(80, seed=36))
+            except ValueError as exc:
+                assert "question" in str(exc)
+                continue
+            cos, sin = rope_tables(model, 128)
+            for e in rec:
+                if e["mode"] == "question":
+                    want = causal_attention_ref(e["q"], e["k"], e["v"], cos=cos, sin=sin,
+                                                scaling=base_of(model).layers[e["layer"]].self_attn.scaling)
+                    torch.testing.assert_close(e["out"], want, atol=2e-5, rtol=1e-5)
+
+
+def test_gemma3_sliding_layer_untouched_on_long_text():
+    """Long text, chunked prefill + decode: the sliding layer before the first patched layer computes
+    exactly what the unpatched model computes, so layer 1's recorded queries equal the unpatched ones."""
+    model = make_model("gemma3", seed=37)
+    ids = ids_of(130, seed=38)
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[1]  # after sliding layer 0
+        attn = base_of(model).layers[1].self_attn
+        x = base_of(model).layers[1].input_layernorm(hidden)
+        want = attn.q_norm(attn.q_proj(x).view(1, ids.shape[1], -1, attn.head_dim))[0].transpose(0, 1)
+    kw = cache_kw(model)
+    with qllm.patched(model, CFG.replace(chunk_size=50)):
+        with qllm.record(model) as rec:
+            with torch.no_grad():
+                out = model(input_ids=ids[:, :120])
+                for j in range(120, 130):
+                    out = model(input_ids=ids[:, j:j + 1], **{kw: out_cache(out)})
+    got = torch.cat([e["q"] for e in rec if e["layer"] == 1], dim=1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -147,6 +147,28 @@ __global__ void __launch_bounds__(256) bscore_kernel(const float *__restrict__ r
     if (b < b1 && i < i1) out[static_cast<int64_t>(i) * ld + b] = acc;
 }
 
+/* Few query rows (decode): one warp per block, 16-byte loads of reprs. */
+__global__ void __launch_bounds__(256) bscore_gemv_kernel(const float *__restrict__ reprs, int64_t X,
+                                                          const float *__restrict__ qcomb, int i0,
+                                                          int i1, int64_t b0, int64_t b1,
+                                                          float *__restrict__ out, int64_t ld) {
+    const int lane = threadIdx.x & 31;
+    const int64_t b = b0 + static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
+    if (b >= b1) return;
+    const float4 *r = reinterpret_cast<const float4 *>(reprs + b * X);
+    for (int i = i0; i < i1; ++i) {
+        const float4 *qv = reinterpret_cast<const float4 *>(qcomb + static_cast<int64_t>(i) * X);
+        float acc = 0.0f;
+        for (int64_t x = lane; x < X / 4; x += 32) {
+            const float4 a = r[x], c = qv[x];
+            acc += a.x * c.x + a.y * c.y + a.z * c.z + a.w * c.w;
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+        if (lane == 0) out[static_cast<int64_t>(i) * ld + b] = acc;
+    }
+}
+
 /* ------------------------------------------------------------------ top-k */
 
 __global__ void select_kernel(const float *__restrict__ s, int64_t n, int k,
@@ -242,7 +264,11 @@ __global__ void __launch_bounds__(ATT_THREADS, 1) attn_kernel(const AttnArgs a) 
     /* tiles: memory tiles first, then local tiles of the recent segment */
     const int64_t nbk = static_cast<int64_t>(a.n_ret) * a.bs;
     const int64_t fixed_end = a.init_len + nbk; /* keys seen by every query */
-    const int64_t M_total = fixed_end + a.m;
+    /* tail memory: positions T0 .. T0+m-1, visible to row p iff pos <= p - n_local:
+     * this CTA's last row bounds how many it needs */
+    int64_t m_cta = a.P0 + r0 + rows_valid - 1 - a.n_local - a.T0 + 1;
+    m_cta = m_cta < 0 ? 0 : (m_cta > a.m ? a.m : m_cta);
+    const int64_t M_total = fixed_end + m_cta;
     const int n_mt = static_cast<int>((M_total + BN - 1) / BN);
     const int64_t off = a.P0 - a.T0;
     const int64_t dense_lim = static_cast<int64_t>(a.n_init) + a.n_local;
@@ -769,6 +795,14 @@ extern "C" int qllm_cuda_block_scores(const qllm_gpu_layer *ly, const float *qco
                                       int64_t b0, int64_t b1, float *bscore, int64_t ld,
                                       cudaStream_t stream) {
     if (i1 <= i0 || b1 <= b0) return QLLM_CUDA_OK;
+    const int64_t X = static_cast<int64_t>(ly->hq) * ly->head_dim;
+    if (i1 - i0 <= 2 && X % 4 == 0) { /* decode: bandwidth-bound GEMV */
+        const int64_t nb = (b1 - b0 + 7) / 8;
+        if (nb > 2147483647) return set_error(QLLM_CUDA_ERR_ARG, "block_scores: grid too large");
+        bscore_gemv_kernel<<<static_cast<unsigned>(nb), 256, 0, stream>>>(ly->reprs, X, qcomb, i0, i1,
+                                                                         b0, b1, bscore, ld);
+        return check_launch("bscore_gemv_kernel");
+    }
     const int64_t nbx = (b1 - b0 + BS_B - 1) / BS_B;
     const int nby = (i1 - i0 + BS_I - 1) / BS_I;
     if (nbx > 2147483647 || nby > 65535) return set_error(QLLM_CUDA_ERR_ARG, "block_scores: grid too large");

@@ -16,6 +16,7 @@
 #ifdef QLLM_WITH_CUDA
 
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
@@ -256,7 +257,7 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
     const int sms = multiprocessors();
     auto choose_split = [&](const ExecRow &r) -> int {
         const int64_t ctas = ((r.E + QLLM_CUDA_ATTN_BM - 1) / QLLM_CUDA_ATTN_BM) * hq;
-        if (ctas >= sms) return 1;
+        if (2 * ctas >= sms) return 1; /* enough row tiles: no split, no combine */
         const int64_t M = r.init_len + r.n_ret * bs + r.m;
         const int64_t L = r.P0 - r.T0 + r.E;
         const int64_t tiles = (M + QLLM_CUDA_ATTN_BN - 1) / QLLM_CUDA_ATTN_BN +

@@ -1,0 +1,277 @@
+"""How fast is one attention layer of Llama-3-8B geometry with qllm's GPU path,
+against dense FlashAttention (SDPA) in the same process?
+
+One layer: hidden 4096, 32 query heads, 8 KV heads, head_dim 128, bf16, with
+the q/k/v/o projections; 2K-budget config (DESIGN §7: n_init=128,
+n_local=1024, block_size=128, topk=8, repr_topk=4, exc_block_size=512,
+question on, w=4); prefill fed in 8192-token chunks.  Rows: prefill of
+32K / 128K / 512K tokens and decode (one token, ms per token) at 128K.
+Medians over repeats after warm-up, timed with CUDA events around the whole
+prefill (all chunks) or around a run of decode steps.
+
+Writes benchmarks/results/layer_h100.json:
+{"gpu", "torch", "config", "rows": [{"mode", "tokens", "qllm_ms", "dense_ms"}], ...}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from qllm.attention import RopeTable  # noqa: E402
+from qllm.config import QLLMConfig  # noqa: E402
+from qllm.gpu import CudaLayerMemory, attend_cuda  # noqa: E402
+
+HIDDEN, HQ, HKV, D = 4096, 32, 8, 128
+CHUNK = 8192
+DT = torch.bfloat16
+
+
+def rope_cos_sin(positions: torch.Tensor, theta: float = 500000.0):
+    inv = 1.0 / theta ** (torch.arange(0, D, 2, dtype=torch.float64, device=positions.device) / D)
+    ang = positions.double()[:, None] * inv[None, :]
+    emb = torch.cat([ang, ang], dim=-1)
+    return emb.cos().float(), emb.sin().float()
+
+
+def rotate(x, cos, sin):
+    """Rotate-half RoPE in the model dtype (as HF does for bf16 models)."""
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + rot * sin.to(x.dtype)
+
+
+class Layer:
+    def __init__(self, dev):
+        g = torch.Generator(device=dev).manual_seed(0)
+        s = HIDDEN ** -0.5
+        self.wq = (torch.randn(HQ * D, HIDDEN, generator=g, device=dev) * s).to(DT)
+        self.wk = (torch.randn(HKV * D, HIDDEN, generator=g, device=dev) * s).to(DT)
+        self.wv = (torch.randn(HKV * D, HIDDEN, generator=g, device=dev) * s).to(DT)
+        self.wo = (torch.randn(HIDDEN, HQ * D, generator=g, device=dev) * s).to(DT)
+
+    def qkv(self, x):
+        c = x.shape[0]
+        q = (x @ self.wq.T).view(c, HQ, D).transpose(0, 1)
+        k = (x @ self.wk.T).view(c, HKV, D).transpose(0, 1)
+        v = (x @ self.wv.T).view(c, HKV, D).transpose(0, 1)
+        return q, k, v
+
+
+_DENSE = {"impl": "aten._scaled_dot_product_flash_attention"}
+
+
+def flash(q, k, v, causal, scale):
+    """Dense attention, bottom-right causal (q is the last rows). q [1,Hq,L,D], k/v [1,Hkv,S,D]."""
+    if _DENSE["impl"] == "aten._scaled_dot_product_flash_attention":
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[0]
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+    mask = causal_lower_right(q.shape[2], k.shape[2]) if causal else None
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+class Dense:
+    """Dense baseline: KV cache + FlashAttention over everything so far."""
+
+    def __init__(self, layer, n_max, dev):
+        self.layer = layer
+        self.K = torch.empty(1, HKV, n_max, D, dtype=DT, device=dev)
+        self.V = torch.empty_like(self.K)
+        self.n = 0
+        self.dev = dev
+        # RoPE table of every position, computed once (float64 angles, float32 table)
+        self.cos, self.sin = rope_cos_sin(torch.arange(n_max, device=dev))
+
+    def step(self, x):
+        c = x.shape[0]
+        q, k, v = self.layer.qkv(x)
+        cos, sin = self.cos[self.n:self.n + c], self.sin[self.n:self.n + c]
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        self.K[0, :, self.n:self.n + c] = k
+        self.V[0, :, self.n:self.n + c] = v
+        self.n += c
+        o = flash(q.unsqueeze(0), self.K[:, :, :self.n], self.V[:, :, :self.n], c > 1, D ** -0.5)
+        return o[0].transpose(0, 1).reshape(c, HQ * D) @ self.layer.wo.T
+
+
+class Qllm:
+    def __init__(self, layer, cfg, n_max, rope, question, dev):
+        self.layer, self.rope = layer, rope
+        self.mem = CudaLayerMemory(cfg, HQ, HKV, D, DT, dev, capacity=n_max)
+        self.mem.question = question
+
+    def step(self, x):
+        c = x.shape[0]
+        q, k, v = self.layer.qkv(x)
+        o = attend_cuda(self.mem, q, k, v, self.rope, D ** -0.5)
+        return o.transpose(0, 1).reshape(c, HQ * D) @ self.layer.wo.T
+
+
+def prefill(model, x):
+    for s in range(0, x.shape[0], CHUNK):
+        model.step(x[s:s + CHUNK])
+
+
+def timed(fn) -> float:
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b)
+
+
+def check_dense_flash(dev):
+    """Pick and check the dense call: bottom-right causal GQA against explicit math."""
+    q = torch.randn(1, HQ, 64, D, device=dev, dtype=DT)
+    k = torch.randn(1, HKV, 200, D, device=dev, dtype=DT)
+    v = torch.randn(1, HKV, 200, D, device=dev, dtype=DT)
+    kk, vv = k.float().repeat_interleave(HQ // HKV, 1), v.float().repeat_interleave(HQ // HKV, 1)
+    att = (q.float() @ kk.transpose(-1, -2)) * D ** -0.5
+    mask = torch.ones(64, 200, dtype=torch.bool, device=dev).tril(200 - 64)
+    want = att.masked_fill(~mask, float("-inf")).softmax(-1) @ vv
+    for impl in ("aten._scaled_dot_product_flash_attention", "sdpa(enable_gqa, causal_lower_right)"):
+        _DENSE["impl"] = impl
+        try:
+            err = float((flash(q, k, v, True, D ** -0.5).float() - want).abs().max())
+        except RuntimeError as exc:
+            print(f"dense impl {impl}: {exc}".splitlines()[0])
+            continue
+        if err < 3e-2:
+            print(f"dense baseline: {impl} (max err {err:.1e} vs math)")
+            return
+        print(f"dense impl {impl}: wrong result (max err {err})")
+    raise SystemExit("no dense flash baseline available")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prefill", type=int, nargs="*", default=[32768, 131072, 524288])
+    ap.add_argument("--decode-at", type=int, nargs="*", default=[131072])
+    ap.add_argument("--decode-steps", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dense-max-repeats", type=int, default=2, help="repeats of dense at > 128K")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "layer_h100.json"))
+    ap.add_argument("--profile", type=int, default=0, help="profile qllm prefill of N tokens (0: off)")
+    args = ap.parse_args()
+
+    dev = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = QLLMConfig(n_init=128, n_local=1024, block_size=128, topk=8, repr_topk=4, exc_block_size=512,
+                     question_weight=4.0, chunk_size=CHUNK)
+    layer = Layer(dev)
+    cos, sin = rope_cos_sin(torch.arange(cfg.max_rel_position + 1, device=dev))
+    rope = RopeTable(cos, sin)
+    question = torch.randn(HQ, D, device=dev) * 0.1
+    check_dense_flash(dev)
+    n_all = max(args.prefill + args.decode_at)
+    x_all = torch.randn(n_all + args.decode_steps * 4, HIDDEN, device=dev, dtype=DT)
+
+    # warm-up both paths (kernel loading, allocator)
+    for M in (Qllm(layer, cfg, 20000, rope, question, dev), Dense(layer, 20000, dev)):
+        prefill(M, x_all[:16384])
+        for t in range(4):
+            M.step(x_all[16384 + t:16385 + t])
+    torch.cuda.synchronize()
+
+    rows = []
+    for N in args.prefill:
+        x = x_all[:N]
+        tq = []
+        for _ in range(args.repeats):
+            M = Qllm(layer, cfg, N + 64, rope, question, dev)
+            tq.append(timed(lambda: prefill(M, x)))
+            del M
+        reps = args.repeats if N <= 131072 else min(args.repeats, args.dense_max_repeats)
+        td = []
+        for _ in range(reps):
+            M = Dense(layer, N + 64, dev)
+            td.append(timed(lambda: prefill(M, x)))
+            del M
+        row = {"mode": "prefill", "tokens": N, "qllm_ms": statistics.median(tq), "dense_ms": statistics.median(td),
+               "qllm_all_ms": tq, "dense_all_ms": td}
+        rows.append(row)
+        print(f"prefill {N:>7}: qllm {row['qllm_ms']:9.2f} ms   dense {row['dense_ms']:9.2f} ms", flush=True)
+        torch.cuda.empty_cache()
+
+    S = args.decode_steps
+    for N in args.decode_at:
+        x = x_all[:N]
+        res = {}
+        for name, make in (("qllm", lambda: Qllm(layer, cfg, N + 4 * S + 64, rope, question, dev)),
+                           ("dense", lambda: Dense(layer, N + 4 * S + 64, dev))):
+            M = make()
+            prefill(M, x)
+            xs = x_all[N:N + 4 * S]
+            for t in range(4):  # warm the decode shapes
+                M.step(xs[t:t + 1])
+            per = []
+            for r in range(3):
+                base = 4 + r * S
+
+                def run(base=base):
+                    for t in range(S):
+                        M.step(xs[base + t:base + t + 1])
+                per.append(timed(run) / S)
+            res[name] = statistics.median(per)
+            del M
+            torch.cuda.empty_cache()
+        rows.append({"mode": "decode", "tokens": N, "qllm_ms": res["qllm"], "dense_ms": res["dense"]})
+        print(f"decode  {N:>7}: qllm {res['qllm']:9.4f} ms/token   dense {res['dense']:9.4f} ms/token", flush=True)
+
+    # projections only (the floor's first term), 128K
+    if 131072 in args.prefill:
+        x = x_all[:131072]
+
+        def proj_only():
+            for s in range(0, 131072, CHUNK):
+                xc = x[s:s + CHUNK]
+                q, k, v = layer.qkv(xc)
+                _ = q.transpose(0, 1).reshape(-1, HQ * D) @ layer.wo.T
+        proj = statistics.median([timed(proj_only) for _ in range(3)])
+        print(f"projections only, 128K: {proj:.2f} ms")
+    else:
+        proj = None
+
+    result = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "config": {"hidden": HIDDEN, "q_heads": HQ, "kv_heads": HKV, "head_dim": D, "dtype": "bfloat16",
+                   "chunk": CHUNK, "n_init": cfg.n_init, "n_local": cfg.n_local, "block_size": cfg.block_size,
+                   "topk": cfg.topk, "repr_topk": cfg.repr_topk, "exc_block_size": cfg.exc_block_size,
+                   "question_weight": cfg.question_weight, "repeats": args.repeats,
+                   "decode_steps": S, "dense": _DENSE["impl"] + " (GQA, bottom-right causal)"},
+        "projections_only_128k_ms": proj,
+        "rows": rows,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {args.out}")
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        N = args.profile
+        M = Qllm(layer, cfg, N + 64, rope, question, dev)
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            prefill(M, x_all[:N])
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()

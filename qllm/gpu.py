@@ -1,0 +1,251 @@
+"""The GPU path: a layer memory kept in preallocated device buffers and an
+``attend`` that runs one forward call per layer as one op call
+(``torch.ops.qllm.attend_run``; kernels in csrc/cuda/attend.cu).
+
+Same semantics as :func:`qllm.attention.attend` on :class:`qllm.memory.LayerMemory`
+(DESIGN §3, §4); only the state layout differs:
+
+* ``k_store`` / ``v_store`` [n_kv_heads, capacity, head_dim]: every token's
+  un-rotated K/V at its text position.  Init = positions ``[0, n_init)``,
+  block ``b`` = positions ``n_init + b*block_size ...``, the tail = positions
+  ``[tail_start, n_seen)`` -- so nothing is ever copied between init, tail and
+  blocks;
+* ``scores`` [n_q_heads, R]: token scores of the tail in a ring (slot = position
+  mod R, R a power of two >= the longest recent segment);
+* ``reprs`` [block capacity, n_q_heads, head_dim] f32 representatives.
+
+All sizes that steer the execution-block loop (tail length, blocks cut, how
+many are retrieved) follow from token counts, so they are computed here on
+the host (:meth:`CudaLayerMemory._schedule`, the same bookkeeping as
+``LayerMemory.append``) and handed to the op as a CPU schedule: the loop never
+waits for the device.  Only the retrieved block ids are device data; the
+attention kernel reads the blocks through them.
+
+Supported: CUDA tensors of dtype float16 / bfloat16, head_dim 64 or 128
+(:meth:`CudaLayerMemory.supports`); anything else uses the generic path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import RopeTable
+from .config import QLLMConfig
+
+__all__ = ["CudaLayerMemory", "attend_cuda", "supports"]
+
+_DTYPES = (torch.float16, torch.bfloat16)
+_HEAD_DIMS = (64, 128)
+
+
+def supports(dtype: torch.dtype, device, head_dim: int) -> bool:
+    """Whether the fast GPU path handles this layer (else use LayerMemory + attend)."""
+    dev = torch.device(device)
+    return dev.type == "cuda" and dtype in _DTYPES and head_dim in _HEAD_DIMS
+
+
+def _pow2_at_least(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+class CudaLayerMemory:
+    """State of one attention layer for one sequence, on a CUDA device.
+
+    Parameters
+    ----------
+    config : QLLMConfig
+    n_q_heads, n_kv_heads, head_dim : int
+    dtype : torch.dtype
+        Storage dtype of K/V (float16 or bfloat16: the model's).
+    device : torch.device
+        A CUDA device.
+    capacity : int, optional
+        Tokens to reserve up front (the store grows geometrically otherwise).
+    """
+
+    def __init__(self, config: QLLMConfig, n_q_heads: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device, capacity: int | None = None) -> None:
+        if n_q_heads % n_kv_heads != 0:
+            raise ValueError(f"n_q_heads ({n_q_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+        if not supports(dtype, device, head_dim):
+            raise ValueError(f"CudaLayerMemory: needs a CUDA device, float16/bfloat16 and head_dim in "
+                             f"{_HEAD_DIMS}; got {device}, {dtype}, head_dim={head_dim} "
+                             "(use qllm.memory.LayerMemory)")
+        if config.strategy not in ("qllm", "infllm", "streaming"):
+            raise ValueError(f"CudaLayerMemory: strategy {config.strategy!r} has no layer memory")
+        self.config = config
+        self.n_q_heads, self.n_kv_heads, self.head_dim = n_q_heads, n_kv_heads, head_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        # host bookkeeping (mirrors LayerMemory)
+        self.n_seen = 0
+        self.tail_start = 0
+        self.init_done = False
+        self.init_len = 0
+        self.n_blocks = 0
+        cfg = config
+        seg_max = max(cfg.n_init + cfg.n_local, cfg.n_local + cfg.block_size) + cfg.exc_block_size
+        self.ring = _pow2_at_least(seg_max)
+        cap = max(int(capacity or 0), 1024)
+        self.k_store = torch.empty(n_kv_heads, cap, head_dim, dtype=dtype, device=self.device)
+        self.v_store = torch.empty_like(self.k_store)
+        self.scores = torch.zeros(n_q_heads, self.ring, dtype=torch.float32, device=self.device)
+        cap_b = max(16, (cap - cfg.n_init) // cfg.block_size + 1) if cfg.uses_blocks else 1
+        self.reprs = torch.empty(cap_b, n_q_heads, head_dim, dtype=torch.float32, device=self.device)
+        self.question: torch.Tensor | None = None       # [n_q_heads, head_dim] f32
+        self.last_retrieved: torch.Tensor | None = None  # int32 block ids of the last execution block
+        self.retrieved_log: torch.Tensor | None = None   # [n_exec, k] int32 of the last call (-1 padded)
+        self._rope: tuple | None = None
+
+    supports = staticmethod(supports)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def capacity(self) -> int:
+        return self.k_store.shape[1]
+
+    def block_reprs(self) -> torch.Tensor:
+        """Representatives of all blocks: [n_blocks, n_q_heads, head_dim] f32."""
+        return self.reprs[: self.n_blocks]
+
+    @property
+    def tail_scores(self) -> torch.Tensor:
+        """Token scores of the tail (positions tail_start .. n_seen-1): [n_q_heads, tail_len] f32."""
+        pos = torch.arange(self.tail_start, self.n_seen, device=self.device) % self.ring
+        return self.scores[:, pos]
+
+    @property
+    def init_k(self) -> torch.Tensor:
+        return self.k_store[:, : self.init_len]
+
+    def gather_blocks(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of blocks ``ids`` (in the order given): each [n_kv_heads, len(ids)*block_size, head_dim]."""
+        bs, n0 = self.config.block_size, self.config.n_init
+        pos = (n0 + ids.long().to(self.device)[:, None] * bs
+               + torch.arange(bs, device=self.device)[None, :]).reshape(-1)
+        return self.k_store[:, pos], self.v_store[:, pos]
+
+    def nbytes(self) -> int:
+        """Bytes held by this layer's device state."""
+        return sum(t.numel() * t.element_size() for t in (self.k_store, self.v_store, self.scores, self.reprs))
+
+    # ------------------------------------------------------------ capacity
+    def _reserve(self, n_tokens: int) -> None:
+        cap = self.capacity
+        if n_tokens <= cap:
+            return
+        new_cap = max(n_tokens, 2 * cap)
+        for name in ("k_store", "v_store"):
+            old = getattr(self, name)
+            new = torch.empty(self.n_kv_heads, new_cap, self.head_dim, dtype=self.dtype, device=self.device)
+            new[:, : self.n_seen].copy_(old[:, : self.n_seen])
+            setattr(self, name, new)
+
+    def _reserve_blocks(self, n: int) -> None:
+        cap_b = self.reprs.shape[0]
+        if n <= cap_b:
+            return
+        new = torch.empty(max(n, 2 * cap_b), self.n_q_heads, self.head_dim, dtype=torch.float32,
+                          device=self.device)
+        new[: self.n_blocks].copy_(self.reprs[: self.n_blocks])
+        self.reprs = new
+
+    def _rope_tables(self, rope: RopeTable) -> tuple[torch.Tensor, torch.Tensor]:
+        cached = self._rope
+        if cached is not None and cached[0] is rope:
+            return cached[1], cached[2]
+        cos = rope.cos.to(device=self.device, dtype=torch.float32).contiguous()
+        sin = rope.sin.to(device=self.device, dtype=torch.float32).contiguous()
+        self._rope = (rope, cos, sin)
+        return cos, sin
+
+    # ------------------------------------------------------------ schedule
+    def _schedule(self, T: int, rope_len: int) -> tuple[torch.Tensor, int]:
+        """Execution blocks of a forward call of T tokens, as the int64 rows
+        (t0, E, P0, T0, init_len, n_blocks, n_ret, m, cut_b0, cut_n), and the
+        host state after them.  Mirrors attention._exec_block + LayerMemory.append."""
+        cfg = self.config
+        E = cfg.exc_block_size
+        n_seen, tail_start = self.n_seen, self.tail_start
+        init_done, init_len, n_blocks = self.init_done, self.init_len, self.n_blocks
+        rows = []
+        for t0 in range(0, T, E):
+            e = min(E, T - t0)
+            P0, T0 = n_seen, tail_start
+            L = P0 - T0 + e
+            if L > rope_len:
+                raise RuntimeError(f"qllm: recent segment of {L} tokens exceeds the RoPE table ({rope_len})")
+            dense_last = P0 + e - 1 < cfg.n_init + cfg.n_local
+            m = 0 if dense_last else max(0, min(L, P0 + e - cfg.n_local - T0))
+            n_ret = min(cfg.topk, n_blocks) if (cfg.uses_blocks and n_blocks > 0) else 0
+            row_init, row_blocks = init_len, n_blocks
+            # append + settle
+            n_seen += e
+            cut_b0, cut_n = n_blocks, 0
+            if not init_done and n_seen >= cfg.n_init + cfg.n_local:
+                tail_start += cfg.n_init
+                init_len = cfg.n_init
+                init_done = True
+            if init_done:
+                out_of_window = n_seen - cfg.n_local - tail_start
+                if out_of_window > 0:
+                    if not cfg.uses_blocks:
+                        tail_start += out_of_window
+                    else:
+                        cut_n = out_of_window // cfg.block_size
+                        tail_start += cut_n * cfg.block_size
+                        n_blocks += cut_n
+            rows.append((t0, e, P0, T0, row_init, row_blocks, n_ret, m, cut_b0, cut_n))
+        self.n_seen, self.tail_start = n_seen, tail_start
+        self.init_done, self.init_len, self.n_blocks = init_done, init_len, n_blocks
+        return torch.tensor(rows, dtype=torch.int64), rows[-1][6]
+
+
+def attend_cuda(mem: CudaLayerMemory, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                rope: RopeTable, scaling: float) -> torch.Tensor:
+    """Process one forward call's tokens through the GPU layer memory.
+
+    Exactly :func:`qllm.attention.attend` (to f16/bf16 rounding): q
+    [n_q_heads, T, head_dim], k, v [n_kv_heads, T, head_dim], un-rotated, on
+    ``mem.device``.  Returns [n_q_heads, T, head_dim] in q's dtype (a view of a
+    [T, n_q_heads, head_dim] contiguous buffer, so ``out.transpose(0, 1)`` is
+    contiguous).  Enqueues work on the current stream and never synchronises.
+    """
+    cfg = mem.config
+    hq, T, d = q.shape
+    if hq != mem.n_q_heads or d != mem.head_dim or k.shape[0] != mem.n_kv_heads:
+        raise ValueError(f"attend_cuda: q {tuple(q.shape)} / k {tuple(k.shape)} do not match the memory "
+                         f"({mem.n_q_heads} q heads, {mem.n_kv_heads} kv heads, head_dim {mem.head_dim})")
+    if T == 0:
+        return q.new_empty(hq, 0, d)
+    if q.dtype != mem.dtype:
+        q = q.to(mem.dtype)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    cos, sin = mem._rope_tables(rope)
+    P0 = mem.n_seen
+    mem._reserve(P0 + T)
+    state = (mem.n_seen, mem.tail_start, mem.init_done, mem.init_len, mem.n_blocks)
+    sched, n_ret_last = mem._schedule(T, cos.shape[0])
+    try:
+        mem._reserve_blocks(mem.n_blocks)
+        mem.k_store[:, P0:P0 + T].copy_(k)
+        mem.v_store[:, P0:P0 + T].copy_(v)
+        out = torch.empty(T, hq, d, dtype=q.dtype, device=q.device).permute(1, 0, 2)
+        retrieved = torch.empty(sched.shape[0], max(cfg.topk, 1), dtype=torch.int32, device=q.device)
+        question = None
+        if cfg.uses_question and mem.question is not None:
+            question = mem.question.to(device=mem.device, dtype=torch.float32).contiguous()
+        weight = float(cfg.question_weight) if question is not None else 0.0
+        torch.ops.qllm.attend_run(
+            q, mem.k_store, mem.v_store, mem.scores, mem.reprs, retrieved, out, cos, sin, question,
+            sched, float(scaling), weight,
+            [cfg.n_init, cfg.n_local, cfg.block_size, cfg.topk, cfg.repr_topk, 0 if cfg.uses_blocks else 1])
+    except BaseException:
+        mem.n_seen, mem.tail_start, mem.init_done, mem.init_len, mem.n_blocks = state
+        raise
+    mem.retrieved_log = retrieved
+    mem.last_retrieved = retrieved[-1, :n_ret_last] if n_ret_last > 0 else None
+    return out
