@@ -79,6 +79,9 @@ class QLLMConfig:
             _int("device_blocks", 0)
         if self.max_question_tokens is not None:
             _int("max_question_tokens", 1)
+            if self.max_question_tokens > self.n_local:
+                raise ValueError(f"QLLMConfig.max_question_tokens: expected <= n_local ({self.n_local}): "
+                                 f"the question is encoded inside one window, got {self.max_question_tokens}")
         w = self.question_weight
         if isinstance(w, bool) or not isinstance(w, (int, float)):
             raise TypeError(f"QLLMConfig.question_weight: expected a float, got {type(w).__name__}")

@@ -41,9 +41,9 @@ class Needle:
 
 
 def passkey_needle(seed: int = 0) -> Needle:
+    """A five-digit secret number (phrased so that a 135M model answers it with full attention)."""
     key = random.Random(seed).randint(10000, 99999)
-    return Needle(fact=f"The pass key is {key}. Remember it. {key} is the pass key.",
-                  question="What is the pass key?", answer=str(key))
+    return Needle(fact=f"The secret number is {key}.", question="What is the secret number?", answer=str(key))
 
 
 _FACTS = [

@@ -43,8 +43,6 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-
-
 def rope_tables(kind: str, head_dim: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin [n, head_dim] of positions 0..n-1."""
     if kind == "computed":

@@ -47,8 +47,6 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-
-
 def model_config(family: str):
     import transformers as tf
 
@@ -232,7 +230,7 @@ def test_import_changes_nothing():
         print("OK")
     """)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ))
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0 and res.stdout.strip().endswith("OK"), res.stderr[-3000:]
 
 

@@ -37,68 +37,122 @@ constexpr float kLog2e = 1.4426950408889634f;
 /* ------------------------------------------------------------------ prep */
 
 template <typename T>
+struct alignas(16) Vec8 {
+    T v[8];
+};
+
+/* x1 = dims d0..d0+7 (first half), x2 = partner dims d0+H2..; rotated with rows
+ * c/s of the cos/sin table (and an optional per-dim factor f) -> y1, y2. */
+__device__ __forceinline__ void rope8(const float (&x1)[8], const float (&x2)[8], const float *c,
+                                      const float *s, int d0, int H2, const float *f, float (&y1)[8],
+                                      float (&y2)[8]) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        const int d = d0 + j;
+        y1[j] = x1[j] * c[d] - x2[j] * s[d];
+        y2[j] = x2[j] * c[d + H2] + x1[j] * s[d + H2];
+        if (f != nullptr) {
+            y1[j] *= f[d];
+            y2[j] *= f[d + H2];
+        }
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void load8(const T *p, float (&x)[8]) {
+    const Vec8<T> v = *reinterpret_cast<const Vec8<T> *>(p);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) x[j] = Cvt<T>::to_f(v.v[j]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store8(T *p, const float (&x)[8]) {
+    Vec8<T> v;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v.v[j] = Cvt<T>::from_f(x[j]);
+    *reinterpret_cast<Vec8<T> *>(p) = v;
+}
+
+/* Rotations of one execution block; one thread per (row, 8 dims of the first half).
+ * q rows need q_ts, q_hs multiples of 8 (checked by the launcher). */
+template <typename T>
 __global__ void prep_kernel(qllm_gpu_layer ly, qllm_gpu_exec ex, const T *__restrict__ q,
                             int64_t q_hs, int64_t q_ts, T *__restrict__ qfix,
                             T *__restrict__ qloc, T *__restrict__ krot) {
-    const int D = ly.head_dim, H2 = D / 2;
-    const int64_t nq = static_cast<int64_t>(ly.hq) * ex.E * H2;
-    const int64_t nk = static_cast<int64_t>(ly.hkv) * ex.L * H2;
+    const int D = ly.head_dim, H2 = D / 2, C = H2 / 8;
+    const int64_t nq = static_cast<int64_t>(ly.hq) * ex.E * C;
+    const int64_t nk = static_cast<int64_t>(ly.hkv) * ex.L * C;
     const int64_t off = ex.P0 - ex.T0;
     const float *cf = ly.cos + static_cast<int64_t>(ly.n_local - 1) * D;
     const float *sf = ly.sin + static_cast<int64_t>(ly.n_local - 1) * D;
-    const float *c0 = ly.cos;
     const T *kst = static_cast<const T *>(ly.k_store);
     for (int64_t w = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; w < nq + nk;
          w += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+        float x1[8], x2[8], y1[8], y2[8];
         if (w < nq) {
-            const int d = static_cast<int>(w % H2);
-            const int64_t rr = w / H2;
+            const int d0 = static_cast<int>(w % C) * 8;
+            const int64_t rr = w / C;
             const int64_t r = rr % ex.E, h = rr / ex.E;
             const T *src = q + h * q_hs + r * q_ts;
-            const float x1 = Cvt<T>::to_f(src[d]), x2 = Cvt<T>::to_f(src[d + H2]);
-            const float *c = ly.cos + (off + r) * D;
-            const float *s = ly.sin + (off + r) * D;
+            load8(src + d0, x1);
+            load8(src + d0 + H2, x2);
             const int64_t o = (h * ex.E + r) * D;
-            qloc[o + d] = Cvt<T>::from_f(x1 * c[d] - x2 * s[d]);
-            qloc[o + d + H2] = Cvt<T>::from_f(x2 * c[d + H2] + x1 * s[d + H2]);
-            qfix[o + d] = Cvt<T>::from_f((x1 * cf[d] - x2 * sf[d]) * c0[d]);
-            qfix[o + d + H2] = Cvt<T>::from_f((x2 * cf[d + H2] + x1 * sf[d + H2]) * c0[d + H2]);
+            rope8(x1, x2, ly.cos + (off + r) * D, ly.sin + (off + r) * D, d0, H2, nullptr, y1, y2);
+            store8(qloc + o + d0, y1);
+            store8(qloc + o + d0 + H2, y2);
+            rope8(x1, x2, cf, sf, d0, H2, ly.cos, y1, y2);
+            store8(qfix + o + d0, y1);
+            store8(qfix + o + d0 + H2, y2);
         } else {
             const int64_t w2 = w - nq;
-            const int d = static_cast<int>(w2 % H2);
-            const int64_t rr = w2 / H2;
+            const int d0 = static_cast<int>(w2 % C) * 8;
+            const int64_t rr = w2 / C;
             const int64_t s = rr % ex.L, hk = rr / ex.L;
             const T *src = kst + (hk * ly.cap + ex.T0 + s) * D;
-            const float x1 = Cvt<T>::to_f(src[d]), x2 = Cvt<T>::to_f(src[d + H2]);
-            const float *c = ly.cos + s * D;
-            const float *sn = ly.sin + s * D;
+            load8(src + d0, x1);
+            load8(src + d0 + H2, x2);
+            rope8(x1, x2, ly.cos + s * D, ly.sin + s * D, d0, H2, nullptr, y1, y2);
             const int64_t o = (hk * ex.L + s) * D;
-            krot[o + d] = Cvt<T>::from_f(x1 * c[d] - x2 * sn[d]);
-            krot[o + d + H2] = Cvt<T>::from_f(x2 * c[d + H2] + x1 * sn[d + H2]);
+            store8(krot + o + d0, y1);
+            store8(krot + o + d0 + H2, y2);
         }
     }
 }
 
 /* ----------------------------------------------------------- qcomb / bscore */
 
+/* Mean fixed query of execution block i, head h: threads = (H2 dims) x (row groups). */
+constexpr int QC_THREADS = 256;
+
 template <typename T>
-__global__ void qcomb_kernel(qllm_gpu_layer ly, const T *__restrict__ q, int64_t q_hs,
-                             int64_t q_ts, int64_t Tn, int exc, const float *__restrict__ question,
-                             float weight, float *__restrict__ qcomb) {
+__global__ void __launch_bounds__(QC_THREADS) qcomb_kernel(qllm_gpu_layer ly, const T *__restrict__ q,
+                                                           int64_t q_hs, int64_t q_ts, int64_t Tn, int exc,
+                                                           const float *__restrict__ question, float weight,
+                                                           float *__restrict__ qcomb) {
+    __shared__ float red[QC_THREADS * 2];
     const int D = ly.head_dim, H2 = D / 2;
+    const int groups = QC_THREADS / H2;
     const int i = blockIdx.x, h = blockIdx.y;
+    const int d = threadIdx.x % H2, grp = threadIdx.x / H2;
     const float *cf = ly.cos + static_cast<int64_t>(ly.n_local - 1) * D;
     const float *sf = ly.sin + static_cast<int64_t>(ly.n_local - 1) * D;
     const float *c0 = ly.cos;
     const int64_t r0 = static_cast<int64_t>(i) * exc;
     const int64_t r1 = r0 + exc < Tn ? r0 + exc : Tn;
-    for (int d = threadIdx.x; d < H2; d += blockDim.x) {
-        float s1 = 0.0f, s2 = 0.0f;
-        for (int64_t r = r0; r < r1; ++r) {
-            const T *src = q + h * q_hs + r * q_ts;
-            const float x1 = Cvt<T>::to_f(src[d]), x2 = Cvt<T>::to_f(src[d + H2]);
-            s1 += (x1 * cf[d] - x2 * sf[d]) * c0[d];
-            s2 += (x2 * cf[d + H2] + x1 * sf[d + H2]) * c0[d + H2];
+    float s1 = 0.0f, s2 = 0.0f;
+    for (int64_t r = r0 + grp; r < r1; r += groups) {
+        const T *src = q + h * q_hs + r * q_ts;
+        const float x1 = Cvt<T>::to_f(src[d]), x2 = Cvt<T>::to_f(src[d + H2]);
+        s1 += (x1 * cf[d] - x2 * sf[d]) * c0[d];
+        s2 += (x2 * cf[d + H2] + x1 * sf[d + H2]) * c0[d + H2];
+    }
+    red[threadIdx.x] = s1;
+    red[QC_THREADS + threadIdx.x] = s2;
+    __syncthreads();
+    if (grp == 0) {
+        for (int g2 = 1; g2 < groups; ++g2) {
+            s1 += red[g2 * H2 + d];
+            s2 += red[QC_THREADS + g2 * H2 + d];
         }
         const float n = static_cast<float>(r1 - r0);
         float m1 = s1 / n, m2 = s2 / n;
@@ -147,57 +201,94 @@ __global__ void __launch_bounds__(256) bscore_kernel(const float *__restrict__ r
     if (b < b1 && i < i1) out[static_cast<int64_t>(i) * ld + b] = acc;
 }
 
-/* Few query rows (decode): one warp per block, 16-byte loads of reprs. */
-__global__ void __launch_bounds__(256) bscore_gemv_kernel(const float *__restrict__ reprs, int64_t X,
-                                                          const float *__restrict__ qcomb, int i0,
-                                                          int i1, int64_t b0, int64_t b1,
-                                                          float *__restrict__ out, int64_t ld) {
+/* Few (exec block, block) pairs: one warp per pair, 16-byte loads. */
+__global__ void __launch_bounds__(256) bscore_pairs_kernel(const float *__restrict__ reprs, int64_t X,
+                                                           const float *__restrict__ qcomb, int i0,
+                                                           int n_rows, int64_t b0, int64_t n_pairs,
+                                                           float *__restrict__ out, int64_t ld) {
     const int lane = threadIdx.x & 31;
-    const int64_t b = b0 + static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
-    if (b >= b1) return;
+    const int64_t w = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
+    if (w >= n_pairs) return;
+    const int64_t b = b0 + w / n_rows;
+    const int i = i0 + static_cast<int>(w % n_rows);
     const float4 *r = reinterpret_cast<const float4 *>(reprs + b * X);
-    for (int i = i0; i < i1; ++i) {
-        const float4 *qv = reinterpret_cast<const float4 *>(qcomb + static_cast<int64_t>(i) * X);
-        float acc = 0.0f;
-        for (int64_t x = lane; x < X / 4; x += 32) {
-            const float4 a = r[x], c = qv[x];
-            acc += a.x * c.x + a.y * c.y + a.z * c.z + a.w * c.w;
-        }
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-        if (lane == 0) out[static_cast<int64_t>(i) * ld + b] = acc;
+    const float4 *qv = reinterpret_cast<const float4 *>(qcomb + static_cast<int64_t>(i) * X);
+    float acc = 0.0f;
+    for (int64_t x = lane; x < X / 4; x += 32) {
+        const float4 u = r[x], c = qv[x];
+        acc += u.x * c.x + u.y * c.y + u.z * c.z + u.w * c.w;
     }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) out[static_cast<int64_t>(i) * ld + b] = acc;
 }
 
 /* ------------------------------------------------------------------ top-k */
 
-__global__ void select_kernel(const float *__restrict__ s, int64_t n, int k,
-                              int32_t *__restrict__ ids) {
-    extern __shared__ int64_t sel[];
-    __shared__ float sh_s[32];
-    __shared__ int64_t sh_i[32];
+constexpr int SEL_THREADS = 256;
+
+/* Higher score first, ties toward the lower index; -1 = none. */
+__device__ __forceinline__ bool better32(float sa, int ia, float sb, int ib) {
+    if (ia < 0) return false;
+    if (ib < 0) return true;
+    return sa > sb || (sa == sb && ia < ib);
+}
+
+__global__ void __launch_bounds__(SEL_THREADS) select_kernel(const float *__restrict__ s, int n, int k,
+                                                             bool staged, int32_t *__restrict__ ids) {
+    extern __shared__ float sel_smem[]; /* [n] scores when staged, then k ints */
+    __shared__ float ws[SEL_THREADS / 32];
+    __shared__ int wi[SEL_THREADS / 32];
+    float *sc = sel_smem;
+    int *sel = reinterpret_cast<int *>(sel_smem + (staged ? n : 0));
+    if (staged)
+        for (int i = threadIdx.x; i < n; i += SEL_THREADS) sc[i] = s[i];
+    __syncthreads();
+    const float *src = staged ? sc : s;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     float prev_s = 0.0f;
-    int64_t prev_i = -1;
+    int prev_i = -1;
     for (int r = 0; r < k; ++r) {
-        float best_s = -FLT_MAX;
-        int64_t best_i = -1;
-        for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-            const float v = s[i];
-            if (prev_i >= 0 && !ranks_before(prev_s, prev_i, v, i)) continue;
-            if (ranks_before(v, i, best_s, best_i)) {
-                best_s = v;
-                best_i = i;
+        float bs = 0.0f;
+        int bi = -1;
+        for (int i = threadIdx.x; i < n; i += SEL_THREADS) {
+            const float v = src[i];
+            if (prev_i >= 0 && !better32(prev_s, prev_i, v, i)) continue;
+            if (better32(v, i, bs, bi)) {
+                bs = v;
+                bi = i;
             }
         }
-        block_best(best_s, best_i, sh_s, sh_i);
-        if (threadIdx.x == 0) sel[r] = best_i;
-        prev_s = best_s;
-        prev_i = best_i;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float so = __shfl_xor_sync(0xffffffffu, bs, o);
+            const int io = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (better32(so, io, bs, bi)) {
+                bs = so;
+                bi = io;
+            }
+        }
+        if (lane == 0) {
+            ws[warp] = bs;
+            wi[warp] = bi;
+        }
+        __syncthreads();
+        bs = ws[0];
+        bi = wi[0];
+#pragma unroll
+        for (int w = 1; w < SEL_THREADS / 32; ++w)
+            if (better32(ws[w], wi[w], bs, bi)) {
+                bs = ws[w];
+                bi = wi[w];
+            }
+        if (threadIdx.x == 0) sel[r] = bi;
+        prev_s = bs;
+        prev_i = bi;
+        __syncthreads(); /* ws / wi reused next round */
     }
-    __syncthreads();
     if (threadIdx.x == 0) { /* ascending block order (k is small) */
         for (int a = 1; a < k; ++a) {
-            const int64_t v = sel[a];
+            const int v = sel[a];
             int b = a - 1;
             while (b >= 0 && sel[b] > v) {
                 sel[b + 1] = sel[b];
@@ -205,7 +296,7 @@ __global__ void select_kernel(const float *__restrict__ s, int64_t n, int k,
             }
             sel[b + 1] = v;
         }
-        for (int a = 0; a < k; ++a) ids[a] = static_cast<int32_t>(sel[a]);
+        for (int a = 0; a < k; ++a) ids[a] = sel[a];
     }
 }
 
@@ -263,13 +354,14 @@ __global__ void __launch_bounds__(ATT_THREADS, 1) attn_kernel(const AttnArgs a) 
 
     /* tiles: memory tiles first, then local tiles of the recent segment */
     const int64_t nbk = static_cast<int64_t>(a.n_ret) * a.bs;
-    const int64_t fixed_end = a.init_len + nbk; /* keys seen by every query */
+    const int fixed_end = static_cast<int>(a.init_len + nbk); /* keys seen by every query */
     /* tail memory: positions T0 .. T0+m-1, visible to row p iff pos <= p - n_local:
      * this CTA's last row bounds how many it needs */
     int64_t m_cta = a.P0 + r0 + rows_valid - 1 - a.n_local - a.T0 + 1;
     m_cta = m_cta < 0 ? 0 : (m_cta > a.m ? a.m : m_cta);
-    const int64_t M_total = fixed_end + m_cta;
-    const int n_mt = static_cast<int>((M_total + BN - 1) / BN);
+    const int64_t M_total64 = fixed_end + m_cta;
+    const int n_mt = static_cast<int>((M_total64 + BN - 1) / BN);
+    const int M_total = static_cast<int>(M_total64);
     const int64_t off = a.P0 - a.T0;
     const int64_t dense_lim = static_cast<int64_t>(a.n_init) + a.n_local;
     const bool first_dense = a.P0 + r0 < dense_lim;
@@ -325,14 +417,30 @@ __global__ void __launch_bounds__(ATT_THREADS, 1) attn_kernel(const AttnArgs a) 
 #pragma unroll
     for (int i = 0; i < NDT; ++i) O[i][0] = O[i][1] = O[i][2] = O[i][3] = 0.0f;
     float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.0f, 0.0f};
-    int64_t prow[2];
+    int prel[2]; /* row position - T0 (small: < L) */
     bool drow[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-        prow[i] = a.P0 + r0 + warp * 16 + g + 8 * i;
-        drow[i] = prow[i] < dense_lim;
+        const int r = r0 + warp * 16 + g + 8 * i;
+        prel[i] = static_cast<int>(off) + r;
+        drow[i] = a.P0 + r < dense_lim;
     }
     const bool warp_active = warp * 16 < rows_valid;
+    /* streaming: tail memory only below n_init */
+    const int stream_lim = a.streaming ? static_cast<int>(max(static_cast<int64_t>(0), a.n_init - a.T0)) : INT_MAX;
+    /* Tile kinds: 0 = no mask needed, 1 = memory boundary, 2 = local boundary.
+     * Local tile keys s0..s0+BN-1 are visible to every row of this CTA iff
+     * s0+BN-1 < L, s0+BN-1 <= first row, and (all rows dense, or s0 >= last row - n_local + 1). */
+    const int pr_first = static_cast<int>(off) + r0;
+    const int pr_last = static_cast<int>(off) + r0 + rows_valid - 1;
+    const bool all_dense = a.P0 + r0 + rows_valid - 1 < dense_lim;
+    auto classify = [&](int t) -> int {
+        if (t < n_mt) return (t + 1) * BN <= fixed_end ? 0 : 1;
+        const int s0 = (lt0 + t - n_mt) * BN;
+        const bool full = s0 + BN - 1 < a.L && s0 + BN - 1 <= pr_first &&
+                          (all_dense || s0 >= pr_last - a.n_local + 1);
+        return full ? 0 : 2;
+    };
 
     if (t_begin < t_end) load_tile(t_begin, 0);
     cp_async_commit();
@@ -370,47 +478,45 @@ __global__ void __launch_bounds__(ATT_THREADS, 1) attn_kernel(const AttnArgs a) 
                     mma16816<T>(S[nt], qa1, b2, b3);
                 }
             }
-            /* mask, scale into the log2 domain, row max */
+            /* mask (boundary tiles only), scale into the log2 domain, row max */
             float mx[2] = {-INFINITY, -INFINITY};
-            if (is_mem) {
-                const int64_t ubase = static_cast<int64_t>(t) * BN;
-                const bool all_fixed = ubase + BN <= fixed_end;
+            const int kind = classify(t);
+            if (kind == 1) { /* memory tile crossing fixed_end / M_total */
+                const int ubase = t * BN;
 #pragma unroll
                 for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
                         const int i = e >> 1;
-                        const int64_t u = ubase + nt * 8 + tq * 2 + (e & 1);
+                        const int u = ubase + nt * 8 + tq * 2 + (e & 1);
                         bool vis;
-                        if (all_fixed || u < fixed_end) {
+                        if (u < fixed_end) {
                             vis = true;
-                        } else if (u >= M_total) {
-                            vis = false;
                         } else {
-                            const int64_t pos = a.T0 + (u - fixed_end);
-                            vis = !drow[i] && pos <= prow[i] - a.n_local &&
-                                  (!a.streaming || pos < a.n_init);
+                            const int sm = u - fixed_end; /* tail position - T0 */
+                            vis = u < M_total && !drow[i] && sm <= prel[i] - a.n_local && sm < stream_lim;
                         }
-                        const float x = vis ? S[nt][e] * a.sl2 : -INFINITY;
-                        S[nt][e] = x;
-                        mx[i] = fmaxf(mx[i], x);
+                        if (!vis) S[nt][e] = -INFINITY;
                     }
-            } else {
-                const int64_t sbase = static_cast<int64_t>(lt0 + t - n_mt) * BN;
+            } else if (kind == 2) { /* local tile on the causal or window edge */
+                const int sbase = (lt0 + t - n_mt) * BN;
 #pragma unroll
                 for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
                         const int i = e >> 1;
-                        const int64_t s = sbase + nt * 8 + tq * 2 + (e & 1);
-                        const int64_t j = a.T0 + s;
-                        const bool vis = s < a.L && j <= prow[i] &&
-                                         (prow[i] - j < a.n_local || drow[i]);
-                        const float x = vis ? S[nt][e] * a.sl2 : -INFINITY;
-                        S[nt][e] = x;
-                        mx[i] = fmaxf(mx[i], x);
+                        const int s = sbase + nt * 8 + tq * 2 + (e & 1);
+                        const bool vis = s < a.L && s <= prel[i] && (prel[i] - s < a.n_local || drow[i]);
+                        if (!vis) S[nt][e] = -INFINITY;
                     }
             }
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    S[nt][e] *= a.sl2;
+                    mx[e >> 1] = fmaxf(mx[e >> 1], S[nt][e]);
+                }
             float ref[2], alpha[2];
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
@@ -432,12 +538,14 @@ __global__ void __launch_bounds__(ATT_THREADS, 1) attn_kernel(const AttnArgs a) 
                 }
 #pragma unroll
             for (int i = 0; i < 2; ++i) lrow[i] = lrow[i] * alpha[i] + rs[i];
+            if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
 #pragma unroll
-            for (int dt = 0; dt < NDT; ++dt) {
-                O[dt][0] *= alpha[0];
-                O[dt][1] *= alpha[0];
-                O[dt][2] *= alpha[1];
-                O[dt][3] *= alpha[1];
+                for (int dt = 0; dt < NDT; ++dt) {
+                    O[dt][0] *= alpha[0];
+                    O[dt][1] *= alpha[0];
+                    O[dt][2] *= alpha[1];
+                    O[dt][3] *= alpha[1];
+                }
             }
             /* O += P V */
 #pragma unroll
@@ -460,6 +568,7 @@ __global__ void __launch_bounds__(ATT_THREADS, 1) attn_kernel(const AttnArgs a) 
         __syncthreads();
     }
 
+    cp_async_wait<0>();
     /* epilogue */
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -558,6 +667,10 @@ __global__ void __launch_bounds__(TS_THREADS) tscore_kernel(const TsArgs a) {
     const int64_t r_dense = dense_lim - 1 - a.P0;
     if (r_dense > r_hi) r_hi = r_dense;
     if (r_hi > a.E - 1) r_hi = a.E - 1;
+    const int off = static_cast<int>(a.P0 - a.T0);   /* query row r sits at segment index off + r */
+    const int s0i = static_cast<int>(s0);
+    /* rows r < r_dense_end are dense (ordinary causal attention) */
+    const int r_dense_end = static_cast<int>(max(static_cast<int64_t>(-1), min(static_cast<int64_t>(a.E), dense_lim - a.P0)));
     const int qa = static_cast<int>(r_lo / TS_Q);
     const int qb = r_lo <= r_hi ? static_cast<int>(r_hi / TS_Q) : qa - 1;
 
@@ -613,17 +726,30 @@ __global__ void __launch_bounds__(TS_THREADS) tscore_kernel(const TsArgs a) {
                 mma16816<T>(S[nt], ka[2 * kk2], b0, b1);
                 mma16816<T>(S[nt], ka[2 * kk2 + 1], b2, b3);
             }
+        const int rq0 = qt * TS_Q;
+        const bool full = rq0 + TS_Q - 1 < a.E && s0i + TS_KEYS - 1 < a.L &&
+                          s0i + TS_KEYS - 1 <= off + rq0 &&
+                          (off + rq0 + TS_Q - 1 - s0i < a.n_local || rq0 + TS_Q - 1 < r_dense_end);
+        if (full) {
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
+            for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int col = nt * 8 + tq * 2 + (e & 1);
-                const int64_t r = static_cast<int64_t>(qt) * TS_Q + col;
-                const int64_t s = s0 + warp * 16 + g + 8 * (e >> 1);
-                const int64_t p = a.P0 + r, j = a.T0 + s;
-                const bool vis = r < a.E && s < a.L && j <= p && (p - j < a.n_local || p < dense_lim);
-                if (vis) acc[e >> 1] += exp2f(S[nt][e] * a.sl2 - ls[col]);
-            }
+                for (int e = 0; e < 4; ++e)
+                    acc[e >> 1] += exp2f(S[nt][e] * a.sl2 - ls[nt * 8 + tq * 2 + (e & 1)]);
+        } else {
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int col = nt * 8 + tq * 2 + (e & 1);
+                    const int r = rq0 + col;
+                    const int s = s0i + warp * 16 + g + 8 * (e >> 1);
+                    const int pr = off + r;
+                    const bool vis = r < a.E && s < a.L && s <= pr &&
+                                     (pr - s < a.n_local || r < r_dense_end);
+                    if (vis) acc[e >> 1] += exp2f(S[nt][e] * a.sl2 - ls[col]);
+                }
+        }
         __syncthreads();
     }
     cp_async_wait<0>();
@@ -767,8 +893,11 @@ extern "C" int qllm_cuda_exec_prep(const qllm_gpu_layer *ly, const qllm_gpu_exec
     if (ex->E < 1 || ex->L < ex->E || ex->L > ly->rope_len)
         return set_error(QLLM_CUDA_ERR_ARG, "exec_prep: E=%d L=%d rope_len=%lld", ex->E, ex->L,
                          (long long)ly->rope_len);
+    if (q_hs % 8 != 0 || q_ts % 8 != 0 || (reinterpret_cast<uintptr_t>(q) & 15) != 0)
+        return set_error(QLLM_CUDA_ERR_ARG, "exec_prep: q rows must be 16-byte aligned (strides %lld, %lld)",
+                         (long long)q_hs, (long long)q_ts);
     const int64_t work = (static_cast<int64_t>(ly->hq) * ex->E + static_cast<int64_t>(ly->hkv) * ex->L) *
-                         (ly->head_dim / 2);
+                         (ly->head_dim / 16);
     QLLM_DISPATCH_T(ly->dtype,
                     prep_kernel<T><<<grid_for(work, 256), 256, 0, stream>>>(
                         *ly, *ex, static_cast<const T *>(q), q_hs, q_ts, static_cast<T *>(qfix),
@@ -785,7 +914,7 @@ extern "C" int qllm_cuda_query_comb(const qllm_gpu_layer *ly, const void *q, int
     if (n_exec < 1 || exc < 1 || n_rows < 1 || ly->hq > 65535)
         return set_error(QLLM_CUDA_ERR_ARG, "query_comb: bad sizes");
     dim3 grid(n_exec, ly->hq);
-    QLLM_DISPATCH_T(ly->dtype, qcomb_kernel<T><<<grid, ly->head_dim / 2, 0, stream>>>(
+    QLLM_DISPATCH_T(ly->dtype, qcomb_kernel<T><<<grid, QC_THREADS, 0, stream>>>(
                                    *ly, static_cast<const T *>(q), q_hs, q_ts, n_rows, exc, question,
                                    weight, qcomb));
     return check_launch("qcomb_kernel");
@@ -796,12 +925,12 @@ extern "C" int qllm_cuda_block_scores(const qllm_gpu_layer *ly, const float *qco
                                       cudaStream_t stream) {
     if (i1 <= i0 || b1 <= b0) return QLLM_CUDA_OK;
     const int64_t X = static_cast<int64_t>(ly->hq) * ly->head_dim;
-    if (i1 - i0 <= 2 && X % 4 == 0) { /* decode: bandwidth-bound GEMV */
-        const int64_t nb = (b1 - b0 + 7) / 8;
-        if (nb > 2147483647) return set_error(QLLM_CUDA_ERR_ARG, "block_scores: grid too large");
-        bscore_gemv_kernel<<<static_cast<unsigned>(nb), 256, 0, stream>>>(ly->reprs, X, qcomb, i0, i1,
-                                                                         b0, b1, bscore, ld);
-        return check_launch("bscore_gemv_kernel");
+    const int64_t n_pairs = (b1 - b0) * (i1 - i0);
+    if (n_pairs <= 8192 && X % 4 == 0) { /* few pairs (decode, blocks just cut): a warp each */
+        const int64_t nb = (n_pairs + 7) / 8;
+        bscore_pairs_kernel<<<static_cast<unsigned>(nb), 256, 0, stream>>>(ly->reprs, X, qcomb, i0, i1 - i0,
+                                                                          b0, n_pairs, bscore, ld);
+        return check_launch("bscore_pairs_kernel");
     }
     const int64_t nbx = (b1 - b0 + BS_B - 1) / BS_B;
     const int nby = (i1 - i0 + BS_I - 1) / BS_I;
@@ -814,9 +943,12 @@ extern "C" int qllm_cuda_block_scores(const qllm_gpu_layer *ly, const float *qco
 
 extern "C" int qllm_cuda_select_blocks(const float *bscore, int64_t n, int k, int32_t *ids,
                                        cudaStream_t stream) {
-    if (k < 1 || k > n || k > 4096)
+    if (k < 1 || k > n || k > 4096 || n > 2147483647)
         return set_error(QLLM_CUDA_ERR_ARG, "select_blocks: k=%d, n=%lld", k, (long long)n);
-    select_kernel<<<1, 1024, static_cast<size_t>(k) * sizeof(int64_t), stream>>>(bscore, n, k, ids);
+    const bool staged = (n + k) * static_cast<int64_t>(sizeof(float)) <= 48 * 1024;
+    const size_t smem = (staged ? static_cast<size_t>(n) * sizeof(float) : 0) + static_cast<size_t>(k) * sizeof(int);
+    if (smem > 48 * 1024) return set_error(QLLM_CUDA_ERR_ARG, "select_blocks: k=%d too large", k);
+    select_kernel<<<1, SEL_THREADS, smem, stream>>>(bscore, static_cast<int>(n), k, staged, ids);
     return check_launch("select_kernel");
 }
 

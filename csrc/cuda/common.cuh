@@ -19,6 +19,7 @@
 #include <stdio.h>
 
 #include <cfloat>
+#include <climits>
 
 #include "qllm_cuda.cuh"
 
