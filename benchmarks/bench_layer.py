@@ -165,6 +165,7 @@ def main() -> None:
     ap.add_argument("--dense-max-repeats", type=int, default=2, help="repeats of dense at > 128K")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "layer_h100.json"))
     ap.add_argument("--profile", type=int, default=0, help="profile qllm prefill of N tokens (0: off)")
+    ap.add_argument("--profile-decode", type=int, default=0, help="profile 32 qllm decode steps after N tokens")
     args = ap.parse_args()
 
     dev = torch.device("cuda")
@@ -271,6 +272,19 @@ def main() -> None:
             prefill(M, x_all[:N])
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+    if args.profile_decode:
+        from torch.profiler import ProfilerActivity, profile
+        N = args.profile_decode
+        M = Qllm(layer, cfg, N + 256, rope, question, dev)
+        prefill(M, x_all[:N])
+        for t in range(8):
+            M.step(x_all[N + t:N + t + 1])
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            for t in range(8, 40):
+                M.step(x_all[N + t:N + t + 1])
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=50))
 
 
 if __name__ == "__main__":

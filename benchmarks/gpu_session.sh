@@ -28,17 +28,29 @@ if [[ " $stages " == *" test "* ]]; then
   timeout 260 python3 -m pytest -q --maxfail=20 -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log" | tail -60
   stamp "tests done"
 fi
+if [[ " $stages " == *" test1 "* ]]; then
+  stamp "attend tests with 128-row attention CTAs (QLLM_ATTN_MI=2)"
+  QLLM_ATTN_MI=2 timeout 200 python3 -m pytest -q -p no:cacheprovider -k attend_cuda tests/test_cuda.py 2>&1 | tail -5
+fi
+if [[ " $stages " == *" bench1 "* ]]; then
+  stamp "bench with QLLM_ATTN_MI=2"
+  QLLM_ATTN_MI=2 timeout 200 python3 benchmarks/bench_layer.py --prefill 32768 131072 --decode-at 131072 \
+    --out "$OUT/layer_mi2.json" 2>&1 | tee "$OUT/bench_mi2.log" | grep "prefill\|decode"
+fi
 if [[ " $stages " == *" diag "* ]]; then
   stamp "diag: mixed CUDA/CPU arguments under cuda-gdb"
   cat > /tmp/mixed.py <<'PY'
-import torch, qllm
-k = torch.randn(3, 2, 8, 4, device="cuda"); s = torch.randn(3, 4, 8)
-try:
-    torch.ops.qllm.repr_compute(k, s, 2)
-except ValueError as e:
-    print("VALUEERROR", e)
+import torch, qllm, sys
+pool = torch.randn(4, 1, 2, 2, device="cuda")
+for dt in (torch.int32, torch.int64):
+    print("gather", dt, flush=True)
+    try:
+        torch.ops.qllm.gather_slots(pool, torch.tensor([0, 4], dtype=dt, device="cuda"))
+        print("no error", flush=True)
+    except ValueError as e:
+        print("VALUEERROR", e, flush=True)
 PY
-  timeout 120 cuda-gdb -batch -ex run -ex bt --args python3 /tmp/mixed.py 2>&1 | grep -v "^\[New Thread\|^\[Thread\|Detaching" | tail -30 | tee "$OUT/diag.log"
+  timeout 150 cuda-gdb -batch -ex run -ex "bt 25" --args python3 /tmp/mixed.py 2>&1 | grep -v "^\[New Thread\|^\[Thread\|Detaching\|Cuda Driver error\|warning: Cuda" | tail -45 | tee "$OUT/diag.log"
 fi
 if [[ " $stages " == *" bench "* ]]; then
   stamp "bench"
@@ -46,6 +58,6 @@ if [[ " $stages " == *" bench "* ]]; then
   stamp "bench done"
 fi
 if [[ " $stages " == *" profile "* ]]; then
-  timeout 200 python3 benchmarks/bench_layer.py --prefill 131072 --decode-at --repeats 1 --profile 131072 \
-    --out "$OUT/layer_profile.json" 2>&1 | tee "$OUT/profile.log" | tail -40
+  timeout 200 python3 benchmarks/bench_layer.py --prefill 131072 --decode-at --repeats 1 --profile 131072 --profile-decode 131072 \
+    --out "$OUT/layer_profile.json" 2>&1 | tee "$OUT/profile.log" | grep -v "^ *$" | tail -75
 fi

@@ -143,13 +143,14 @@ class CudaLayerMemory:
             new[:, : self.n_seen].copy_(old[:, : self.n_seen])
             setattr(self, name, new)
 
-    def _reserve_blocks(self, n: int) -> None:
+    def _reserve_blocks(self, n: int, n_valid: int) -> None:
+        """Room for n block representatives, keeping the first n_valid."""
         cap_b = self.reprs.shape[0]
         if n <= cap_b:
             return
         new = torch.empty(max(n, 2 * cap_b), self.n_q_heads, self.head_dim, dtype=torch.float32,
                           device=self.device)
-        new[: self.n_blocks].copy_(self.reprs[: self.n_blocks])
+        new[:n_valid].copy_(self.reprs[:n_valid])
         self.reprs = new
 
     def _rope_tables(self, rope: RopeTable) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,15 +223,15 @@ def attend_cuda(mem: CudaLayerMemory, q: torch.Tensor, k: torch.Tensor, v: torch
         return q.new_empty(hq, 0, d)
     if q.dtype != mem.dtype:
         q = q.to(mem.dtype)
-    if q.stride(-1) != 1:
-        q = q.contiguous()
+    if q.stride(-1) != 1 or q.stride(0) % 8 or q.stride(1) % 8 or q.data_ptr() % 16:
+        q = q.contiguous()  # the kernels read rows of 8 elements (16 bytes)
     cos, sin = mem._rope_tables(rope)
     P0 = mem.n_seen
     mem._reserve(P0 + T)
     state = (mem.n_seen, mem.tail_start, mem.init_done, mem.init_len, mem.n_blocks)
     sched, n_ret_last = mem._schedule(T, cos.shape[0])
     try:
-        mem._reserve_blocks(mem.n_blocks)
+        mem._reserve_blocks(mem.n_blocks, state[4])
         mem.k_store[:, P0:P0 + T].copy_(k)
         mem.v_store[:, P0:P0 + T].copy_(v)
         out = torch.empty(T, hq, d, dtype=q.dtype, device=q.device).permute(1, 0, 2)

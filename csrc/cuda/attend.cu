@@ -26,9 +26,8 @@
 namespace qllm_cuda {
 namespace {
 
-constexpr int BM = QLLM_CUDA_ATTN_BM; /* query rows per attention CTA */
 constexpr int BN = QLLM_CUDA_ATTN_BN; /* keys per tile */
-constexpr int ATT_THREADS = (BM / 16) * 32;
+constexpr int ATT_THREADS = 128; /* 4 warps */
 constexpr int TS_KEYS = 64;    /* keys per token-score CTA (4 warps x 16) */
 constexpr int TS_Q = 64;       /* queries per token-score step */
 constexpr int TS_THREADS = 128;
@@ -330,15 +329,19 @@ __device__ __forceinline__ int64_t mem_pos(const AttnArgs &a, int64_t u) {
     return a.T0 + (u - nbk);
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(ATT_THREADS, 1) attn_kernel(const AttnArgs a) {
+/* One CTA = BM = 64*MI query rows of one head (4 warps x 16*MI rows; with
+ * MI = 2 each K/V fragment feeds the MMAs of two 16-row groups).  Tiles: memory tiles (fixed-position
+ * queries, un-rotated keys) first, then local tiles; the Q buffer switches
+ * from the fixed to the local rotation at the first local tile. */
+template <typename T, int D, int MI>
+__global__ void __launch_bounds__(ATT_THREADS, 2) attn_kernel(const AttnArgs a) {
     constexpr int LD = D + 8;     /* padded smem row (elements): ldmatrix without conflicts */
     constexpr int CH = D / 8;     /* 16-byte chunks per row */
     constexpr int NDT = D / 8;    /* 8-wide n-tiles of the output */
+    constexpr int BM = 4 * 16 * MI; /* rows per CTA: 4 warps x MI 16-row groups */
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    T *Qf = reinterpret_cast<T *>(smem_raw);
-    T *Ql = Qf + BM * LD;
-    T *Ks = Ql + BM * LD; /* [2][BN][LD] */
+    T *Qs = reinterpret_cast<T *>(smem_raw);
+    T *Ks = Qs + BM * LD; /* [2][BN][LD] */
     T *Vs = Ks + 2 * BN * LD;
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
@@ -359,34 +362,29 @@ __global__ void __launch_bounds__(ATT_THREADS, 1) attn_kernel(const AttnArgs a) 
      * this CTA's last row bounds how many it needs */
     int64_t m_cta = a.P0 + r0 + rows_valid - 1 - a.n_local - a.T0 + 1;
     m_cta = m_cta < 0 ? 0 : (m_cta > a.m ? a.m : m_cta);
-    const int64_t M_total64 = fixed_end + m_cta;
-    const int n_mt = static_cast<int>((M_total64 + BN - 1) / BN);
-    const int M_total = static_cast<int>(M_total64);
-    const int64_t off = a.P0 - a.T0;
+    const int M_total = fixed_end + static_cast<int>(m_cta);
+    const int n_mt = (M_total + BN - 1) / BN;
+    const int off = static_cast<int>(a.P0 - a.T0);
     const int64_t dense_lim = static_cast<int64_t>(a.n_init) + a.n_local;
     const bool first_dense = a.P0 + r0 < dense_lim;
-    int64_t lo_s = first_dense ? 0 : off + r0 - a.n_local + 1;
+    int lo_s = first_dense ? 0 : off + r0 - a.n_local + 1;
     if (lo_s < 0) lo_s = 0;
-    const int64_t hi_s = off + r0 + rows_valid - 1;
-    const int lt0 = static_cast<int>(lo_s / BN), lt1 = static_cast<int>(hi_s / BN);
+    const int hi_s = off + r0 + rows_valid - 1;
+    const int lt0 = lo_s / BN, lt1 = hi_s / BN;
     const int n_tot = n_mt + (lt1 - lt0 + 1);
     const int per = (n_tot + a.n_split - 1) / a.n_split;
     const int t_begin = split * per;
     const int t_end = min(n_tot, t_begin + per);
 
-    /* Q tiles (both rotations) */
-    {
-        const T *qf = static_cast<const T *>(a.qfix) + (static_cast<int64_t>(h) * a.E + r0) * D;
-        const T *ql = static_cast<const T *>(a.qloc) + (static_cast<int64_t>(h) * a.E + r0) * D;
+    const T *qf = static_cast<const T *>(a.qfix) + (static_cast<int64_t>(h) * a.E + r0) * D;
+    const T *ql = static_cast<const T *>(a.qloc) + (static_cast<int64_t>(h) * a.E + r0) * D;
+    auto load_q = [&](const T *src) {
         for (int c = tid; c < BM * CH; c += ATT_THREADS) {
             const int row = c / CH, ch = c % CH;
             const bool v = row < rows_valid;
-            const int64_t o = v ? static_cast<int64_t>(row) * D + ch * 8 : 0;
-            cp_async16(Qf + row * LD + ch * 8, qf + o, v);
-            cp_async16(Ql + row * LD + ch * 8, ql + o, v);
+            cp_async16(Qs + row * LD + ch * 8, src + (v ? row * D + ch * 8 : 0), v);
         }
-    }
-
+    };
     auto load_tile = [&](int t, int stage) {
         T *ks = Ks + stage * BN * LD;
         T *vs = Vs + stage * BN * LD;
@@ -402,9 +400,9 @@ __global__ void __launch_bounds__(ATT_THREADS, 1) attn_kernel(const AttnArgs a) 
                 ksrc = kst + (kv_head + pos) * D + ch * 8;
                 vsrc = vst + (kv_head + pos) * D + ch * 8;
             } else {
-                const int64_t s = static_cast<int64_t>(lt0 + t - n_mt) * BN + kr;
-                v = s < a.L;
-                const int64_t sv = v ? s : 0;
+                const int sidx = (lt0 + t - n_mt) * BN + kr;
+                v = sidx < a.L;
+                const int64_t sv = v ? sidx : 0;
                 ksrc = krot + (static_cast<int64_t>(hk) * a.L + sv) * D + ch * 8;
                 vsrc = vst + (kv_head + a.T0 + sv) * D + ch * 8;
             }
@@ -413,26 +411,31 @@ __global__ void __launch_bounds__(ATT_THREADS, 1) attn_kernel(const AttnArgs a) 
         }
     };
 
-    float O[NDT][4];
+    float O[MI][NDT][4];
 #pragma unroll
-    for (int i = 0; i < NDT; ++i) O[i][0] = O[i][1] = O[i][2] = O[i][3] = 0.0f;
-    float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.0f, 0.0f};
-    int prel[2]; /* row position - T0 (small: < L) */
-    bool drow[2];
+    for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        const int r = r0 + warp * 16 + g + 8 * i;
-        prel[i] = static_cast<int>(off) + r;
-        drow[i] = a.P0 + r < dense_lim;
-    }
-    const bool warp_active = warp * 16 < rows_valid;
+        for (int i = 0; i < NDT; ++i) O[mi][i][0] = O[mi][i][1] = O[mi][i][2] = O[mi][i][3] = 0.0f;
+    float mrow[MI][2], lrow[MI][2];
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            mrow[mi][i] = -INFINITY;
+            lrow[mi][i] = 0.0f;
+        }
+    /* row (mi, i) of this thread sits at segment index prel0 + mi*16 + 8*i; it is
+     * dense (ordinary causal attention) iff that index is < dense_rel */
+    const int prel0 = off + r0 + warp * (16 * MI) + g;
+    const int dense_rel = static_cast<int>(max(static_cast<int64_t>(-1), min(static_cast<int64_t>(INT_MAX / 2), dense_lim - a.T0)));
+    const bool warp_active = warp * (16 * MI) < rows_valid;
     /* streaming: tail memory only below n_init */
     const int stream_lim = a.streaming ? static_cast<int>(max(static_cast<int64_t>(0), a.n_init - a.T0)) : INT_MAX;
     /* Tile kinds: 0 = no mask needed, 1 = memory boundary, 2 = local boundary.
      * Local tile keys s0..s0+BN-1 are visible to every row of this CTA iff
      * s0+BN-1 < L, s0+BN-1 <= first row, and (all rows dense, or s0 >= last row - n_local + 1). */
-    const int pr_first = static_cast<int>(off) + r0;
-    const int pr_last = static_cast<int>(off) + r0 + rows_valid - 1;
+    const int pr_first = off + r0;
+    const int pr_last = off + r0 + rows_valid - 1;
     const bool all_dense = a.P0 + r0 + rows_valid - 1 < dense_lim;
     auto classify = [&](int t) -> int {
         if (t < n_mt) return (t + 1) * BN <= fixed_end ? 0 : 1;
@@ -442,12 +445,22 @@ __global__ void __launch_bounds__(ATT_THREADS, 1) attn_kernel(const AttnArgs a) 
         return full ? 0 : 2;
     };
 
-    if (t_begin < t_end) load_tile(t_begin, 0);
+    if (t_begin < t_end) {
+        load_q(t_begin < n_mt ? qf : ql);
+        load_tile(t_begin, 0);
+    }
     cp_async_commit();
 
     for (int t = t_begin; t < t_end; ++t) {
         const int st = (t - t_begin) & 1;
-        if (t + 1 < t_end) {
+        if (t == n_mt && t > t_begin) {
+            /* first local tile: swap in the locally rotated queries (all warps are
+             * past the previous tile: trailing barrier of the last iteration) */
+            load_q(ql);
+            if (t + 1 < t_end) load_tile(t + 1, st ^ 1);
+            cp_async_commit();
+            cp_async_wait<0>();
+        } else if (t + 1 < t_end) {
             load_tile(t + 1, st ^ 1);
             cp_async_commit();
             cp_async_wait<1>();
@@ -456,146 +469,175 @@ __global__ void __launch_bounds__(ATT_THREADS, 1) attn_kernel(const AttnArgs a) 
         }
         __syncthreads();
         if (warp_active) {
-            const bool is_mem = t < n_mt;
-            const T *Qs = is_mem ? Qf : Ql;
             const T *ks = Ks + st * BN * LD;
             const T *vs = Vs + st * BN * LD;
-            float S[8][4];
+            float S[MI][8][4];
 #pragma unroll
-            for (int nt = 0; nt < 8; ++nt) S[nt][0] = S[nt][1] = S[nt][2] = S[nt][3] = 0.0f;
+            for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+                for (int nt = 0; nt < 8; ++nt) S[mi][nt][0] = S[mi][nt][1] = S[mi][nt][2] = S[mi][nt][3] = 0.0f;
 #pragma unroll
             for (int kk2 = 0; kk2 < D / 32; ++kk2) {
-                uint32_t qa0[4], qa1[4];
-                const T *qp = Qs + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD +
-                              kk2 * 32 + (lane >> 4) * 8;
-                ldsm_x4(qa0[0], qa0[1], qa0[2], qa0[3], qp);
-                ldsm_x4(qa1[0], qa1[1], qa1[2], qa1[3], qp + 16);
+                uint32_t qa[MI][2][4];
+#pragma unroll
+                for (int mi = 0; mi < MI; ++mi) {
+                    const T *qp = Qs + (warp * (16 * MI) + mi * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD +
+                                  kk2 * 32 + (lane >> 4) * 8;
+                    ldsm_x4(qa[mi][0][0], qa[mi][0][1], qa[mi][0][2], qa[mi][0][3], qp);
+                    ldsm_x4(qa[mi][1][0], qa[mi][1][1], qa[mi][1][2], qa[mi][1][3], qp + 16);
+                }
 #pragma unroll
                 for (int nt = 0; nt < 8; ++nt) {
                     uint32_t b0, b1, b2, b3;
                     ldsm_x4(b0, b1, b2, b3, ks + (nt * 8 + (lane & 7)) * LD + kk2 * 32 + (lane >> 3) * 8);
-                    mma16816<T>(S[nt], qa0, b0, b1);
-                    mma16816<T>(S[nt], qa1, b2, b3);
+#pragma unroll
+                    for (int mi = 0; mi < MI; ++mi) {
+                        mma16816<T>(S[mi][nt], qa[mi][0], b0, b1);
+                        mma16816<T>(S[mi][nt], qa[mi][1], b2, b3);
+                    }
                 }
             }
             /* mask (boundary tiles only), scale into the log2 domain, row max */
-            float mx[2] = {-INFINITY, -INFINITY};
             const int kind = classify(t);
             if (kind == 1) { /* memory tile crossing fixed_end / M_total */
                 const int ubase = t * BN;
 #pragma unroll
-                for (int nt = 0; nt < 8; ++nt)
+                for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int i = e >> 1;
-                        const int u = ubase + nt * 8 + tq * 2 + (e & 1);
-                        bool vis;
-                        if (u < fixed_end) {
-                            vis = true;
-                        } else {
-                            const int sm = u - fixed_end; /* tail position - T0 */
-                            vis = u < M_total && !drow[i] && sm <= prel[i] - a.n_local && sm < stream_lim;
+                    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const int i = e >> 1;
+                            const int u = ubase + nt * 8 + tq * 2 + (e & 1);
+                            bool vis;
+                            if (u < fixed_end) {
+                                vis = true;
+                            } else {
+                                const int pr = prel0 + mi * 16 + 8 * i;
+                                const int sm = u - fixed_end; /* tail position - T0 */
+                                vis = u < M_total && pr >= dense_rel && sm <= pr - a.n_local &&
+                                      sm < stream_lim;
+                            }
+                            if (!vis) S[mi][nt][e] = -INFINITY;
                         }
-                        if (!vis) S[nt][e] = -INFINITY;
-                    }
             } else if (kind == 2) { /* local tile on the causal or window edge */
                 const int sbase = (lt0 + t - n_mt) * BN;
 #pragma unroll
+                for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+                    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const int i = e >> 1;
+                            const int sx = sbase + nt * 8 + tq * 2 + (e & 1);
+                            const int pr = prel0 + mi * 16 + 8 * i;
+                            const bool vis = sx < a.L && sx <= pr && (pr - sx < a.n_local || pr < dense_rel);
+                            if (!vis) S[mi][nt][e] = -INFINITY;
+                        }
+            }
+            bool rescale = false;
+            float alpha[MI][2];
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi) {
+                float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
                 for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
-                        const int i = e >> 1;
-                        const int s = sbase + nt * 8 + tq * 2 + (e & 1);
-                        const bool vis = s < a.L && s <= prel[i] && (prel[i] - s < a.n_local || drow[i]);
-                        if (!vis) S[nt][e] = -INFINITY;
+                        S[mi][nt][e] *= a.sl2;
+                        mx[e >> 1] = fmaxf(mx[e >> 1], S[mi][nt][e]);
                     }
+                float ref[2];
+#pragma unroll
+                for (int i = 0; i < 2; ++i) {
+                    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+                    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+                    const float mn = fmaxf(mrow[mi][i], mx[i]);
+                    ref[i] = mn == -INFINITY ? 0.0f : mn;
+                    alpha[mi][i] = exp2f(mrow[mi][i] - ref[i]);
+                    rescale |= alpha[mi][i] != 1.0f;
+                    mrow[mi][i] = mn;
+                }
+                float rs[2] = {0.0f, 0.0f};
+#pragma unroll
+                for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const float p = exp2f(S[mi][nt][e] - ref[e >> 1]);
+                        S[mi][nt][e] = p;
+                        rs[e >> 1] += p;
+                    }
+#pragma unroll
+                for (int i = 0; i < 2; ++i) lrow[mi][i] = lrow[mi][i] * alpha[mi][i] + rs[i];
             }
+            if (__any_sync(0xffffffffu, rescale)) {
 #pragma unroll
-            for (int nt = 0; nt < 8; ++nt)
+                for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    S[nt][e] *= a.sl2;
-                    mx[e >> 1] = fmaxf(mx[e >> 1], S[nt][e]);
-                }
-            float ref[2], alpha[2];
-#pragma unroll
-            for (int i = 0; i < 2; ++i) {
-                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-                const float mn = fmaxf(mrow[i], mx[i]);
-                ref[i] = mn == -INFINITY ? 0.0f : mn;
-                alpha[i] = exp2f(mrow[i] - ref[i]);
-                mrow[i] = mn;
-            }
-            float rs[2] = {0.0f, 0.0f};
-#pragma unroll
-            for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const float p = exp2f(S[nt][e] - ref[e >> 1]);
-                    S[nt][e] = p;
-                    rs[e >> 1] += p;
-                }
-#pragma unroll
-            for (int i = 0; i < 2; ++i) lrow[i] = lrow[i] * alpha[i] + rs[i];
-            if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
-#pragma unroll
-                for (int dt = 0; dt < NDT; ++dt) {
-                    O[dt][0] *= alpha[0];
-                    O[dt][1] *= alpha[0];
-                    O[dt][2] *= alpha[1];
-                    O[dt][3] *= alpha[1];
-                }
+                    for (int dt = 0; dt < NDT; ++dt) {
+                        O[mi][dt][0] *= alpha[mi][0];
+                        O[mi][dt][1] *= alpha[mi][0];
+                        O[mi][dt][2] *= alpha[mi][1];
+                        O[mi][dt][3] *= alpha[mi][1];
+                    }
             }
             /* O += P V */
 #pragma unroll
             for (int kk = 0; kk < BN / 16; ++kk) {
-                uint32_t pa[4];
-                pa[0] = Cvt<T>::pack(S[2 * kk][0], S[2 * kk][1]);
-                pa[1] = Cvt<T>::pack(S[2 * kk][2], S[2 * kk][3]);
-                pa[2] = Cvt<T>::pack(S[2 * kk + 1][0], S[2 * kk + 1][1]);
-                pa[3] = Cvt<T>::pack(S[2 * kk + 1][2], S[2 * kk + 1][3]);
+                uint32_t pa[MI][4];
+#pragma unroll
+                for (int mi = 0; mi < MI; ++mi) {
+                    pa[mi][0] = Cvt<T>::pack(S[mi][2 * kk][0], S[mi][2 * kk][1]);
+                    pa[mi][1] = Cvt<T>::pack(S[mi][2 * kk][2], S[mi][2 * kk][3]);
+                    pa[mi][2] = Cvt<T>::pack(S[mi][2 * kk + 1][0], S[mi][2 * kk + 1][1]);
+                    pa[mi][3] = Cvt<T>::pack(S[mi][2 * kk + 1][2], S[mi][2 * kk + 1][3]);
+                }
                 const T *vp = vs + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + (lane >> 4) * 8;
 #pragma unroll
                 for (int dt2 = 0; dt2 < D / 16; ++dt2) {
                     uint32_t b0, b1, b2, b3;
                     ldsm_x4_t(b0, b1, b2, b3, vp + dt2 * 16);
-                    mma16816<T>(O[2 * dt2], pa, b0, b1);
-                    mma16816<T>(O[2 * dt2 + 1], pa, b2, b3);
+#pragma unroll
+                    for (int mi = 0; mi < MI; ++mi) {
+                        mma16816<T>(O[mi][2 * dt2], pa[mi], b0, b1);
+                        mma16816<T>(O[mi][2 * dt2 + 1], pa[mi], b2, b3);
+                    }
                 }
             }
         }
         __syncthreads();
     }
-
     cp_async_wait<0>();
+
     /* epilogue */
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        float l = lrow[i];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const int r = r0 + warp * 16 + g + 8 * i;
-        if (!warp_active || r >= a.E) continue;
-        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-        const float lse = l > 0.0f ? mrow[i] + __log2f(l) : -INFINITY;
-        if (a.n_split == 1) {
-            T *o = static_cast<T *>(a.out) + h * a.o_hs + r * a.o_ts;
+    for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-            for (int dt = 0; dt < NDT; ++dt)
-                *reinterpret_cast<uint32_t *>(o + dt * 8 + tq * 2) =
-                    Cvt<T>::pack(O[dt][2 * i] * inv, O[dt][2 * i + 1] * inv);
-            if (tq == 0) a.lse[static_cast<int64_t>(h) * a.E + r] = lse;
-        } else {
-            const int64_t row = (static_cast<int64_t>(split) * a.hq + h) * a.E + r;
-            float *o = a.part_o + row * D;
+        for (int i = 0; i < 2; ++i) {
+            float l = lrow[mi][i];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            const int r = r0 + warp * (16 * MI) + mi * 16 + g + 8 * i;
+            if (!warp_active || r >= a.E) continue;
+            const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+            const float lse = l > 0.0f ? mrow[mi][i] + __log2f(l) : -INFINITY;
+            if (a.n_split == 1) {
+                T *o = static_cast<T *>(a.out) + h * a.o_hs + r * a.o_ts;
 #pragma unroll
-            for (int dt = 0; dt < NDT; ++dt)
-                *reinterpret_cast<float2 *>(o + dt * 8 + tq * 2) =
-                    make_float2(O[dt][2 * i] * inv, O[dt][2 * i + 1] * inv);
-            if (tq == 0) a.part_lse[row] = lse;
+                for (int dt = 0; dt < NDT; ++dt)
+                    *reinterpret_cast<uint32_t *>(o + dt * 8 + tq * 2) =
+                        Cvt<T>::pack(O[mi][dt][2 * i] * inv, O[mi][dt][2 * i + 1] * inv);
+                if (tq == 0) a.lse[static_cast<int64_t>(h) * a.E + r] = lse;
+            } else {
+                const int64_t row = (static_cast<int64_t>(split) * a.hq + h) * a.E + r;
+                float *o = a.part_o + row * D;
+#pragma unroll
+                for (int dt = 0; dt < NDT; ++dt)
+                    *reinterpret_cast<float2 *>(o + dt * 8 + tq * 2) =
+                        make_float2(O[mi][dt][2 * i] * inv, O[mi][dt][2 * i + 1] * inv);
+                if (tq == 0) a.part_lse[row] = lse;
+            }
         }
-    }
 }
 
 /* Merge n_split partial results of each (head, row). One warp per row. */
@@ -840,18 +882,37 @@ int ensure_smem(Kern k, size_t bytes, const char *what) {
     return QLLM_CUDA_OK;
 }
 
-template <typename T, int D>
-int launch_attention(const AttnArgs &a, int n_qt, int hq, cudaStream_t stream) {
-    const size_t smem = static_cast<size_t>(2 * BM + 4 * BN) * (D + 8) * sizeof(T);
+/* Rows per warp of the attention kernel: QLLM_ATTN_MI=1 (64-row CTAs, default:
+ * measured 74.0 vs 78.6 ms for a 128K prefill layer, benchmarks/NOTES_gpu.md) or
+ * 2 (128-row CTAs); read once. */
+int attn_mi() {
+    static int mi = 0;
+    if (mi == 0) {
+        const char *e = getenv("QLLM_ATTN_MI");
+        mi = (e != nullptr && e[0] == '2') ? 2 : 1;
+    }
+    return mi;
+}
+
+template <typename T, int D, int MI>
+int launch_attention_mi(const AttnArgs &a, int E, int hq, cudaStream_t stream) {
+    constexpr int BMr = 64 * MI;
+    const size_t smem = static_cast<size_t>(BMr + 4 * BN) * (D + 8) * sizeof(T);
     static bool ready = false;
     if (!ready) {
-        const int st = ensure_smem(attn_kernel<T, D>, smem, "attn_kernel");
+        const int st = ensure_smem(attn_kernel<T, D, MI>, smem, "attn_kernel");
         if (st != QLLM_CUDA_OK) return st;
         ready = true;
     }
-    dim3 grid(n_qt, hq, a.n_split);
-    attn_kernel<T, D><<<grid, ATT_THREADS, smem, stream>>>(a);
+    dim3 grid((E + BMr - 1) / BMr, hq, a.n_split);
+    attn_kernel<T, D, MI><<<grid, ATT_THREADS, smem, stream>>>(a);
     return check_launch("attn_kernel");
+}
+
+template <typename T, int D>
+int launch_attention(const AttnArgs &a, int E, int hq, cudaStream_t stream) {
+    return attn_mi() == 1 ? launch_attention_mi<T, D, 1>(a, E, hq, stream)
+                          : launch_attention_mi<T, D, 2>(a, E, hq, stream);
 }
 
 template <typename T, int D>
@@ -884,6 +945,8 @@ using namespace qllm_cuda;
             __VA_ARGS__;                                 \
         }                                                \
     } while (0)
+
+extern "C" int qllm_cuda_attention_rows(void) { return 64 * attn_mi(); }
 
 extern "C" int qllm_cuda_exec_prep(const qllm_gpu_layer *ly, const qllm_gpu_exec *ex,
                                    const void *q, int64_t q_hs, int64_t q_ts, void *qfix,
@@ -992,11 +1055,10 @@ extern "C" int qllm_cuda_exec_attention(const qllm_gpu_layer *ly, const qllm_gpu
     a.part_o = part_o;
     a.part_lse = part_lse;
     a.n_split = n_split;
-    const int n_qt = (ex->E + BM - 1) / BM;
     if (ly->hq > 65535) return set_error(QLLM_CUDA_ERR_ARG, "exec_attention: too many heads");
     QLLM_DISPATCH_T(ly->dtype, {
-        st = ly->head_dim == 64 ? launch_attention<T, 64>(a, n_qt, ly->hq, stream)
-                                : launch_attention<T, 128>(a, n_qt, ly->hq, stream);
+        st = ly->head_dim == 64 ? launch_attention<T, 64>(a, ex->E, ly->hq, stream)
+                                : launch_attention<T, 128>(a, ex->E, ly->hq, stream);
     });
     if (st || n_split == 1) return st;
     dim3 grid((ex->E + 3) / 4, ly->hq);

@@ -29,6 +29,23 @@
 
 namespace qllm_torch {
 
+/* Numbers and shapes in messages are formatted here (std::to_string), not by
+ * streaming integers into c10::str: on the GPU machine's toolchain that
+ * stream insertion segfaults inside _C (see benchmarks/NOTES_gpu.md). */
+inline std::string num_str(int64_t v) { return std::to_string(v); }
+inline std::string shape_str(at::IntArrayRef s) {
+    std::string out = "[";
+    for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+    return out + "]";
+}
+inline std::string shape_str(c10::SymIntArrayRef s) {
+    std::string out = "[";
+    for (size_t i = 0; i < s.size(); ++i)
+        out += (i ? ", " : "") + (s[i].is_symbolic() ? std::string("s") : std::to_string(s[i].as_int_unchecked()));
+    return out + "]";
+}
+inline std::string dtype_str(at::ScalarType t) { return std::string(c10::toString(t)); }
+
 constexpr const char *kAttendRun = "qllm.attend_run";
 constexpr int kScheduleFields = 10;
 constexpr int kCfgFields = 6;
@@ -41,48 +58,49 @@ inline void check_attend_run_args(const at::Tensor &q, const at::Tensor &k_store
                                   const at::Tensor &schedule, at::IntArrayRef cfg) {
     const char *op = kAttendRun;
     TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
-                     ": q: expected dtype float16 or bfloat16, got ", q.scalar_type());
-    TORCH_CHECK_VALUE(q.dim() == 3, op, ": q: expected 3 dims (q_heads, tokens, dim), got ", q.dim());
+                     ": q: expected dtype float16 or bfloat16, got ", dtype_str(q.scalar_type()));
+    TORCH_CHECK_VALUE(q.dim() == 3, op, ": q: expected 3 dims (q_heads, tokens, dim), got ", num_str(q.dim()));
     const int64_t hq = q.size(0), T = q.size(1), D = q.size(2);
-    TORCH_CHECK_VALUE(D == 64 || D == 128, op, ": q: head_dim must be 64 or 128, got ", D);
-    TORCH_CHECK_VALUE(T >= 1 && hq >= 1, op, ": q: expected >= 1 tokens and heads, got ", q.sizes());
+    TORCH_CHECK_VALUE(D == 64 || D == 128, op, ": q: head_dim must be 64 or 128, got ", num_str(D));
+    TORCH_CHECK_VALUE(T >= 1 && hq >= 1, op, ": q: expected >= 1 tokens and heads, got ", shape_str(q.sizes()));
     TORCH_CHECK_VALUE(q.stride(2) == 1, op, ": q: expected stride 1 along dim");
     for (const auto &pr : {std::make_pair("k_store", &k_store), std::make_pair("v_store", &v_store)}) {
         const at::Tensor &t = *pr.second;
         TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), op, ": ", pr.first,
-                         ": expected q's dtype ", q.scalar_type(), ", got ", t.scalar_type());
+                         ": expected q's dtype ", dtype_str(q.scalar_type()), ", got ", dtype_str(t.scalar_type()));
         TORCH_CHECK_VALUE(t.dim() == 3 && t.size(2) == D && t.is_contiguous(), op, ": ", pr.first,
-                          ": expected a contiguous [kv_heads, capacity, ", D, "] tensor, got ",
-                          t.sizes());
+                          ": expected a contiguous [kv_heads, capacity, ", num_str(D), "] tensor, got ",
+                          shape_str(t.sizes()));
         TORCH_CHECK_VALUE(t.device() == q.device(), op, ": ", pr.first, ": expected device ",
                           q.device(), ", got ", t.device());
     }
     TORCH_CHECK_VALUE(v_store.sizes() == k_store.sizes(), op, ": v_store: expected k_store's shape");
     const int64_t hkv = k_store.size(0);
-    TORCH_CHECK_VALUE(hkv >= 1 && hq % hkv == 0, op, ": q_heads ", hq,
-                      " must be a multiple of kv_heads ", hkv);
+    TORCH_CHECK_VALUE(hkv >= 1 && hq % hkv == 0, op, ": q_heads ", num_str(hq),
+                      " must be a multiple of kv_heads ", num_str(hkv));
     TORCH_CHECK_TYPE(scores.scalar_type() == at::kFloat, op, ": scores: expected float32");
     TORCH_CHECK_VALUE(scores.dim() == 2 && scores.size(0) == hq && scores.is_contiguous(), op,
-                      ": scores: expected a contiguous [", hq, ", R] tensor, got ", scores.sizes());
+                      ": scores: expected a contiguous [", num_str(hq), ", R] tensor, got ",
+                      shape_str(scores.sizes()));
     const int64_t R = scores.size(1);
-    TORCH_CHECK_VALUE(R >= 1 && (R & (R - 1)) == 0, op, ": scores: ring size ", R,
+    TORCH_CHECK_VALUE(R >= 1 && (R & (R - 1)) == 0, op, ": scores: ring size ", num_str(R),
                       " must be a power of two");
     TORCH_CHECK_TYPE(reprs.scalar_type() == at::kFloat, op, ": reprs: expected float32");
     TORCH_CHECK_VALUE(reprs.dim() == 3 && reprs.size(1) == hq && reprs.size(2) == D &&
                           reprs.is_contiguous(),
-                      op, ": reprs: expected a contiguous [blocks, ", hq, ", ", D, "] tensor, got ",
-                      reprs.sizes());
+                      op, ": reprs: expected a contiguous [blocks, ", num_str(hq), ", ", num_str(D),
+                      "] tensor, got ", shape_str(reprs.sizes()));
     TORCH_CHECK_TYPE(retrieved.scalar_type() == at::kInt, op, ": retrieved: expected int32");
     TORCH_CHECK_VALUE(retrieved.dim() == 2 && retrieved.size(1) >= 1 && retrieved.is_contiguous(),
                       op, ": retrieved: expected a contiguous [exec_blocks, k] tensor");
     TORCH_CHECK_TYPE(out.scalar_type() == q.scalar_type(), op, ": out: expected q's dtype");
     TORCH_CHECK_VALUE(out.sizes() == q.sizes() && out.stride(2) == 1, op,
-                      ": out: expected q's shape with stride 1 along dim, got ", out.sizes());
+                      ": out: expected q's shape with stride 1 along dim, got ", shape_str(out.sizes()));
     for (const auto &pr : {std::make_pair("cos", &cos), std::make_pair("sin", &sin)}) {
         const at::Tensor &t = *pr.second;
         TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, op, ": ", pr.first, ": expected float32");
         TORCH_CHECK_VALUE(t.dim() == 2 && t.size(1) == D && t.is_contiguous(), op, ": ", pr.first,
-                          ": expected a contiguous [positions, ", D, "] tensor");
+                          ": expected a contiguous [positions, ", num_str(D), "] tensor");
         TORCH_CHECK_VALUE(t.device() == q.device(), op, ": ", pr.first, ": expected device ", q.device());
     }
     TORCH_CHECK_VALUE(sin.sizes() == cos.sizes(), op, ": sin: expected cos's shape");
@@ -90,7 +108,7 @@ inline void check_attend_run_args(const at::Tensor &q, const at::Tensor &k_store
         const at::Tensor &t = *question;
         TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, op, ": question: expected float32");
         TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == hq && t.size(1) == D && t.is_contiguous(), op,
-                          ": question: expected a contiguous [", hq, ", ", D, "] tensor");
+                          ": question: expected a contiguous [", num_str(hq), ", ", num_str(D), "] tensor");
         TORCH_CHECK_VALUE(t.device() == q.device(), op, ": question: expected device ", q.device());
     }
     for (const at::Tensor *t : {&scores, &reprs, &retrieved, &out})
@@ -98,10 +116,10 @@ inline void check_attend_run_args(const at::Tensor &q, const at::Tensor &k_store
     TORCH_CHECK_TYPE(schedule.scalar_type() == at::kLong, op, ": schedule: expected int64");
     TORCH_CHECK_VALUE(schedule.dim() == 2 && schedule.size(1) == kScheduleFields &&
                           schedule.size(0) == retrieved.size(0) && schedule.size(0) >= 1,
-                      op, ": schedule: expected [exec_blocks, ", kScheduleFields,
-                      "] matching retrieved, got ", schedule.sizes());
-    TORCH_CHECK_VALUE(cfg.size() == kCfgFields, op, ": cfg: expected ", kCfgFields, " values, got ",
-                      cfg.size());
+                      op, ": schedule: expected [exec_blocks, ", num_str(kScheduleFields),
+                      "] matching retrieved, got ", shape_str(schedule.sizes()));
+    TORCH_CHECK_VALUE(cfg.size() == kCfgFields, op, ": cfg: expected ", num_str(kCfgFields),
+                      " values, got ", num_str(static_cast<int64_t>(cfg.size())));
 }
 
 inline void attend_run_meta(const at::Tensor &q, const at::Tensor &k_store,

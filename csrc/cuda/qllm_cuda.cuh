@@ -145,9 +145,11 @@ int qllm_cuda_cut_blocks(const qllm_gpu_layer *ly, int64_t b0, int64_t n, int re
 /* Max number of n_split the attention launcher accepts. */
 #define QLLM_CUDA_MAX_SPLIT 32
 
-/* Tile geometry of exec_attention, for the caller's n_split choice. */
-#define QLLM_CUDA_ATTN_BM 128
+/* Tile geometry of exec_attention, for the caller's n_split choice: key
+ * tiles of QLLM_CUDA_ATTN_BN; query rows per thread block from
+ * qllm_cuda_attention_rows() (64 or 128, see attend.cu). */
 #define QLLM_CUDA_ATTN_BN 64
+int qllm_cuda_attention_rows(void);
 
 #ifdef __cplusplus
 }

@@ -145,10 +145,21 @@ std::tuple<at::Tensor, at::Tensor> retrieval_select_cuda(const at::Tensor &reprs
 
 /* ---------------------------------------------------------- gather_slots */
 
+/* As tensor_view.h's check_index_range (same message), numbers formatted with
+ * std::to_string: see num_str in attend_checks.cuh. */
+void check_slot_range(const char *op, const at::Tensor &idx, int64_t bound) {
+    if (idx.numel() == 0) return;
+    const auto mm = at::aminmax(idx);
+    const int64_t lo = std::get<0>(mm).item<int64_t>();
+    const int64_t hi = std::get<1>(mm).item<int64_t>();
+    TORCH_CHECK_VALUE(lo >= 0 && hi < bound, op, ": slots: expected values in [0, ", num_str(bound),
+                      "), got values in [", num_str(lo), ", ", num_str(hi), "]");
+}
+
 at::Tensor gather_slots_cuda(const at::Tensor &pool, const at::Tensor &slots) {
     const auto shape = check_gather_slots_args(kGatherSlots, pool, slots);
     const c10::cuda::CUDAGuard guard(pool.device());
-    check_index_range(kGatherSlots, "slots", slots, pool.size(0));
+    check_slot_range(kGatherSlots, slots, pool.size(0));
     at::Tensor out = at::empty_symint(shape, pool.options());
     if (out.numel() == 0) return out;
     const qllm_tensor p = input_view(pool);
@@ -192,7 +203,7 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
                   repr_topk = cfg[4], streaming = cfg[5];
     TORCH_CHECK_VALUE(n_init >= 0 && n_local >= 1 && bs >= 1 && topk >= 0 && repr_topk >= 1 &&
                           (streaming == 0 || streaming == 1) && n_local <= P,
-                      op, ": cfg: bad values ", cfg);
+                      op, ": cfg: bad values ", shape_str(cfg));
     const bool uses_blocks = streaming == 0;
 
     /* Host-side validation of the schedule: every index the kernels form
@@ -203,29 +214,31 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
         const ExecRow r = read_row(sched, i);
         const int64_t L = r.P0 - r.T0 + r.E;
         TORCH_CHECK_VALUE(r.t0 == t_next && r.E >= 1 && r.t0 + r.E <= T, op,
-                          ": schedule row ", i, ": rows ", r.t0, "+", r.E, " do not tile q's ", T, " tokens");
+                          ": schedule row ", num_str(i), ": rows ", num_str(r.t0), "+", num_str(r.E),
+                          " do not tile q's ", num_str(T), " tokens");
         t_next = r.t0 + r.E;
         TORCH_CHECK_VALUE(r.T0 >= 0 && r.T0 <= r.P0 && r.P0 + r.E <= cap && L <= P && L <= R, op,
-                          ": schedule row ", i, ": positions P0=", r.P0, " T0=", r.T0, " E=", r.E,
-                          " exceed store ", cap, ", rope table ", P, " or score ring ", R);
+                          ": schedule row ", num_str(i), ": positions P0=", num_str(r.P0), " T0=",
+                          num_str(r.T0), " E=", num_str(r.E), " exceed store ", num_str(cap),
+                          ", rope table ", num_str(P), " or score ring ", num_str(R));
         TORCH_CHECK_VALUE(r.init_len >= 0 && r.init_len <= r.T0 && r.m >= 0 && r.m <= L, op,
-                          ": schedule row ", i, ": init_len / m out of range");
+                          ": schedule row ", num_str(i), ": init_len / m out of range");
         TORCH_CHECK_VALUE(r.n_blocks >= 0 && r.n_blocks <= cap_b &&
                               (r.n_blocks == 0 || n_init + r.n_blocks * bs <= r.T0) &&
                               r.n_ret >= 0 && r.n_ret <= std::min(r.n_blocks, std::min(kk, topk)) &&
                               (uses_blocks || r.n_ret == 0),
-                          op, ": schedule row ", i, ": blocks out of range");
-        TORCH_CHECK_VALUE(r.n_ret == 0 || r.init_len == n_init, op, ": schedule row ", i,
+                          op, ": schedule row ", num_str(i), ": blocks out of range");
+        TORCH_CHECK_VALUE(r.n_ret == 0 || r.init_len == n_init, op, ": schedule row ", num_str(i),
                           ": retrieval needs the init tokens in memory");
         TORCH_CHECK_VALUE(r.cut_n >= 0 && (r.cut_n == 0 || (uses_blocks && r.cut_b0 >= 0 &&
                                                             r.cut_b0 + r.cut_n <= cap_b &&
                                                             n_init + (r.cut_b0 + r.cut_n) * bs <= r.P0 + r.E &&
                                                             n_init + r.cut_b0 * bs >= r.T0)),
-                          op, ": schedule row ", i, ": cut blocks out of range");
+                          op, ": schedule row ", num_str(i), ": cut blocks out of range");
         e_max = std::max(e_max, r.E);
         l_max = std::max(l_max, L);
     }
-    TORCH_CHECK_VALUE(t_next == T, op, ": schedule covers ", t_next, " of ", T, " tokens");
+    TORCH_CHECK_VALUE(t_next == T, op, ": schedule covers ", num_str(t_next), " of ", num_str(T), " tokens");
 
     qllm_gpu_layer ly;
     ly.dtype = q.scalar_type() == at::kHalf ? QLLM_DTYPE_F16 : QLLM_DTYPE_BF16;
@@ -255,13 +268,14 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
     at::Tensor krot = at::empty({hkv, l_max, D}, opt_t);
     at::Tensor lse = at::empty({hq, e_max}, opt_f);
     const int sms = multiprocessors();
+    const int64_t bm = qllm_cuda_attention_rows();
     auto choose_split = [&](const ExecRow &r) -> int {
-        const int64_t ctas = ((r.E + QLLM_CUDA_ATTN_BM - 1) / QLLM_CUDA_ATTN_BM) * hq;
+        const int64_t ctas = ((r.E + bm - 1) / bm) * hq;
         if (2 * ctas >= sms) return 1; /* enough row tiles: no split, no combine */
         const int64_t M = r.init_len + r.n_ret * bs + r.m;
         const int64_t L = r.P0 - r.T0 + r.E;
         const int64_t tiles = (M + QLLM_CUDA_ATTN_BN - 1) / QLLM_CUDA_ATTN_BN +
-                              std::min(L, n_local + QLLM_CUDA_ATTN_BM) / QLLM_CUDA_ATTN_BN + 1;
+                              std::min(L, n_local + bm) / QLLM_CUDA_ATTN_BN + 1;
         int64_t s = (2 * sms + ctas - 1) / ctas;
         s = std::min<int64_t>({s, tiles, QLLM_CUDA_MAX_SPLIT});
         return static_cast<int>(std::max<int64_t>(s, 1));
