@@ -7,6 +7,9 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/qllm_out}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
+# The image's default CC/CXX wrap a toolchain whose statically linked libstdc++ crashes when
+# torch formats an integer into an error message; the system compiler builds a working extension.
+if [[ -x /usr/bin/g++ ]]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
 stages="${*:-build test bench}"
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }

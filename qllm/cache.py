@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from . import gpu
 from .memory import LayerMemory
 
 __all__ = ["QLLMCache"]
@@ -46,7 +47,10 @@ class QLLMCache(DynamicCache):
                dtype: torch.dtype, device: torch.device) -> LayerMemory:
         mem = self.memories.get(layer_idx)
         if mem is None:
-            mem = LayerMemory(self._qllm.config, n_q_heads, n_kv_heads, head_dim, dtype, device)
+            cls = LayerMemory
+            if self.mode == "text" and gpu.supports(dtype, device, head_dim):
+                cls = gpu.CudaLayerMemory  # fast path: preallocated device state, one op per call
+            mem = cls(self._qllm.config, n_q_heads, n_kv_heads, head_dim, dtype, device)
             self.memories[layer_idx] = mem
         return mem
 

@@ -83,6 +83,7 @@ def _ask(model, tok, context: str, question: str, cfg: QLLMConfig, max_new_token
 
 
 def cmd_ask(a) -> int:
+    cfg = _config(a)  # bad budget options fail before any reading or loading
     if not os.path.isfile(a.file):
         print(f"qllm ask: FILE: no such file: {a.file}", file=sys.stderr)
         return 2
@@ -91,7 +92,6 @@ def cmd_ask(a) -> int:
     if not context.strip():
         print(f"qllm ask: FILE: {a.file} is empty", file=sys.stderr)
         return 2
-    cfg = _config(a)
     model, tok = _load(a)
     print(_ask(model, tok, context, a.question, cfg, a.max_new_tokens, a.quiet))
     return 0

@@ -32,6 +32,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from .attention import RopeTable, attend, encode_question
 from .cache import QLLMCache
 from .config import QLLMConfig
+from .gpu import CudaLayerMemory, attend_cuda
 
 log = logging.getLogger("qllm")
 
@@ -111,6 +112,8 @@ def _qllm_attention(module, query, key, value, attention_mask, scaling=None, dro
         if cache.mode == "question":
             out, qvec = encode_question(mem, q, k, v, rope, float(scaling))
             mem.question = qvec
+        elif isinstance(mem, CudaLayerMemory):
+            out = attend_cuda(mem, q, k, v, rope, float(scaling))
         else:
             out = attend(mem, q, k, v, rope, float(scaling))
     if handle.recorder is not None:
