@@ -1,0 +1,65 @@
+"""The patched model on CUDA (fast path: CudaLayerMemory + attend_cuda) against the same model
+patched on the CPU (generic path, float32), and generate() on the GPU.  Skipped without CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qllm
+from qllm.gpu import CudaLayerMemory
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+
+CFG = qllm.QLLMConfig(n_init=16, n_local=64, block_size=16, topk=3, repr_topk=4, exc_block_size=32,
+                      question_weight=1.0, chunk_size=128)
+
+
+def _tiny_llama(seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=64, vocab_size=256, max_position_embeddings=4096,
+                      attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("strategy", ["qllm", "infllm", "streaming"])
+def test_patched_model_cuda_matches_cpu(dtype, strategy):
+    cpu = _tiny_llama(0)
+    gpu = _tiny_llama(0).to("cuda", dtype)
+    # CPU model with the GPU model's (rounded) weights, computed in float32
+    cpu.load_state_dict({k: v.float().cpu() for k, v in gpu.state_dict().items()})
+    ids = torch.randint(0, 256, (1, 600), generator=torch.Generator().manual_seed(1))
+    question = torch.tensor([5, 17, 42, 99])
+    cfg = CFG.replace(strategy=strategy)
+    with qllm.patched(cpu, cfg), qllm.patched(gpu, cfg):
+        qllm.set_question(cpu, question)
+        qllm.set_question(gpu, question)
+        cache_c, cache_g = qllm.QLLMCache(cpu._qllm), qllm.QLLMCache(gpu._qllm)
+        with torch.no_grad():
+            want = cpu(ids, cache=cache_c, use_cache=True).logits
+            got = gpu(ids.cuda(), cache=cache_g, use_cache=True).logits.float().cpu()
+        assert all(isinstance(m, CudaLayerMemory) for m in cache_g.memories.values())
+        assert cache_g.memories[0].n_blocks == cache_c.memories[0].n_blocks > 10
+        err = (got - want).norm() / want.norm()
+        assert err < 3e-2, f"relative error {err:.3g}"
+        # a few decode steps through the same caches
+        nxt = want[:, -1:].argmax(-1)
+        with torch.no_grad():
+            w2 = cpu(nxt, cache=cache_c, use_cache=True).logits
+            g2 = gpu(nxt.cuda(), cache=cache_g, use_cache=True).logits.float().cpu()
+        assert ((g2 - w2).norm() / w2.norm()) < 3e-2
+
+
+def test_generate_on_cuda():
+    model = _tiny_llama(2).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(3)).cuda()
+    with qllm.patched(model, CFG):
+        qllm.set_question(model, torch.tensor([1, 2, 3]))
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                             pad_token_id=0)
+    assert out.shape == (1, 308) and out.device.type == "cuda"
+    assert torch.equal(out[:, :300], ids)
