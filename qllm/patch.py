@@ -170,9 +170,6 @@ def _wrap_forward(handle: PatchHandle):
         if x.shape[0] != 1:
             raise _bad_input(f"input_ids: batch size 1 is supported by qllm, got {x.shape[0]} "
                              "(run sequences one at a time)")
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
-            raise _bad_input("attention_mask: padding is not supported (batch size 1, no padding tokens)")
         cache = kwargs.pop(cache_kw, None)
         if cache is None:
             cache = kwargs.pop("past_key_values", None) if cache_kw != "past_key_values" else None
@@ -181,6 +178,10 @@ def _wrap_forward(handle: PatchHandle):
         elif not isinstance(cache, QLLMCache):
             raise _bad_input(f"{cache_kw}: expected a qllm cache or an empty one, got a filled "
                              f"{type(cache).__name__} (start the text with a fresh cache)")
+        mask = kwargs.get("attention_mask")
+        if cache.n_seen == 0 and isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
+            # checked on the prompt only: later steps only append tokens (no host sync per token)
+            raise _bad_input("attention_mask: padding is not supported (batch size 1, no padding tokens)")
         if cache.n_seen == 0 and not cache.has_question and cache.mode == "text":
             _encode_question(handle, cache, input_ids)
         kwargs["use_cache"] = True
