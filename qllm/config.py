@@ -39,8 +39,10 @@ class QLLMConfig:
         ``streaming``: init + local window only (no memory blocks);
         ``full``: the unpatched model (dense attention, ordinary cache).
     device_blocks : int or None
-        Compute-device block budget per layer (blocks beyond it are kept in
-        host memory).  ``None``: no limit.
+        Compute-device block budget per layer (blocks beyond it would be kept
+        in host memory).  Only ``None`` (no limit: every block stays on the
+        compute device) is implemented; a number raises ``NotImplementedError``
+        rather than being ignored.
     chunk_size : int
         Prefill is fed through the model in chunks of this many tokens (bounds
         activation memory for texts of any length).
@@ -77,6 +79,9 @@ class QLLMConfig:
         _int("chunk_size", 1)
         if self.device_blocks is not None:
             _int("device_blocks", 0)
+            raise NotImplementedError(
+                "QLLMConfig.device_blocks: the tiered block memory (device budget + host tier) is not "
+                "wired into the attention paths yet; leave it None (all blocks on the compute device)")
         if self.max_question_tokens is not None:
             _int("max_question_tokens", 1)
             if self.max_question_tokens > self.n_local:

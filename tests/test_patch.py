@@ -580,3 +580,10 @@ def test_gemma3_sliding_layer_untouched_on_long_text():
                     out = model(input_ids=ids[:, j:j + 1], **{kw: out_cache(out)})
     got = torch.cat([e["q"] for e in rec if e["layer"] == 1], dim=1)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_device_blocks_budget_not_silently_ignored():
+    """A block budget is not implemented in the attention paths: asking for one must fail loudly."""
+    with pytest.raises(NotImplementedError, match="device_blocks"):
+        qllm.QLLMConfig(device_blocks=64)
+    assert qllm.QLLMConfig(device_blocks=None).device_blocks is None
