@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from qllm.attention import RopeTable  # noqa: E402
 from qllm.config import QLLMConfig  # noqa: E402
-from qllm.gpu import CudaLayerMemory, attend_cuda  # noqa: E402
+from qllm.gpu import CudaDecodeStep, CudaLayerMemory, attend_cuda  # noqa: E402
 
 HIDDEN, HQ, HKV, D = 4096, 32, 8, 128
 CHUNK = 8192
@@ -118,6 +118,83 @@ class Qllm:
         return o.transpose(0, 1).reshape(c, HQ * D) @ self.layer.wo.T
 
 
+class QllmGraph:
+    """qllm decode with the layer step (q/k/v projections + attend_decode + o
+    projection) captured once in a CUDA graph and replayed per token.  Per
+    token on the host: the input copy, CudaDecodeStep.prepare (bookkeeping +
+    one tiny kernel writing the step's sizes) and the replay.  Tokens that cut
+    a block (1 in block_size) run the ordinary path (Qllm.step)."""
+
+    def __init__(self, model: Qllm):
+        self.m = model
+        self.x = torch.zeros(1, HIDDEN, dtype=DT, device=model.mem.device)
+        self.dstep = CudaDecodeStep(model.mem, model.rope, D ** -0.5)
+        self.g = None
+        self.y = None
+        self.fallbacks = 0
+
+    def _body(self):
+        q, k, v = self.m.layer.qkv(self.x)
+        o = self.dstep.launch(q, k, v)
+        return o.transpose(0, 1).reshape(1, HQ * D) @ self.m.layer.wo.T
+
+    def step(self, x):
+        self.x.copy_(x)
+        if not self.dstep.prepare():
+            self.fallbacks += 1
+            return self.m.step(x)
+        if self.g is None:
+            y = self._body()  # a real step; also the warm-up before capture
+            torch.cuda.synchronize()
+            self.g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.g):
+                self.y = self._body()  # captured, not run
+            return y
+        self.g.replay()
+        return self.y
+
+
+class DenseGraph:
+    """Dense decode as one CUDA graph: projections, RoPE and the K/V write at a
+    device-side position (advanced inside the graph), FlashAttention, o
+    projection.  The attention's key count is fixed at capture (the graph
+    cannot change shapes), so every replay attends over the first N+1 keys:
+    a timing baseline (same kernels and bytes as a real step at N), not a
+    correct decode beyond the first token."""
+
+    def __init__(self, model: Dense):
+        self.d = model
+        dev = model.dev
+        self.x = torch.zeros(1, HIDDEN, dtype=DT, device=dev)
+        self.pos = torch.tensor([model.n], dtype=torch.int64, device=dev)
+        self.n_fixed = model.n + 1
+        self.g = None
+        self.y = None
+
+    def _body(self):
+        d = self.d
+        q, k, v = d.layer.qkv(self.x)
+        cos, sin = d.cos.index_select(0, self.pos), d.sin.index_select(0, self.pos)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        d.K[0].index_copy_(1, self.pos, k)
+        d.V[0].index_copy_(1, self.pos, v)
+        self.pos.add_(1)
+        o = flash(q.unsqueeze(0), d.K[:, :, :self.n_fixed], d.V[:, :, :self.n_fixed], False, D ** -0.5)
+        return o[0].transpose(0, 1).reshape(1, HQ * D) @ d.layer.wo.T
+
+    def step(self, x):
+        self.x.copy_(x)
+        if self.g is None:
+            y = self._body()
+            torch.cuda.synchronize()
+            self.g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.g):
+                self.y = self._body()
+            return y
+        self.g.replay()
+        return self.y
+
+
 def prefill(model, x):
     for s in range(0, x.shape[0], CHUNK):
         model.step(x[s:s + CHUNK])
@@ -166,6 +243,8 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "layer_h100.json"))
     ap.add_argument("--profile", type=int, default=0, help="profile qllm prefill of N tokens (0: off)")
     ap.add_argument("--profile-decode", type=int, default=0, help="profile 32 qllm decode steps after N tokens")
+    ap.add_argument("--profile-decode-graph", type=int, default=0,
+                    help="profile 32 graph-replayed qllm decode steps after N tokens")
     args = ap.parse_args()
 
     dev = torch.device("cuda")
@@ -212,11 +291,17 @@ def main() -> None:
         x = x_all[:N]
         res = {}
         for name, make in (("qllm", lambda: Qllm(layer, cfg, N + 4 * S + 64, rope, question, dev)),
-                           ("dense", lambda: Dense(layer, N + 4 * S + 64, dev))):
+                           ("dense", lambda: Dense(layer, N + 4 * S + 64, dev)),
+                           ("qllm_graph", lambda: Qllm(layer, cfg, N + 4 * S + 64, rope, question, dev)),
+                           ("dense_graph", lambda: Dense(layer, N + 4 * S + 64, dev))):
             M = make()
             prefill(M, x)
             xs = x_all[N:N + 4 * S]
-            for t in range(4):  # warm the decode shapes
+            if name == "qllm_graph":
+                M = QllmGraph(M)
+            elif name == "dense_graph":
+                M = DenseGraph(M)
+            for t in range(4):  # warm the decode shapes (graphs: the first step captures)
                 M.step(xs[t:t + 1])
             per = []
             for r in range(3):
@@ -227,10 +312,24 @@ def main() -> None:
                         M.step(xs[base + t:base + t + 1])
                 per.append(timed(run) / S)
             res[name] = statistics.median(per)
+            if name == "qllm_graph":
+                res["qllm_graph_fallbacks"] = M.fallbacks
+                # GPU time of the graph alone: back-to-back replays, no host work
+                # between them (the memory does not advance: timing only)
+                res["qllm_graph_replay_only"] = timed(lambda: [M.g.replay() for _ in range(S)]) / S
             del M
             torch.cuda.empty_cache()
-        rows.append({"mode": "decode", "tokens": N, "qllm_ms": res["qllm"], "dense_ms": res["dense"]})
-        print(f"decode  {N:>7}: qllm {res['qllm']:9.4f} ms/token   dense {res['dense']:9.4f} ms/token", flush=True)
+        rows.append({"mode": "decode", "tokens": N, "qllm_ms": res["qllm"], "dense_ms": res["dense"],
+                     "qllm_graph_ms": res["qllm_graph"], "dense_graph_ms": res["dense_graph"],
+                     "qllm_graph_ordinary_steps": res["qllm_graph_fallbacks"],
+                     "qllm_graph_replay_only_ms": res["qllm_graph_replay_only"],
+                     "note": "qllm_ms / dense_ms: eager steps; *_graph_ms: one CUDA graph per layer step "
+                             "(qllm: block-cut tokens, 1 in block_size, run the eager path; dense: "
+                             "attention over a fixed N+1 keys)"})
+        print(f"decode  {N:>7}: qllm {res['qllm']:9.4f} ms/token   dense {res['dense']:9.4f} ms/token   "
+              f"graph: qllm {res['qllm_graph']:9.4f}  dense {res['dense_graph']:9.4f} ms/token "
+              f"(qllm ordinary steps: {res['qllm_graph_fallbacks']}; replays alone "
+              f"{res['qllm_graph_replay_only']:.4f})", flush=True)
 
     # projections only (the floor's first term), 128K
     if 131072 in args.prefill:
@@ -285,6 +384,21 @@ def main() -> None:
                 M.step(x_all[N + t:N + t + 1])
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=50))
+    if args.profile_decode_graph:
+        from torch.profiler import ProfilerActivity, profile
+        N = args.profile_decode_graph
+        M = Qllm(layer, cfg, N + 256, rope, question, dev)
+        prefill(M, x_all[:N])
+        M = QllmGraph(M)
+        for t in range(8):
+            M.step(x_all[N + t:N + t + 1])
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            for t in range(8, 40):
+                M.step(x_all[N + t:N + t + 1])
+            torch.cuda.synchronize()
+        print(f"graph decode profile (ordinary steps: {M.fallbacks})")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=50))
 
 
 if __name__ == "__main__":

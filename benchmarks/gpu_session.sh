@@ -31,6 +31,16 @@ if [[ " $stages " == *" test "* ]]; then
   timeout 260 python3 -m pytest -q --maxfail=20 -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log" | tail -60
   stamp "tests done"
 fi
+if [[ " $stages " == *" tdecode "* ]]; then
+  stamp "decode-step (CUDA graph) tests"
+  timeout 200 python3 -m pytest -q -p no:cacheprovider -k decode_step tests/test_cuda.py 2>&1 | tee "$OUT/test_decode.log" | tail -30
+  stamp "decode-step tests done"
+fi
+if [[ " $stages " == *" bdecode "* ]]; then
+  stamp "decode bench only (eager + graph, 128K)"
+  timeout 200 python3 benchmarks/bench_layer.py --prefill --decode-at 131072 \
+    --out "$OUT/layer_decode.json" 2>&1 | tee "$OUT/bench_decode.log" | grep "decode\|dense baseline\|Error\|error"
+fi
 if [[ " $stages " == *" test1 "* ]]; then
   stamp "attend tests with 128-row attention CTAs (QLLM_ATTN_MI=2)"
   QLLM_ATTN_MI=2 timeout 200 python3 -m pytest -q -p no:cacheprovider -k attend_cuda tests/test_cuda.py 2>&1 | tail -5

@@ -32,7 +32,7 @@ import torch
 from .attention import RopeTable
 from .config import QLLMConfig
 
-__all__ = ["CudaLayerMemory", "attend_cuda", "supports"]
+__all__ = ["CudaLayerMemory", "CudaDecodeStep", "attend_cuda", "supports"]
 
 _DTYPES = (torch.float16, torch.bfloat16)
 _HEAD_DIMS = (64, 128)
@@ -163,10 +163,23 @@ class CudaLayerMemory:
         return cos, sin
 
     # ------------------------------------------------------------ schedule
+    def _state(self) -> tuple:
+        return (self.n_seen, self.tail_start, self.init_done, self.init_len, self.n_blocks)
+
+    def _set_state(self, state: tuple) -> None:
+        self.n_seen, self.tail_start, self.init_done, self.init_len, self.n_blocks = state
+
     def _schedule(self, T: int, rope_len: int) -> tuple[torch.Tensor, int]:
         """Execution blocks of a forward call of T tokens, as the int64 rows
-        (t0, E, P0, T0, init_len, n_blocks, n_ret, m, cut_b0, cut_n), and the
-        host state after them.  Mirrors attention._exec_block + LayerMemory.append."""
+        (t0, E, P0, T0, init_len, n_blocks, n_ret, m, cut_b0, cut_n); advances
+        the host state past them.  Mirrors attention._exec_block + LayerMemory.append."""
+        rows, state = self._rows(T, rope_len)
+        self._set_state(state)
+        return torch.tensor(rows, dtype=torch.int64), rows[-1][6]
+
+    def _rows(self, T: int, rope_len: int) -> tuple[list, tuple]:
+        """The schedule rows of a call of T tokens and the host state after
+        them, without changing this memory."""
         cfg = self.config
         E = cfg.exc_block_size
         n_seen, tail_start = self.n_seen, self.tail_start
@@ -199,9 +212,7 @@ class CudaLayerMemory:
                         tail_start += cut_n * cfg.block_size
                         n_blocks += cut_n
             rows.append((t0, e, P0, T0, row_init, row_blocks, n_ret, m, cut_b0, cut_n))
-        self.n_seen, self.tail_start = n_seen, tail_start
-        self.init_done, self.init_len, self.n_blocks = init_done, init_len, n_blocks
-        return torch.tensor(rows, dtype=torch.int64), rows[-1][6]
+        return rows, (n_seen, tail_start, init_done, init_len, n_blocks)
 
 
 def attend_cuda(mem: CudaLayerMemory, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -250,3 +261,100 @@ def attend_cuda(mem: CudaLayerMemory, q: torch.Tensor, k: torch.Tensor, v: torch
     mem.retrieved_log = retrieved
     mem.last_retrieved = retrieved[-1, :n_ret_last] if n_ret_last > 0 else None
     return out
+
+
+class CudaDecodeStep:
+    """One layer's decode step (one token) that can be captured in a CUDA graph.
+
+    The per-token sizes (position, tail start, segment length, blocks, ...)
+    are not kernel arguments: :meth:`prepare` computes them on the host (the
+    same bookkeeping as :func:`attend_cuda`) and writes them into a small
+    device row with one tiny kernel (``qllm.decode_set``); :meth:`launch`
+    (``qllm.attend_decode``) enqueues kernels whose grids are sized for the
+    maxima and which read that row.  So ``launch`` -- with the projections
+    around it -- can be captured once in a ``torch.cuda.CUDAGraph`` and
+    replayed for every token::
+
+        step = CudaDecodeStep(mem, rope, scaling)
+        step.prepare(); out = step.launch(q, k, v)        # a real step, also warm-up
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = step.launch(q_static, k_static, v_static)  # captured, not run
+        for each token:
+            if step.prepare():  # the host state advances by one token
+                g.replay()
+            else:               # this token cuts blocks (every block_size tokens)
+                out = attend_cuda(mem, q, k, v, rope, scaling)
+
+    Steps that cut blocks stay on the ordinary path (``prepare`` returns False
+    and leaves the memory untouched).  The graph bakes in the memory's buffers:
+    ``mem`` must have the capacity for every token decoded (pass ``capacity``
+    to :class:`CudaLayerMemory`); if a store is reallocated (capacity grown),
+    or the question appears / disappears, ``prepare`` returns False from then
+    on and the step must be rebuilt (and the graph recaptured).  A new question
+    tensor of the same shape is copied into the step's buffer by ``prepare``.
+
+    Outputs are bitwise those of :func:`attend_cuda` for the same token
+    (same kernels and the same key splits).  ``launch`` returns a static
+    buffer [n_q_heads, 1, head_dim] (a view of [1, n_q_heads, head_dim]).
+    """
+
+    def __init__(self, mem: CudaLayerMemory, rope: RopeTable, scaling: float) -> None:
+        cfg = mem.config
+        self.mem, self.rope, self.scaling = mem, rope, float(scaling)
+        self.cos, self.sin = mem._rope_tables(rope)
+        dev = mem.device
+        # longest recent segment of a decode step: the host bookkeeping keeps
+        # P0 - T0 < max(n_init + n_local, n_local + block_size) between calls
+        # (longer ones make prepare() return False)
+        self.L_max = min(mem.ring, self.cos.shape[0], max(cfg.n_init + cfg.n_local, cfg.n_local + cfg.block_size))
+        self._k_store, self._v_store, self._reprs = mem.k_store, mem.v_store, mem.reprs
+        self.nb_max = mem.reprs.shape[0]
+        self.dyn = torch.zeros(8, dtype=torch.int64, device=dev)
+        self.retrieved = torch.full((1, max(cfg.topk, 1)), -1, dtype=torch.int32, device=dev)
+        self._ret_views = [None] + [self.retrieved[-1, :n] for n in range(1, max(cfg.topk, 1) + 1)]
+        self.out = torch.empty(1, mem.n_q_heads, mem.head_dim, dtype=mem.dtype, device=dev).permute(1, 0, 2)
+        self._question_src = mem.question if cfg.uses_question else None
+        self.question = None
+        if self._question_src is not None:
+            self.question = self._question_src.to(device=dev, dtype=torch.float32).contiguous().clone()
+        self.weight = float(cfg.question_weight) if self.question is not None else 0.0
+        self._cfg = [cfg.n_init, cfg.n_local, cfg.block_size, cfg.topk, cfg.repr_topk,
+                     0 if cfg.uses_blocks else 1]
+        self._limits = [self.L_max, self.nb_max]
+
+    def prepare(self) -> bool:
+        """Advance the memory by one token for :meth:`launch` (or a replay of
+        a graph of it) and write the step's sizes to the device.  False (and
+        nothing changed) when this token must go through :func:`attend_cuda`."""
+        mem, cfg = self.mem, self.mem.config
+        if (mem.k_store is not self._k_store or mem.v_store is not self._v_store
+                or mem.reprs is not self._reprs):
+            return False
+        q_src = mem.question if cfg.uses_question else None
+        if (q_src is None) != (self._question_src is None):
+            return False
+        rows, state = mem._rows(1, self.cos.shape[0])
+        _, _, P0, T0, init_len, n_blocks, n_ret, m, _, cut_n = rows[0]
+        L = P0 - T0 + 1
+        if cut_n or L > self.L_max or P0 >= mem.capacity or n_blocks > self.nb_max:
+            return False
+        if q_src is not None and q_src is not self._question_src:
+            self.question.copy_(q_src, non_blocking=True)
+            self._question_src = q_src
+        mem._set_state(state)
+        torch.ops.qllm.decode_set(self.dyn, [P0, T0, L, init_len, n_ret, m, n_blocks])
+        mem.retrieved_log = self.retrieved
+        mem.last_retrieved = self._ret_views[n_ret] if n_ret > 0 else None
+        return True
+
+    def launch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Enqueue the step prepared by :meth:`prepare` (capturable): q
+        [n_q_heads, 1, head_dim], k, v [n_kv_heads, 1, head_dim] un-rotated,
+        the memory's dtype, stride 1 along head_dim (q's head stride a
+        multiple of 8).  Returns the static output buffer."""
+        mem = self.mem
+        torch.ops.qllm.attend_decode(
+            q, k, v, mem.k_store, mem.v_store, mem.scores, mem.reprs, self.retrieved, self.out,
+            self.cos, self.sin, self.question, self.dyn, self.scaling, self.weight, self._cfg, self._limits)
+        return self.out

@@ -400,3 +400,107 @@ def test_attend_cuda_matches_reference_attention():
     assert _rel(torch.cat(outs, 1).cpu(), out_ref) < 2e-2
     if info["retrieval_gap"] > 1e-4:
         assert logs == info["retrieved"]
+
+
+# ============================================================ graph-captured decode step
+
+@pytest.mark.parametrize("strategy,dtype,D,question", [
+    ("qllm", torch.bfloat16, 64, True),
+    ("infllm", torch.float16, 128, False),
+    ("streaming", torch.bfloat16, 64, False),
+])
+@pytest.mark.parametrize("prefill,steps", [(30, 90), (300, 40)], ids=str)
+@pytest.mark.parametrize("graph", [True, False], ids=["graph", "eager"])
+def test_decode_step_matches_attend_cuda(strategy, dtype, D, question, prefill, steps, graph):
+    """N decode tokens through CudaDecodeStep (replays of one captured CUDA graph,
+    or eager launches) give bitwise the outputs, token scores, representatives
+    and retrievals of N attend_cuda calls; the steps that cut a block (every
+    block_size tokens) and the init transition go through attend_cuda."""
+    from qllm.gpu import CudaDecodeStep, CudaLayerMemory, attend_cuda
+
+    cfg = SMALL_SEL.replace(strategy=strategy)
+    hq, hkv = 8, 2
+    T = prefill + steps
+    q, k, v = (t.to(DEV) for t in _inputs(11, hq, hkv, D, T, dtype))
+    rope = _rope(cfg.max_rel_position + 1, D)
+    scaling = D ** -0.5
+    mems = [CudaLayerMemory(cfg, hq, hkv, D, dtype, torch.device(DEV), capacity=T + 8) for _ in range(2)]
+    if question:
+        qv = (torch.randn(hq, D, generator=_gen(5)) * 0.5).to(DEV)
+        for m in mems:
+            m.question = qv
+    ref, mem = mems
+    for m in mems:
+        attend_cuda(m, q[:, :prefill], k[:, :prefill], v[:, :prefill], rope, scaling)
+    step = CudaDecodeStep(mem, rope, scaling)
+    qs, ks, vs = torch.zeros_like(q[:, :1]), torch.zeros_like(k[:, :1]), torch.zeros_like(v[:, :1])
+    g = None
+    n_fast = 0
+    for t in range(prefill, T):
+        want = attend_cuda(ref, q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], rope, scaling).clone()
+        want_log = ref.retrieved_log.clone()
+        qs.copy_(q[:, t:t + 1]); ks.copy_(k[:, t:t + 1]); vs.copy_(v[:, t:t + 1])
+        if step.prepare():
+            n_fast += 1
+            if not graph or g is None:
+                got = step.launch(qs, ks, vs)  # eager (the first one also warms up)
+                if graph:
+                    torch.cuda.synchronize()
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g):
+                        step.launch(qs, ks, vs)  # captured, not run
+            else:
+                g.replay()
+                got = step.out
+            got_log = step.retrieved
+        else:
+            got = attend_cuda(mem, qs, ks, vs, rope, scaling)
+            got_log = mem.retrieved_log
+        assert torch.equal(got, want), f"token {t}: max diff {float((got.float() - want).abs().max())}"
+        assert torch.equal(got_log, want_log), f"token {t}: retrieved {got_log.tolist()} vs {want_log.tolist()}"
+        assert mem._state() == ref._state()
+    assert n_fast >= steps // 2
+    torch.cuda.synchronize()
+    assert torch.equal(mem.scores, ref.scores)
+    assert torch.equal(mem.block_reprs(), ref.block_reprs())
+    assert torch.equal(mem.k_store[:, :T], ref.k_store[:, :T])
+    assert torch.equal(mem.v_store[:, :T], ref.v_store[:, :T])
+
+
+def test_decode_step_llama_geometry_graph():
+    """2K-budget config, 32 q / 8 kv heads, d=128: graph replays across two block cuts."""
+    from qllm.gpu import CudaDecodeStep, CudaLayerMemory, attend_cuda
+
+    cfg = QLLMConfig(repr_topk=4)
+    hq, hkv, D, P, S = 32, 8, 128, 3000, 300
+    q, k, v = (t.to(DEV) for t in _inputs(12, hq, hkv, D, P + S, torch.bfloat16))
+    rope = _rope(cfg.max_rel_position + 1, D)
+    mems = [CudaLayerMemory(cfg, hq, hkv, D, torch.bfloat16, torch.device(DEV), capacity=P + S) for _ in range(2)]
+    qv = (torch.randn(hq, D, generator=_gen(6)) * 0.1).to(DEV)
+    for m in mems:
+        m.question = qv
+        attend_cuda(m, q[:, :P], k[:, :P], v[:, :P], rope, D ** -0.5)
+    ref, mem = mems
+    step = CudaDecodeStep(mem, rope, D ** -0.5)
+    qs, ks, vs = torch.zeros_like(q[:, :1]), torch.zeros_like(k[:, :1]), torch.zeros_like(v[:, :1])
+    g = None
+    cuts = 0
+    for t in range(P, P + S):
+        want = attend_cuda(ref, q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], rope, D ** -0.5)
+        qs.copy_(q[:, t:t + 1]); ks.copy_(k[:, t:t + 1]); vs.copy_(v[:, t:t + 1])
+        if step.prepare():
+            if g is None:
+                got = step.launch(qs, ks, vs)
+                torch.cuda.synchronize()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    step.launch(qs, ks, vs)
+            else:
+                g.replay()
+                got = step.out
+        else:
+            cuts += 1
+            got = attend_cuda(mem, qs, ks, vs, rope, D ** -0.5)
+        assert torch.equal(got, want), f"token {t}"
+    assert cuts >= 2 and mem._state() == ref._state()
+    assert torch.equal(mem.scores, ref.scores) and torch.equal(mem.block_reprs(), ref.block_reprs())

@@ -77,7 +77,16 @@ __device__ __forceinline__ void store8(T *p, const float (&x)[8]) {
 template <typename T>
 __global__ void prep_kernel(qllm_gpu_layer ly, qllm_gpu_exec ex, const T *__restrict__ q,
                             int64_t q_hs, int64_t q_ts, T *__restrict__ qfix,
-                            T *__restrict__ qloc, T *__restrict__ krot) {
+                            T *__restrict__ qloc, T *__restrict__ krot,
+                            const int64_t *__restrict__ dyn) {
+    if (dyn != nullptr) { /* decode step: sizes from the device row (see qllm_gpu_decode) */
+        ex.P0 = dyn[QLLM_DYN_P0];
+        ex.T0 = dyn[QLLM_DYN_T0];
+        ex.L = static_cast<int>(dyn[QLLM_DYN_L]);
+        ex.init_len = static_cast<int>(dyn[QLLM_DYN_INIT]);
+        ex.n_ret = static_cast<int>(dyn[QLLM_DYN_NRET]);
+        ex.m = static_cast<int>(dyn[QLLM_DYN_M]);
+    }
     const int D = ly.head_dim, H2 = D / 2, C = H2 / 8;
     const int64_t nq = static_cast<int64_t>(ly.hq) * ex.E * C;
     const int64_t nk = static_cast<int64_t>(ly.hkv) * ex.L * C;
@@ -204,7 +213,9 @@ __global__ void __launch_bounds__(256) bscore_kernel(const float *__restrict__ r
 __global__ void __launch_bounds__(256) bscore_pairs_kernel(const float *__restrict__ reprs, int64_t X,
                                                            const float *__restrict__ qcomb, int i0,
                                                            int n_rows, int64_t b0, int64_t n_pairs,
-                                                           float *__restrict__ out, int64_t ld) {
+                                                           float *__restrict__ out, int64_t ld,
+                                                           const int64_t *__restrict__ dyn_nb) {
+    if (dyn_nb != nullptr) n_pairs = (*dyn_nb - b0) * n_rows; /* decode: blocks from the device */
     const int lane = threadIdx.x & 31;
     const int64_t w = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
     if (w >= n_pairs) return;
@@ -234,7 +245,12 @@ __device__ __forceinline__ bool better32(float sa, int ia, float sb, int ib) {
 }
 
 __global__ void __launch_bounds__(SEL_THREADS) select_kernel(const float *__restrict__ s, int n, int k,
-                                                             bool staged, int32_t *__restrict__ ids) {
+                                                             bool staged, int32_t *__restrict__ ids,
+                                                             const int64_t *__restrict__ dyn) {
+    if (dyn != nullptr) { /* decode: n, k from the device row (smem sized for the maxima) */
+        n = static_cast<int>(dyn[QLLM_DYN_NBLK]);
+        k = static_cast<int>(dyn[QLLM_DYN_NRET]);
+    }
     extern __shared__ float sel_smem[]; /* [n] scores when staged, then k ints */
     __shared__ float ws[SEL_THREADS / 32];
     __shared__ int wi[SEL_THREADS / 32];
@@ -314,7 +330,9 @@ struct AttnArgs {
     int64_t o_hs, o_ts;
     float *lse; /* [hq, E] */
     float *part_o, *part_lse;
-    int n_split;
+    int n_split;      /* thread blocks per row tile (grid.z) */
+    int n_split_eff;  /* splits that get tiles (<= n_split; the rest write empty partials) */
+    const int64_t *dyn; /* decode: sizes from the device row, else NULL */
 };
 
 /* Text position of memory key u (init | retrieved blocks | tail memory). */
@@ -334,7 +352,7 @@ __device__ __forceinline__ int64_t mem_pos(const AttnArgs &a, int64_t u) {
  * queries, un-rotated keys) first, then local tiles; the Q buffer switches
  * from the fixed to the local rotation at the first local tile. */
 template <typename T, int D, int MI>
-__global__ void __launch_bounds__(ATT_THREADS, 2) attn_kernel(const AttnArgs a) {
+__device__ __forceinline__ void attn_body(const AttnArgs &a) {
     constexpr int LD = D + 8;     /* padded smem row (elements): ldmatrix without conflicts */
     constexpr int CH = D / 8;     /* 16-byte chunks per row */
     constexpr int NDT = D / 8;    /* 8-wide n-tiles of the output */
@@ -372,7 +390,7 @@ __global__ void __launch_bounds__(ATT_THREADS, 2) attn_kernel(const AttnArgs a) 
     const int hi_s = off + r0 + rows_valid - 1;
     const int lt0 = lo_s / BN, lt1 = hi_s / BN;
     const int n_tot = n_mt + (lt1 - lt0 + 1);
-    const int per = (n_tot + a.n_split - 1) / a.n_split;
+    const int per = (n_tot + a.n_split_eff - 1) / a.n_split_eff;
     const int t_begin = split * per;
     const int t_end = min(n_tot, t_begin + per);
 
@@ -640,6 +658,33 @@ __global__ void __launch_bounds__(ATT_THREADS, 2) attn_kernel(const AttnArgs a) 
         }
 }
 
+template <typename T, int D, int MI>
+__global__ void __launch_bounds__(ATT_THREADS, 2) attn_kernel(const AttnArgs a) {
+    attn_body<T, D, MI>(a);
+}
+
+/* Decode step (E = 1): the sizes come from the device row; the split count
+ * actually used is the host's choice for these sizes (ops_cuda.cpp
+ * choose_split), so the result is bitwise that of attn_kernel. */
+template <typename T, int D, int MI>
+__global__ void __launch_bounds__(ATT_THREADS, 2) attn_dyn_kernel(const AttnArgs a0) {
+    AttnArgs a = a0;
+    a.P0 = a.dyn[QLLM_DYN_P0];
+    a.T0 = a.dyn[QLLM_DYN_T0];
+    a.L = static_cast<int>(a.dyn[QLLM_DYN_L]);
+    a.init_len = static_cast<int>(a.dyn[QLLM_DYN_INIT]);
+    a.n_ret = static_cast<int>(a.dyn[QLLM_DYN_NRET]);
+    a.m = static_cast<int>(a.dyn[QLLM_DYN_M]);
+    if (a.n_split > 1) {
+        constexpr int BMr = 64 * MI;
+        const int64_t M = a.init_len + static_cast<int64_t>(a.n_ret) * a.bs + a.m;
+        const int64_t lw = a.L < a.n_local + BMr ? a.L : a.n_local + BMr;
+        const int64_t tiles = (M + BN - 1) / BN + lw / BN + 1;
+        a.n_split_eff = static_cast<int>(tiles < a.n_split ? tiles : a.n_split);
+    }
+    attn_body<T, D, MI>(a);
+}
+
 /* Merge n_split partial results of each (head, row). One warp per row. */
 template <typename T>
 __global__ void combine_kernel(const float *__restrict__ part_o, const float *__restrict__ part_lse,
@@ -682,7 +727,7 @@ struct TsArgs {
  * the keys as MMA rows, so the sum over queries is a row sum.  The query
  * tiles are visited in order: the result does not depend on scheduling. */
 template <typename T, int D>
-__global__ void __launch_bounds__(TS_THREADS) tscore_kernel(const TsArgs a) {
+__device__ __forceinline__ void tscore_body(const TsArgs &a) {
     constexpr int LD = D + 8, CH = D / 8;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T *Ks = reinterpret_cast<T *>(smem_raw);
@@ -812,6 +857,44 @@ __global__ void __launch_bounds__(TS_THREADS) tscore_kernel(const TsArgs a) {
     }
 }
 
+template <typename T, int D>
+__global__ void __launch_bounds__(TS_THREADS) tscore_kernel(const TsArgs a) {
+    tscore_body<T, D>(a);
+}
+
+/* Decode step: sizes from the device row; grid sized for the longest
+ * segment, CTAs past L exit. */
+template <typename T, int D>
+__global__ void __launch_bounds__(TS_THREADS) tscore_dyn_kernel(const TsArgs a0, const int64_t *dyn) {
+    TsArgs a = a0;
+    a.P0 = dyn[QLLM_DYN_P0];
+    a.T0 = dyn[QLLM_DYN_T0];
+    a.L = static_cast<int>(dyn[QLLM_DYN_L]);
+    if (static_cast<int64_t>(blockIdx.x) * TS_KEYS >= a.L) return;
+    tscore_body<T, D>(a);
+}
+
+/* Decode step: the new token's K/V into the store at position P0. */
+template <typename T>
+__global__ void store_kv_kernel(const T *__restrict__ k, int64_t k_hs, const T *__restrict__ v,
+                                int64_t v_hs, T *__restrict__ kst, T *__restrict__ vst, int64_t cap,
+                                int D, const int64_t *__restrict__ dyn) {
+    const int h = blockIdx.x;
+    const int64_t o = (static_cast<int64_t>(h) * cap + dyn[QLLM_DYN_P0]) * D;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        kst[o + d] = k[h * k_hs + d];
+        vst[o + d] = v[h * v_hs + d];
+    }
+}
+
+struct DynVals {
+    int64_t v[QLLM_DYN_FIELDS];
+};
+
+__global__ void dyn_set_kernel(DynVals vals, int64_t *dyn) {
+    if (threadIdx.x < QLLM_DYN_FIELDS) dyn[threadIdx.x] = vals.v[threadIdx.x];
+}
+
 /* ------------------------------------------------------------ cut blocks */
 
 template <typename T>
@@ -894,39 +977,51 @@ int attn_mi() {
     return mi;
 }
 
-template <typename T, int D, int MI>
+template <typename T, int D, int MI, bool DYN>
 int launch_attention_mi(const AttnArgs &a, int E, int hq, cudaStream_t stream) {
     constexpr int BMr = 64 * MI;
     const size_t smem = static_cast<size_t>(BMr + 4 * BN) * (D + 8) * sizeof(T);
     static bool ready = false;
     if (!ready) {
-        const int st = ensure_smem(attn_kernel<T, D, MI>, smem, "attn_kernel");
+        const int st = DYN ? ensure_smem(attn_dyn_kernel<T, D, MI>, smem, "attn_dyn_kernel")
+                           : ensure_smem(attn_kernel<T, D, MI>, smem, "attn_kernel");
         if (st != QLLM_CUDA_OK) return st;
         ready = true;
     }
     dim3 grid((E + BMr - 1) / BMr, hq, a.n_split);
-    attn_kernel<T, D, MI><<<grid, ATT_THREADS, smem, stream>>>(a);
+    if (DYN)
+        attn_dyn_kernel<T, D, MI><<<grid, ATT_THREADS, smem, stream>>>(a);
+    else
+        attn_kernel<T, D, MI><<<grid, ATT_THREADS, smem, stream>>>(a);
     return check_launch("attn_kernel");
 }
 
 template <typename T, int D>
 int launch_attention(const AttnArgs &a, int E, int hq, cudaStream_t stream) {
-    return attn_mi() == 1 ? launch_attention_mi<T, D, 1>(a, E, hq, stream)
-                          : launch_attention_mi<T, D, 2>(a, E, hq, stream);
+    if (a.dyn != nullptr)
+        return attn_mi() == 1 ? launch_attention_mi<T, D, 1, true>(a, E, hq, stream)
+                              : launch_attention_mi<T, D, 2, true>(a, E, hq, stream);
+    return attn_mi() == 1 ? launch_attention_mi<T, D, 1, false>(a, E, hq, stream)
+                          : launch_attention_mi<T, D, 2, false>(a, E, hq, stream);
 }
 
+/* dyn != NULL: decode step, a.L is the longest segment (grid), sizes from dyn. */
 template <typename T, int D>
-int launch_tscore(const TsArgs &a, int hq, cudaStream_t stream) {
+int launch_tscore(const TsArgs &a, int hq, cudaStream_t stream, const int64_t *dyn = nullptr) {
     const size_t smem = static_cast<size_t>(TS_KEYS + 2 * TS_Q) * (D + 8) * sizeof(T) +
                         2 * TS_Q * sizeof(float);
     static bool ready = false;
     if (!ready) {
-        const int st = ensure_smem(tscore_kernel<T, D>, smem, "tscore_kernel");
+        int st = ensure_smem(tscore_kernel<T, D>, smem, "tscore_kernel");
+        if (st == QLLM_CUDA_OK) st = ensure_smem(tscore_dyn_kernel<T, D>, smem, "tscore_dyn_kernel");
         if (st != QLLM_CUDA_OK) return st;
         ready = true;
     }
     dim3 grid((a.L + TS_KEYS - 1) / TS_KEYS, hq);
-    tscore_kernel<T, D><<<grid, TS_THREADS, smem, stream>>>(a);
+    if (dyn != nullptr)
+        tscore_dyn_kernel<T, D><<<grid, TS_THREADS, smem, stream>>>(a, dyn);
+    else
+        tscore_kernel<T, D><<<grid, TS_THREADS, smem, stream>>>(a);
     return check_launch("tscore_kernel");
 }
 
@@ -964,7 +1059,7 @@ extern "C" int qllm_cuda_exec_prep(const qllm_gpu_layer *ly, const qllm_gpu_exec
     QLLM_DISPATCH_T(ly->dtype,
                     prep_kernel<T><<<grid_for(work, 256), 256, 0, stream>>>(
                         *ly, *ex, static_cast<const T *>(q), q_hs, q_ts, static_cast<T *>(qfix),
-                        static_cast<T *>(qloc), static_cast<T *>(krot)));
+                        static_cast<T *>(qloc), static_cast<T *>(krot), nullptr));
     return check_launch("prep_kernel");
 }
 
@@ -992,7 +1087,7 @@ extern "C" int qllm_cuda_block_scores(const qllm_gpu_layer *ly, const float *qco
     if (n_pairs <= 8192 && X % 4 == 0) { /* few pairs (decode, blocks just cut): a warp each */
         const int64_t nb = (n_pairs + 7) / 8;
         bscore_pairs_kernel<<<static_cast<unsigned>(nb), 256, 0, stream>>>(ly->reprs, X, qcomb, i0, i1 - i0,
-                                                                          b0, n_pairs, bscore, ld);
+                                                                          b0, n_pairs, bscore, ld, nullptr);
         return check_launch("bscore_pairs_kernel");
     }
     const int64_t nbx = (b1 - b0 + BS_B - 1) / BS_B;
@@ -1011,7 +1106,7 @@ extern "C" int qllm_cuda_select_blocks(const float *bscore, int64_t n, int k, in
     const bool staged = (n + k) * static_cast<int64_t>(sizeof(float)) <= 48 * 1024;
     const size_t smem = (staged ? static_cast<size_t>(n) * sizeof(float) : 0) + static_cast<size_t>(k) * sizeof(int);
     if (smem > 48 * 1024) return set_error(QLLM_CUDA_ERR_ARG, "select_blocks: k=%d too large", k);
-    select_kernel<<<1, SEL_THREADS, smem, stream>>>(bscore, static_cast<int>(n), k, staged, ids);
+    select_kernel<<<1, SEL_THREADS, smem, stream>>>(bscore, static_cast<int>(n), k, staged, ids, nullptr);
     return check_launch("select_kernel");
 }
 
@@ -1055,6 +1150,8 @@ extern "C" int qllm_cuda_exec_attention(const qllm_gpu_layer *ly, const qllm_gpu
     a.part_o = part_o;
     a.part_lse = part_lse;
     a.n_split = n_split;
+    a.n_split_eff = n_split;
+    a.dyn = nullptr;
     if (ly->hq > 65535) return set_error(QLLM_CUDA_ERR_ARG, "exec_attention: too many heads");
     QLLM_DISPATCH_T(ly->dtype, {
         st = ly->head_dim == 64 ? launch_attention<T, 64>(a, ex->E, ly->hq, stream)
@@ -1110,4 +1207,134 @@ extern "C" int qllm_cuda_cut_blocks(const qllm_gpu_layer *ly, int64_t b0, int64_
     QLLM_DISPATCH_T(ly->dtype, cut_kernel<T><<<grid, 128, static_cast<size_t>(k) * sizeof(int64_t),
                                                stream>>>(*ly, b0, k));
     return check_launch("cut_kernel");
+}
+
+extern "C" int qllm_cuda_decode_set(int64_t *dyn, const int64_t *vals, int n, cudaStream_t stream) {
+    if (n < 1 || n > QLLM_DYN_FIELDS || dyn == nullptr)
+        return set_error(QLLM_CUDA_ERR_ARG, "decode_set: %d values", n);
+    DynVals dv;
+    for (int i = 0; i < QLLM_DYN_FIELDS; ++i) dv.v[i] = 0;
+    for (int i = 0; i < n; ++i) dv.v[i] = vals[i];
+    dyn_set_kernel<<<1, 32, 0, stream>>>(dv, dyn);
+    return check_launch("dyn_set_kernel");
+}
+
+extern "C" int qllm_cuda_decode_step(const qllm_gpu_layer *ly, const qllm_gpu_decode *dc,
+                                     cudaStream_t stream) {
+    int st = check_layer(ly, "decode_step");
+    if (st) return st;
+    const int D = ly->head_dim;
+    if (dc->dyn == nullptr || dc->L_max < 1 || dc->L_max > ly->rope_len || dc->L_max > ly->ring ||
+        (ly->ring & (ly->ring - 1)) != 0 || dc->nb_max < 1 || dc->nb_max > ly->reprs_cap ||
+        dc->nb_max > 2147483647 || dc->k_max < 0 || dc->k_max > 4096 || dc->n_split < 1 ||
+        dc->n_split > QLLM_CUDA_MAX_SPLIT || (dc->n_split > 1 && (!dc->part_o || !dc->part_lse)) ||
+        ly->hq > 65535)
+        return set_error(QLLM_CUDA_ERR_ARG, "decode_step: bad sizes (L_max %d, nb_max %lld, k %d, split %d)",
+                         dc->L_max, (long long)dc->nb_max, dc->k_max, dc->n_split);
+    if (dc->q_hs % 8 != 0 || (reinterpret_cast<uintptr_t>(dc->q) & 15) != 0)
+        return set_error(QLLM_CUDA_ERR_ARG, "decode_step: q rows must be 16-byte aligned");
+    const int64_t *dyn = dc->dyn;
+    QLLM_DISPATCH_T(ly->dtype, store_kv_kernel<T><<<ly->hkv, D, 0, stream>>>(
+                                   static_cast<const T *>(dc->k), dc->k_hs, static_cast<const T *>(dc->v),
+                                   dc->v_hs, static_cast<T *>(ly->k_store), static_cast<T *>(ly->v_store),
+                                   ly->cap, D, dyn));
+    st = check_launch("store_kv_kernel");
+    if (st) return st;
+    if (!ly->streaming) {
+        st = qllm_cuda_query_comb(ly, dc->q, dc->q_hs, dc->q_hs, 1, 1, 1, dc->question, dc->weight,
+                                  dc->qcomb, stream);
+        if (st) return st;
+        const int64_t X = static_cast<int64_t>(ly->hq) * D;
+        bscore_pairs_kernel<<<static_cast<unsigned>((dc->nb_max + 7) / 8), 256, 0, stream>>>(
+            ly->reprs, X, dc->qcomb, 0, 1, 0, dc->nb_max, dc->bscore, dc->nb_max, dyn + QLLM_DYN_NBLK);
+        st = check_launch("bscore_pairs_kernel");
+        if (st) return st;
+        if (dc->k_max > 0) {
+            const bool staged = (dc->nb_max + dc->k_max) * static_cast<int64_t>(sizeof(float)) <= 48 * 1024;
+            const size_t smem = (staged ? static_cast<size_t>(dc->nb_max) * sizeof(float) : 0) +
+                                static_cast<size_t>(dc->k_max) * sizeof(int);
+            select_kernel<<<1, SEL_THREADS, smem, stream>>>(dc->bscore, static_cast<int>(dc->nb_max),
+                                                            dc->k_max, staged, dc->ids, dyn);
+            st = check_launch("select_kernel");
+            if (st) return st;
+        }
+    }
+    qllm_gpu_exec ex;
+    ex.P0 = 0;
+    ex.T0 = 0;
+    ex.E = 1;
+    ex.L = dc->L_max;
+    ex.init_len = 0;
+    ex.n_ret = 0;
+    ex.m = 0;
+    const int64_t work = (static_cast<int64_t>(ly->hq) + static_cast<int64_t>(ly->hkv) * dc->L_max) * (D / 16);
+    QLLM_DISPATCH_T(ly->dtype, prep_kernel<T><<<grid_for(work, 256), 256, 0, stream>>>(
+                                   *ly, ex, static_cast<const T *>(dc->q), dc->q_hs, dc->q_hs,
+                                   static_cast<T *>(dc->qfix), static_cast<T *>(dc->qloc),
+                                   static_cast<T *>(dc->krot), dyn));
+    st = check_launch("prep_kernel");
+    if (st) return st;
+    AttnArgs a;
+    a.qfix = dc->qfix;
+    a.qloc = dc->qloc;
+    a.kst = ly->k_store;
+    a.vst = ly->v_store;
+    a.cap = ly->cap;
+    a.krot = dc->krot;
+    a.ids = dc->ids;
+    a.P0 = 0;
+    a.T0 = 0;
+    a.E = 1;
+    a.L = dc->L_max;
+    a.init_len = 0;
+    a.n_ret = 0;
+    a.bs = ly->block_size;
+    a.n_init = ly->n_init;
+    a.n_local = ly->n_local;
+    a.m = 0;
+    a.group = ly->hq / ly->hkv;
+    a.streaming = ly->streaming;
+    a.hq = ly->hq;
+    a.sl2 = dc->scaling * kLog2e;
+    a.out = dc->out;
+    a.o_hs = dc->o_hs;
+    a.o_ts = dc->o_hs;
+    a.lse = dc->lse;
+    a.part_o = dc->part_o;
+    a.part_lse = dc->part_lse;
+    a.n_split = dc->n_split;
+    a.n_split_eff = dc->n_split;
+    a.dyn = dyn;
+    QLLM_DISPATCH_T(ly->dtype, {
+        st = D == 64 ? launch_attention<T, 64>(a, 1, ly->hq, stream)
+                     : launch_attention<T, 128>(a, 1, ly->hq, stream);
+    });
+    if (st) return st;
+    if (dc->n_split > 1) {
+        dim3 grid(1, ly->hq);
+        QLLM_DISPATCH_T(ly->dtype, combine_kernel<T><<<grid, 128, 0, stream>>>(
+                                       dc->part_o, dc->part_lse, dc->n_split, ly->hq, 1, D,
+                                       static_cast<T *>(dc->out), dc->o_hs, dc->o_hs, dc->lse));
+        st = check_launch("combine_kernel");
+        if (st) return st;
+    }
+    TsArgs t;
+    t.qloc = dc->qloc;
+    t.krot = dc->krot;
+    t.lse = dc->lse;
+    t.scores = ly->scores;
+    t.ring = ly->ring;
+    t.P0 = 0;
+    t.T0 = 0;
+    t.E = 1;
+    t.L = dc->L_max;
+    t.n_init = ly->n_init;
+    t.n_local = ly->n_local;
+    t.group = ly->hq / ly->hkv;
+    t.sl2 = dc->scaling * kLog2e;
+    QLLM_DISPATCH_T(ly->dtype, {
+        st = D == 64 ? launch_tscore<T, 64>(t, ly->hq, stream, dyn)
+                     : launch_tscore<T, 128>(t, ly->hq, stream, dyn);
+    });
+    return st;
 }

@@ -132,4 +132,63 @@ inline void attend_run_meta(const at::Tensor &q, const at::Tensor &k_store,
                           schedule, cfg);
 }
 
+/* attend_decode(q, k, v, k_store!, v_store!, scores!, reprs!, retrieved!, out!, cos, sin,
+ *               question?, dyn, scaling, weight, cfg, limits) -> ()
+ * One decoded token whose sizes are read on the device from dyn (int64
+ * [>= 8], see qllm_cuda.cuh QLLM_DYN_*): capturable in a CUDA graph.
+ *   q [hq, 1, D], k / v [hkv, 1, D] (stride 1 along dim), the rest as
+ *   attend_run with retrieved [1, kk]; limits = [L_max, nb_max]. */
+constexpr const char *kAttendDecode = "qllm.attend_decode";
+constexpr const char *kDecodeSet = "qllm.decode_set";
+
+inline void check_attend_decode_args(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
+                                     const at::Tensor &k_store, const at::Tensor &v_store,
+                                     const at::Tensor &scores, const at::Tensor &reprs,
+                                     const at::Tensor &retrieved, const at::Tensor &out,
+                                     const at::Tensor &cos, const at::Tensor &sin,
+                                     const std::optional<at::Tensor> &question, const at::Tensor &dyn,
+                                     at::IntArrayRef cfg, at::IntArrayRef limits) {
+    const char *op = kAttendDecode;
+    check_attend_run_args(q, k_store, v_store, scores, reprs, retrieved, out, cos, sin, question,
+                          at::empty({retrieved.dim() == 2 ? retrieved.size(0) : 1, kScheduleFields},
+                                    at::TensorOptions().dtype(at::kLong)),
+                          cfg);
+    TORCH_CHECK_VALUE(q.size(1) == 1 && retrieved.size(0) == 1, op,
+                      ": expected one token (q [hq, 1, D], retrieved [1, k])");
+    for (const auto &pr : {std::make_pair("k", &k), std::make_pair("v", &v)}) {
+        const at::Tensor &t = *pr.second;
+        TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), op, ": ", pr.first, ": expected q's dtype");
+        TORCH_CHECK_VALUE(t.dim() == 3 && t.size(0) == k_store.size(0) && t.size(1) == 1 &&
+                              t.size(2) == q.size(2) && t.stride(2) == 1,
+                          op, ": ", pr.first, ": expected [kv_heads, 1, dim] with stride 1 along dim, got ",
+                          shape_str(t.sizes()));
+        TORCH_CHECK_VALUE(t.device() == q.device(), op, ": ", pr.first, ": expected q's device");
+    }
+    TORCH_CHECK_TYPE(dyn.scalar_type() == at::kLong, op, ": dyn: expected int64");
+    TORCH_CHECK_VALUE(dyn.dim() == 1 && dyn.size(0) >= 8 && dyn.is_contiguous() && dyn.device() == q.device(),
+                      op, ": dyn: expected a contiguous [>= 8] tensor on q's device");
+    TORCH_CHECK_VALUE(limits.size() == 2, op, ": limits: expected [L_max, nb_max]");
+}
+
+inline void attend_decode_meta(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
+                               const at::Tensor &k_store, const at::Tensor &v_store,
+                               const at::Tensor &scores, const at::Tensor &reprs,
+                               const at::Tensor &retrieved, const at::Tensor &out,
+                               const at::Tensor &cos, const at::Tensor &sin,
+                               const std::optional<at::Tensor> &question, const at::Tensor &dyn,
+                               double scaling, double weight, at::IntArrayRef cfg, at::IntArrayRef limits) {
+    check_attend_decode_args(q, k, v, k_store, v_store, scores, reprs, retrieved, out, cos, sin, question,
+                             dyn, cfg, limits);
+}
+
+inline void check_decode_set_args(const at::Tensor &dyn, at::IntArrayRef values) {
+    const char *op = kDecodeSet;
+    TORCH_CHECK_TYPE(dyn.scalar_type() == at::kLong, op, ": dyn: expected int64");
+    TORCH_CHECK_VALUE(dyn.dim() == 1 && dyn.is_contiguous() && values.size() >= 1 &&
+                          static_cast<int64_t>(values.size()) <= dyn.size(0) && values.size() <= 8,
+                      op, ": expected a contiguous 1-d dyn and 1..min(8, len(dyn)) values");
+}
+
+inline void decode_set_meta(const at::Tensor &dyn, at::IntArrayRef values) { check_decode_set_args(dyn, values); }
+
 }  // namespace qllm_torch

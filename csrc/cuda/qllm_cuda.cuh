@@ -142,6 +142,52 @@ int qllm_cuda_exec_token_scores(const qllm_gpu_layer *ly, const qllm_gpu_exec *e
 int qllm_cuda_cut_blocks(const qllm_gpu_layer *ly, int64_t b0, int64_t n, int repr_topk,
                          cudaStream_t stream);
 
+/* ------------------------------------------------ decode step (CUDA graphs)
+ * One decoded token (E = 1) of one layer with no host scalar in any launch:
+ * the per-step sizes live in a small device int64 row `dyn` (fields below),
+ * written before each step (qllm_cuda_decode_set, outside a graph) and read by
+ * the kernels, whose grids are sized for the maxima (L_max keys in the recent
+ * segment, nb_max blocks, k_max retrieved) with inactive parts exiting.  So
+ * the launch sequence is capturable in a CUDA graph and replayed per token.
+ * Steps that cut blocks are not handled here (the caller runs exec_* then). */
+enum {
+    QLLM_DYN_P0 = 0,   /* position of the new token (= tokens before it) */
+    QLLM_DYN_T0 = 1,   /* tail start */
+    QLLM_DYN_L = 2,    /* P0 - T0 + 1 */
+    QLLM_DYN_INIT = 3, /* init_len */
+    QLLM_DYN_NRET = 4, /* retrieved blocks */
+    QLLM_DYN_M = 5,    /* tail keys that may be memory */
+    QLLM_DYN_NBLK = 6, /* blocks in memory */
+    QLLM_DYN_FIELDS = 8
+};
+
+typedef struct {
+    const int64_t *dyn;              /* device [QLLM_DYN_FIELDS] */
+    const void *q; int64_t q_hs;     /* [hq, 1, D], head stride (multiple of 8, 16-byte aligned) */
+    const void *k; int64_t k_hs;     /* [hkv, 1, D] new key / value (un-rotated) */
+    const void *v; int64_t v_hs;
+    void *out; int64_t o_hs;         /* [hq, 1, D] */
+    int32_t *ids; int k_max;         /* retrieved ids [k_max] (topk) */
+    int L_max;                       /* bound on L (<= ring, rope_len) */
+    int64_t nb_max;                  /* bound on n_blocks (<= reprs_cap) */
+    const float *question; float weight; float scaling;
+    int n_split;                     /* key splits of the attention (see exec_attention) */
+    void *qfix, *qloc;               /* [hq, 1, D] */
+    void *krot;                      /* [hkv, L_max, D] */
+    float *lse;                      /* [hq] */
+    float *part_o, *part_lse;        /* [n_split, hq, D], [n_split, hq] if n_split > 1 */
+    float *qcomb;                    /* [hq, D] */
+    float *bscore;                   /* [nb_max] */
+} qllm_gpu_decode;
+
+/* Enqueue one decode step: K/V into the store at P0, (blocks: qcomb, block
+ * scores, top-k), rotations, attention (+ combine), token scores.  Outputs are
+ * bitwise those of the exec_* sequence for the same row. */
+int qllm_cuda_decode_step(const qllm_gpu_layer *ly, const qllm_gpu_decode *dc, cudaStream_t stream);
+
+/* dyn[0..n) = vals (kernel arguments: no host buffer to keep alive), n <= QLLM_DYN_FIELDS. */
+int qllm_cuda_decode_set(int64_t *dyn, const int64_t *vals, int n, cudaStream_t stream);
+
 /* Max number of n_split the attention launcher accepts. */
 #define QLLM_CUDA_MAX_SPLIT 32
 

@@ -198,6 +198,15 @@ TORCH_LIBRARY(qllm, m) {
         "attend_run(Tensor q, Tensor k_store, Tensor v_store, Tensor(a!) scores, "
         "Tensor(b!) reprs, Tensor(c!) retrieved, Tensor(d!) out, Tensor cos, Tensor sin, "
         "Tensor? question, Tensor schedule, float scaling, float weight, int[] cfg) -> ()");
+    /* attend_decode: one decoded token whose per-step sizes are read on the
+     * device from `dyn` (set by decode_set), so it can be captured in a CUDA
+     * graph; writes the token's K/V into the stores. */
+    m.def(
+        "attend_decode(Tensor q, Tensor k, Tensor v, Tensor(a!) k_store, Tensor(b!) v_store, "
+        "Tensor(c!) scores, Tensor(d!) reprs, Tensor(e!) retrieved, Tensor(f!) out, Tensor cos, "
+        "Tensor sin, Tensor? question, Tensor dyn, float scaling, float weight, int[] cfg, "
+        "int[] limits) -> ()");
+    m.def("decode_set(Tensor(a!) dyn, int[] values) -> ()");
     /* ---- end of GPU path section ---- */
 }
 
@@ -238,6 +247,8 @@ TORCH_LIBRARY_IMPL(qllm, Conjugate, m) {
 #include "../cuda/attend_checks.cuh"
 TORCH_LIBRARY_IMPL(qllm, Meta, m) {
     m.impl("attend_run", &qllm_torch::attend_run_meta);
+    m.impl("attend_decode", &qllm_torch::attend_decode_meta);
+    m.impl("decode_set", &qllm_torch::decode_set_meta);
 }
 /* ---- end of GPU path section ---- */
 

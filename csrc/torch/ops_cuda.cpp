@@ -353,10 +353,124 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
     }
 }
 
+/* ---------------------------------------------------------- decode step */
+
+/* Split count of the decode step's attention: choose_split of attend_run for
+ * E = 1 before the tile bound (the kernel applies min(split, tiles) from the
+ * device row, which gives attend_run's exact choice). */
+int decode_split(int64_t hq) {
+    const int sms = multiprocessors();
+    const int64_t bm = qllm_cuda_attention_rows();
+    const int64_t ctas = ((1 + bm - 1) / bm) * hq;
+    if (2 * ctas >= sms) return 1;
+    const int64_t s = std::min<int64_t>((2 * sms + ctas - 1) / ctas, QLLM_CUDA_MAX_SPLIT);
+    return static_cast<int>(std::max<int64_t>(s, 1));
+}
+
+void attend_decode_cuda(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
+                        const at::Tensor &k_store, const at::Tensor &v_store, const at::Tensor &scores,
+                        const at::Tensor &reprs, const at::Tensor &retrieved, const at::Tensor &out,
+                        const at::Tensor &cos, const at::Tensor &sin,
+                        const std::optional<at::Tensor> &question, const at::Tensor &dyn,
+                        double scaling, double weight, at::IntArrayRef cfg, at::IntArrayRef limits) {
+    const char *op = kAttendDecode;
+    check_attend_decode_args(q, k, v, k_store, v_store, scores, reprs, retrieved, out, cos, sin,
+                             question, dyn, cfg, limits);
+    TORCH_CHECK_VALUE(q.is_cuda(), op, ": q: expected a CUDA tensor");
+    const c10::cuda::CUDAGuard guard(q.device());
+    const cudaStream_t st = stream();
+    const int64_t hq = q.size(0), D = q.size(2), hkv = k_store.size(0);
+    const int64_t R = scores.size(1), cap_b = reprs.size(0), P = cos.size(0);
+    const int64_t n_init = cfg[0], n_local = cfg[1], bs = cfg[2], topk = cfg[3], streaming = cfg[5];
+    const int64_t L_max = limits[0], nb_max = limits[1];
+    TORCH_CHECK_VALUE(n_init >= 0 && n_local >= 1 && bs >= 1 && topk >= 0 && (streaming == 0 || streaming == 1) &&
+                          n_local <= P,
+                      op, ": cfg: bad values ", shape_str(cfg));
+    TORCH_CHECK_VALUE(L_max >= 1 && L_max <= std::min(R, P) && nb_max >= 1 && nb_max <= cap_b &&
+                          (streaming == 1 || (topk <= retrieved.size(1) && topk <= nb_max)),
+                      op, ": limits ", shape_str(limits), " exceed the ring / rope table / reprs / retrieved");
+
+    qllm_gpu_layer ly;
+    ly.dtype = q.scalar_type() == at::kHalf ? QLLM_DTYPE_F16 : QLLM_DTYPE_BF16;
+    ly.head_dim = static_cast<int>(D);
+    ly.hq = static_cast<int>(hq);
+    ly.hkv = static_cast<int>(hkv);
+    ly.n_init = static_cast<int>(n_init);
+    ly.n_local = static_cast<int>(n_local);
+    ly.block_size = static_cast<int>(bs);
+    ly.streaming = static_cast<int>(streaming);
+    ly.cap = k_store.size(1);
+    ly.ring = R;
+    ly.cos = cos.const_data_ptr<float>();
+    ly.sin = sin.const_data_ptr<float>();
+    ly.rope_len = P;
+    ly.k_store = k_store.mutable_data_ptr();
+    ly.v_store = v_store.mutable_data_ptr();
+    ly.scores = scores.mutable_data_ptr<float>();
+    ly.reprs = reprs.mutable_data_ptr<float>();
+    ly.reprs_cap = cap_b;
+
+    /* workspaces: allocated per call (in a graph: once, from the graph's pool) */
+    const auto opt_t = q.options();
+    const auto opt_f = q.options().dtype(at::kFloat);
+    at::Tensor qfix = at::empty({hq, 1, D}, opt_t);
+    at::Tensor qloc = at::empty({hq, 1, D}, opt_t);
+    at::Tensor krot = at::empty({hkv, L_max, D}, opt_t);
+    at::Tensor lse = at::empty({hq}, opt_f);
+    const int n_split = decode_split(hq);
+    at::Tensor part_o, part_lse;
+    if (n_split > 1) {
+        part_o = at::empty({n_split, hq, D}, opt_f);
+        part_lse = at::empty({n_split, hq}, opt_f);
+    }
+    at::Tensor qcomb = at::empty({hq, D}, opt_f);
+    at::Tensor bscore = at::empty({nb_max}, opt_f);
+    retrieved.fill_(-1);
+
+    qllm_gpu_decode dc;
+    dc.dyn = dyn.const_data_ptr<int64_t>();
+    dc.q = q.const_data_ptr();
+    dc.q_hs = q.stride(0);
+    dc.k = k.const_data_ptr();
+    dc.k_hs = k.stride(0);
+    dc.v = v.const_data_ptr();
+    dc.v_hs = v.stride(0);
+    dc.out = out.mutable_data_ptr();
+    dc.o_hs = out.stride(0);
+    dc.ids = retrieved.mutable_data_ptr<int32_t>();
+    dc.k_max = streaming ? 0 : static_cast<int>(topk);
+    dc.L_max = static_cast<int>(L_max);
+    dc.nb_max = nb_max;
+    dc.question = question.has_value() ? question->const_data_ptr<float>() : nullptr;
+    dc.weight = static_cast<float>(weight);
+    dc.scaling = static_cast<float>(scaling);
+    dc.n_split = n_split;
+    dc.qfix = qfix.mutable_data_ptr();
+    dc.qloc = qloc.mutable_data_ptr();
+    dc.krot = krot.mutable_data_ptr();
+    dc.lse = lse.mutable_data_ptr<float>();
+    dc.part_o = n_split > 1 ? part_o.mutable_data_ptr<float>() : nullptr;
+    dc.part_lse = n_split > 1 ? part_lse.mutable_data_ptr<float>() : nullptr;
+    dc.qcomb = qcomb.mutable_data_ptr<float>();
+    dc.bscore = bscore.mutable_data_ptr<float>();
+    check_cuda(op, qllm_cuda_decode_step(&ly, &dc, st));
+}
+
+void decode_set_cuda(const at::Tensor &dyn, at::IntArrayRef values) {
+    const char *op = kDecodeSet;
+    check_decode_set_args(dyn, values);
+    TORCH_CHECK_VALUE(dyn.is_cuda(), op, ": dyn: expected a CUDA tensor");
+    const c10::cuda::CUDAGuard guard(dyn.device());
+    check_cuda(op, qllm_cuda_decode_set(dyn.mutable_data_ptr<int64_t>(), values.data(),
+                                        static_cast<int>(values.size()), stream()));
+}
+
 }  // namespace
 }  // namespace qllm_torch
 
 TORCH_LIBRARY_IMPL(qllm, CUDA, m) {
+    m.impl("attend_decode", &qllm_torch::attend_decode_cuda);
+    m.impl("decode_set", &qllm_torch::decode_set_cuda);
     m.impl("repr_compute", &qllm_torch::repr_compute_cuda);
     m.impl("repr_compute_out", &qllm_torch::repr_compute_out_cuda);
     m.impl("retrieval_score", &qllm_torch::retrieval_score_cuda);
