@@ -906,24 +906,8 @@ __global__ void cut_kernel(qllm_gpu_layer ly, int64_t b0, int k) {
     const int h = blockIdx.y, D = ly.head_dim, bs = ly.block_size;
     const int64_t pos0 = ly.n_init + b * bs;
     const float *sc = ly.scores + static_cast<int64_t>(h) * ly.ring;
-    float prev_s = 0.0f;
-    int64_t prev_i = -1;
-    for (int r = 0; r < k; ++r) {
-        float best_s = -FLT_MAX;
-        int64_t best_i = -1;
-        for (int64_t t = threadIdx.x; t < bs; t += blockDim.x) {
-            const float s = sc[(pos0 + t) & (ly.ring - 1)];
-            if (prev_i >= 0 && !ranks_before(prev_s, prev_i, s, t)) continue;
-            if (ranks_before(s, t, best_s, best_i)) {
-                best_s = s;
-                best_i = t;
-            }
-        }
-        block_best(best_s, best_i, sh_s, sh_i);
-        if (threadIdx.x == 0) sel[r] = best_i;
-        prev_s = best_s;
-        prev_i = best_i;
-    }
+    block_select_best([&](int64_t t) { return sc[(pos0 + t) & (ly.ring - 1)]; }, bs, k,
+                      [&](int64_t r, int64_t i) { sel[r] = i; }, sh_s, sh_i);
     __syncthreads();
     const T *keys = static_cast<const T *>(ly.k_store) +
                     (static_cast<int64_t>(h / (ly.hq / ly.hkv)) * ly.cap + pos0) * D;

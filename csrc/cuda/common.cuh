@@ -108,6 +108,35 @@ __device__ __forceinline__ void block_best(float &s, int64_t &i, float *sh_s, in
         }
 }
 
+/* k rounds of a block-wide best search over candidates 0..n-1: the r-th round
+ * finds the best candidate ranking after the (r-1)-th winner (descending score,
+ * ties toward the lower index -- exact top-k order) and hands it to
+ * emit(r, index) on thread 0 (index -1 once candidates run out).
+ * score(t) returns candidate t's score.  All threads of the block must call it;
+ * the caller synchronises before reading what emit wrote to shared memory. */
+template <typename ScoreFn, typename EmitFn>
+__device__ __forceinline__ void block_select_best(ScoreFn score, int64_t n, int64_t k, EmitFn emit,
+                                                  float *sh_s, int64_t *sh_i) {
+    float prev_s = 0.0f;
+    int64_t prev_i = -1;
+    for (int64_t r = 0; r < k; ++r) {
+        float best_s = -FLT_MAX;
+        int64_t best_i = -1;
+        for (int64_t t = threadIdx.x; t < n; t += blockDim.x) {
+            const float v = score(t);
+            if (prev_i >= 0 && !ranks_before(prev_s, prev_i, v, t)) continue;
+            if (ranks_before(v, t, best_s, best_i)) {
+                best_s = v;
+                best_i = t;
+            }
+        }
+        block_best(best_s, best_i, sh_s, sh_i);
+        if (threadIdx.x == 0) emit(r, best_i);
+        prev_s = best_s;
+        prev_i = best_i;
+    }
+}
+
 /* ------------------------------------------------------------ MMA helpers */
 
 template <typename T>

@@ -51,26 +51,11 @@ __global__ void repr_compute_kernel(View4 keys, View4 scores, void *out, int out
     __shared__ float sh_s[32];
     __shared__ int64_t sh_i[32];
     const int64_t b = blockIdx.x, h = blockIdx.y;
-    float prev_s = 0.0f;
-    int64_t prev_i = -1;
-    for (int r = 0; r < k; ++r) {
-        float best_s = -FLT_MAX;
-        int64_t best_i = -1;
-        for (int64_t t = threadIdx.x; t < T; t += blockDim.x) {
-            const float s = load_f32(scores.p, b * scores.s0 + h * scores.s1 + t * scores.s2,
-                                     scores.dtype);
-            /* candidates rank after the previous winner */
-            if (prev_i >= 0 && !ranks_before(prev_s, prev_i, s, t)) continue;
-            if (ranks_before(s, t, best_s, best_i)) {
-                best_s = s;
-                best_i = t;
-            }
-        }
-        block_best(best_s, best_i, sh_s, sh_i);
-        if (threadIdx.x == 0) sel[r] = best_i;
-        prev_s = best_s;
-        prev_i = best_i;
-    }
+    block_select_best(
+        [&](int64_t t) {
+            return load_f32(scores.p, b * scores.s0 + h * scores.s1 + t * scores.s2, scores.dtype);
+        },
+        T, k, [&](int64_t r, int64_t i) { sel[r] = i; }, sh_s, sh_i);
     __syncthreads();
     const int64_t kh = h / group;
     for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
@@ -116,24 +101,8 @@ __global__ void topk_kernel(const float *s, int64_t ss, int64_t n, int64_t k, in
                             int64_t os) {
     __shared__ float sh_s[32];
     __shared__ int64_t sh_i[32];
-    float prev_s = 0.0f;
-    int64_t prev_i = -1;
-    for (int64_t r = 0; r < k; ++r) {
-        float best_s = -FLT_MAX;
-        int64_t best_i = -1;
-        for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-            const float v = s[i * ss];
-            if (prev_i >= 0 && !ranks_before(prev_s, prev_i, v, i)) continue;
-            if (ranks_before(v, i, best_s, best_i)) {
-                best_s = v;
-                best_i = i;
-            }
-        }
-        block_best(best_s, best_i, sh_s, sh_i);
-        if (threadIdx.x == 0) out[r * os] = static_cast<int32_t>(best_i);
-        prev_s = best_s;
-        prev_i = best_i;
-    }
+    block_select_best([&](int64_t i) { return s[i * ss]; }, n, k,
+                      [&](int64_t r, int64_t i) { out[r * os] = static_cast<int32_t>(i); }, sh_s, sh_i);
 }
 
 /* ------------------------------------------------------------ gather_slots */
