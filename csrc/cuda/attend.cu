@@ -1094,6 +1094,34 @@ extern "C" int qllm_cuda_select_blocks(const float *bscore, int64_t n, int k, in
     return check_launch("select_kernel");
 }
 
+/* The fields of AttnArgs / TsArgs that follow from the layer; callers fill in
+ * the execution block (positions, lengths, buffers). */
+static AttnArgs attn_args_for_layer(const qllm_gpu_layer &ly, float scaling) {
+    AttnArgs a{};
+    a.kst = ly.k_store;
+    a.vst = ly.v_store;
+    a.cap = ly.cap;
+    a.bs = ly.block_size;
+    a.n_init = ly.n_init;
+    a.n_local = ly.n_local;
+    a.group = ly.hq / ly.hkv;
+    a.streaming = ly.streaming;
+    a.hq = ly.hq;
+    a.sl2 = scaling * kLog2e;
+    return a;
+}
+
+static TsArgs tscore_args_for_layer(const qllm_gpu_layer &ly, float scaling) {
+    TsArgs t{};
+    t.scores = ly.scores;
+    t.ring = ly.ring;
+    t.n_init = ly.n_init;
+    t.n_local = ly.n_local;
+    t.group = ly.hq / ly.hkv;
+    t.sl2 = scaling * kLog2e;
+    return t;
+}
+
 extern "C" int qllm_cuda_exec_attention(const qllm_gpu_layer *ly, const qllm_gpu_exec *ex,
                                         const void *qfix, const void *qloc, const void *krot,
                                         const int32_t *ids, float scaling, void *out,
@@ -1105,12 +1133,9 @@ extern "C" int qllm_cuda_exec_attention(const qllm_gpu_layer *ly, const qllm_gpu
         return set_error(QLLM_CUDA_ERR_ARG, "exec_attention: n_split=%d", n_split);
     if (ex->n_ret > 0 && ids == nullptr)
         return set_error(QLLM_CUDA_ERR_ARG, "exec_attention: n_ret=%d without ids", ex->n_ret);
-    AttnArgs a;
+    AttnArgs a = attn_args_for_layer(*ly, scaling);
     a.qfix = qfix;
     a.qloc = qloc;
-    a.kst = ly->k_store;
-    a.vst = ly->v_store;
-    a.cap = ly->cap;
     a.krot = krot;
     a.ids = ids;
     a.P0 = ex->P0;
@@ -1119,14 +1144,7 @@ extern "C" int qllm_cuda_exec_attention(const qllm_gpu_layer *ly, const qllm_gpu
     a.L = ex->L;
     a.init_len = ex->init_len;
     a.n_ret = ex->n_ret;
-    a.bs = ly->block_size;
-    a.n_init = ly->n_init;
-    a.n_local = ly->n_local;
     a.m = ex->m;
-    a.group = ly->hq / ly->hkv;
-    a.streaming = ly->streaming;
-    a.hq = ly->hq;
-    a.sl2 = scaling * kLog2e;
     a.out = out;
     a.o_hs = o_hs;
     a.o_ts = o_ts;
@@ -1157,20 +1175,14 @@ extern "C" int qllm_cuda_exec_token_scores(const qllm_gpu_layer *ly, const qllm_
     if (ly->ring < ex->L || (ly->ring & (ly->ring - 1)) != 0)
         return set_error(QLLM_CUDA_ERR_ARG, "exec_token_scores: ring %lld < L %d or not a power of 2",
                          (long long)ly->ring, ex->L);
-    TsArgs a;
+    TsArgs a = tscore_args_for_layer(*ly, scaling);
     a.qloc = qloc;
     a.krot = krot;
     a.lse = lse;
-    a.scores = ly->scores;
-    a.ring = ly->ring;
     a.P0 = ex->P0;
     a.T0 = ex->T0;
     a.E = ex->E;
     a.L = ex->L;
-    a.n_init = ly->n_init;
-    a.n_local = ly->n_local;
-    a.group = ly->hq / ly->hkv;
-    a.sl2 = scaling * kLog2e;
     QLLM_DISPATCH_T(ly->dtype, {
         st = ly->head_dim == 64 ? launch_tscore<T, 64>(a, ly->hq, stream)
                                 : launch_tscore<T, 128>(a, ly->hq, stream);
@@ -1258,12 +1270,9 @@ extern "C" int qllm_cuda_decode_step(const qllm_gpu_layer *ly, const qllm_gpu_de
                                    static_cast<T *>(dc->krot), dyn));
     st = check_launch("prep_kernel");
     if (st) return st;
-    AttnArgs a;
+    AttnArgs a = attn_args_for_layer(*ly, dc->scaling);
     a.qfix = dc->qfix;
     a.qloc = dc->qloc;
-    a.kst = ly->k_store;
-    a.vst = ly->v_store;
-    a.cap = ly->cap;
     a.krot = dc->krot;
     a.ids = dc->ids;
     a.P0 = 0;
@@ -1272,14 +1281,7 @@ extern "C" int qllm_cuda_decode_step(const qllm_gpu_layer *ly, const qllm_gpu_de
     a.L = dc->L_max;
     a.init_len = 0;
     a.n_ret = 0;
-    a.bs = ly->block_size;
-    a.n_init = ly->n_init;
-    a.n_local = ly->n_local;
     a.m = 0;
-    a.group = ly->hq / ly->hkv;
-    a.streaming = ly->streaming;
-    a.hq = ly->hq;
-    a.sl2 = dc->scaling * kLog2e;
     a.out = dc->out;
     a.o_hs = dc->o_hs;
     a.o_ts = dc->o_hs;
@@ -1302,20 +1304,14 @@ extern "C" int qllm_cuda_decode_step(const qllm_gpu_layer *ly, const qllm_gpu_de
         st = check_launch("combine_kernel");
         if (st) return st;
     }
-    TsArgs t;
+    TsArgs t = tscore_args_for_layer(*ly, dc->scaling);
     t.qloc = dc->qloc;
     t.krot = dc->krot;
     t.lse = dc->lse;
-    t.scores = ly->scores;
-    t.ring = ly->ring;
     t.P0 = 0;
     t.T0 = 0;
     t.E = 1;
     t.L = dc->L_max;
-    t.n_init = ly->n_init;
-    t.n_local = ly->n_local;
-    t.group = ly->hq / ly->hkv;
-    t.sl2 = dc->scaling * kLog2e;
     QLLM_DISPATCH_T(ly->dtype, {
         st = D == 64 ? launch_tscore<T, 64>(t, ly->hq, stream, dyn)
                      : launch_tscore<T, 128>(t, ly->hq, stream, dyn);

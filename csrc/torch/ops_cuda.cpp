@@ -181,6 +181,33 @@ ExecRow read_row(const int64_t *s, int64_t i) {
     return ExecRow{r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9]};
 }
 
+/* The kernels' description of one layer's state: shapes from the tensors, the
+ * algorithm constants from cfg (n_init, n_local, block_size, topk, repr_topk, streaming). */
+qllm_gpu_layer describe_layer(const at::Tensor &q, const at::Tensor &k_store, const at::Tensor &v_store,
+                              const at::Tensor &scores, const at::Tensor &reprs, const at::Tensor &cos,
+                              const at::Tensor &sin, at::IntArrayRef cfg) {
+    qllm_gpu_layer ly;
+    ly.dtype = q.scalar_type() == at::kHalf ? QLLM_DTYPE_F16 : QLLM_DTYPE_BF16;
+    ly.head_dim = static_cast<int>(q.size(2));
+    ly.hq = static_cast<int>(q.size(0));
+    ly.hkv = static_cast<int>(k_store.size(0));
+    ly.n_init = static_cast<int>(cfg[0]);
+    ly.n_local = static_cast<int>(cfg[1]);
+    ly.block_size = static_cast<int>(cfg[2]);
+    ly.streaming = static_cast<int>(cfg[5]);
+    ly.cap = k_store.size(1);
+    ly.ring = scores.size(1);
+    ly.cos = cos.const_data_ptr<float>();
+    ly.sin = sin.const_data_ptr<float>();
+    ly.rope_len = cos.size(0);
+    ly.k_store = const_cast<void *>(k_store.const_data_ptr());
+    ly.v_store = const_cast<void *>(v_store.const_data_ptr());
+    ly.scores = const_cast<float *>(scores.const_data_ptr<float>());
+    ly.reprs = const_cast<float *>(reprs.const_data_ptr<float>());
+    ly.reprs_cap = reprs.size(0);
+    return ly;
+}
+
 void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::Tensor &v_store,
                      const at::Tensor &scores, const at::Tensor &reprs, const at::Tensor &retrieved,
                      const at::Tensor &out, const at::Tensor &cos, const at::Tensor &sin,
@@ -240,25 +267,7 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
     }
     TORCH_CHECK_VALUE(t_next == T, op, ": schedule covers ", num_str(t_next), " of ", num_str(T), " tokens");
 
-    qllm_gpu_layer ly;
-    ly.dtype = q.scalar_type() == at::kHalf ? QLLM_DTYPE_F16 : QLLM_DTYPE_BF16;
-    ly.head_dim = static_cast<int>(D);
-    ly.hq = static_cast<int>(hq);
-    ly.hkv = static_cast<int>(hkv);
-    ly.n_init = static_cast<int>(n_init);
-    ly.n_local = static_cast<int>(n_local);
-    ly.block_size = static_cast<int>(bs);
-    ly.streaming = static_cast<int>(streaming);
-    ly.cap = cap;
-    ly.ring = R;
-    ly.cos = cos.const_data_ptr<float>();
-    ly.sin = sin.const_data_ptr<float>();
-    ly.rope_len = P;
-    ly.k_store = const_cast<void *>(k_store.const_data_ptr());
-    ly.v_store = const_cast<void *>(v_store.const_data_ptr());
-    ly.scores = scores.mutable_data_ptr<float>();
-    ly.reprs = reprs.mutable_data_ptr<float>();
-    ly.reprs_cap = cap_b;
+    const qllm_gpu_layer ly = describe_layer(q, k_store, v_store, scores, reprs, cos, sin, cfg);
 
     /* workspace (caching allocator: no synchronisation) */
     const auto opt_t = q.options();
@@ -390,25 +399,7 @@ void attend_decode_cuda(const at::Tensor &q, const at::Tensor &k, const at::Tens
                           (streaming == 1 || (topk <= retrieved.size(1) && topk <= nb_max)),
                       op, ": limits ", shape_str(limits), " exceed the ring / rope table / reprs / retrieved");
 
-    qllm_gpu_layer ly;
-    ly.dtype = q.scalar_type() == at::kHalf ? QLLM_DTYPE_F16 : QLLM_DTYPE_BF16;
-    ly.head_dim = static_cast<int>(D);
-    ly.hq = static_cast<int>(hq);
-    ly.hkv = static_cast<int>(hkv);
-    ly.n_init = static_cast<int>(n_init);
-    ly.n_local = static_cast<int>(n_local);
-    ly.block_size = static_cast<int>(bs);
-    ly.streaming = static_cast<int>(streaming);
-    ly.cap = k_store.size(1);
-    ly.ring = R;
-    ly.cos = cos.const_data_ptr<float>();
-    ly.sin = sin.const_data_ptr<float>();
-    ly.rope_len = P;
-    ly.k_store = k_store.mutable_data_ptr();
-    ly.v_store = v_store.mutable_data_ptr();
-    ly.scores = scores.mutable_data_ptr<float>();
-    ly.reprs = reprs.mutable_data_ptr<float>();
-    ly.reprs_cap = cap_b;
+    const qllm_gpu_layer ly = describe_layer(q, k_store, v_store, scores, reprs, cos, sin, cfg);
 
     /* workspaces: allocated per call (in a graph: once, from the graph's pool) */
     const auto opt_t = q.options();
