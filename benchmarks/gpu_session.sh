@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call = build + CUDA tests + layer benchmark (see benchmarks/NOTES_gpu.md).
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [bench] [profile]
+# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [bench] [profile] [e2e]
 # Logs and results go to $OUT (default: /tmp/qllm_out).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -73,4 +73,10 @@ fi
 if [[ " $stages " == *" profile "* ]]; then
   timeout 200 python3 benchmarks/bench_layer.py --prefill 131072 --decode-at --repeats 1 --profile 131072 --profile-decode 131072 \
     --out "$OUT/layer_profile.json" 2>&1 | tee "$OUT/profile.log" | grep -v "^ *$" | tail -75
+fi
+if [[ " $stages " == *" e2e "* ]]; then
+  # whole Llama-3-8B-shaped model (random weights): qllm vs dense at 128K, then qllm alone on long prompts
+  stamp "e2e"
+  timeout ${E2E_TIMEOUT:-420} python3 benchmarks/bench_e2e.py --out "$OUT/e2e_h100.json" 2>&1 | grep -v "FutureWarning\|return forward_call" | tee "$OUT/e2e.log"
+  stamp "e2e done"
 fi

@@ -1,0 +1,470 @@
+"""End to end: a whole Llama-3-8B-shaped model (random weights) with qllm
+against the unpatched model (SDPA), on long prompts (issue 4).
+
+Model: transformers ``LlamaForCausalLM`` with Llama-3.1-8B geometry (hidden
+4096, intermediate 14336, 32 layers, 32 q heads, 8 KV heads, head_dim 128,
+vocab 128256, RoPE theta 500000 with llama3 scaling), bf16 on CUDA, random
+weights (initialised on the GPU; speed does not depend on the values).
+Random prompt token ids, greedy decoding.
+
+Rows (each one process, one model; warm-up of both paths at a short length first):
+
+* ``--tokens`` (default 128K) prompt + ``--new-tokens`` (64): qllm
+  (``qllm.patch(model, QLLMConfig())``, the default 2K budget, question of 32
+  random tokens via ``set_question``; the CUDA path ``qllm/gpu.py``) against
+  dense (unpatched, ``attn_implementation="sdpa"``, transformers' DynamicCache).
+* a long prompt with all layers, qllm alone: the longest that fits the GPU
+  (``--long-tokens``, default: computed from the free memory, at most 512K).
+* a 1M-token prompt, qllm alone, with as many layers as fit
+  (``--million-layers``, default: computed).
+
+The tiered memory (blocks moved to host memory beyond a device budget,
+``QLLMConfig.device_blocks``) is not implemented: every block of every layer
+stays on the GPU, so GPU memory grows with the prompt (4 KiB of K/V per token
+per layer in bf16, plus 1 KiB of f32 representatives).  The long rows say so.
+
+Per row: prefill seconds (the prompt call(s) + argmax of the last logits,
+``torch.cuda.synchronize`` around them), decode tokens/s (``new_tokens - 1``
+one-token forward steps after the prefill, whose logits give the first new
+token), peak GPU memory (``torch.cuda.max_memory_allocated``, reset per row).
+
+``--tiny`` runs a small float32 model on the CPU (a smoke test of the script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import qllm  # noqa: E402
+from qllm import gpu as qgpu  # noqa: E402
+
+from common import machine_info, write_json  # noqa: E402
+
+GIB = 1024 ** 3
+TARGET_PREFILL_128K_S = 3.5
+TIERED_NOTE = ("tiered memory (QLLMConfig.device_blocks: blocks beyond a device budget kept in host memory) "
+               "is not implemented: every block stays on the GPU, so GPU memory grows with the prompt")
+
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+                 max_position_embeddings=2 * 1048576 + 8192, bos_token_id=128000, eos_token_id=128001)
+TINY = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=64, rms_norm_eps=1e-5,
+            max_position_embeddings=2 * 1048576 + 8192, bos_token_id=0, eos_token_id=1)
+ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+# ------------------------------------------------------------------ helpers
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def free_memory(dev: torch.device) -> None:
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
+def peak_gib(dev: torch.device):
+    return torch.cuda.max_memory_allocated(dev) / GIB if dev.type == "cuda" else None
+
+
+def make_config(shape: dict, layers: int):
+    from transformers import LlamaConfig
+
+    kw = dict(shape, num_hidden_layers=layers, tie_word_embeddings=False, use_cache=True)
+    try:
+        cfg = LlamaConfig(**kw, rope_parameters=dict(ROPE))
+    except TypeError:  # transformers < 5: rope_theta + rope_scaling
+        rs = {k: v for k, v in ROPE.items() if k != "rope_theta"}
+        cfg = LlamaConfig(**kw, rope_theta=ROPE["rope_theta"], rope_scaling=rs)
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def build_model(cfg, dtype: torch.dtype, dev: torch.device):
+    """LlamaForCausalLM with random weights, built directly on ``dev`` in ``dtype``."""
+    from transformers import LlamaForCausalLM
+
+    t0 = time.perf_counter()
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(dev):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    model.eval()  # no .to(dtype): the rotary inv_freq buffer stays float32, as from_pretrained leaves it
+    # small normal init on the device (transformers' own init may be skipped in some versions)
+    g = torch.Generator(device=dev).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.02, generator=g)
+            else:
+                p.fill_(1.0)  # RMSNorm weights
+    sync(dev)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"model: {cfg.num_hidden_layers} layers, {n / 1e9:.2f}B params, {dtype}, {dev}, "
+          f"built in {time.perf_counter() - t0:.1f}s", flush=True)
+    return model
+
+
+def truncate_layers(model, layers: int) -> None:
+    """Keep the first ``layers`` decoder layers (frees the others)."""
+    base = model.model
+    base.layers = torch.nn.ModuleList(list(base.layers)[:layers])
+    model.config.num_hidden_layers = layers
+    lt = getattr(model.config, "layer_types", None)
+    if lt is not None:
+        model.config.layer_types = list(lt)[:layers]
+
+
+def kv_bytes_per_token(cfg, qcfg: qllm.QLLMConfig, layers: int, dtype: torch.dtype) -> float:
+    """qllm's device state per text token: K/V store + f32 block representatives."""
+    hd, hkv, hq = cfg.head_dim, cfg.num_key_value_heads, cfg.num_attention_heads
+    el = torch.tensor([], dtype=dtype).element_size()
+    return layers * (2 * hkv * hd * el + hq * hd * 4 / qcfg.block_size)
+
+
+def weight_bytes(cfg, layers: int, dtype: torch.dtype) -> int:
+    el = torch.tensor([], dtype=dtype).element_size()
+    h, i, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    per_layer = (h * cfg.num_attention_heads * hd * 2 + h * cfg.num_key_value_heads * hd * 2
+                 + 3 * h * i + 2 * h)
+    return el * (2 * cfg.vocab_size * h + h + layers * per_layer)
+
+
+# --------------------------------------------------------------- one row
+class Runner:
+    def __init__(self, model, dev: torch.device, qcfg: qllm.QLLMConfig, question: torch.Tensor):
+        self.model, self.dev, self.qcfg, self.question = model, dev, qcfg, question
+
+    def qllm_cache(self, capacity: int):
+        """A fresh QLLMCache; on the CUDA path its layer memories are created with
+        ``capacity`` reserved (else the K/V store grows by doubling: a prompt of
+        2^k tokens is copied into a 2^(k+1) store at the first decode token)."""
+        handle = self.model._qllm
+        cache = qllm.QLLMCache(handle)
+        cfg = self.model.config
+        dtype = next(self.model.parameters()).dtype
+        if qgpu.supports(dtype, self.dev, cfg.head_dim) and not getattr(handle, "question_heads", None):
+            for i in handle.attn_modules:
+                cache.memories[i] = qgpu.CudaLayerMemory(
+                    handle.config, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                    dtype, self.dev, capacity=capacity)
+        return cache
+
+    def run(self, strategy: str, ids: torch.Tensor, new_tokens: int, *, prefill_mode: str = "call",
+            dense_chunk: int = 0) -> dict:
+        """Prefill ``ids`` [1, N] and decode ``new_tokens`` greedily.
+
+        prefill_mode "call": one model call with the whole prompt (qllm chunks it
+        internally by ``chunk_size``); "chunks": the benchmark feeds ``chunk_size``
+        pieces itself (same memory updates, but avoids the patched forward's
+        concatenation of every chunk's last hidden state).  Dense with
+        ``dense_chunk`` > 0 feeds pieces of that size (SDPA with a mask then).
+        """
+        model, dev = self.model, self.dev
+        N = ids.shape[1]
+        free_memory(dev)
+        notes = []
+        with torch.no_grad():
+            if strategy == "qllm":
+                qllm.set_question(model, self.question)
+                cache = self.qllm_cache(N + new_tokens + 8)
+                reserved = bool(cache.memories)
+                step = self.qcfg.chunk_size if prefill_mode == "chunks" else N
+            else:
+                from transformers import DynamicCache
+                cache = DynamicCache(config=model.config)
+                step = dense_chunk if dense_chunk > 0 else N
+            sync(dev)
+            t0 = time.perf_counter()
+            for s in range(0, N, step):
+                out = model(input_ids=ids[:, s:s + step], past_key_values=cache, use_cache=True,
+                            logits_to_keep=1)
+            tok = out.logits[:, -1:].argmax(-1)
+            sync(dev)
+            t_prefill = time.perf_counter() - t0
+            peak_prefill = peak_gib(dev)
+            del out
+            steps = max(new_tokens - 1, 0)
+            generated = [tok]
+            sync(dev)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                out = model(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                tok = out.logits[:, -1:].argmax(-1)
+                generated.append(tok)
+            sync(dev)
+            t_decode = time.perf_counter() - t0
+        seen = cache.get_seq_length()
+        kinds = sorted({type(m).__name__ for m in getattr(cache, "memories", {}).values()})
+        state = None
+        if strategy == "qllm":
+            state = cache.nbytes() / GIB
+            if seen != N + steps:
+                notes.append(f"cache saw {seen} tokens, expected {N + steps}")
+        out_ids = torch.cat(generated, dim=1)[0].tolist()
+        del cache, generated
+        row = {"prompt_tokens": N, "new_tokens": new_tokens, "strategy": strategy,
+               "prefill_s": t_prefill, "prefill_tok_s": N / t_prefill,
+               "decode_tok_s": steps / t_decode if steps else None,
+               "decode_ms_per_token": 1e3 * t_decode / steps if steps else None,
+               "decode_steps_timed": steps,
+               "peak_gib": peak_gib(dev), "peak_prefill_gib": peak_prefill,
+               "state_gib": state, "first_new_ids": out_ids[:8]}
+        if strategy == "qllm":
+            notes.append("prefill: one model call, qllm feeds chunk_size pieces internally"
+                         if prefill_mode == "call" else
+                         "prefill: the benchmark feeds chunk_size pieces (one model call each, logits_to_keep=1)")
+            notes.append(f"layer memories: {', '.join(kinds)}")
+            if "CudaLayerMemory" in kinds and reserved:
+                notes.append("K/V store capacity reserved up front (CudaLayerMemory(capacity=prompt+new))")
+        else:
+            notes.append("prefill: one model call (SDPA, is_causal)" if step >= N else
+                         f"prefill chunked: {step}-token model calls (SDPA with a mask)")
+            notes.append("decode: transformers DynamicCache (torch.cat per step)")
+        row["notes"] = "; ".join(notes)
+        free_memory(dev)
+        return row
+
+
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def print_table(rows) -> None:
+    print()
+    print(f"{'prompt':>9} {'layers':>6} {'strategy':>8} {'prefill s':>10} {'prefill tok/s':>14} "
+          f"{'decode tok/s':>13} {'ms/token':>9} {'peak GiB':>9}")
+    for r in rows:
+        print(f"{r['prompt_tokens']:>9} {r['layers']:>6} {r['strategy']:>8} {fmt(r['prefill_s'], '10.3f')} "
+              f"{fmt(r['prefill_tok_s'], '14.0f')} {fmt(r['decode_tok_s'], '13.1f')} "
+              f"{fmt(r['decode_ms_per_token'], '9.2f')} {fmt(r['peak_gib'], '9.2f')}")
+    print()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=131072, help="prompt of the qllm-vs-dense rows")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: 32; --tiny: 2)")
+    ap.add_argument("--skip-dense", action="store_true")
+    ap.add_argument("--dense-chunk", type=int, default=0,
+                    help="dense prefill in pieces of this many tokens (0: one call; on OOM it retries with 16384)")
+    ap.add_argument("--long-tokens", type=int, default=-1,
+                    help="qllm-only prompt with all layers (-1: the longest that fits, at most 512K; 0: skip)")
+    ap.add_argument("--million-tokens", type=int, default=1048576, help="qllm-only long prompt (0: skip)")
+    ap.add_argument("--million-layers", type=int, default=-1,
+                    help="layers for the --million-tokens row (-1: as many as fit)")
+    ap.add_argument("--warmup-tokens", type=int, default=16384)
+    ap.add_argument("--reserve-gib", type=float, default=6.0,
+                    help="GPU memory kept free for activations etc. when sizing the long rows")
+    ap.add_argument("--tiny", action="store_true", help="small float32 model on the CPU (smoke test)")
+    ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/e2e_h100.json)")
+    args = ap.parse_args()
+
+    if args.tiny:
+        dev, dtype, shape = torch.device("cpu"), torch.float32, TINY
+        qcfg = qllm.QLLMConfig.small(chunk_size=1024)
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA device (use --tiny for a CPU smoke test)")
+        dev, dtype, shape = torch.device("cuda"), torch.bfloat16, LLAMA3_8B
+        qcfg = qllm.QLLMConfig()
+        torch.backends.cuda.matmul.allow_tf32 = False
+    layers = args.layers if args.layers is not None else shape["num_hidden_layers"]
+    cfg = make_config(shape, layers)
+    model = build_model(cfg, dtype, dev)
+    question = torch.randint(0, cfg.vocab_size, (32,), generator=torch.Generator().manual_seed(1))
+    n_max = max(args.tokens, args.long_tokens, args.million_tokens, args.warmup_tokens) + args.new_tokens + 8
+    ids_all = torch.randint(0, cfg.vocab_size, (1, max(n_max, args.tokens + 16)),
+                            generator=torch.Generator().manual_seed(0)).to(dev)
+    runner = Runner(model, dev, qcfg, question)
+    rows = []
+    info = machine_info()
+    total = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None
+
+    def save(final: bool = False):
+        q128 = next((r for r in rows if r["strategy"] == "qllm" and r["prompt_tokens"] == args.tokens), None)
+        d128 = next((r for r in rows if r["strategy"] == "dense" and r["prompt_tokens"] == args.tokens), None)
+        summary = {}
+        if q128 is not None:
+            summary["qllm_prefill_s"] = q128["prefill_s"]
+            if args.tokens == 131072 and not args.tiny:
+                summary["meets_prefill_128k_target"] = q128["prefill_s"] <= TARGET_PREFILL_128K_S
+            if d128 is not None:
+                summary["prefill_speedup_vs_dense"] = d128["prefill_s"] / q128["prefill_s"]
+                if q128["decode_tok_s"] and d128["decode_tok_s"]:
+                    summary["decode_speedup_vs_dense"] = q128["decode_tok_s"] / d128["decode_tok_s"]
+        payload = {
+            "benchmark": "bench_e2e.py",
+            "gpu": info.get("gpu"), "gpu_total_gib": total / GIB if total else None,
+            "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": info.get("transformers"),
+            "machine": info,
+            "model": {"shape": "tiny (CPU smoke test)" if args.tiny else "Llama-3.1-8B geometry, random weights",
+                      "hidden": cfg.hidden_size, "intermediate": cfg.intermediate_size, "layers": layers,
+                      "q_heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
+                      "head_dim": cfg.head_dim, "vocab": cfg.vocab_size, "rope": ROPE, "dtype": str(dtype),
+                      "params_gib": wb / GIB},
+            "qllm_config": {k: getattr(qcfg, k) for k in ("n_init", "n_local", "block_size", "topk", "repr_topk",
+                                                          "exc_block_size", "question_weight", "strategy",
+                                                          "device_blocks", "chunk_size")},
+            "question_tokens": int(question.numel()),
+            "question_heads": str(qcfg.question_heads) if hasattr(qcfg, "question_heads") else None,
+            "dense": "unpatched LlamaForCausalLM, attn_implementation='sdpa', DynamicCache",
+            "method": "greedy; prefill_s: prompt call(s) + argmax, synchronised; decode_tok_s: (new_tokens - 1) "
+                      "one-token steps after the prefill; peak_gib: torch.cuda.max_memory_allocated over the row "
+                      "(weights included); warm-up of both paths at warmup_tokens first",
+            "tiered_memory": "not implemented: " + TIERED_NOTE,
+            "warmup_tokens": args.warmup_tokens,
+            "rows": rows,
+            "complete": final,
+            "summary": summary,
+            "targets": {"prefill_128k_s": TARGET_PREFILL_128K_S},
+        }
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(payload, f, indent=1)
+            path = args.out
+        else:
+            path = write_json("e2e_h100.json", payload)
+        return path, summary
+
+    def add(row, layers_, extra=None):
+        row["layers"] = layers_
+        if extra:
+            row.update(extra)
+        rows.append(row)
+        print(f"  {row['strategy']:>5} {row['prompt_tokens']:>8} tokens, {layers_} layers: prefill "
+              f"{row['prefill_s']:.3f} s, decode {fmt(row['decode_tok_s'], '.1f')} tok/s, peak "
+              f"{fmt(row['peak_gib'], '.2f')} GiB  [{row['notes']}]", flush=True)
+        save()
+
+    # ---- warm-up, both paths (kernels, cuBLAS handles, allocator)
+    w = ids_all[:, :args.warmup_tokens]
+    qllm.patch(model, qcfg)
+    t0 = time.perf_counter()
+    runner.run("qllm", w, 4)
+    qllm.unpatch(model)
+    if not args.skip_dense:
+        runner.run("dense", w, 4)
+    print(f"warm-up ({args.warmup_tokens} tokens, both paths): {time.perf_counter() - t0:.1f}s", flush=True)
+
+    # ---- qllm vs dense at --tokens
+    wb = weight_bytes(cfg, layers, dtype)
+    per_tok = kv_bytes_per_token(cfg, qcfg, layers, dtype)
+    el = torch.tensor([], dtype=dtype).element_size()
+    ids = ids_all[:, :args.tokens]
+    print(f"prompt {args.tokens} + {args.new_tokens} new tokens, {layers} layers; weights {wb / GIB:.2f} GiB, "
+          f"qllm state {per_tok / 1024:.1f} KiB/token", flush=True)
+    qllm.patch(model, qcfg)
+    add(runner.run("qllm", ids, args.new_tokens), layers,
+        {"expected_gib": (wb + per_tok * (args.tokens + args.new_tokens + 8)) / GIB})
+    qllm.unpatch(model)
+    if not args.skip_dense:
+        chunk = args.dense_chunk
+        row, oom = None, None
+        try:
+            row = runner.run("dense", ids, args.new_tokens, dense_chunk=chunk)
+        except torch.OutOfMemoryError as exc:
+            if chunk:
+                raise
+            oom = str(exc).splitlines()[0]
+        if row is None:  # outside the except block, so the failed call's tensors are freed
+            print(f"dense: one-call prefill ran out of memory ({oom}); retrying in 16384-token pieces",
+                  flush=True)
+            free_memory(dev)
+            row = runner.run("dense", ids, args.new_tokens, dense_chunk=16384)
+            row["notes"] += "; a one-call prefill ran out of GPU memory"
+        add(row, layers, {"expected_gib": (wb + cfg.num_hidden_layers * 2 * cfg.num_key_value_heads
+                                           * cfg.head_dim * el * (args.tokens + args.new_tokens)) / GIB})
+
+    # ---- long prompts, qllm alone
+    long_rows = []
+    if args.long_tokens:
+        N = args.long_tokens
+        if N < 0:
+            if total is None:
+                N = 4 * args.tokens
+            else:
+                fit = (total - wb - args.reserve_gib * GIB) / per_tok - args.new_tokens - 8
+                N = int(min(524288, fit) // 32768 * 32768)
+        expect = (wb + per_tok * (N + args.new_tokens + 8)) / GIB
+        print(f"long prompt, all {layers} layers: {N} tokens; expected memory: weights {wb / GIB:.1f} GiB + "
+              f"qllm state {per_tok / 1024:.1f} KiB/token = {expect:.1f} GiB"
+              + (f" of {total / GIB:.1f} GiB" if total else ""), flush=True)
+        long_rows.append((N, layers, expect))
+    if args.million_tokens:
+        N = args.million_tokens
+        L = args.million_layers
+        if L < 0:
+            if total is None:
+                L = max(1, layers // 2)
+            else:
+                L = layers
+                while L > 1 and (weight_bytes(cfg, L, dtype) + kv_bytes_per_token(cfg, qcfg, L, dtype)
+                                 * (N + args.new_tokens + 8) + args.reserve_gib * GIB) > total:
+                    L -= 1
+        L = min(L, layers)
+        expect = (weight_bytes(cfg, L, dtype) + kv_bytes_per_token(cfg, qcfg, L, dtype)
+                  * (N + args.new_tokens + 8)) / GIB
+        full = (wb + per_tok * (N + args.new_tokens + 8)) / GIB
+        print(f"{N}-token prompt: {L} of {layers} layers (all {layers} would need {full:.1f} GiB); "
+              f"expected memory {expect:.1f} GiB", flush=True)
+        long_rows.append((N, L, expect))
+    for N, L, expect in long_rows:
+        if N > ids_all.shape[1]:
+            ids_all = torch.randint(0, cfg.vocab_size, (1, N + 16), generator=torch.Generator().manual_seed(0)).to(dev)
+        if L < model.config.num_hidden_layers:
+            truncate_layers(model, L)
+            free_memory(dev)
+        qllm.patch(model, qcfg)
+        row, msg = None, None
+        try:
+            row = runner.run("qllm", ids_all[:, :N], args.new_tokens, prefill_mode="chunks")
+        except torch.OutOfMemoryError as exc:
+            msg = str(exc).splitlines()[0]
+        if row is None:
+            qllm.unpatch(model)
+            free_memory(dev)
+            print(f"  qllm {N} tokens, {L} layers: out of GPU memory ({msg})", flush=True)
+            rows.append({"prompt_tokens": N, "new_tokens": args.new_tokens, "layers": L, "strategy": "qllm",
+                         "prefill_s": None, "prefill_tok_s": None, "decode_tok_s": None,
+                         "decode_ms_per_token": None, "peak_gib": None, "expected_gib": expect,
+                         "error": "OutOfMemoryError: " + msg, "notes": TIERED_NOTE})
+            save()
+            continue
+        qllm.unpatch(model)
+        row["notes"] = TIERED_NOTE + "; " + row["notes"]
+        extra = {"expected_gib": expect, "tiered_memory": False}
+        if L < layers:
+            extra["layers_of_model"] = layers
+            row["notes"] = (f"only {L} of {layers} layers (the K/V of all {layers} layers at {N} tokens does not "
+                            f"fit the GPU without tiered memory); " + row["notes"])
+        add(row, L, extra)
+
+    print_table(rows)
+    path, summary = save(final=True)
+    print("summary:", json.dumps(summary))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
