@@ -32,17 +32,34 @@ class QLLMConfig:
     exc_block_size : int
         Queries per execution block during prefill (decode uses 1).
     question_weight : float
-        ``w`` in ``s_b = sum_h qbar_h.r_bh + w * sum_h Q_h.r_bh``.
+        ``w``: weight of the question term of the block score (see
+        :mod:`qllm.retrieval`).
+    question_heads : "auto", None or tuple of (layer, query head) pairs
+        How the question scores blocks.  ``None``: the paper's term
+        ``w * sum_h Q_h.r_bh`` on the block representatives.  Pairs: those
+        heads (the model's retrieval heads) score every key of a block
+        against every question token, standardised across blocks (see
+        :mod:`qllm.retrieval`).  ``"auto"`` (default): the pairs calibrated
+        for this model if qllm ships a calibration for it (:mod:`qllm.heads`),
+        else ``None`` -- logged either way.
     strategy : {"qllm", "infllm", "streaming", "full"}
         ``qllm``: retrieval scored by the queries and the question;
         ``infllm``: same with ``w = 0`` (question ignored);
         ``streaming``: init + local window only (no memory blocks);
         ``full``: the unpatched model (dense attention, ordinary cache).
     device_blocks : int or None
-        Compute-device block budget per layer (blocks beyond it would be kept
-        in host memory).  Only ``None`` (no limit: every block stays on the
-        compute device) is implemented; a number raises ``NotImplementedError``
-        rather than being ignored.
+        Compute-device block budget per layer.  ``None`` (default): every
+        memory block's K/V stays on the compute device.  ``N``: at most ``N``
+        blocks per layer stay in the compute-device pool; the others are kept
+        in host memory (pinned when the device is CUDA) and copied back when
+        retrieved, evicting the least recently retrieved (or cut) block.
+        Representatives and retrieval stay on the device, so the budget
+        changes where blocks live, never which blocks are retrieved or the
+        output.  ``qllm`` / ``infllm`` need ``N >= topk`` (the blocks one
+        execution block retrieves sit on the device together); other
+        strategies keep no blocks and ignore it.  The budget is implemented
+        in the generic torch path only: on CUDA it replaces the fast path
+        (logged).
     chunk_size : int
         Prefill is fed through the model in chunks of this many tokens (bounds
         activation memory for texts of any length).
@@ -57,6 +74,7 @@ class QLLMConfig:
     repr_topk: int = 4
     exc_block_size: int = 512
     question_weight: float = 4.0
+    question_heads: object = "auto"
     strategy: str = "qllm"
     device_blocks: int | None = None
     chunk_size: int = 8192
@@ -79,9 +97,8 @@ class QLLMConfig:
         _int("chunk_size", 1)
         if self.device_blocks is not None:
             _int("device_blocks", 0)
-            raise NotImplementedError(
-                "QLLMConfig.device_blocks: the tiered block memory (device budget + host tier) is not "
-                "wired into the attention paths yet; leave it None (all blocks on the compute device)")
+            if self.device_blocks > 2**31 - 1:
+                raise ValueError(f"QLLMConfig.device_blocks: expected <= 2**31 - 1, got {self.device_blocks}")
         if self.max_question_tokens is not None:
             _int("max_question_tokens", 1)
             if self.max_question_tokens > self.n_local:
@@ -92,10 +109,32 @@ class QLLMConfig:
             raise TypeError(f"QLLMConfig.question_weight: expected a float, got {type(w).__name__}")
         if not math.isfinite(float(w)):
             raise ValueError(f"QLLMConfig.question_weight: expected a finite number, got {w}")
+        qh = self.question_heads
+        if not (qh is None or (isinstance(qh, str) and qh == "auto")):
+            try:
+                pairs = tuple((l, h) for l, h in qh)
+            except (TypeError, ValueError):
+                raise TypeError("QLLMConfig.question_heads: expected 'auto', None or a sequence of "
+                                f"(layer, head) pairs, got {qh!r}") from None
+            for l, h in pairs:
+                for v in (l, h):
+                    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                        raise ValueError("QLLMConfig.question_heads: expected (layer, head) pairs of ints "
+                                         f">= 0, got {(l, h)!r}")
+            if not pairs:
+                raise ValueError("QLLMConfig.question_heads: expected at least one (layer, head) pair "
+                                 "(None selects the representative-based question term)")
+            if len(set(pairs)) != len(pairs):
+                raise ValueError(f"QLLMConfig.question_heads: duplicate pairs in {pairs}")
+            object.__setattr__(self, "question_heads", tuple(sorted(pairs)))
         if self.strategy not in STRATEGIES:
             raise ValueError(f"QLLMConfig.strategy: expected one of {STRATEGIES}, got {self.strategy!r}")
         if self.strategy in ("qllm", "infllm") and self.topk < 1:
             raise ValueError(f"QLLMConfig.topk: strategy {self.strategy!r} needs topk >= 1, got {self.topk}")
+        if self.device_blocks is not None and self.uses_blocks and self.device_blocks < self.topk:
+            raise ValueError(f"QLLMConfig.device_blocks: expected >= topk ({self.topk}) for strategy "
+                             f"{self.strategy!r}: the topk blocks one execution block retrieves must all be "
+                             f"on the compute device at once, got {self.device_blocks}")
 
     # -- derived ---------------------------------------------------------
     @property

@@ -14,6 +14,20 @@ Token ``j`` (0-based position in the text) lives in exactly one place:
 Keys are stored without RoPE.  Token scores (attention mass received while in
 the window) are kept per (query head, tail token) and feed representative
 selection when a block is cut.
+
+Block K/V tiers (``QLLMConfig.device_blocks``):
+
+* ``None``: every block in one pool on the compute device, ``pool_k[id]``;
+* ``N``: at most ``N`` blocks in the compute-device pool (``pool_k[slot]``,
+  ``N`` slots at most), the others in a host tier (``host_k[slot]``: CPU
+  tensors, pinned when the device is CUDA).  A ``qllm._core.BlockStore`` in
+  bookkeeping mode decides the slots: a new block goes to the device, evicting
+  the least recently used block to the host when the pool is full; retrieved
+  blocks (:meth:`LayerMemory.gather_blocks`) are fetched back the same way and
+  count as used.  This module executes the moves the store reports with torch
+  copies (``non_blocking`` from pinned memory on CUDA, on the current stream).
+  Representatives and retrieval never leave the device, so the budget changes
+  where blocks live, never which blocks are retrieved or the output.
 """
 
 from __future__ import annotations
@@ -22,22 +36,46 @@ import logging
 
 import torch
 
+from ._ext import _core
 from .config import QLLMConfig
 
 log = logging.getLogger("qllm")
+_warned_pin = False
+
+# Bookkeeping mode never touches block data: the store's dtype only has to be one it accepts.
+_STORE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 __all__ = ["LayerMemory"]
 
 
-def _grow(buf: torch.Tensor | None, need: int, shape_tail: tuple, dtype, device) -> torch.Tensor:
-    """Return a buffer with room for ``need`` rows along dim 0 (geometric growth)."""
+def _grow(buf: torch.Tensor | None, need: int, shape_tail: tuple, dtype, device,
+          limit: int | None = None, pin: bool = False) -> torch.Tensor:
+    """Return a buffer with room for ``need`` rows along dim 0 (geometric growth, at most
+    ``limit`` rows when given; ``pin``: page-locked CPU memory)."""
     if buf is not None and buf.shape[0] >= need:
         return buf
     cap = max(need, 16, 2 * (buf.shape[0] if buf is not None else 0))
-    new = torch.empty((cap, *shape_tail), dtype=dtype, device=device)
+    if limit is not None:
+        cap = max(need, min(cap, limit))
+    if pin:
+        new = torch.empty((cap, *shape_tail), dtype=dtype, pin_memory=True)
+    else:
+        new = torch.empty((cap, *shape_tail), dtype=dtype, device=device)
     if buf is not None and buf.shape[0] > 0:
         new[: buf.shape[0]].copy_(buf)
     return new
+
+
+def _warn_pin(exc: Exception) -> None:
+    global _warned_pin
+    if not _warned_pin:
+        _warned_pin = True
+        log.warning("qllm: pinned host memory is not available (%s): the host tier of the block memory "
+                    "(QLLMConfig.device_blocks) uses pageable memory and blocking copies", exc)
+
+
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 class LayerMemory:
@@ -46,10 +84,18 @@ class LayerMemory:
     Parameters
     ----------
     config : QLLMConfig
+        ``config.device_blocks`` sets the compute-device block budget (module docstring).
     n_q_heads, n_kv_heads, head_dim : int
     dtype : torch.dtype
         Storage dtype of K/V (the model's).
     device : torch.device
+        The compute device (where everything but the host tier lives).
+
+    Block counters (:meth:`tier_stats` has them all): ``n_device_blocks``,
+    ``n_host_blocks`` (blocks in each tier now), ``n_fetched`` (blocks copied
+    host -> device because they were retrieved), ``n_evicted`` (blocks copied
+    device -> host as least recently used).  Without a budget every block is on
+    the device and both move counters stay 0.
     """
 
     def __init__(self, config: QLLMConfig, n_q_heads: int, n_kv_heads: int, head_dim: int,
@@ -67,12 +113,32 @@ class LayerMemory:
         self.init_k = torch.empty(n_kv_heads, 0, head_dim, dtype=dtype, device=device)
         self.init_v = torch.empty_like(self.init_k)
         self.init_done = False
-        # memory blocks: pool [capacity, n_kv_heads, block_size, head_dim]; block id == pool row
+        # Memory blocks, K/V [rows, n_kv_heads, block_size, head_dim] (module docstring):
+        #   no budget: pool_k/pool_v on the device, row == block id;
+        #   budget N:  pool_k/pool_v = device tier (<= N rows, row == device slot),
+        #              host_k/host_v = host tier (row == host slot); self.store assigns the slots.
         self.n_blocks = 0
         self.pool_k: torch.Tensor | None = None
         self.pool_v: torch.Tensor | None = None
+        self.host_k: torch.Tensor | None = None
+        self.host_v: torch.Tensor | None = None
+        self.store = None  # qllm._core.BlockStore (bookkeeping mode) when a budget is set
+        self.n_fetched = 0
+        self.n_evicted = 0
+        self._where: list[tuple[str, int]] = []  # per block id: (tier, slot), from the moves executed
+        self._pin = self._non_blocking = False
+        if config.device_blocks is not None and config.uses_blocks:
+            self.store = _core.BlockStore(config.block_size, n_kv_heads, head_dim,
+                                          dtype=_STORE_DTYPES.get(dtype, "float32"),
+                                          device_slots=config.device_blocks, store_data=False)
+            # CUDA: host tier in pinned memory, copies non_blocking on the current stream.
+            self._pin = self._non_blocking = torch.device(device).type == "cuda"
         self.reprs: torch.Tensor | None = None  # [capacity, n_q_heads, head_dim] f32
         self.question: torch.Tensor | None = None  # [n_q_heads, head_dim] f32
+        # question heads (qllm.retrieval.QuestionRelevance): set by the cache
+        self.layer_idx = 0
+        self.relevance = None
+        self.question_tokens: torch.Tensor | None = None  # [n_q_heads, n_tokens, head_dim] f32, fixed-position
         self.last_retrieved: torch.Tensor | None = None  # block ids of the last execution block
 
     # ------------------------------------------------------------------ views
@@ -83,19 +149,171 @@ class LayerMemory:
         return self.reprs[: self.n_blocks]
 
     def gather_blocks(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V of blocks ``ids`` (int32, in the order given): each [n_kv_heads, len(ids)*block_size, head_dim]."""
+        """K/V of blocks ``ids`` (int32, in the order given): each [n_kv_heads, len(ids)*block_size, head_dim].
+
+        With a device budget this is the *use* of the blocks (the attention calls it once per
+        execution block with the retrieved ids): blocks in the host tier are fetched into device
+        slots first, evicting the least recently used others, and all of ``ids`` count as used now.
+        The ids are read on the host then (a device sync on CUDA).
+        """
         ops = torch.ops.qllm
-        return (ops.gather_slots(self.pool_k[: self.n_blocks], ids),
-                ops.gather_slots(self.pool_v[: self.n_blocks], ids))
+        if self.store is None:
+            return (ops.gather_slots(self.pool_k[: self.n_blocks], ids),
+                    ops.gather_slots(self.pool_v[: self.n_blocks], ids))
+        slots = self._fetch(ids.reshape(-1).tolist())
+        return ops.gather_slots(self.pool_k, slots), ops.gather_slots(self.pool_v, slots)
+
+    def block_keys(self, ids=None) -> torch.Tensor:
+        """Keys (un-rotated) of blocks ``ids`` from whichever tier, in the order given.
+
+        ids  sequence / 1-D tensor of block ids, default all blocks ``0 .. n_blocks-1``.
+        Returns [len(ids), n_kv_heads, block_size, head_dim] on the compute device (without a
+        budget and ``ids=None``: a view of the pool, do not modify it).  Changes no LRU state.
+        """
+        return self._block_data(ids, 0)
+
+    def block_values(self, ids=None) -> torch.Tensor:
+        """Values of blocks ``ids``: as :meth:`block_keys`."""
+        return self._block_data(ids, 1)
+
+    def block_location(self, block: int) -> tuple[str, int]:
+        """Where block ``block``'s K/V live: ("device", pool row) or ("host", host_k row)."""
+        if not 0 <= block < self.n_blocks:
+            raise IndexError(f"block: expected a block id in [0, {self.n_blocks}), got {block}")
+        return ("device", block) if self.store is None else self._where[block]
+
+    @property
+    def n_device_blocks(self) -> int:
+        """Blocks whose K/V are in the compute-device pool."""
+        return self.n_blocks if self.store is None else self.store.device_used
+
+    @property
+    def n_host_blocks(self) -> int:
+        """Blocks whose K/V are in the host tier."""
+        return 0 if self.store is None else self.store.host_used
+
+    def device_nbytes(self) -> int:
+        """Bytes on the compute device: tail, init, block pool (allocated rows), representatives."""
+        return _nbytes(self.tail_k, self.tail_v, self.tail_scores, self.init_k, self.init_v,
+                       self.pool_k, self.pool_v, self.reprs)
+
+    def host_nbytes(self) -> int:
+        """Bytes of the host tier (allocated rows; 0 without a budget)."""
+        return _nbytes(self.host_k, self.host_v)
 
     def nbytes(self) -> int:
-        """Bytes held by this layer's state."""
-        total = 0
-        for t in (self.tail_k, self.tail_v, self.tail_scores, self.init_k, self.init_v,
-                  self.pool_k, self.pool_v, self.reprs):
-            if t is not None:
-                total += t.numel() * t.element_size()
-        return total
+        """Bytes held by this layer's state: ``device_nbytes() + host_nbytes()``."""
+        return self.device_nbytes() + self.host_nbytes()
+
+    def tier_stats(self) -> dict:
+        """Budget, block placement, moves and bytes of this layer.
+
+        Keys: ``budget`` (``config.device_blocks``), ``blocks``, ``on_device``, ``on_host``,
+        ``fetches`` (host -> device copies), ``evictions`` (device -> host copies),
+        ``device_bytes``, ``host_bytes``.
+        """
+        return {"budget": self.config.device_blocks, "blocks": self.n_blocks,
+                "on_device": self.n_device_blocks, "on_host": self.n_host_blocks,
+                "fetches": self.n_fetched, "evictions": self.n_evicted,
+                "device_bytes": self.device_nbytes(), "host_bytes": self.host_nbytes()}
+
+    def _block_data(self, ids, kv: int) -> torch.Tensor:
+        pool = self.pool_k if kv == 0 else self.pool_v
+        if ids is None:
+            if self.store is None and pool is not None:
+                return pool[: self.n_blocks]
+            ids = list(range(self.n_blocks))
+        else:
+            t = torch.as_tensor(ids)
+            if t.numel() and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
+                raise TypeError(f"ids: expected integer block ids, got dtype {t.dtype}")
+            ids = [int(i) for i in t.reshape(-1).tolist()]
+            bad = [i for i in ids if not 0 <= i < self.n_blocks]
+            if bad:
+                raise IndexError(f"ids: expected block ids in [0, {self.n_blocks}), got {bad[0]!r}")
+        shape = (len(ids), self.n_kv_heads, self.config.block_size, self.head_dim)
+        if self.store is None:
+            if not ids:
+                return torch.empty(shape, dtype=self.dtype, device=self.device)
+            return pool[torch.tensor(ids, dtype=torch.long, device=self.device)]
+        out = torch.empty(shape, dtype=self.dtype, device=self.device)
+        dev = [(j, s) for j, i in enumerate(ids) for t, s in [self._where[i]] if t == "device"]
+        host = [(j, s) for j, i in enumerate(ids) for t, s in [self._where[i]] if t == "host"]
+        if dev:
+            pos, slots = (torch.tensor(c, dtype=torch.long, device=self.device) for c in zip(*dev))
+            out[pos] = pool[slots]
+        if host:
+            if self._non_blocking:
+                torch.cuda.current_stream(self.device).synchronize()  # pending copies into the host tier
+            hpool = self.host_k if kv == 0 else self.host_v
+            pos, slots = (torch.tensor(c, dtype=torch.long) for c in zip(*host))
+            out[pos.to(self.device)] = hpool[slots].to(self.device)
+        return out
+
+    # ------------------------------------------------------------ tiers
+    def _fetch(self, ids: list[int]) -> torch.Tensor:
+        """Make blocks ``ids`` resident (LRU, all count as used now); their device slots, int32."""
+        self._run_moves(self.store.fetch(ids))
+        slots = []
+        for i in ids:
+            tier, slot = self._where[i]
+            if tier != "device":
+                raise RuntimeError(f"qllm: block {i} is in the {tier} tier after a fetch (block store bug)")
+            slots.append(slot)
+        return torch.tensor(slots, dtype=torch.int32, device=self.device)
+
+    def _reserve_device(self, rows: int) -> None:
+        tail = (self.n_kv_heads, self.config.block_size, self.head_dim)
+        limit = self.config.device_blocks
+        self.pool_k = _grow(self.pool_k, rows, tail, self.dtype, self.device, limit=limit)
+        self.pool_v = _grow(self.pool_v, rows, tail, self.dtype, self.device, limit=limit)
+
+    def _reserve_host(self, rows: int) -> None:
+        if self.host_k is not None and self.host_k.shape[0] >= rows:
+            return
+        if self.host_k is not None and self._non_blocking:
+            torch.cuda.current_stream(self.device).synchronize()  # pending copies into the old host tier
+        tail = (self.n_kv_heads, self.config.block_size, self.head_dim)
+        try:
+            k = _grow(self.host_k, rows, tail, self.dtype, "cpu", pin=self._pin)
+            v = _grow(self.host_v, rows, tail, self.dtype, "cpu", pin=self._pin)
+        except RuntimeError as exc:
+            if not self._pin:
+                raise
+            _warn_pin(exc)
+            self._pin = self._non_blocking = False
+            k = _grow(self.host_k, rows, tail, self.dtype, "cpu")
+            v = _grow(self.host_v, rows, tail, self.dtype, "cpu")
+        self.host_k, self.host_v = k, v
+
+    def _run_moves(self, moves, new_k: torch.Tensor | None = None, new_v: torch.Tensor | None = None,
+                   first: int = 0) -> None:
+        """Execute the block store's moves, in order: (block, from_tier, from_slot, to_tier, to_slot).
+
+        from_tier "none" places new block ``block`` from ``new_k/new_v[block - first]``.
+        """
+        nb = self._non_blocking
+        for block, src_tier, src_slot, dst_tier, dst_slot in moves:
+            if dst_tier == "device":
+                self._reserve_device(dst_slot + 1)
+                dk, dv = self.pool_k[dst_slot], self.pool_v[dst_slot]
+            else:
+                self._reserve_host(dst_slot + 1)
+                dk, dv = self.host_k[dst_slot], self.host_v[dst_slot]
+            if src_tier == "none":
+                if block != len(self._where) or new_k is None:
+                    raise RuntimeError(f"qllm: block store placed block {block}, expected {len(self._where)}")
+                sk, sv = new_k[block - first], new_v[block - first]
+                self._where.append((dst_tier, dst_slot))
+            elif src_tier == "device":
+                sk, sv = self.pool_k[src_slot], self.pool_v[src_slot]
+                self.n_evicted += 1
+            else:
+                sk, sv = self.host_k[src_slot], self.host_v[src_slot]
+                self.n_fetched += 1
+            dk.copy_(sk, non_blocking=nb)
+            dv.copy_(sv, non_blocking=nb)
+            self._where[block] = (dst_tier, dst_slot)
 
     # ------------------------------------------------------------ bookkeeping
     def extend(self, tail_k: torch.Tensor, tail_v: torch.Tensor, received: torch.Tensor) -> None:
@@ -147,11 +365,20 @@ class LayerMemory:
         vb = v.reshape(hkv, n_new, bs, d).transpose(0, 1)
         sb = s.reshape(hq, n_new, bs).transpose(0, 1)      # [n_new, hq, bs]
         need = self.n_blocks + n_new
-        self.pool_k = _grow(self.pool_k, need, (hkv, bs, d), self.dtype, self.device)
-        self.pool_v = _grow(self.pool_v, need, (hkv, bs, d), self.dtype, self.device)
         self.reprs = _grow(self.reprs, need, (hq, d), torch.float32, self.device)
         rows = slice(self.n_blocks, need)
-        self.pool_k[rows].copy_(kb)
-        self.pool_v[rows].copy_(vb)
+        if self.store is None:
+            self.pool_k = _grow(self.pool_k, need, (hkv, bs, d), self.dtype, self.device)
+            self.pool_v = _grow(self.pool_v, need, (hkv, bs, d), self.dtype, self.device)
+            self.pool_k[rows].copy_(kb)
+            self.pool_v[rows].copy_(vb)
+        else:
+            for i in range(n_new):  # each new block goes to the device, evicting the LRU one when full
+                bid, moves = self.store.append()
+                if bid != self.n_blocks + i:
+                    raise RuntimeError(f"qllm: block store gave id {bid} to block {self.n_blocks + i}")
+                self._run_moves(moves, kb, vb, first=self.n_blocks)
         torch.ops.qllm.repr_compute_out(kb, sb, self.config.repr_topk, self.reprs[rows])
+        if self.relevance is not None and self.question_tokens is not None:
+            self.relevance.record(self.layer_idx, self.n_blocks, kb, self.question_tokens)
         self.n_blocks = need

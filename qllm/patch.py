@@ -29,10 +29,12 @@ import torch
 from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .attention import RopeTable, attend, encode_question
+from .attention import RopeTable, _fixed_query, attend, encode_question
 from .cache import QLLMCache
 from .config import QLLMConfig
 from .gpu import CudaLayerMemory, attend_cuda
+from .heads import resolve_question_heads
+from .retrieval import QuestionRelevance
 
 log = logging.getLogger("qllm")
 
@@ -57,6 +59,7 @@ class PatchHandle:
     rotary_layer_type: str | None
     hooks: list = field(default_factory=list)
     question: dict | None = None  # {"ids": LongTensor} or {"span": (a, b)}
+    question_heads: tuple | None = None  # resolved QLLMConfig.question_heads
     progress: Callable[[int, int, QLLMCache], None] | None = None
     recorder: list | None = None
     _rope: dict = field(default_factory=dict)
@@ -112,6 +115,7 @@ def _qllm_attention(module, query, key, value, attention_mask, scaling=None, dro
         if cache.mode == "question":
             out, qvec = encode_question(mem, q, k, v, rope, float(scaling))
             mem.question = qvec
+            mem.question_tokens = _fixed_query(q.float(), rope, handle.config.n_local)
         elif isinstance(mem, CudaLayerMemory):
             out = attend_cuda(mem, q, k, v, rope, float(scaling))
         else:
@@ -248,8 +252,12 @@ def _encode_question(handle: PatchHandle, cache: QLLMCache, input_ids: torch.Ten
     orig = type(handle.base).forward.__get__(handle.base)
     with torch.no_grad():
         orig(input_ids=ids, use_cache=True, **{handle.cache_kw: scratch})
+    if handle.question_heads:
+        cache.relevance = QuestionRelevance(handle.question_heads, next(iter(scratch.memories.values())).device)
     for i, m in scratch.memories.items():
-        cache.memory(i, m.n_q_heads, m.n_kv_heads, m.head_dim, m.dtype, m.device).question = m.question
+        mem = cache.memory(i, m.n_q_heads, m.n_kv_heads, m.head_dim, m.dtype, m.device)
+        mem.question = m.question
+        mem.question_tokens = m.question_tokens
     cache.question_ids = ids[0].detach().clone()
     log.info("qllm: question of %d tokens encoded", n)
 
@@ -300,6 +308,7 @@ def patch(model: torch.nn.Module, config: QLLMConfig | None = None) -> torch.nn.
     handle = PatchHandle(model=model, config=config, text_config=text_config, base=base, attn_modules=attn,
                          orig_attn_impl=text_config._attn_implementation, cache_kw=cache_kw,
                          rotary=rotary, rotary_layer_type=rotary_layer_type)
+    handle.question_heads = resolve_question_heads(config, text_config, set(attn))
     model._qllm = handle
     if config.strategy == "full":
         log.info("qllm: strategy 'full': the model keeps its own dense attention")

@@ -159,7 +159,14 @@ def _execution_blocks(total: int, segments, exc_block_size: int) -> list[tuple[i
     return blocks
 
 
-def reference_attention(q, k, v, *, config, cos, sin, scaling: float, question=None, segments=None):
+def _zscore(x: torch.Tensor) -> torch.Tensor:
+    mu = x.mean()
+    sd = float(((x - mu) ** 2).mean().sqrt())
+    return (x - mu) / max(sd, 1e-6)
+
+
+def reference_attention(q, k, v, *, config, cos, sin, scaling: float, question=None, segments=None,
+                        question_q=None, question_heads=(), lower_head_scores=()):
     """Slow reference of qllm's attention for one layer and one sequence.
 
     Parameters
@@ -174,6 +181,11 @@ def reference_attention(q, k, v, *, config, cos, sin, scaling: float, question=N
     question : [Hq, D] question vectors (rule 7, see :func:`reference_question`)
         or None.  Used only by strategy "qllm".
     segments : lengths of the forward calls the text arrives in (default [T]).
+    question_q : [Hq, Lq, D] un-rotated queries of the question tokens (for
+        question heads), or None.
+    question_heads : query heads of this layer that are question heads (rule 6b).
+    lower_head_scores : per question head of an earlier layer, its raw score
+        per block (1-D, at least as long as this text's block count; rule 6b).
 
     Returns
     -------
@@ -187,6 +199,7 @@ def reference_attention(q, k, v, *, config, cos, sin, scaling: float, question=N
         "retrieval_gap" smallest gap between the last retrieved and the first
                         not-retrieved block score (inf when no choice was made)
         "repr_gap"      smallest gap at the repr_topk boundary of token scores
+        "head_scores"   per question head of this layer, its raw score per block (1-D float64)
 
     The specification, rule by rule (positions are 0-based text positions):
 
@@ -218,6 +231,14 @@ def reference_attention(q, k, v, *, config, cos, sin, scaling: float, question=N
        s_b = sum_h qbar_h . r_bh + w * sum_h Q_h . r_bh (question term: qllm
        with a question only); the topk highest s_b (ties: lower b).  All
        queries of the block use the same retrieved blocks.
+    6b. Question heads (qllm with a question, when this layer has question
+       heads or earlier layers do): when block b is cut, each question head h
+       of this layer scores it c_bh = max over question tokens t and block
+       tokens j of q_fix(question t)[h] . k_j (no scaling).  Then
+       s_b = z(sum_h qbar_h . r_bh)_b + w * mean over all question heads
+       (this layer's and ``lower_head_scores``) of z(c)_b, where z
+       standardises over the existing blocks b (population std, floored at
+       1e-6); the Q_h . r_bh term is not used.
     7. (reference_question) Question vector Q_h.
     """
     cfg = config
@@ -235,9 +256,19 @@ def reference_attention(q, k, v, *, config, cos, sin, scaling: float, question=N
         raise ValueError("reference_attention: cos/sin need at least n_init + n_local positions")
     n_init, n_local, bs = cfg.n_init, cfg.n_local, cfg.block_size
     uses_blocks = cfg.strategy in ("qllm", "infllm")
-    use_question = cfg.strategy == "qllm" and question is not None
-    if use_question:
+    use_question = cfg.strategy == "qllm" and (question is not None or question_q is not None)
+    if question is not None:
         question = question.double()
+    use_heads = use_question and (len(question_heads) > 0 or len(lower_head_scores) > 0)
+    if use_heads:
+        if question_heads and question_q is None:
+            raise ValueError("reference_attention: question_heads need question_q")
+        qq_fix = None
+        if question_q is not None:  # rule 6b: fixed-position question queries [Hq, Lq, D]
+            qq = question_q.double()
+            qq_fix = torch.stack([rope_ref(qq[:, t], n_local - 1, cos, sin) * cos[0]
+                                  for t in range(qq.shape[1])], dim=1)
+    own_scores: list[list[float]] = [[] for _ in question_heads]
 
     # k, v per query head (GQA): K[h] is the KV head of query head h.
     K = k[kv_head]  # [Hq, T, D]
@@ -262,7 +293,13 @@ def reference_attention(q, k, v, *, config, cos, sin, scaling: float, question=N
             qbar = torch.stack([q_fix(p) for p in range(a, e)]).mean(dim=0)  # [Hq, D]
             R = torch.stack(reprs)                                           # [nb, Hq, D]
             s = (R * qbar).sum(dim=(1, 2))
-            if use_question:
+            nb = len(block_starts)
+            if use_heads:
+                cols = [torch.as_tensor(c, dtype=torch.float64)[:nb] for c in lower_head_scores]
+                cols += [torch.tensor(c[:nb], dtype=torch.float64) for c in own_scores]
+                c_mean = torch.stack([_zscore(c) for c in cols]).mean(dim=0)
+                s = _zscore(s) + float(cfg.question_weight) * c_mean
+            elif use_question:
                 s = s + float(cfg.question_weight) * (R * question).sum(dim=(1, 2))
             retrieved = sorted(_top_indices(s, cfg.topk))
             retrieval_gap = min(retrieval_gap, _boundary_gap(s, cfg.topk))
@@ -324,6 +361,9 @@ def reference_attention(q, k, v, *, config, cos, sin, scaling: float, question=N
                     r[h] = K[h, [toks[i] for i in top]].mean(dim=0)
                     repr_gap = min(repr_gap, _boundary_gap(sc, cfg.repr_topk))
                 reprs.append(r)
+                if use_heads:  # rule 6b: this layer's question heads score the new block
+                    for i, h in enumerate(question_heads):
+                        own_scores[i].append(float((K[h, toks] @ qq_fix[h].T).max()))
 
     info = {
         "retrieved": retrieved_log,
@@ -333,6 +373,7 @@ def reference_attention(q, k, v, *, config, cos, sin, scaling: float, question=N
         "block_starts": block_starts,
         "retrieval_gap": retrieval_gap,
         "repr_gap": repr_gap,
+        "head_scores": [torch.tensor(c, dtype=torch.float64) for c in own_scores],
     }
     return out.float(), info
 

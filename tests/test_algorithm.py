@@ -387,3 +387,107 @@ def test_reference_rules_by_hand():
     assert info["exec_blocks"][7] == (100, 116)
     # rule 4: each query spreads mass 1 over its keys; local keys get at most that
     assert float(info["scores"].sum()) <= hq * 120 + 1e-6
+
+
+# ------------------------------------------------------------ question heads (rule 6b)
+
+
+def _heads_case(seed: int, hq: int, hkv: int, d: int, t: int, own: tuple, n_lower: int, cfg):
+    q, k, v = random_qkv(seed, hq, hkv, d, t)
+    g = torch.Generator().manual_seed(seed + 7)
+    qq = torch.randn(hq, 6, d, generator=g) * 1.5       # un-rotated question queries
+    n_blocks_max = t // cfg.block_size + 1
+    lower = [torch.randn(n_blocks_max, generator=g, dtype=torch.float64) * 3 for _ in range(n_lower)]
+    return q, k, v, qq, lower
+
+
+def run_fast_heads(cfg, q, k, v, tab, scaling, segments, qq, own, lower, layer=2):
+    """attend with a QuestionRelevance holding `lower` as heads of layers < layer and `own` of this layer."""
+    from qllm.attention import _fixed_query
+    from qllm.retrieval import QuestionRelevance
+
+    hq, t, d = q.shape
+    lower_pairs = [(i % layer, 50 + i) for i in range(len(lower))]  # lower layers (head ids only label columns)
+    rel = QuestionRelevance(lower_pairs + [(layer, h) for h in own], CPU)
+    nmax = lower[0].shape[0] if lower else 1
+    rel.raw = torch.zeros(max(nmax, 16), len(rel.heads))
+    for i, col in enumerate(lower):
+        c = rel.heads.index(lower_pairs[i])
+        rel.raw[:nmax, c] = col.float()
+        rel.n_filled[c] = nmax
+    mem = LayerMemory(cfg, hq, k.shape[0], d, q.dtype, CPU)
+    mem.layer_idx, mem.relevance = layer, rel
+    mem.question = torch.zeros(hq, d)  # unused by the heads term; marks "a question is known"
+    mem.question_tokens = _fixed_query(qq.float(), tab, cfg.n_local)
+    outs, retrieved = [], []
+    for a, e in exec_pieces(segments, cfg.exc_block_size):
+        outs.append(attend(mem, q[:, a:e], k[:, a:e], v[:, a:e], tab, scaling))
+        ids = mem.last_retrieved
+        retrieved.append([] if ids is None else sorted(ids.tolist()))
+    return torch.cat(outs, dim=1), retrieved, mem, rel
+
+
+@pytest.mark.parametrize("pattern", ["prefill", "decode", "many"])
+@pytest.mark.parametrize("own,n_lower", [((0,), 0), ((1, 3), 0), ((), 2), ((2,), 3)],
+                         ids=["own1", "own2", "lower2", "own1+lower3"])
+def test_question_heads_match_reference(own, n_lower, pattern):
+    """Rule 6b: per-block question scores of question heads (own layer and earlier layers), standardised."""
+    hq, hkv, d = 4, 2, 16
+    cfg = BASE.replace(question_weight=1.5)
+    seed = _seed("heads", own, n_lower, pattern)
+    t = sum(SEGMENTS[pattern])
+    q, k, v, qq, lower = _heads_case(seed, hq, hkv, d, t, own, n_lower, cfg)
+    tab = table_for(cfg, d)
+    scaling = d ** -0.5
+    ref, info = reference_attention(q, k, v, config=cfg, cos=tab.cos, sin=tab.sin, scaling=scaling,
+                                    segments=SEGMENTS[pattern], question_q=qq, question_heads=own,
+                                    lower_head_scores=lower)
+    out, retrieved, mem, rel = run_fast_heads(cfg, q, k, v, tab, scaling, SEGMENTS[pattern], qq, own, lower)
+    for i, (got, want) in enumerate(zip(retrieved, info["retrieved"])):
+        assert got == want, (f"execution block {i}: retrieved {got}, reference {want} "
+                             f"(smallest reference score gap {info['retrieval_gap']:.3g})")
+    assert_close(out, ref, "attention output")
+    nb = len(info["block_starts"])
+    assert mem.n_blocks == nb and nb > 5
+    for i, h in enumerate(own):  # raw per-block head scores
+        c = rel.heads.index((2, h))
+        assert rel.n_filled[c] == nb
+        assert_close(rel.raw[:nb, c], info["head_scores"][i].float(), f"head {h} block scores", atol=1e-4)
+    # the heads change the choice compared with the representative-based term
+    _, info_plain = reference_attention(q, k, v, config=cfg, cos=tab.cos, sin=tab.sin, scaling=scaling,
+                                        segments=SEGMENTS[pattern], question=mem.question.double() + 1.0)
+    assert info_plain["retrieved"] != info["retrieved"]
+
+
+def test_question_heads_find_planted_block():
+    """A block whose keys align with one question token wins through the heads term, not the query term."""
+    hq, hkv, d = 4, 2, 16
+    cfg = BASE.replace(question_weight=1.0)
+    q, k, v = random_qkv(11, hq, hkv, d, 200, q_scale=0.3)
+    tab = table_for(cfg, d)
+    g = torch.Generator().manual_seed(3)
+    qq = torch.randn(hq, 5, d, generator=g)
+    from qllm.attention import _fixed_query
+    qfix = _fixed_query(qq, tab, cfg.n_local)
+    planted_block = 3
+    j = cfg.n_init + planted_block * cfg.block_size + 4
+    k[0, j] = qfix[1, 2] / qfix[1, 2].norm() * 12.0  # KV head 0 serves query heads 0, 1
+    out, retrieved, mem, rel = run_fast_heads(cfg, q, k, v, tab, d ** -0.5, [200], qq, (1,), [])
+    assert planted_block in retrieved[-1]
+    cfg0 = cfg.replace(strategy="infllm")
+    _, ret0, _ = run_fast(cfg0, q, k, v, tab, d ** -0.5, [200])
+    assert planted_block not in ret0[-1]
+
+
+def test_question_relevance_errors():
+    from qllm.retrieval import QuestionRelevance
+
+    rel = QuestionRelevance([(0, 5)], CPU)
+    with pytest.raises(ValueError, match="head 5 of layer 0"):
+        rel.record(0, 0, torch.zeros(1, 2, 8, 4), torch.zeros(4, 3, 4))
+    rel = QuestionRelevance([(0, 1), (1, 0)], CPU)
+    rel.record(0, 0, torch.zeros(2, 2, 8, 4), torch.zeros(4, 3, 4))
+    with pytest.raises(RuntimeError, match="scored 0 blocks"):
+        rel.score(1, 2)  # layer 1's head has not scored the blocks
+    assert rel.score(0, 2).shape == (2,)
+    assert rel.columns_upto(0) == [0] and rel.columns_upto(5) == [0, 1]

@@ -582,8 +582,9 @@ def test_gemma3_sliding_layer_untouched_on_long_text():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_device_blocks_budget_not_silently_ignored():
-    """A block budget is not implemented in the attention paths: asking for one must fail loudly."""
-    with pytest.raises(NotImplementedError, match="device_blocks"):
-        qllm.QLLMConfig(device_blocks=64)
+def test_device_blocks_budget_accepted_and_checked_against_topk():
+    """A device block budget is implemented (tiered block memory: tests/test_tiered.py); it must hold topk."""
+    assert qllm.QLLMConfig(device_blocks=64).device_blocks == 64
+    with pytest.raises(ValueError, match="device_blocks"):
+        qllm.QLLMConfig(topk=8, device_blocks=4)
     assert qllm.QLLMConfig(device_blocks=None).device_blocks is None
