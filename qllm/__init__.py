@@ -10,6 +10,7 @@ import torch  # noqa: F401  (the ops library needs torch loaded first)
 
 from ._ext import _core, ops
 from .cache import QLLMCache
+from . import heads
 from .config import QLLMConfig
 from .generate import QLLMTextGenerationPipeline, build_prompt, generate, register_pipeline
 from .models import default_model_path, load_model
@@ -19,7 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "QLLMConfig", "QLLMCache", "patch", "unpatch", "patched", "is_patched", "set_question", "record",
     "generate", "build_prompt", "QLLMTextGenerationPipeline", "register_pipeline",
-    "load_model", "default_model_path", "ops", "_core", "__version__",
+    "load_model", "default_model_path", "heads", "ops", "_core", "__version__",
 ]
 
 register_pipeline()

@@ -8,6 +8,8 @@ sliding-window layers -- use the ordinary cache layers).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from transformers import DynamicCache
 
@@ -15,6 +17,17 @@ from . import gpu
 from .memory import LayerMemory
 
 __all__ = ["QLLMCache"]
+
+log = logging.getLogger("qllm")
+_warned_cuda_tiered = False
+
+
+def _warn_cuda_tiered(budget: int) -> None:
+    global _warned_cuda_tiered
+    _warned_cuda_tiered = True
+    log.warning("qllm: QLLMConfig.device_blocks=%d (device block budget + host tier) is implemented in the "
+                "generic torch path only: layers run it instead of the CUDA fast path (slower); "
+                "device_blocks=None keeps the fast path", budget)
 
 
 class QLLMCache(DynamicCache):
@@ -36,6 +49,7 @@ class QLLMCache(DynamicCache):
         self.mode = "text"  # "text" | "question"
         self.question_ids: torch.Tensor | None = None  # 1-D token ids of the question, once encoded
         self.has_question = False
+        self.relevance = None  # qllm.retrieval.QuestionRelevance when question heads are in use
 
     # -- transformers Cache API -----------------------------------------
     def get_seq_length(self, layer_idx: int | None = 0, *args, **kwargs) -> int:  # noqa: D401
@@ -49,8 +63,14 @@ class QLLMCache(DynamicCache):
         if mem is None:
             cls = LayerMemory
             if self.mode == "text" and gpu.supports(dtype, device, head_dim):
-                cls = gpu.CudaLayerMemory  # fast path: preallocated device state, one op per call
+                if self._qllm.config.device_blocks is not None and self._qllm.config.uses_blocks:
+                    if not _warned_cuda_tiered:
+                        _warn_cuda_tiered(self._qllm.config.device_blocks)
+                else:
+                    cls = gpu.CudaLayerMemory  # fast path: preallocated device state, one op per call
             mem = cls(self._qllm.config, n_q_heads, n_kv_heads, head_dim, dtype, device)
+            mem.layer_idx = layer_idx  # question heads: both memory classes take them
+            mem.relevance = self.relevance
             self.memories[layer_idx] = mem
         return mem
 

@@ -1,4 +1,4 @@
-"""Command line: ``qllm ask FILE --question "..."`` and ``qllm demo``."""
+"""Command line: ``qllm ask FILE --question "..."``, ``qllm demo`` and ``qllm calibrate``."""
 
 from __future__ import annotations
 
@@ -49,14 +49,30 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--topk", type=int, default=4)
     g.add_argument("--repr-topk", type=int, default=4)
     g.add_argument("--exc-block-size", type=int, default=256)
-    g.add_argument("--question-weight", type=float, default=1.0)
+    g.add_argument("--question-weight", type=float, default=2.0)
+    g.add_argument("--question-heads", default="auto", metavar="auto|none|FILE",
+                   help="how the question scores blocks: 'auto' (the shipped calibration of the model, if any), "
+                        "'none' (block representatives), or a calibration JSON written by 'qllm calibrate'")
+    g.add_argument("--device-blocks", type=int, default=None,
+                   help="blocks per layer kept on the compute device (the rest in host memory); default: all")
     g.add_argument("--chunk-size", type=int, default=1024, help="prefill chunk (progress granularity)")
+
+
+def _question_heads(spec: str):
+    if spec == "auto":
+        return "auto"
+    if spec == "none":
+        return None
+    from .heads import load_calibration
+
+    return load_calibration(spec)
 
 
 def _config(a: argparse.Namespace) -> QLLMConfig:
     return QLLMConfig(n_init=a.n_init, n_local=a.n_local, block_size=a.block_size, topk=a.topk,
                       repr_topk=a.repr_topk, exc_block_size=a.exc_block_size,
-                      question_weight=a.question_weight, strategy=a.strategy, chunk_size=a.chunk_size)
+                      question_weight=a.question_weight, question_heads=_question_heads(a.question_heads),
+                      strategy=a.strategy, chunk_size=a.chunk_size, device_blocks=a.device_blocks)
 
 
 def _load(a):
@@ -116,6 +132,31 @@ def cmd_demo(a) -> int:
     return 0
 
 
+def cmd_calibrate(a) -> int:
+    import json
+
+    from .heads import calibrate, fingerprint
+
+    if a.n_heads < 1:
+        print(f"qllm calibrate: --n-heads: expected >= 1, got {a.n_heads}", file=sys.stderr)
+        return 2
+    model, tok = _load(a)
+    t0 = time.perf_counter()
+
+    def progress(i: int, n: int) -> None:
+        if not a.quiet:
+            print(f"calibrating: {i}/{n} texts, {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+
+    res = calibrate(model, tok, n_tokens=a.tokens, n_heads=a.n_heads, progress=progress)
+    res["fingerprint"] = fingerprint(model.config.get_text_config() if hasattr(model.config, "get_text_config")
+                                     else model.config)
+    res["model"] = a.model or "SmolLM2-135M-Instruct (embedded)"
+    with open(a.output, "w", encoding="utf-8") as f:
+        json.dump(res, f, indent=1)
+    print(f"question heads {res['question_heads']} written to {a.output}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="qllm", description="Query-aware context memory for long texts")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -126,13 +167,18 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--tokens", type=int, default=16000)
     demo.add_argument("--depth", type=float, default=0.25)
     demo.add_argument("--seed", type=int, default=0)
-    for s in (ask, demo):
+    cal = sub.add_parser("calibrate", help="find the model's question heads (writes a calibration JSON)")
+    cal.add_argument("--output", "-o", required=True)
+    cal.add_argument("--tokens", type=int, default=6000, help="length of each calibration text")
+    cal.add_argument("--n-heads", type=int, default=8)
+    for s in (ask, demo, cal):
         s.add_argument("--model", default=None, help="local HF model directory or .gguf file (default: embedded)")
         s.add_argument("--max-new-tokens", type=int, default=32)
         s.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
         s.add_argument("--quiet", action="store_true", help="no progress bar")
         s.add_argument("--verbose", "-v", action="store_true")
-        _add_budget_args(s)
+        if s is not cal:
+            _add_budget_args(s)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
     if a.threads is not None:
@@ -140,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(a.threads)
     try:
-        return cmd_ask(a) if a.cmd == "ask" else cmd_demo(a)
+        return {"ask": cmd_ask, "demo": cmd_demo, "calibrate": cmd_calibrate}[a.cmd](a)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"qllm {a.cmd}: {exc}", file=sys.stderr)
         return 2

@@ -162,6 +162,6 @@ class QLLMConfig:
     def small(cls, **changes) -> "QLLMConfig":
         """The small budget of DESIGN §7 (small models, CPU tests)."""
         base = dict(n_init=128, n_local=256, block_size=64, topk=4, repr_topk=4, exc_block_size=256,
-                    question_weight=1.0)
+                    question_weight=2.0)
         base.update(changes)
         return cls(**base)

@@ -21,6 +21,13 @@ the host (:meth:`CudaLayerMemory._schedule`, the same bookkeeping as
 waits for the device.  Only the retrieved block ids are device data; the
 attention kernel reads the blocks through them.
 
+Question heads (:class:`qllm.retrieval.QuestionRelevance`, set by the cache as
+``mem.relevance`` with ``mem.layer_idx`` and ``mem.question_tokens``): the op
+writes this layer's raw block scores into ``relevance.raw`` (a device matrix
+shared by the layers, grown here from block counts) when blocks are cut, and
+selects with ``z(qbar . r) + w * mean z(raw)`` over the heads of layers <= this
+one, all on the device; the host only advances ``relevance.n_filled``.
+
 Supported: CUDA tensors of dtype float16 / bfloat16, head_dim 64 or 128
 (:meth:`CudaLayerMemory.supports`); anything else uses the generic path.
 """
@@ -95,6 +102,10 @@ class CudaLayerMemory:
         cap_b = max(16, (cap - cfg.n_init) // cfg.block_size + 1) if cfg.uses_blocks else 1
         self.reprs = torch.empty(cap_b, n_q_heads, head_dim, dtype=torch.float32, device=self.device)
         self.question: torch.Tensor | None = None       # [n_q_heads, head_dim] f32
+        # question heads (qllm.retrieval.QuestionRelevance): set by the cache
+        self.layer_idx = 0
+        self.relevance = None
+        self.question_tokens: torch.Tensor | None = None  # [n_q_heads, n_tokens, head_dim] f32, fixed-position
         self.last_retrieved: torch.Tensor | None = None  # int32 block ids of the last execution block
         self.retrieved_log: torch.Tensor | None = None   # [n_exec, k] int32 of the last call (-1 padded)
         self._rope: tuple | None = None
@@ -215,6 +226,57 @@ class CudaLayerMemory:
         return rows, (n_seen, tail_start, init_done, init_len, n_blocks)
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two CUDA devices are one ("cuda" means the current device)."""
+    if a.type != b.type:
+        return False
+    cur = torch.cuda.current_device() if a.type == "cuda" and (a.index is None or b.index is None) else None
+    return (a.index if a.index is not None else cur) == (b.index if b.index is not None else cur)
+
+
+def _question_heads(mem: CudaLayerMemory) -> tuple | None:
+    """The question-head work of this layer, as ``(relevance, n_sel, own_columns, own_heads)``:
+    selection over the columns ``0 .. n_sel-1`` (heads of layers <= this one; 0 = the usual
+    scores), raw scores recorded for ``own_columns`` (this layer's heads, when the question
+    tokens are known).  None without question heads.  Same gating as the generic path
+    (:func:`qllm.retrieval.select_blocks`, ``LayerMemory._cut_blocks``)."""
+    rel = mem.relevance
+    if rel is None or not mem.config.uses_blocks:
+        return None
+    sel = rel.columns_upto(mem.layer_idx) if mem.config.uses_question else []
+    own = list(rel.columns_of(mem.layer_idx)) if mem.question_tokens is not None else []
+    if not sel and not own:
+        return None
+    # columns are sorted by (layer, head): those of layers <= l are a prefix, a layer's are contiguous
+    if list(sel) != list(range(len(sel))) or own != list(range(own[0], own[0] + len(own)) if own else []):
+        raise RuntimeError(f"qllm: question-head columns not sorted by layer: {rel.heads}")
+    heads = [rel.heads[c][1] for c in own]
+    for h in heads:
+        if h >= mem.n_q_heads:
+            raise ValueError(f"QLLMConfig.question_heads: head {h} of layer {mem.layer_idx} does not exist "
+                             f"(the layer has {mem.n_q_heads} query heads)")
+    if not _same_device(rel.raw.device, mem.device):
+        raise ValueError(f"qllm: question relevance on {rel.raw.device}, layer memory on {mem.device}")
+    return rel, len(sel), own, heads
+
+
+def _reserve_relevance(rel, rows: int) -> None:
+    """Room for ``rows`` blocks in ``rel.raw`` (geometric growth, as ``QuestionRelevance.record``)."""
+    have = rel.raw.shape[0]
+    if have >= rows:
+        return
+    grown = torch.empty(max(rows, 2 * have), len(rel.heads), dtype=torch.float32, device=rel.raw.device)
+    grown[:have].copy_(rel.raw)
+    rel.raw = grown
+
+
+def _check_filled(rel, cols, n_blocks: int, layer: int) -> None:
+    for c in cols:
+        if rel.n_filled[c] < n_blocks:
+            raise RuntimeError(f"qllm: question head {rel.heads[c]} scored {rel.n_filled[c]} blocks, "
+                               f"layer {layer} retrieves among {n_blocks}")
+
+
 def attend_cuda(mem: CudaLayerMemory, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 rope: RopeTable, scaling: float) -> torch.Tensor:
     """Process one forward call's tokens through the GPU layer memory.
@@ -242,22 +304,43 @@ def attend_cuda(mem: CudaLayerMemory, q: torch.Tensor, k: torch.Tensor, v: torch
     state = (mem.n_seen, mem.tail_start, mem.init_done, mem.init_len, mem.n_blocks)
     sched, n_ret_last = mem._schedule(T, cos.shape[0])
     try:
+        plan = _question_heads(mem)
+        qh_raw = qh_tokens = None
+        qh_cfg: list[int] = []
+        if plan is not None:
+            rel, n_sel, own, heads = plan
+            for c in own:  # this layer's heads score every block once, in order
+                if rel.n_filled[c] != state[4]:
+                    raise RuntimeError(f"qllm: question head {rel.heads[c]} scored {rel.n_filled[c]} blocks, "
+                                       f"expected {state[4]}")
+            # candidates of the last execution block (the most): lower layers scored them already
+            _check_filled(rel, [c for c in range(n_sel) if c not in own], int(sched[-1, 5]), mem.layer_idx)
+            if own:
+                _reserve_relevance(rel, mem.n_blocks)
+                qh_tokens = mem.question_tokens.to(device=mem.device, dtype=torch.float32).contiguous()
+            qh_raw = rel.raw
+            qh_cfg = [n_sel, own[0] if own else 0, *heads]
         mem._reserve_blocks(mem.n_blocks, state[4])
         mem.k_store[:, P0:P0 + T].copy_(k)
         mem.v_store[:, P0:P0 + T].copy_(v)
         out = torch.empty(T, hq, d, dtype=q.dtype, device=q.device).permute(1, 0, 2)
         retrieved = torch.empty(sched.shape[0], max(cfg.topk, 1), dtype=torch.int32, device=q.device)
         question = None
-        if cfg.uses_question and mem.question is not None:
+        if cfg.uses_question and mem.question is not None and not (qh_cfg and qh_cfg[0] > 0):
             question = mem.question.to(device=mem.device, dtype=torch.float32).contiguous()
-        weight = float(cfg.question_weight) if question is not None else 0.0
+        # question heads select with w on the standardised head term (no question vector)
+        weight = float(cfg.question_weight) if (question is not None or (qh_cfg and qh_cfg[0] > 0)) else 0.0
         torch.ops.qllm.attend_run(
             q, mem.k_store, mem.v_store, mem.scores, mem.reprs, retrieved, out, cos, sin, question,
             sched, float(scaling), weight,
-            [cfg.n_init, cfg.n_local, cfg.block_size, cfg.topk, cfg.repr_topk, 0 if cfg.uses_blocks else 1])
+            [cfg.n_init, cfg.n_local, cfg.block_size, cfg.topk, cfg.repr_topk, 0 if cfg.uses_blocks else 1],
+            qh_raw, qh_tokens, qh_cfg)
     except BaseException:
         mem.n_seen, mem.tail_start, mem.init_done, mem.init_len, mem.n_blocks = state
         raise
+    if plan is not None:
+        for c in plan[2]:
+            plan[0].n_filled[c] = mem.n_blocks
     mem.retrieved_log = retrieved
     mem.last_retrieved = retrieved[-1, :n_ret_last] if n_ret_last > 0 else None
     return out
@@ -294,6 +377,12 @@ class CudaDecodeStep:
     on and the step must be rebuilt (and the graph recaptured).  A new question
     tensor of the same shape is copied into the step's buffer by ``prepare``.
 
+    Question heads (``mem.relevance``): the step selects with the head term
+    like :func:`attend_cuda` (it cuts no block, so it records no raw score);
+    the step reserves ``relevance.raw`` rows for the memory's block capacity,
+    and ``prepare`` returns False if that matrix is reallocated or the
+    relevance object changes (rebuild the step then).
+
     Outputs are bitwise those of :func:`attend_cuda` for the same token
     (same kernels and the same key splits).  ``launch`` returns a static
     buffer [n_q_heads, 1, head_dim] (a view of [1, n_q_heads, head_dim]).
@@ -316,9 +405,16 @@ class CudaDecodeStep:
         self.out = torch.empty(1, mem.n_q_heads, mem.head_dim, dtype=mem.dtype, device=dev).permute(1, 0, 2)
         self._question_src = mem.question if cfg.uses_question else None
         self.question = None
-        if self._question_src is not None:
+        self._rel = mem.relevance
+        plan = _question_heads(mem)
+        self._qh_sel = plan[1] if plan is not None else 0
+        self._qh_raw = None
+        if self._qh_sel > 0:  # question heads select: no question vector
+            _reserve_relevance(self._rel, self.nb_max)
+            self._qh_raw = self._rel.raw
+        elif self._question_src is not None:
             self.question = self._question_src.to(device=dev, dtype=torch.float32).contiguous().clone()
-        self.weight = float(cfg.question_weight) if self.question is not None else 0.0
+        self.weight = float(cfg.question_weight) if (self.question is not None or self._qh_sel > 0) else 0.0
         self._cfg = [cfg.n_init, cfg.n_local, cfg.block_size, cfg.topk, cfg.repr_topk,
                      0 if cfg.uses_blocks else 1]
         self._limits = [self.L_max, self.nb_max]
@@ -334,12 +430,16 @@ class CudaDecodeStep:
         q_src = mem.question if cfg.uses_question else None
         if (q_src is None) != (self._question_src is None):
             return False
+        if mem.relevance is not self._rel or (self._qh_raw is not None and self._rel.raw is not self._qh_raw):
+            return False
         rows, state = mem._rows(1, self.cos.shape[0])
         _, _, P0, T0, init_len, n_blocks, n_ret, m, _, cut_n = rows[0]
         L = P0 - T0 + 1
         if cut_n or L > self.L_max or P0 >= mem.capacity or n_blocks > self.nb_max:
             return False
-        if q_src is not None and q_src is not self._question_src:
+        if self._qh_sel > 0 and any(self._rel.n_filled[c] < n_blocks for c in range(self._qh_sel)):
+            return False  # attend_cuda raises the error
+        if self.question is not None and q_src is not self._question_src:
             self.question.copy_(q_src, non_blocking=True)
             self._question_src = q_src
         mem._set_state(state)
@@ -356,5 +456,6 @@ class CudaDecodeStep:
         mem = self.mem
         torch.ops.qllm.attend_decode(
             q, k, v, mem.k_store, mem.v_store, mem.scores, mem.reprs, self.retrieved, self.out,
-            self.cos, self.sin, self.question, self.dyn, self.scaling, self.weight, self._cfg, self._limits)
+            self.cos, self.sin, self.question, self.dyn, self.scaling, self.weight, self._cfg, self._limits,
+            self._qh_raw, [self._qh_sel] if self._qh_sel > 0 else [])
         return self.out

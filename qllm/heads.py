@@ -23,7 +23,8 @@ import torch
 
 log = logging.getLogger("qllm")
 
-__all__ = ["fingerprint", "find_calibration", "resolve_question_heads", "calibrate", "CALIBRATION_NEEDLES"]
+__all__ = ["fingerprint", "find_calibration", "load_calibration", "resolve_question_heads", "calibrate",
+           "CALIBRATION_NEEDLES"]
 
 _DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calibration")
 _FP_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
@@ -60,6 +61,24 @@ def find_calibration(text_config, directory: str = _DIR) -> dict | None:
             cal["file"] = name
             return cal
     return None
+
+
+def load_calibration(path: str) -> tuple:
+    """The question heads stored in a calibration JSON (as written by ``qllm calibrate``)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            cal = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"question heads: no such calibration file: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"question heads: {path} is not JSON ({exc})") from None
+    heads = cal.get("question_heads") if isinstance(cal, dict) else None
+    if not isinstance(heads, list) or not heads:
+        raise ValueError(f"question heads: {path} has no 'question_heads' list of [layer, head] pairs")
+    try:
+        return tuple((int(l), int(h)) for l, h in heads)
+    except (TypeError, ValueError):
+        raise ValueError(f"question heads: {path}: expected [layer, head] pairs, got {heads!r}") from None
 
 
 def resolve_question_heads(config, text_config, patched_layers) -> tuple | None:

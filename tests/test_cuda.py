@@ -504,3 +504,270 @@ def test_decode_step_llama_geometry_graph():
         assert torch.equal(got, want), f"token {t}"
     assert cuts >= 2 and mem._state() == ref._state()
     assert torch.equal(mem.scores, ref.scores) and torch.equal(mem.block_reprs(), ref.block_reprs())
+
+
+# ============================================================ question heads (qllm.retrieval)
+
+def _heads_relevance(pairs, lower_pairs, lower: torch.Tensor, device) -> "QuestionRelevance":  # noqa: F821
+    """A QuestionRelevance whose columns of ``lower_pairs`` (heads of earlier layers) hold ``lower``."""
+    from qllm.retrieval import QuestionRelevance
+
+    rel = QuestionRelevance(pairs, torch.device(device))
+    if lower_pairs:  # else the default 16 rows: attend_cuda grows the matrix
+        rel.raw = torch.zeros(lower.shape[0], len(rel.heads), device=device)
+    for i, p in enumerate(lower_pairs):
+        c = rel.heads.index(p)
+        rel.raw[:, c] = lower[:, i].to(device)
+        rel.n_filled[c] = lower.shape[0]
+    return rel
+
+
+def _heads_case(cfg, *, own, n_lower, hq, hkv, D, dtype, T, seed, layer, n_tok):
+    """Inputs, rope and the two memories (CPU f32 LayerMemory, CUDA CudaLayerMemory), each with its
+    own QuestionRelevance holding the same lower-layer columns."""
+    from qllm.gpu import CudaLayerMemory
+
+    q, k, v = _inputs(seed, hq, hkv, D, T, dtype)
+    rope = _rope(cfg.max_rel_position + 1, D)
+    g = _gen(seed + 300)
+    qtok = _fixed_query(torch.randn(hq, n_tok, D, generator=g) * 1.5, rope, cfg.n_local)  # [hq, n_tok, D] f32
+    lower_pairs = [(i % layer, 50 + i) for i in range(n_lower)]  # head ids only label the columns
+    pairs = lower_pairs + [(layer, h) for h in own]
+    nmax = T // cfg.block_size + 1
+    lower = torch.randn(nmax, n_lower, generator=g) * 3
+    qv = torch.randn(hq, D, generator=g) * 0.5  # a question vector: the heads term must replace it
+    mems = []
+    for dev in ("cpu", DEV):
+        if dev == "cpu":
+            mem = LayerMemory(cfg, hq, hkv, D, torch.float32, torch.device("cpu"))
+        else:
+            mem = CudaLayerMemory(cfg, hq, hkv, D, dtype, torch.device(DEV))
+        mem.layer_idx = layer
+        mem.relevance = _heads_relevance(pairs, lower_pairs, lower, dev)
+        mem.question_tokens = qtok.to(dev)
+        mem.question = qv.to(dev)
+        mems.append(mem)
+    return q, k, v, rope, mems, lower_pairs
+
+
+def _ref_head_block_scores(mem: LayerMemory, q_blk: torch.Tensor, rope: RopeTable) -> torch.Tensor | None:
+    """The block scores the generic path ranks for an execution block (qllm.retrieval.select_blocks)."""
+    from qllm.retrieval import standardize
+
+    cfg = mem.config
+    if not cfg.uses_blocks or mem.n_blocks == 0:
+        return None
+    qbar = _fixed_query(q_blk.float(), rope, cfg.n_local).mean(dim=1)
+    c = mem.relevance.score(mem.layer_idx, mem.n_blocks) if cfg.uses_question else None
+    if c is None:
+        return _ref_block_scores(mem, q_blk, rope)
+    a = ops.retrieval_score(mem.block_reprs(), qbar, None, 0.0)
+    return standardize(a) + float(cfg.question_weight) * c
+
+
+def _run_heads_pair(cfg, *, own, n_lower, hq=8, hkv=2, D=64, dtype=torch.bfloat16, segments=(500,), seed=0,
+                    layer=2, n_tok=6):
+    """The generic path (LayerMemory + attend, CPU f32, QuestionRelevance on the CPU) against
+    attend_cuda (QuestionRelevance on the device) on the same inputs: outputs, retrieved blocks
+    of every execution block (equal unless the reference scores tie to 1e-3), raw head scores."""
+    from qllm.gpu import attend_cuda
+
+    T = sum(segments)
+    q, k, v, rope, (ref, gpu), lower_pairs = _heads_case(cfg, own=own, n_lower=n_lower, hq=hq, hkv=hkv, D=D,
+                                                         dtype=dtype, T=T, seed=seed, layer=layer, n_tok=n_tok)
+    rel_c, rel_g = ref.relevance, gpu.relevance
+    own_cols = [rel_c.heads.index((layer, h)) for h in own]
+    lower_cols = [rel_c.heads.index(p) for p in lower_pairs]
+    lower_before = rel_g.raw[:, lower_cols].clone()
+    scaling = D ** -0.5
+    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    E = cfg.exc_block_size
+    start = 0
+    n_checked = 0
+    for n in segments:
+        outs, ref_ret, ref_scores = [], [], []
+        for a in range(start, start + n, E):
+            b = min(a + E, start + n)
+            ref_scores.append(_ref_head_block_scores(ref, q[:, a:b], rope))
+            outs.append(attend(ref, q[:, a:b].float(), k[:, a:b].float(), v[:, a:b].float(), rope, scaling))
+            ref_ret.append([] if ref.last_retrieved is None else sorted(ref.last_retrieved.tolist()))
+        out_ref = torch.cat(outs, dim=1)
+        sl = slice(start, start + n)
+        out_gpu = attend_cuda(gpu, q[:, sl].to(DEV), k[:, sl].to(DEV), v[:, sl].to(DEV), rope, scaling)
+        err = _rel(out_gpu.cpu(), out_ref)
+        assert err <= tol, f"segment {n} at {start}: rel error {err:.2e} > {tol:.1e}"
+        log = gpu.retrieved_log.cpu()
+        for i, want in enumerate(ref_ret):
+            got = [x for x in log[i].tolist() if x >= 0]
+            n_checked += bool(want)
+            if got != want:
+                s = ref_scores[i]
+                diff = sorted(set(got) ^ set(want))
+                kth = torch.sort(s, descending=True).values[len(want) - 1]
+                assert bool(((s[diff] - kth).abs() <= 1e-3).all()), \
+                    f"exec block {i} of segment at {start}: retrieved {got}, reference {want}"
+        assert (gpu.n_seen, gpu.tail_start, gpu.n_blocks) == (ref.n_seen, ref.tail_start, ref.n_blocks)
+        nb = ref.n_blocks
+        assert rel_g.n_filled == rel_c.n_filled
+        if own_cols and nb:
+            torch.testing.assert_close(rel_g.raw[:nb, own_cols].cpu(), rel_c.raw[:nb, own_cols],
+                                       rtol=1e-4, atol=1e-3)
+        start += n
+    if lower_cols:  # the other layers' columns are read, never written
+        assert torch.equal(rel_g.raw[:lower_before.shape[0], lower_cols], lower_before)
+    assert n_checked > 3
+    return gpu, ref
+
+
+HEADS_CFG = SMALL_SEL.replace(question_weight=1.5)
+
+
+@pytest.mark.parametrize("own,n_lower", [((1,), 0), ((0, 5), 0), ((), 2), ((3,), 3)],
+                         ids=["own1", "own2", "lower2", "own1+lower3"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("segments", [(500,), (200, 1, 1, 1, 3, 150, 1)], ids=str)
+def test_attend_cuda_question_heads(own, n_lower, dtype, segments):
+    _run_heads_pair(HEADS_CFG, own=own, n_lower=n_lower, dtype=dtype, segments=segments,
+                    seed=len(own) * 10 + n_lower + len(segments))
+
+
+@pytest.mark.parametrize("n_tok", [1, 16, 37])
+def test_attend_cuda_question_heads_token_counts(n_tok):
+    """Question lengths around the kernel's 16-token chunks; D=128, GQA group 4."""
+    _run_heads_pair(HEADS_CFG, own=(2, 7), n_lower=1, D=128, dtype=torch.bfloat16, segments=(420, 1, 60),
+                    n_tok=n_tok, seed=n_tok)
+
+
+def test_attend_cuda_question_heads_many_columns():
+    """Calibration-like: every head of the layer plus 40 lower columns (statistics in chunks of 32
+    columns, 8 heads recorded per cut)."""
+    _run_heads_pair(HEADS_CFG, own=tuple(range(8)), n_lower=40, segments=(400, 1, 1), seed=9)
+
+
+def test_attend_cuda_question_heads_infllm_records_only():
+    """infllm: the layer's heads still score the blocks (for later layers), retrieval ignores them."""
+    _run_heads_pair(HEADS_CFG.replace(strategy="infllm"), own=(1, 4), n_lower=1, segments=(300, 1, 100))
+
+
+def test_attend_cuda_question_heads_layer0():
+    """The first layer: its own heads are the only columns (the heads' term is computed from
+    blocks this call cuts, execution block by execution block)."""
+    _run_heads_pair(HEADS_CFG, own=(6,), n_lower=0, layer=0, segments=(600,), seed=5)
+
+
+def test_attend_cuda_question_heads_llama_geometry():
+    """2K-budget config on Llama-3 head geometry (32 q / 8 kv heads, d=128), repr_topk = block_size."""
+    cfg = QLLMConfig(repr_topk=128, question_weight=4.0)
+    _run_heads_pair(cfg, own=(3, 17), n_lower=2, hq=32, hkv=8, D=128, segments=(2100, 1500, 1, 1), seed=3,
+                    layer=5, n_tok=20)
+
+
+def test_attend_cuda_question_heads_no_host_sync():
+    from qllm.gpu import attend_cuda
+
+    cfg = HEADS_CFG
+    q, k, v, rope, (_, mem), _ = _heads_case(cfg, own=(1,), n_lower=2, hq=8, hkv=2, D=64, dtype=torch.bfloat16,
+                                             T=600, seed=4, layer=1, n_tok=9)
+    q, k, v = q.to(DEV), k.to(DEV), v.to(DEV)
+    rope = RopeTable(rope.cos.to(DEV), rope.sin.to(DEV))
+    attend_cuda(mem, q[:, :8], k[:, :8], v[:, :8], rope, 0.125)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        attend_cuda(mem, q[:, 8:500], k[:, 8:500], v[:, 8:500], rope, 0.125)  # grows nothing: 38 rows
+        for t in range(500, 600):
+            attend_cuda(mem, q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], rope, 0.125)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert mem.n_blocks > 20 and mem.relevance.n_filled[mem.relevance.heads.index((1, 1))] == mem.n_blocks
+
+
+def test_attend_run_question_heads_bad_arguments():
+    from qllm.gpu import CudaLayerMemory
+
+    cfg = HEADS_CFG
+    mem = CudaLayerMemory(cfg, 4, 2, 64, torch.bfloat16, torch.device(DEV))
+    q = torch.randn(4, 3, 64, device=DEV, dtype=torch.bfloat16)
+    rope = _rope(cfg.max_rel_position + 1, 64)
+    cos, sin = mem._rope_tables(rope)
+    sched = torch.tensor([[0, 3, 0, 0, 0, 0, 0, 0, 0, 0]], dtype=torch.int64)
+    args = (q, mem.k_store, mem.v_store, mem.scores, mem.reprs, torch.empty(1, 4, dtype=torch.int32, device=DEV),
+            torch.empty_like(q), cos, sin)
+    raw = torch.zeros(16, 3, device=DEV)
+    tok = torch.zeros(4, 5, 64, device=DEV)
+    cfg_l = [16, 64, 16, 4, 16, 0]
+    bad = [
+        ((None, sched, 0.1, 1.0, cfg_l, None, None, [1, 0]), "qh_raw: needed"),
+        ((None, sched, 0.1, 1.0, cfg_l, raw, None, [4, 0]), "columns out of range"),
+        ((None, sched, 0.1, 1.0, cfg_l, raw, None, [1, 2, 0]), "qh_tokens: needed"),
+        ((None, sched, 0.1, 1.0, cfg_l, raw, tok, [1, 2, 4]), "head 4"),
+        ((torch.zeros(4, 64, device=DEV), sched, 0.1, 1.0, cfg_l, raw, None, [1, 0]), "question must be None"),
+        ((None, sched, 0.1, 1.0, cfg_l, raw, tok, []), "without qh_cfg"),
+    ]
+    for extra, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            ops.attend_run(*args, *extra)
+
+
+@pytest.mark.parametrize("graph", [True, False], ids=["graph", "eager"])
+def test_decode_step_question_heads_matches_attend_cuda(graph):
+    """CudaDecodeStep with question heads (own + lower columns) gives bitwise attend_cuda's outputs
+    and retrievals; the steps that cut blocks run attend_cuda and record the raw scores."""
+    from qllm.gpu import CudaDecodeStep, CudaLayerMemory, attend_cuda
+
+    cfg = HEADS_CFG
+    hq, hkv, D, dtype = 8, 2, 64, torch.bfloat16
+    prefill, steps = 300, 70
+    T = prefill + steps
+    q, k, v = (t.to(DEV) for t in _inputs(13, hq, hkv, D, T, dtype))
+    rope = _rope(cfg.max_rel_position + 1, D)
+    scaling = D ** -0.5
+    layer, own = 1, (2, 5)
+    lower_pairs = [(0, 40), (0, 41)]
+    pairs = lower_pairs + [(layer, h) for h in own]
+    lower = torch.randn(T // cfg.block_size + 1, 2, generator=_gen(14)) * 3
+    qtok = _fixed_query(torch.randn(hq, 11, D, generator=_gen(15)), rope, cfg.n_local).to(DEV)
+    mems = []
+    for _ in range(2):
+        m = CudaLayerMemory(cfg, hq, hkv, D, dtype, torch.device(DEV), capacity=T + 8)
+        m.layer_idx, m.question_tokens, m.question = layer, qtok, torch.randn(hq, D, generator=_gen(16)).to(DEV)
+        m.relevance = _heads_relevance(pairs, lower_pairs, lower, DEV)
+        attend_cuda(m, q[:, :prefill], k[:, :prefill], v[:, :prefill], rope, scaling)
+        mems.append(m)
+    ref, mem = mems
+    step = CudaDecodeStep(mem, rope, scaling)
+    assert step.question is None and step._qh_sel == 4
+    qs, ks, vs = torch.zeros_like(q[:, :1]), torch.zeros_like(k[:, :1]), torch.zeros_like(v[:, :1])
+    g = None
+    n_fast = n_cut = 0
+    for t in range(prefill, T):
+        want = attend_cuda(ref, q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], rope, scaling).clone()
+        want_log = ref.retrieved_log.clone()
+        qs.copy_(q[:, t:t + 1]); ks.copy_(k[:, t:t + 1]); vs.copy_(v[:, t:t + 1])
+        if step.prepare():
+            n_fast += 1
+            if not graph or g is None:
+                got = step.launch(qs, ks, vs)
+                if graph:
+                    torch.cuda.synchronize()
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g):
+                        step.launch(qs, ks, vs)
+            else:
+                g.replay()
+                got = step.out
+            got_log = step.retrieved
+        else:
+            n_cut += 1
+            got = attend_cuda(mem, qs, ks, vs, rope, scaling)
+            got_log = mem.retrieved_log
+        assert torch.equal(got, want), f"token {t}: max diff {float((got.float() - want).abs().max())}"
+        assert torch.equal(got_log, want_log), f"token {t}: retrieved {got_log.tolist()} vs {want_log.tolist()}"
+    assert n_fast >= steps // 2 and n_cut >= 3
+    torch.cuda.synchronize()
+    nb = mem.n_blocks
+    assert mem.relevance.n_filled == ref.relevance.n_filled
+    assert torch.equal(mem.relevance.raw[:nb], ref.relevance.raw[:nb])
+    # a reallocated relevance matrix invalidates the step (the graph holds the old pointer)
+    mem.relevance.raw = mem.relevance.raw.clone()
+    assert not step.prepare()

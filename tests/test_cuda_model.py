@@ -28,7 +28,9 @@ def _tiny_llama(seed: int):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("strategy", ["qllm", "streaming"])
 def test_patched_model_cuda_matches_cpu(dtype, strategy):
-    """Logits of the whole patched model.  Retrieval is a discrete choice that rounding can flip
+    """Logits of the whole patched model (the caches go in under the model's own cache keyword,
+    ``handle.cache_kw``: under another name the patched forward would make a cache of its own for
+    the question and the layers would run without it).  Retrieval is a discrete choice that rounding can flip
     on a random-weight model, so here every block is retrieved (topk above the block count):
     the comparison then measures the arithmetic of the two paths, not tie-breaking luck.  The
     retrieved sets themselves are compared op-level in test_cuda.py on identical inputs."""
@@ -48,8 +50,8 @@ def test_patched_model_cuda_matches_cpu(dtype, strategy):
         qllm.set_question(gpu, question)
         cache_c, cache_g = qllm.QLLMCache(cpu._qllm), qllm.QLLMCache(gpu._qllm)
         with torch.no_grad():
-            want = cpu(ids, cache=cache_c, use_cache=True).logits
-            got = gpu(ids.cuda(), cache=cache_g, use_cache=True).logits.float().cpu()
+            want = cpu(ids, **{cpu._qllm.cache_kw: cache_c}, use_cache=True).logits
+            got = gpu(ids.cuda(), **{gpu._qllm.cache_kw: cache_g}, use_cache=True).logits.float().cpu()
         assert all(isinstance(m, CudaLayerMemory) for m in cache_g.memories.values())
         if strategy == "qllm":
             assert cache_g.memories[0].n_blocks == cache_c.memories[0].n_blocks > 10
@@ -59,8 +61,8 @@ def test_patched_model_cuda_matches_cpu(dtype, strategy):
         # a few decode steps through the same caches
         nxt = want[:, -1:].argmax(-1)
         with torch.no_grad():
-            w2 = cpu(nxt, cache=cache_c, use_cache=True).logits
-            g2 = gpu(nxt.cuda(), cache=cache_g, use_cache=True).logits.float().cpu()
+            w2 = cpu(nxt, **{cpu._qllm.cache_kw: cache_c}, use_cache=True).logits
+            g2 = gpu(nxt.cuda(), **{gpu._qllm.cache_kw: cache_g}, use_cache=True).logits.float().cpu()
         assert float((g2 - w2).norm() / w2.norm()) < max(3 * base, 5e-3)
 
 
@@ -73,3 +75,54 @@ def test_generate_on_cuda():
                              pad_token_id=0)
     assert out.shape == (1, 308) and out.device.type == "cuda"
     assert torch.equal(out[:, :300], ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_patched_model_cuda_question_heads_matches_cpu(dtype):
+    """Explicit question heads (heads of both layers): the CUDA fast path (no fallback to the generic
+    path) against the generic path on the CPU.  Every block retrieved, as above, for the logits; the
+    heads' raw block scores compared directly; then the same with topk < blocks on the GPU alone."""
+    cpu = _tiny_llama(0)
+    gpu = _tiny_llama(0).to("cuda", dtype)
+    cpu.load_state_dict({k: v.float().cpu() for k, v in gpu.state_dict().items()})
+    ids = torch.randint(0, 256, (1, 600), generator=torch.Generator().manual_seed(4))
+    question = torch.tensor([5, 17, 42, 99, 7, 3])
+    heads = ((0, 1), (1, 0), (1, 3))
+    cfg = CFG.replace(topk=64, question_heads=heads)
+    with torch.no_grad():
+        d_want = cpu(ids).logits
+        d_got = gpu(ids.cuda()).logits.float().cpu()
+    base = float((d_got - d_want).norm() / d_want.norm())
+    with qllm.patched(cpu, cfg), qllm.patched(gpu, cfg):
+        qllm.set_question(cpu, question)
+        qllm.set_question(gpu, question)
+        cache_c, cache_g = qllm.QLLMCache(cpu._qllm), qllm.QLLMCache(gpu._qllm)
+        with torch.no_grad():
+            want = cpu(ids, **{cpu._qllm.cache_kw: cache_c}, use_cache=True).logits
+            got = gpu(ids.cuda(), **{gpu._qllm.cache_kw: cache_g}, use_cache=True).logits.float().cpu()
+        assert all(isinstance(m, CudaLayerMemory) for m in cache_g.memories.values())
+        rel_c, rel_g = cache_c.relevance, cache_g.relevance
+        assert rel_g is not None and rel_g.raw.is_cuda and rel_g.heads == rel_c.heads == heads, (
+            f"relevance cpu {rel_c}, gpu {rel_g}; handle heads {gpu._qllm.question_heads}; gpu cache: "
+            f"has_question {cache_g.has_question}, n_seen {cache_g.n_seen}, layers {sorted(cache_g.memories)}")
+        nb = cache_c.memories[0].n_blocks
+        assert nb > 10 and rel_g.n_filled == rel_c.n_filled == [nb] * len(heads)
+        raw_err = float((rel_g.raw[:nb].cpu() - rel_c.raw[:nb]).norm() / rel_c.raw[:nb].norm())
+        err = float((got - want).norm() / want.norm())
+        print(f"{dtype}: heads: logits cuda vs cpu {err:.3g} (dense {base:.3g}), raw scores {raw_err:.3g}")
+        assert err < max(3 * base, 5e-3)
+        assert raw_err < max(5 * base, 3e-2)
+        nxt = want[:, -1:].argmax(-1)
+        with torch.no_grad():
+            w2 = cpu(nxt, **{cpu._qllm.cache_kw: cache_c}, use_cache=True).logits
+            g2 = gpu(nxt.cuda(), **{gpu._qllm.cache_kw: cache_g}, use_cache=True).logits.float().cpu()
+        assert float((g2 - w2).norm() / w2.norm()) < max(3 * base, 5e-3)
+    # a real choice (topk 3 of ~30 blocks) on the GPU: runs on the fast path, retrieves topk blocks
+    with qllm.patched(gpu, cfg.replace(topk=3)):
+        qllm.set_question(gpu, question)
+        cache = qllm.QLLMCache(gpu._qllm)
+        with torch.no_grad():
+            logits = gpu(ids.cuda(), **{gpu._qllm.cache_kw: cache}, use_cache=True).logits
+        assert bool(torch.isfinite(logits).all())
+        assert all(isinstance(m, CudaLayerMemory) for m in cache.memories.values())
+        assert all(len(r) == 3 for r in cache.retrieved_blocks().values())

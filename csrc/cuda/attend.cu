@@ -244,22 +244,12 @@ __device__ __forceinline__ bool better32(float sa, int ia, float sb, int ib) {
     return sa > sb || (sa == sb && ia < ib);
 }
 
-__global__ void __launch_bounds__(SEL_THREADS) select_kernel(const float *__restrict__ s, int n, int k,
-                                                             bool staged, int32_t *__restrict__ ids,
-                                                             const int64_t *__restrict__ dyn) {
-    if (dyn != nullptr) { /* decode: n, k from the device row (smem sized for the maxima) */
-        n = static_cast<int>(dyn[QLLM_DYN_NBLK]);
-        k = static_cast<int>(dyn[QLLM_DYN_NRET]);
-    }
-    extern __shared__ float sel_smem[]; /* [n] scores when staged, then k ints */
-    __shared__ float ws[SEL_THREADS / 32];
-    __shared__ int wi[SEL_THREADS / 32];
-    float *sc = sel_smem;
-    int *sel = reinterpret_cast<int *>(sel_smem + (staged ? n : 0));
-    if (staged)
-        for (int i = threadIdx.x; i < n; i += SEL_THREADS) sc[i] = s[i];
-    __syncthreads();
-    const float *src = staged ? sc : s;
+/* k rounds of a block-wide best search over src[0..n) (exact top-k order:
+ * descending score, ties toward the lower index), then ids[0..k) in ascending
+ * block order.  sel: k ints of shared memory; ws / wi: SEL_THREADS/32 entries.
+ * All SEL_THREADS threads of the block call it. */
+__device__ __forceinline__ void topk_ascending(const float *src, int n, int k, int *sel, float *ws, int *wi,
+                                               int32_t *__restrict__ ids) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     float prev_s = 0.0f;
     int prev_i = -1;
@@ -312,6 +302,163 @@ __global__ void __launch_bounds__(SEL_THREADS) select_kernel(const float *__rest
             sel[b + 1] = v;
         }
         for (int a = 0; a < k; ++a) ids[a] = sel[a];
+    }
+}
+
+__global__ void __launch_bounds__(SEL_THREADS) select_kernel(const float *__restrict__ s, int n, int k,
+                                                             bool staged, int32_t *__restrict__ ids,
+                                                             const int64_t *__restrict__ dyn) {
+    if (dyn != nullptr) { /* decode: n, k from the device row (smem sized for the maxima) */
+        n = static_cast<int>(dyn[QLLM_DYN_NBLK]);
+        k = static_cast<int>(dyn[QLLM_DYN_NRET]);
+    }
+    extern __shared__ float sel_smem[]; /* [n] scores when staged, then k ints */
+    __shared__ float ws[SEL_THREADS / 32];
+    __shared__ int wi[SEL_THREADS / 32];
+    float *sc = sel_smem;
+    int *sel = reinterpret_cast<int *>(sel_smem + (staged ? n : 0));
+    if (staged)
+        for (int i = threadIdx.x; i < n; i += SEL_THREADS) sc[i] = s[i];
+    __syncthreads();
+    topk_ascending(staged ? sc : s, n, k, sel, ws, wi, ids);
+}
+
+/* Selection with the question-head term (qllm_cuda_select_blocks_qheads).
+ * Series 0 is bscore[0..n), series c >= 1 is raw column c-1.  Means and
+ * population stds: chunks of QS_CH series, each thread summing its candidates
+ * per series, warp sums then per-warp partials in a fixed order (two passes:
+ * mean, then squared deviations; deterministic).  Then every candidate's
+ * combined score goes to shared memory (staged) or back into bscore, and the
+ * top-k runs on it.  bscore is read and written in place by the same thread and
+ * read by others only after a barrier: no __restrict__ / const.
+ * Dynamic shared memory: mu, sd [n_cols+1] each, the staged scores [n] when
+ * staged, then k ints (qsel_smem). */
+constexpr int QS_CH = 32;
+
+__global__ void __launch_bounds__(SEL_THREADS) qsel_kernel(float *bscore, int n, int k, bool staged,
+                                                           const float *__restrict__ raw, int64_t ld,
+                                                           int n_cols, float weight, int32_t *__restrict__ ids,
+                                                           const int64_t *__restrict__ dyn) {
+    if (dyn != nullptr) {
+        n = static_cast<int>(dyn[QLLM_DYN_NBLK]);
+        k = static_cast<int>(dyn[QLLM_DYN_NRET]);
+    }
+    extern __shared__ float sel_smem[];
+    __shared__ float ws[SEL_THREADS / 32];
+    __shared__ int wi[SEL_THREADS / 32];
+    __shared__ float part[QS_CH][SEL_THREADS / 32];
+    if (n < 1 || k < 1) return; /* uniform: every thread exits */
+    const int S = n_cols + 1;
+    float *mu = sel_smem, *sd = sel_smem + S;
+    float *sc = staged ? sel_smem + 2 * S : bscore;
+    int *sel = reinterpret_cast<int *>(sel_smem + 2 * S + (staged ? n : 0));
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const float fn = static_cast<float>(n);
+    for (int c0 = 0; c0 < S; c0 += QS_CH) {
+        const int cn = S - c0 < QS_CH ? S - c0 : QS_CH;
+        for (int pass = 0; pass < 2; ++pass) {
+            for (int j = 0; j < cn; ++j) {
+                const int c = c0 + j;
+                const float *src = c == 0 ? bscore : raw + (c - 1);
+                const int64_t step = c == 0 ? 1 : ld;
+                const float m = pass ? mu[c] : 0.0f;
+                float acc = 0.0f;
+                for (int b = threadIdx.x; b < n; b += SEL_THREADS) {
+                    float x = src[b * step];
+                    if (pass) {
+                        x -= m;
+                        x *= x;
+                    }
+                    acc += x;
+                }
+#pragma unroll
+                for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+                if (lane == 0) part[j][warp] = acc;
+            }
+            __syncthreads();
+            if (threadIdx.x < cn) {
+                float t = 0.0f;
+#pragma unroll
+                for (int w = 0; w < SEL_THREADS / 32; ++w) t += part[threadIdx.x][w];
+                const int c = c0 + threadIdx.x;
+                if (pass == 0)
+                    mu[c] = t / fn;
+                else
+                    sd[c] = fmaxf(sqrtf(t / fn), 1e-6f);
+            }
+            __syncthreads();
+        }
+    }
+    const float fc = static_cast<float>(n_cols > 0 ? n_cols : 1);
+    for (int b = threadIdx.x; b < n; b += SEL_THREADS) {
+        float zq = 0.0f;
+        for (int c = 1; c <= n_cols; ++c) zq += (raw[b * ld + (c - 1)] - mu[c]) / sd[c];
+        sc[b] = (bscore[b] - mu[0]) / sd[0] + weight * (zq / fc);
+    }
+    __syncthreads();
+    topk_ascending(sc, n, k, sel, ws, wi, ids);
+}
+
+/* ------------------------------------------------------ question-head scores */
+
+constexpr int QR_THREADS = 128;
+constexpr int QR_TOK = 16;      /* question tokens per shared-memory chunk */
+constexpr int QR_MAX_HEADS = 32; /* heads per launch (more: several launches) */
+
+struct QhRec {
+    int n, col0;
+    int heads[QR_MAX_HEADS];
+};
+
+/* raw[b, col0 + i] = max_{t, j} tokens[h_i, t] . k_j over block b (grid: blocks x heads). */
+template <typename T>
+__global__ void __launch_bounds__(QR_THREADS) qrec_kernel(qllm_gpu_layer ly, int64_t b0,
+                                                          const float *__restrict__ tokens, int n_tok,
+                                                          QhRec hr, float *__restrict__ raw, int64_t ld) {
+    __shared__ float qs[QR_TOK][128];
+    __shared__ float red[QR_THREADS / 32];
+    const int64_t b = b0 + blockIdx.x;
+    const int i = blockIdx.y;
+    const int h = hr.heads[i];
+    const int D = ly.head_dim, bs = ly.block_size;
+    const int kvh = h / (ly.hq / ly.hkv);
+    const T *keys = static_cast<const T *>(ly.k_store) +
+                    (static_cast<int64_t>(kvh) * ly.cap + ly.n_init + b * bs) * D;
+    const float *qt = tokens + static_cast<int64_t>(h) * n_tok * D;
+    float best = -INFINITY;
+    for (int t0 = 0; t0 < n_tok; t0 += QR_TOK) {
+        const int nt = n_tok - t0 < QR_TOK ? n_tok - t0 : QR_TOK;
+        __syncthreads(); /* the previous chunk is consumed */
+        for (int e = threadIdx.x; e < QR_TOK * D; e += QR_THREADS) {
+            const int t = e / D, d = e % D;
+            qs[t][d] = t < nt ? qt[static_cast<int64_t>(t0 + t) * D + d] : 0.0f;
+        }
+        __syncthreads();
+        for (int j = threadIdx.x; j < bs; j += QR_THREADS) {
+            float acc[QR_TOK];
+#pragma unroll
+            for (int t = 0; t < QR_TOK; ++t) acc[t] = 0.0f;
+            const T *kr = keys + static_cast<int64_t>(j) * D;
+            for (int d0 = 0; d0 < D; d0 += 8) {
+                float x[8];
+                load8(kr + d0, x);
+#pragma unroll
+                for (int t = 0; t < QR_TOK; ++t)
+#pragma unroll
+                    for (int jj = 0; jj < 8; ++jj) acc[t] = fmaf(x[jj], qs[t][d0 + jj], acc[t]);
+            }
+#pragma unroll
+            for (int t = 0; t < QR_TOK; ++t)
+                if (t < nt) best = fmaxf(best, acc[t]);
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, o));
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = best;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < QR_THREADS / 32; ++w) best = fmaxf(best, red[w]);
+        raw[b * ld + hr.col0 + i] = best;
     }
 }
 
@@ -1094,6 +1241,59 @@ extern "C" int qllm_cuda_select_blocks(const float *bscore, int64_t n, int k, in
     return check_launch("select_kernel");
 }
 
+/* Dynamic shared memory of a question-head selection over (at most) n
+ * candidates with n_cols columns and k ids: the candidates are staged when all
+ * fits under 44 KB (the kernel has ~1.1 KB of static shared memory); 0 when
+ * even the unstaged layout does not fit. */
+static size_t qsel_smem(int64_t n, int n_cols, int k, bool *staged) {
+    const int64_t base = 2 * (static_cast<int64_t>(n_cols) + 1) + k;
+    const int64_t lim = 44 * 1024 / static_cast<int64_t>(sizeof(float));
+    *staged = base + n <= lim;
+    if (base > lim) return 0;
+    return static_cast<size_t>(base + (*staged ? n : 0)) * sizeof(float);
+}
+
+extern "C" int qllm_cuda_select_blocks_qheads(float *bscore, int64_t n, int k, const float *raw, int64_t ld,
+                                              int n_cols, float weight, int32_t *ids, cudaStream_t stream) {
+    if (k < 1 || k > n || k > 4096 || n > 2147483647)
+        return set_error(QLLM_CUDA_ERR_ARG, "select_blocks_qheads: k=%d, n=%lld", k, (long long)n);
+    bool staged = false;
+    const size_t smem = qsel_smem(n, n_cols, k, &staged);
+    if (raw == nullptr || n_cols < 1 || n_cols > QLLM_CUDA_QH_MAX_COLS || ld < n_cols || smem == 0)
+        return set_error(QLLM_CUDA_ERR_ARG, "select_blocks_qheads: %d columns (ld %lld), at most %d, k=%d", n_cols,
+                         (long long)ld, QLLM_CUDA_QH_MAX_COLS, k);
+    qsel_kernel<<<1, SEL_THREADS, smem, stream>>>(bscore, static_cast<int>(n), k, staged, raw, ld, n_cols, weight,
+                                                 ids, nullptr);
+    return check_launch("qsel_kernel");
+}
+
+extern "C" int qllm_cuda_qhead_record(const qllm_gpu_layer *ly, int64_t b0, int64_t n, const float *tokens,
+                                      int n_tok, const int *heads, int n_heads, float *raw, int64_t ld, int col0,
+                                      cudaStream_t stream) {
+    int st = check_layer(ly, "qhead_record");
+    if (st) return st;
+    if (n <= 0 || n_heads <= 0) return QLLM_CUDA_OK;
+    if (tokens == nullptr || raw == nullptr || heads == nullptr || n_tok < 1 || b0 < 0 || n > 2147483647 ||
+        col0 < 0 || col0 + n_heads > ld)
+        return set_error(QLLM_CUDA_ERR_ARG, "qhead_record: bad arguments (%d tokens, columns %d..%d of %lld)",
+                         n_tok, col0, col0 + n_heads, (long long)ld);
+    for (int i = 0; i < n_heads; ++i)
+        if (heads[i] < 0 || heads[i] >= ly->hq)
+            return set_error(QLLM_CUDA_ERR_ARG, "qhead_record: head %d of %d", heads[i], ly->hq);
+    for (int i0 = 0; i0 < n_heads; i0 += QR_MAX_HEADS) {
+        QhRec hr;
+        hr.n = n_heads - i0 < QR_MAX_HEADS ? n_heads - i0 : QR_MAX_HEADS;
+        hr.col0 = col0 + i0;
+        for (int i = 0; i < QR_MAX_HEADS; ++i) hr.heads[i] = i < hr.n ? heads[i0 + i] : 0;
+        dim3 grid(static_cast<unsigned>(n), hr.n);
+        QLLM_DISPATCH_T(ly->dtype, qrec_kernel<T><<<grid, QR_THREADS, 0, stream>>>(*ly, b0, tokens, n_tok, hr,
+                                                                                   raw, ld));
+        st = check_launch("qrec_kernel");
+        if (st) return st;
+    }
+    return QLLM_CUDA_OK;
+}
+
 /* The fields of AttnArgs / TsArgs that follow from the layer; callers fill in
  * the execution block (positions, lengths, buffers). */
 static AttnArgs attn_args_for_layer(const qllm_gpu_layer &ly, float scaling) {
@@ -1224,7 +1424,8 @@ extern "C" int qllm_cuda_decode_step(const qllm_gpu_layer *ly, const qllm_gpu_de
         (ly->ring & (ly->ring - 1)) != 0 || dc->nb_max < 1 || dc->nb_max > ly->reprs_cap ||
         dc->nb_max > 2147483647 || dc->k_max < 0 || dc->k_max > 4096 || dc->n_split < 1 ||
         dc->n_split > QLLM_CUDA_MAX_SPLIT || (dc->n_split > 1 && (!dc->part_o || !dc->part_lse)) ||
-        ly->hq > 65535)
+        ly->hq > 65535 || dc->qh_cols < 0 || dc->qh_cols > QLLM_CUDA_QH_MAX_COLS ||
+        (dc->qh_cols > 0 && (dc->qh_raw == nullptr || dc->qh_ld < dc->qh_cols || dc->question != nullptr)))
         return set_error(QLLM_CUDA_ERR_ARG, "decode_step: bad sizes (L_max %d, nb_max %lld, k %d, split %d)",
                          dc->L_max, (long long)dc->nb_max, dc->k_max, dc->n_split);
     if (dc->q_hs % 8 != 0 || (reinterpret_cast<uintptr_t>(dc->q) & 15) != 0)
@@ -1245,7 +1446,16 @@ extern "C" int qllm_cuda_decode_step(const qllm_gpu_layer *ly, const qllm_gpu_de
             ly->reprs, X, dc->qcomb, 0, 1, 0, dc->nb_max, dc->bscore, dc->nb_max, dyn + QLLM_DYN_NBLK);
         st = check_launch("bscore_pairs_kernel");
         if (st) return st;
-        if (dc->k_max > 0) {
+        if (dc->k_max > 0 && dc->qh_cols > 0) { /* question heads: z-scored terms, then top-k */
+            bool staged = false;
+            const size_t smem = qsel_smem(dc->nb_max, dc->qh_cols, dc->k_max, &staged);
+            if (smem == 0) return set_error(QLLM_CUDA_ERR_ARG, "decode_step: %d question-head columns", dc->qh_cols);
+            qsel_kernel<<<1, SEL_THREADS, smem, stream>>>(dc->bscore, static_cast<int>(dc->nb_max), dc->k_max,
+                                                         staged, dc->qh_raw, dc->qh_ld, dc->qh_cols, dc->weight,
+                                                         dc->ids, dyn);
+            st = check_launch("qsel_kernel");
+            if (st) return st;
+        } else if (dc->k_max > 0) {
             const bool staged = (dc->nb_max + dc->k_max) * static_cast<int64_t>(sizeof(float)) <= 48 * 1024;
             const size_t smem = (staged ? static_cast<size_t>(dc->nb_max) * sizeof(float) : 0) +
                                 static_cast<size_t>(dc->k_max) * sizeof(int);

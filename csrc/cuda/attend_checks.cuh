@@ -21,6 +21,19 @@
  *   schedule   [n_exec, 10] int64, CPU, contiguous      per execution block:
  *              t0, E, P0, T0, init_len, n_blocks, n_ret, m, cut_b0, cut_n
  *   cfg        [n_init, n_local, block_size, topk, repr_topk, streaming]
+ *
+ * Question heads (qllm/retrieval.py QuestionRelevance; all optional):
+ *   qh_raw     [rows, n_cols] f32 contiguous, q's device: raw block scores of
+ *              every question head of the sequence (written for this layer's
+ *              heads when blocks are cut, read for the selection)
+ *   qh_tokens  [hq, n_tok, D] f32 contiguous: fixed-position question queries
+ *              (needed when this layer has heads)
+ *   qh_cfg     [] (no question heads) or [n_sel, col0, h_0, .., h_{m-1}]:
+ *              selection uses columns 0 .. n_sel-1 (the heads of layers <= this
+ *              one, a prefix of the sorted columns; 0: the usual scores);
+ *              this layer's heads h_i own columns col0 + i.  With n_sel > 0 the
+ *              block score is z(qbar . r) + weight * mean_c z(raw[:, c]) and
+ *              question must be None.
  */
 #pragma once
 
@@ -49,6 +62,8 @@ inline std::string dtype_str(at::ScalarType t) { return std::string(c10::toStrin
 constexpr const char *kAttendRun = "qllm.attend_run";
 constexpr int kScheduleFields = 10;
 constexpr int kCfgFields = 6;
+/* = QLLM_CUDA_QH_MAX_COLS of qllm_cuda.cuh (not included here: ops.cpp builds without CUDA). */
+constexpr int64_t kQhMaxCols = 4096;
 
 inline void check_attend_run_args(const at::Tensor &q, const at::Tensor &k_store,
                                   const at::Tensor &v_store, const at::Tensor &scores,
@@ -122,14 +137,62 @@ inline void check_attend_run_args(const at::Tensor &q, const at::Tensor &k_store
                       " values, got ", num_str(static_cast<int64_t>(cfg.size())));
 }
 
+/* Question-head arguments (see the top of this file); n_sel / heads out. */
+inline void check_qheads_args(const char *op, const at::Tensor &q, const std::optional<at::Tensor> &question,
+                              const std::optional<at::Tensor> &qh_raw, const std::optional<at::Tensor> &qh_tokens,
+                              at::IntArrayRef qh_cfg) {
+    if (qh_cfg.empty()) {
+        TORCH_CHECK_VALUE(!qh_raw.has_value() && !qh_tokens.has_value(), op,
+                          ": qh_raw / qh_tokens given without qh_cfg");
+        return;
+    }
+    TORCH_CHECK_VALUE(qh_cfg.size() >= 2 && qh_cfg[0] >= 0 && qh_cfg[0] <= kQhMaxCols && qh_cfg[1] >= 0,
+                      op, ": qh_cfg: expected [n_sel (0..", num_str(kQhMaxCols),
+                      "), col0 >= 0, heads...], got ", shape_str(qh_cfg));
+    const int64_t n_sel = qh_cfg[0], col0 = qh_cfg[1];
+    const int64_t n_own = static_cast<int64_t>(qh_cfg.size()) - 2;
+    const int64_t hq = q.size(0), D = q.size(2);
+    if (n_sel == 0 && n_own == 0) {
+        TORCH_CHECK_VALUE(!qh_tokens.has_value(), op, ": qh_tokens given without question heads");
+        return;
+    }
+    TORCH_CHECK_VALUE(qh_raw.has_value(), op, ": qh_raw: needed by question heads");
+    const at::Tensor &raw = *qh_raw;
+    TORCH_CHECK_TYPE(raw.scalar_type() == at::kFloat, op, ": qh_raw: expected float32");
+    TORCH_CHECK_VALUE(raw.dim() == 2 && raw.is_contiguous() && raw.device() == q.device(), op,
+                      ": qh_raw: expected a contiguous [blocks, columns] tensor on q's device");
+    const int64_t n_cols = raw.size(1);
+    TORCH_CHECK_VALUE(n_sel <= n_cols && col0 + n_own <= n_cols, op, ": qh_cfg ", shape_str(qh_cfg),
+                      ": columns out of range for qh_raw with ", num_str(n_cols), " columns");
+    TORCH_CHECK_VALUE(n_sel == 0 || !question.has_value(), op,
+                      ": question must be None when question heads select the blocks");
+    for (int64_t i = 0; i < n_own; ++i)
+        TORCH_CHECK_VALUE(qh_cfg[2 + i] >= 0 && qh_cfg[2 + i] < hq, op, ": qh_cfg: head ",
+                          num_str(qh_cfg[2 + i]), " of a layer with ", num_str(hq), " query heads");
+    if (n_own > 0) {
+        TORCH_CHECK_VALUE(qh_tokens.has_value(), op, ": qh_tokens: needed by this layer's question heads");
+        const at::Tensor &t = *qh_tokens;
+        TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, op, ": qh_tokens: expected float32");
+        TORCH_CHECK_VALUE(t.dim() == 3 && t.size(0) == hq && t.size(1) >= 1 && t.size(1) <= INT32_MAX &&
+                              t.size(2) == D && t.is_contiguous() && t.device() == q.device(),
+                          op, ": qh_tokens: expected a contiguous [", num_str(hq), ", tokens, ", num_str(D),
+                          "] tensor on q's device, got ", shape_str(t.sizes()));
+    } else {
+        TORCH_CHECK_VALUE(!qh_tokens.has_value(), op, ": qh_tokens given without this layer's heads");
+    }
+}
+
 inline void attend_run_meta(const at::Tensor &q, const at::Tensor &k_store,
                             const at::Tensor &v_store, const at::Tensor &scores,
                             const at::Tensor &reprs, const at::Tensor &retrieved,
                             const at::Tensor &out, const at::Tensor &cos, const at::Tensor &sin,
                             const std::optional<at::Tensor> &question, const at::Tensor &schedule,
-                            double scaling, double weight, at::IntArrayRef cfg) {
+                            double scaling, double weight, at::IntArrayRef cfg,
+                            const std::optional<at::Tensor> &qh_raw, const std::optional<at::Tensor> &qh_tokens,
+                            at::IntArrayRef qh_cfg) {
     check_attend_run_args(q, k_store, v_store, scores, reprs, retrieved, out, cos, sin, question,
                           schedule, cfg);
+    check_qheads_args(kAttendRun, q, question, qh_raw, qh_tokens, qh_cfg);
 }
 
 /* attend_decode(q, k, v, k_store!, v_store!, scores!, reprs!, retrieved!, out!, cos, sin,
@@ -137,7 +200,9 @@ inline void attend_run_meta(const at::Tensor &q, const at::Tensor &k_store,
  * One decoded token whose sizes are read on the device from dyn (int64
  * [>= 8], see qllm_cuda.cuh QLLM_DYN_*): capturable in a CUDA graph.
  *   q [hq, 1, D], k / v [hkv, 1, D] (stride 1 along dim), the rest as
- *   attend_run with retrieved [1, kk]; limits = [L_max, nb_max]. */
+ *   attend_run with retrieved [1, kk]; limits = [L_max, nb_max].
+ *   qh_raw? / qh_cfg: question heads as attend_run with qh_cfg = [] or [n_sel]
+ *   (a decode step cuts no block: no heads of its own to record). */
 constexpr const char *kAttendDecode = "qllm.attend_decode";
 constexpr const char *kDecodeSet = "qllm.decode_set";
 
@@ -147,7 +212,8 @@ inline void check_attend_decode_args(const at::Tensor &q, const at::Tensor &k, c
                                      const at::Tensor &retrieved, const at::Tensor &out,
                                      const at::Tensor &cos, const at::Tensor &sin,
                                      const std::optional<at::Tensor> &question, const at::Tensor &dyn,
-                                     at::IntArrayRef cfg, at::IntArrayRef limits) {
+                                     at::IntArrayRef cfg, at::IntArrayRef limits,
+                                     const std::optional<at::Tensor> &qh_raw, at::IntArrayRef qh_cfg) {
     const char *op = kAttendDecode;
     check_attend_run_args(q, k_store, v_store, scores, reprs, retrieved, out, cos, sin, question,
                           at::empty({retrieved.dim() == 2 ? retrieved.size(0) : 1, kScheduleFields},
@@ -168,6 +234,13 @@ inline void check_attend_decode_args(const at::Tensor &q, const at::Tensor &k, c
     TORCH_CHECK_VALUE(dyn.dim() == 1 && dyn.size(0) >= 8 && dyn.is_contiguous() && dyn.device() == q.device(),
                       op, ": dyn: expected a contiguous [>= 8] tensor on q's device");
     TORCH_CHECK_VALUE(limits.size() == 2, op, ": limits: expected [L_max, nb_max]");
+    TORCH_CHECK_VALUE(qh_cfg.size() <= 1, op, ": qh_cfg: expected [] or [n_sel]");
+    if (qh_cfg.empty()) {
+        check_qheads_args(op, q, question, qh_raw, std::nullopt, qh_cfg);
+    } else {
+        const int64_t full[2] = {qh_cfg[0], 0};
+        check_qheads_args(op, q, question, qh_raw, std::nullopt, at::IntArrayRef(full, 2));
+    }
 }
 
 inline void attend_decode_meta(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
@@ -176,9 +249,10 @@ inline void attend_decode_meta(const at::Tensor &q, const at::Tensor &k, const a
                                const at::Tensor &retrieved, const at::Tensor &out,
                                const at::Tensor &cos, const at::Tensor &sin,
                                const std::optional<at::Tensor> &question, const at::Tensor &dyn,
-                               double scaling, double weight, at::IntArrayRef cfg, at::IntArrayRef limits) {
+                               double scaling, double weight, at::IntArrayRef cfg, at::IntArrayRef limits,
+                               const std::optional<at::Tensor> &qh_raw, at::IntArrayRef qh_cfg) {
     check_attend_decode_args(q, k, v, k_store, v_store, scores, reprs, retrieved, out, cos, sin, question,
-                             dyn, cfg, limits);
+                             dyn, cfg, limits, qh_raw, qh_cfg);
 }
 
 inline void check_decode_set_args(const at::Tensor &dyn, at::IntArrayRef values) {

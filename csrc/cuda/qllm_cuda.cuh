@@ -142,6 +142,35 @@ int qllm_cuda_exec_token_scores(const qllm_gpu_layer *ly, const qllm_gpu_exec *e
 int qllm_cuda_cut_blocks(const qllm_gpu_layer *ly, int64_t b0, int64_t n, int repr_topk,
                          cudaStream_t stream);
 
+/* ------------------------------------------------ question heads (qllm/retrieval.py)
+ * A few (layer, query head) pairs score every block against the question's
+ * tokens; the scores of all layers sit in one f32 matrix raw [rows, ld]
+ * (row = block, column = question head, sorted by (layer, head)), shared by
+ * the layers of a sequence (QuestionRelevance.raw). */
+
+/* Most question-head columns one selection combines (their stats sit in
+ * shared memory; calibration uses every head of the model as a column). */
+#define QLLM_CUDA_QH_MAX_COLS 4096
+
+/* Raw scores of the blocks b0 .. b0+n-1 just cut, for this layer's question
+ * heads: raw[b*ld + col0 + i] = max over question tokens t < n_tok and block
+ * tokens j of tokens[heads[i], t, :] . key_j (the KV head of heads[i],
+ * un-rotated keys from the k store, f32 arithmetic, no scaling).
+ * tokens [hq, n_tok, D] f32 contiguous (fixed-position question queries);
+ * heads is a host array of n_heads query heads. */
+int qllm_cuda_qhead_record(const qllm_gpu_layer *ly, int64_t b0, int64_t n, const float *tokens,
+                           int n_tok, const int *heads, int n_heads, float *raw, int64_t ld, int col0,
+                           cudaStream_t stream);
+
+/* Top-k with the question-head term: over the candidates b < n,
+ *   s_b = z(bscore)_b + weight * (sum_{c < n_cols} z(raw[:, c])_b) / n_cols,
+ * z(x) = (x - mean) / max(std, 1e-6) (population std over the n candidates),
+ * then ids[0..k) as qllm_cuda_select_blocks (descending s, ties toward the
+ * lower block, written in ascending block order).  bscore is overwritten
+ * with s when the candidates do not fit in shared memory. */
+int qllm_cuda_select_blocks_qheads(float *bscore, int64_t n, int k, const float *raw, int64_t ld,
+                                   int n_cols, float weight, int32_t *ids, cudaStream_t stream);
+
 /* ------------------------------------------------ decode step (CUDA graphs)
  * One decoded token (E = 1) of one layer with no host scalar in any launch:
  * the per-step sizes live in a small device int64 row `dyn` (fields below),
@@ -178,6 +207,9 @@ typedef struct {
     float *part_o, *part_lse;        /* [n_split, hq, D], [n_split, hq] if n_split > 1 */
     float *qcomb;                    /* [hq, D] */
     float *bscore;                   /* [nb_max] */
+    /* question heads (see qllm_cuda_select_blocks_qheads): qh_cols > 0 selects
+     * with z(bscore) + weight * mean z(raw[:, c < qh_cols]); question must be NULL */
+    const float *qh_raw; int64_t qh_ld; int qh_cols;
 } qllm_gpu_decode;
 
 /* Enqueue one decode step: K/V into the store at P0, (blocks: qcomb, block

@@ -192,12 +192,14 @@ TORCH_LIBRARY(qllm, m) {
     /* ---- GPU path (qllm/gpu.py) -- owned by the CUDA work (issue 4) ----
      * attend_run: one forward call of one layer through the GPU layer memory:
      * loops over the execution blocks of `schedule` on the device (no host
-     * synchronisation).  Arguments and layouts: csrc/cuda/attend_checks.cuh.
+     * synchronisation).  Arguments and layouts: csrc/cuda/attend_checks.cuh
+     * (qh_*: the question heads of qllm/retrieval.py, optional).
      * CUDA impl: ops_cuda.cpp; Meta impl: end of this file. */
     m.def(
         "attend_run(Tensor q, Tensor k_store, Tensor v_store, Tensor(a!) scores, "
         "Tensor(b!) reprs, Tensor(c!) retrieved, Tensor(d!) out, Tensor cos, Tensor sin, "
-        "Tensor? question, Tensor schedule, float scaling, float weight, int[] cfg) -> ()");
+        "Tensor? question, Tensor schedule, float scaling, float weight, int[] cfg, "
+        "Tensor(e!)? qh_raw=None, Tensor? qh_tokens=None, int[] qh_cfg=[]) -> ()");
     /* attend_decode: one decoded token whose per-step sizes are read on the
      * device from `dyn` (set by decode_set), so it can be captured in a CUDA
      * graph; writes the token's K/V into the stores. */
@@ -205,7 +207,7 @@ TORCH_LIBRARY(qllm, m) {
         "attend_decode(Tensor q, Tensor k, Tensor v, Tensor(a!) k_store, Tensor(b!) v_store, "
         "Tensor(c!) scores, Tensor(d!) reprs, Tensor(e!) retrieved, Tensor(f!) out, Tensor cos, "
         "Tensor sin, Tensor? question, Tensor dyn, float scaling, float weight, int[] cfg, "
-        "int[] limits) -> ()");
+        "int[] limits, Tensor? qh_raw=None, int[] qh_cfg=[]) -> ()");
     m.def("decode_set(Tensor(a!) dyn, int[] values) -> ()");
     /* ---- end of GPU path section ---- */
 }

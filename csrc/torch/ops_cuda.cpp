@@ -24,10 +24,13 @@
 
 #include <algorithm>
 #include <tuple>
+#include <vector>
 
 #include "../cuda/attend_checks.cuh"
 #include "../cuda/qllm_cuda.cuh"
 #include "tensor_view.h"
+
+static_assert(qllm_torch::kQhMaxCols == QLLM_CUDA_QH_MAX_COLS, "question-head column limits differ");
 
 namespace qllm_torch {
 namespace {
@@ -212,10 +215,13 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
                      const at::Tensor &scores, const at::Tensor &reprs, const at::Tensor &retrieved,
                      const at::Tensor &out, const at::Tensor &cos, const at::Tensor &sin,
                      const std::optional<at::Tensor> &question, const at::Tensor &schedule,
-                     double scaling, double weight, at::IntArrayRef cfg) {
+                     double scaling, double weight, at::IntArrayRef cfg,
+                     const std::optional<at::Tensor> &qh_raw, const std::optional<at::Tensor> &qh_tokens,
+                     at::IntArrayRef qh_cfg) {
     const char *op = kAttendRun;
     check_attend_run_args(q, k_store, v_store, scores, reprs, retrieved, out, cos, sin, question,
                           schedule, cfg);
+    check_qheads_args(op, q, question, qh_raw, qh_tokens, qh_cfg);
     TORCH_CHECK_VALUE(schedule.device().is_cpu() && schedule.is_contiguous(), op,
                       ": schedule: expected a contiguous CPU tensor");
     TORCH_CHECK_VALUE(q.is_cuda(), op, ": q: expected a CUDA tensor");
@@ -266,6 +272,27 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
         l_max = std::max(l_max, L);
     }
     TORCH_CHECK_VALUE(t_next == T, op, ": schedule covers ", num_str(t_next), " of ", num_str(T), " tokens");
+
+    /* Question heads: selection columns 0 .. qh_sel-1, this layer's heads at
+     * columns qh_col0 + i; the raw matrix must hold every block they touch. */
+    const int qh_sel = qh_cfg.empty() ? 0 : static_cast<int>(qh_cfg[0]);
+    const int qh_col0 = qh_cfg.empty() ? 0 : static_cast<int>(qh_cfg[1]);
+    std::vector<int> qh_heads;
+    for (size_t i = 2; i < qh_cfg.size(); ++i) qh_heads.push_back(static_cast<int>(qh_cfg[i]));
+    float *qh_raw_p = nullptr;
+    int64_t qh_ld = 0;
+    if (qh_sel > 0 || !qh_heads.empty()) {
+        qh_raw_p = qh_raw->mutable_data_ptr<float>();
+        qh_ld = qh_raw->size(1);
+        int64_t rows_needed = 0;
+        for (int64_t i = 0; i < n_exec; ++i) {
+            const ExecRow r = read_row(sched, i);
+            if (qh_sel > 0 && r.n_ret > 0) rows_needed = std::max(rows_needed, r.n_blocks);
+            if (!qh_heads.empty() && r.cut_n > 0) rows_needed = std::max(rows_needed, r.cut_b0 + r.cut_n);
+        }
+        TORCH_CHECK_VALUE(qh_raw->size(0) >= rows_needed, op, ": qh_raw: ", num_str(qh_raw->size(0)),
+                          " rows, the schedule needs ", num_str(rows_needed));
+    }
 
     const qllm_gpu_layer ly = describe_layer(q, k_store, v_store, scores, reprs, cos, sin, cfg);
 
@@ -335,7 +362,11 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
                                            q.stride(1), qfix.mutable_data_ptr(),
                                            qloc.mutable_data_ptr(), krot.mutable_data_ptr(), st));
         int32_t *ids = retrieved.mutable_data_ptr<int32_t>() + i * kk;
-        if (r.n_ret > 0)
+        if (r.n_ret > 0 && qh_sel > 0)
+            check_cuda(op, qllm_cuda_select_blocks_qheads(bscore.mutable_data_ptr<float>() + i * bscore.size(1),
+                                                          r.n_blocks, static_cast<int>(r.n_ret), qh_raw_p, qh_ld,
+                                                          qh_sel, w, ids, st));
+        else if (r.n_ret > 0)
             check_cuda(op, qllm_cuda_select_blocks(bscore.const_data_ptr<float>() + i * bscore.size(1),
                                                    r.n_blocks, static_cast<int>(r.n_ret), ids, st));
         const int n_split = choose_split(r);
@@ -351,6 +382,11 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
                                                    static_cast<float>(scaling), st));
         if (r.cut_n > 0) {
             check_cuda(op, qllm_cuda_cut_blocks(&ly, r.cut_b0, r.cut_n, static_cast<int>(repr_topk), st));
+            if (!qh_heads.empty())
+                check_cuda(op, qllm_cuda_qhead_record(&ly, r.cut_b0, r.cut_n, qh_tokens->const_data_ptr<float>(),
+                                                      static_cast<int>(qh_tokens->size(1)), qh_heads.data(),
+                                                      static_cast<int>(qh_heads.size()), qh_raw_p, qh_ld, qh_col0,
+                                                      st));
             if (i + 1 < n_exec)
                 check_cuda(op, qllm_cuda_block_scores(&ly, qcomb.const_data_ptr<float>(),
                                                       static_cast<int>(i + 1),
@@ -381,10 +417,11 @@ void attend_decode_cuda(const at::Tensor &q, const at::Tensor &k, const at::Tens
                         const at::Tensor &reprs, const at::Tensor &retrieved, const at::Tensor &out,
                         const at::Tensor &cos, const at::Tensor &sin,
                         const std::optional<at::Tensor> &question, const at::Tensor &dyn,
-                        double scaling, double weight, at::IntArrayRef cfg, at::IntArrayRef limits) {
+                        double scaling, double weight, at::IntArrayRef cfg, at::IntArrayRef limits,
+                        const std::optional<at::Tensor> &qh_raw, at::IntArrayRef qh_cfg) {
     const char *op = kAttendDecode;
     check_attend_decode_args(q, k, v, k_store, v_store, scores, reprs, retrieved, out, cos, sin,
-                             question, dyn, cfg, limits);
+                             question, dyn, cfg, limits, qh_raw, qh_cfg);
     TORCH_CHECK_VALUE(q.is_cuda(), op, ": q: expected a CUDA tensor");
     const c10::cuda::CUDAGuard guard(q.device());
     const cudaStream_t st = stream();
@@ -398,6 +435,10 @@ void attend_decode_cuda(const at::Tensor &q, const at::Tensor &k, const at::Tens
     TORCH_CHECK_VALUE(L_max >= 1 && L_max <= std::min(R, P) && nb_max >= 1 && nb_max <= cap_b &&
                           (streaming == 1 || (topk <= retrieved.size(1) && topk <= nb_max)),
                       op, ": limits ", shape_str(limits), " exceed the ring / rope table / reprs / retrieved");
+
+    const int qh_sel = qh_cfg.empty() ? 0 : static_cast<int>(qh_cfg[0]);
+    TORCH_CHECK_VALUE(qh_sel == 0 || qh_raw->size(0) >= nb_max, op, ": qh_raw: ", num_str(qh_raw->size(0)),
+                      " rows, fewer than nb_max ", num_str(nb_max));
 
     const qllm_gpu_layer ly = describe_layer(q, k_store, v_store, scores, reprs, cos, sin, cfg);
 
@@ -418,7 +459,7 @@ void attend_decode_cuda(const at::Tensor &q, const at::Tensor &k, const at::Tens
     at::Tensor bscore = at::empty({nb_max}, opt_f);
     retrieved.fill_(-1);
 
-    qllm_gpu_decode dc;
+    qllm_gpu_decode dc{};
     dc.dyn = dyn.const_data_ptr<int64_t>();
     dc.q = q.const_data_ptr();
     dc.q_hs = q.stride(0);
@@ -444,6 +485,9 @@ void attend_decode_cuda(const at::Tensor &q, const at::Tensor &k, const at::Tens
     dc.part_lse = n_split > 1 ? part_lse.mutable_data_ptr<float>() : nullptr;
     dc.qcomb = qcomb.mutable_data_ptr<float>();
     dc.bscore = bscore.mutable_data_ptr<float>();
+    dc.qh_cols = qh_sel;
+    dc.qh_raw = qh_sel > 0 ? qh_raw->const_data_ptr<float>() : nullptr;
+    dc.qh_ld = qh_sel > 0 ? qh_raw->size(1) : 0;
     check_cuda(op, qllm_cuda_decode_step(&ly, &dc, st));
 }
 
