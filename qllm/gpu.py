@@ -147,7 +147,9 @@ class CudaLayerMemory:
         cap = self.capacity
         if n_tokens <= cap:
             return
-        new_cap = max(n_tokens, 2 * cap)
+        # grow by 1/4 (not 2x): at long lengths the store is most of the GPU memory, and a doubling
+        # right after a power-of-two prompt would ask for twice what the text needs
+        new_cap = max(-(-n_tokens // 4096) * 4096, cap + cap // 4)
         for name in ("k_store", "v_store"):
             old = getattr(self, name)
             new = torch.empty(self.n_kv_heads, new_cap, self.head_dim, dtype=self.dtype, device=self.device)

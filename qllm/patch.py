@@ -199,7 +199,7 @@ def _wrap_forward(handle: PatchHandle):
             raise _bad_input(f"output_hidden_states/output_attentions with a prompt longer than "
                              f"chunk_size={cs} tokens is not supported")
         key = "input_ids" if input_ids is not None else "inputs_embeds"
-        hidden, out = [], None
+        hidden, out = None, None  # one [1, T, hidden] buffer, filled chunk by chunk (no concatenation copy)
         t0 = time.perf_counter()
         for s in range(0, T, cs):
             kw = dict(kwargs)
@@ -208,11 +208,15 @@ def _wrap_forward(handle: PatchHandle):
             kw.pop("position_ids", None)
             out = orig(**kw, **{cache_kw: cache})
             cache.n_seen += kw[key].shape[1]
-            hidden.append(out.last_hidden_state)
+            h = out.last_hidden_state
+            if hidden is None:
+                hidden = h.new_empty(h.shape[0], T, *h.shape[2:])
+            hidden[:, s:s + h.shape[1]].copy_(h)
+            out.last_hidden_state = None
             if handle.progress is not None:
                 handle.progress(min(s + cs, T), T, cache)
         log.debug("qllm: prefill %d tokens in %.2fs", T, time.perf_counter() - t0)
-        out.last_hidden_state = torch.cat(hidden, dim=1)
+        out.last_hidden_state = hidden
         return out
 
     return forward
