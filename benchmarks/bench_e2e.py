@@ -17,6 +17,11 @@ Rows (each one process, one model; warm-up of both paths at a short length first
   (``--long-tokens``, default: computed from the free memory, at most 512K).
 * a 1M-token prompt, qllm alone, with as many layers as fit
   (``--million-layers``, default: computed).
+* ``--cuda-graph``: after the qllm row at ``--tokens``, a second qllm row on the
+  same prompt whose decode steps are CUDA-graph replays of the whole model
+  (``qllm.gpu.GraphDecoder``; ``"decode": "graph"``), with the GPU time of the
+  replays alone and whether its tokens equal the eager row's
+  (``--profile-graph``: GPU time by kernel of the replays).
 
 The tiered memory (blocks moved to host memory beyond a device budget,
 ``QLLMConfig.device_blocks``) is not implemented: every block of every layer
@@ -51,6 +56,7 @@ from common import machine_info, write_json  # noqa: E402
 
 GIB = 1024 ** 3
 TARGET_PREFILL_128K_S = 3.5
+HBM_BYTES_S = 3.35e12  # H100 SXM HBM3, datasheet
 TIERED_NOTE = ("tiered memory (QLLMConfig.device_blocks: blocks beyond a device budget kept in host memory) "
                "is not implemented: every block stays on the GPU, so GPU memory grows with the prompt")
 
@@ -148,10 +154,47 @@ def weight_bytes(cfg, layers: int, dtype: torch.dtype) -> int:
     return el * (2 * cfg.vocab_size * h + h + layers * per_layer)
 
 
+def profile_replays(graph, dev: torch.device, n: int = 5, top: int = 24) -> dict:
+    """GPU time per token by kernel over ``n`` back-to-back replays (torch.profiler / CUPTI):
+    kernel groups (GEMM/GEMV, qllm's kernels, the rest) and the ``top`` kernels, in µs per token."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            graph.replay()
+        sync(dev)
+    per = {}
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None)
+        if us is None:
+            us = getattr(ev, "cuda_time_total", 0.0)
+        if us and ev.key not in ("", "cudaGraphLaunch"):
+            per[ev.key] = per.get(ev.key, 0.0) + us / n
+    groups = {"gemm/gemv (cuBLAS)": 0.0, "qllm attention kernels": 0.0, "other": 0.0}
+    for name, us in per.items():
+        low = name.lower()
+        if any(t in low for t in ("gemv", "gemm", "cutlass", "sm90_xmma", "splitk", "cublas", "nvjet")):
+            groups["gemm/gemv (cuBLAS)"] += us
+        elif "qllm" in low or any(t in low for t in ("attn", "select", "bscore", "tscore", "combine", "prep",
+                                                     "qcomb", "store_kv", "qsel", "dyn")):
+            groups["qllm attention kernels"] += us
+        else:
+            groups["other"] += us
+    ranked = sorted(per.items(), key=lambda kv: -kv[1])
+    print(f"graph replay profile ({n} replays), us per token: total {sum(per.values()):.0f}; "
+          + ", ".join(f"{k} {v:.0f}" for k, v in groups.items()), flush=True)
+    for name, us in ranked[:top]:
+        print(f"  {us:9.1f}  {name[:110]}", flush=True)
+    return {"total": sum(per.values()), "groups": groups,
+            "top": [[name[:200], us] for name, us in ranked[:top]]}
+
+
 # --------------------------------------------------------------- one row
 class Runner:
-    def __init__(self, model, dev: torch.device, qcfg: qllm.QLLMConfig, question: torch.Tensor):
+    def __init__(self, model, dev: torch.device, qcfg: qllm.QLLMConfig, question: torch.Tensor,
+                 profile_graph: bool = False):
         self.model, self.dev, self.qcfg, self.question = model, dev, qcfg, question
+        self.profile_graph = profile_graph
 
     def qllm_cache(self, capacity: int):
         """A fresh QLLMCache; on the CUDA path its layer memories are created with
@@ -169,7 +212,7 @@ class Runner:
         return cache
 
     def run(self, strategy: str, ids: torch.Tensor, new_tokens: int, *, prefill_mode: str = "call",
-            dense_chunk: int = 0) -> dict:
+            dense_chunk: int = 0, decode: str = "eager") -> dict:
         """Prefill ``ids`` [1, N] and decode ``new_tokens`` greedily.
 
         prefill_mode "call": one model call with the whole prompt (qllm chunks it
@@ -177,6 +220,13 @@ class Runner:
         pieces itself (same memory updates, but avoids the patched forward's
         concatenation of every chunk's last hidden state).  Dense with
         ``dense_chunk`` > 0 feeds pieces of that size (SDPA with a mask then).
+
+        decode "graph" (qllm only): the decode steps go through ``qllm.gpu.GraphDecoder``
+        (one CUDA-graph replay of the whole model per token; block-cut tokens eager).  The
+        first decode step warms up and captures the graph: it is timed apart
+        (``graph_capture_s``), and the decode rate is over the ``new_tokens - 2`` steps after it.
+        Then ``graph_replay_only_ms``: the graph replayed 20 times back to back with no host work
+        (GPU time per token; this corrupts the cache, which is dropped afterwards).
         """
         model, dev = self.model, self.dev
         N = ids.shape[1]
@@ -204,21 +254,66 @@ class Runner:
             del out
             steps = max(new_tokens - 1, 0)
             generated = [tok]
-            sync(dev)
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                out = model(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                tok = out.logits[:, -1:].argmax(-1)
-                generated.append(tok)
-            sync(dev)
-            t_decode = time.perf_counter() - t0
+            graph_info = {}
+            if decode == "graph":
+                dec = qgpu.GraphDecoder(model, cache, new_tokens)
+                if not dec.enabled:
+                    notes.append(f"graph decoder disabled: {dec.reason}")
+                if steps:  # warm-up + capture, timed apart
+                    sync(dev)
+                    t0 = time.perf_counter()
+                    tok = dec.step(tok)[:, -1:].argmax(-1)
+                    generated.append(tok)
+                    sync(dev)
+                    graph_info["graph_capture_s"] = time.perf_counter() - t0
+                    steps -= 1
+                sync(dev)
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    tok = dec.step(tok)[:, -1:].argmax(-1)
+                    generated.append(tok)
+                t_host = time.perf_counter() - t0
+                sync(dev)
+                t_decode = time.perf_counter() - t0
+                graph_info.update(graph_replays=dec.n_replays, graph_eager_steps=dec.n_eager,
+                                  graph_host_ms_per_token=1e3 * t_host / steps if steps else None)
+                if dec.graph is not None and dev.type == "cuda":
+                    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    e0.record()
+                    for _ in range(20):
+                        dec.graph.replay()
+                    e1.record()
+                    sync(dev)
+                    graph_info["graph_replay_only_ms"] = e0.elapsed_time(e1) / 20
+                    if self.profile_graph:
+                        try:
+                            graph_info["graph_profile_us_per_token"] = profile_replays(dec.graph, dev)
+                        except Exception as exc:  # noqa: BLE001 -- the profile is a diagnostic only
+                            graph_info["graph_profile_error"] = f"{type(exc).__name__}: {exc}"[:300]
+                del dec
+            else:
+                sync(dev)
+                t0 = time.perf_counter()
+                t_first = None
+                for i in range(steps):
+                    out = model(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    tok = out.logits[:, -1:].argmax(-1)
+                    generated.append(tok)
+                    if i == 0:  # the first step apart too (comparable with the graph rows)
+                        sync(dev)
+                        t_first = time.perf_counter() - t0
+                sync(dev)
+                t_decode = time.perf_counter() - t0
+                if steps > 1:
+                    graph_info["decode_ms_per_token_after_first"] = 1e3 * (t_decode - t_first) / (steps - 1)
         seen = cache.get_seq_length()
+        steps_all = max(new_tokens - 1, 0)
         kinds = sorted({type(m).__name__ for m in getattr(cache, "memories", {}).values()})
         state = None
         if strategy == "qllm":
             state = cache.nbytes() / GIB
-            if seen != N + steps:
-                notes.append(f"cache saw {seen} tokens, expected {N + steps}")
+            if seen != N + steps_all:
+                notes.append(f"cache saw {seen} tokens, expected {N + steps_all}")
         out_ids = torch.cat(generated, dim=1)[0].tolist()
         del cache, generated
         row = {"prompt_tokens": N, "new_tokens": new_tokens, "strategy": strategy,
@@ -227,7 +322,8 @@ class Runner:
                "decode_ms_per_token": 1e3 * t_decode / steps if steps else None,
                "decode_steps_timed": steps,
                "peak_gib": peak_gib(dev), "peak_prefill_gib": peak_prefill,
-               "state_gib": state, "first_new_ids": out_ids[:8]}
+               "state_gib": state, "first_new_ids": out_ids[:8], "decode": decode, **graph_info}
+        self.last_ids = out_ids
         if strategy == "qllm":
             notes.append("prefill: one model call, qllm feeds chunk_size pieces internally"
                          if prefill_mode == "call" else
@@ -235,6 +331,10 @@ class Runner:
             notes.append(f"layer memories: {', '.join(kinds)}")
             if "CudaLayerMemory" in kinds and reserved:
                 notes.append("K/V store capacity reserved up front (CudaLayerMemory(capacity=prompt+new))")
+            if decode == "graph":
+                notes.append("decode: qllm.gpu.GraphDecoder, one CUDA-graph replay of the whole model per token "
+                             "(block-cut tokens eager); first step (warm-up + capture) timed apart, rate over "
+                             f"the {steps} steps after it")
         else:
             notes.append("prefill: one model call (SDPA, is_causal)" if step >= N else
                          f"prefill chunked: {step}-token model calls (SDPA with a mask)")
@@ -250,10 +350,11 @@ def fmt(v, spec):
 
 def print_table(rows) -> None:
     print()
-    print(f"{'prompt':>9} {'layers':>6} {'strategy':>8} {'prefill s':>10} {'prefill tok/s':>14} "
+    print(f"{'prompt':>9} {'layers':>6} {'strategy':>8} {'decode':>6} {'prefill s':>10} {'prefill tok/s':>14} "
           f"{'decode tok/s':>13} {'ms/token':>9} {'peak GiB':>9}")
     for r in rows:
-        print(f"{r['prompt_tokens']:>9} {r['layers']:>6} {r['strategy']:>8} {fmt(r['prefill_s'], '10.3f')} "
+        print(f"{r['prompt_tokens']:>9} {r['layers']:>6} {r['strategy']:>8} {r.get('decode', 'eager'):>6} "
+              f"{fmt(r['prefill_s'], '10.3f')} "
               f"{fmt(r['prefill_tok_s'], '14.0f')} {fmt(r['decode_tok_s'], '13.1f')} "
               f"{fmt(r['decode_ms_per_token'], '9.2f')} {fmt(r['peak_gib'], '9.2f')}")
     print()
@@ -275,6 +376,11 @@ def main() -> None:
     ap.add_argument("--warmup-tokens", type=int, default=16384)
     ap.add_argument("--reserve-gib", type=float, default=6.0,
                     help="GPU memory kept free for activations etc. when sizing the long rows")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="also a qllm row at --tokens whose decode steps are CUDA-graph replays of the whole model "
+                         "(qllm.gpu.GraphDecoder), same prompt, same process")
+    ap.add_argument("--profile-graph", action="store_true",
+                    help="with --cuda-graph: GPU time by kernel of the decode graph's replays (torch.profiler)")
     ap.add_argument("--tiny", action="store_true", help="small float32 model on the CPU (smoke test)")
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/e2e_h100.json)")
     args = ap.parse_args()
@@ -295,13 +401,16 @@ def main() -> None:
     n_max = max(args.tokens, args.long_tokens, args.million_tokens, args.warmup_tokens) + args.new_tokens + 8
     ids_all = torch.randint(0, cfg.vocab_size, (1, max(n_max, args.tokens + 16)),
                             generator=torch.Generator().manual_seed(0)).to(dev)
-    runner = Runner(model, dev, qcfg, question)
+    runner = Runner(model, dev, qcfg, question, profile_graph=args.profile_graph)
     rows = []
     info = machine_info()
     total = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None
 
     def save(final: bool = False):
-        q128 = next((r for r in rows if r["strategy"] == "qllm" and r["prompt_tokens"] == args.tokens), None)
+        q128 = next((r for r in rows if r["strategy"] == "qllm" and r["prompt_tokens"] == args.tokens
+                     and r.get("decode") != "graph"), None)
+        g128 = next((r for r in rows if r["strategy"] == "qllm" and r["prompt_tokens"] == args.tokens
+                     and r.get("decode") == "graph"), None)
         d128 = next((r for r in rows if r["strategy"] == "dense" and r["prompt_tokens"] == args.tokens), None)
         summary = {}
         if q128 is not None:
@@ -312,6 +421,18 @@ def main() -> None:
                 summary["prefill_speedup_vs_dense"] = d128["prefill_s"] / q128["prefill_s"]
                 if q128["decode_tok_s"] and d128["decode_tok_s"]:
                     summary["decode_speedup_vs_dense"] = q128["decode_tok_s"] / d128["decode_tok_s"]
+        if g128 is not None and g128.get("decode_tok_s"):
+            g_ms = g128["decode_ms_per_token"]  # steps after the capture step
+            summary["decode_graph_ms_per_token"] = g_ms
+            for name, r in (("eager", q128), ("dense", d128)):
+                ms = None if r is None else r.get("decode_ms_per_token_after_first", r["decode_ms_per_token"])
+                if ms:
+                    summary[f"decode_{name}_ms_per_token_after_first"] = ms
+                    summary[f"decode_graph_speedup_vs_{name}"] = ms / g_ms
+            summary["decode_graph_same_tokens_as_eager"] = g128.get("same_tokens_as_eager")
+        if not args.tiny:
+            # decode floor: every weight read once per token (HBM3 datasheet 3.35 TB/s; measured copies ~3.0)
+            summary["decode_floor_ms_weights"] = 1e3 * wb / HBM_BYTES_S
         payload = {
             "benchmark": "bench_e2e.py",
             "gpu": info.get("gpu"), "gpu_total_gib": total / GIB if total else None,
@@ -362,6 +483,10 @@ def main() -> None:
     qllm.patch(model, qcfg)
     t0 = time.perf_counter()
     runner.run("qllm", w, 4)
+    if args.cuda_graph:
+        prof, runner.profile_graph = runner.profile_graph, False
+        runner.run("qllm", w, 4, decode="graph")
+        runner.profile_graph = prof
     qllm.unpatch(model)
     if not args.skip_dense:
         runner.run("dense", w, 4)
@@ -377,6 +502,11 @@ def main() -> None:
     qllm.patch(model, qcfg)
     add(runner.run("qllm", ids, args.new_tokens), layers,
         {"expected_gib": (wb + per_tok * (args.tokens + args.new_tokens + 8)) / GIB})
+    if args.cuda_graph:
+        eager_ids = runner.last_ids
+        row = runner.run("qllm", ids, args.new_tokens, decode="graph")
+        row["same_tokens_as_eager"] = runner.last_ids == eager_ids
+        add(row, layers, {"expected_gib": (wb + per_tok * (args.tokens + args.new_tokens + 8)) / GIB})
     qllm.unpatch(model)
     if not args.skip_dense:
         chunk = args.dense_chunk

@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call = build + CUDA tests + layer benchmark (see benchmarks/NOTES_gpu.md).
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [bench] [profile] [e2e]
+# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [tmodel] [bench] [profile] [e2e] [e2eg]
 # Logs and results go to $OUT (default: /tmp/qllm_out).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -30,6 +30,12 @@ if [[ " $stages " == *" test "* ]]; then
   stamp "tests"
   timeout 260 python3 -m pytest -q --maxfail=20 -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log" | tail -60
   stamp "tests done"
+fi
+if [[ " $stages " == *" tmodel "* ]]; then
+  stamp "whole-model tests (tests/test_cuda_model.py: patched tiny Llama, graph decoder, generate)"
+  timeout 300 python3 -m pytest -q -rs -p no:cacheprovider -s tests/test_cuda_model.py 2>&1 | tee "$OUT/test_cuda_model.log" \
+    | grep -v "FutureWarning\|return forward_call\|^\s*$" | tail -40
+  stamp "whole-model tests done"
 fi
 if [[ " $stages " == *" tdecode "* ]]; then
   stamp "decode-step (CUDA graph) tests"
@@ -73,6 +79,13 @@ fi
 if [[ " $stages " == *" profile "* ]]; then
   timeout 200 python3 benchmarks/bench_layer.py --prefill 131072 --decode-at --repeats 1 --profile 131072 --profile-decode 131072 \
     --out "$OUT/layer_profile.json" 2>&1 | tee "$OUT/profile.log" | grep -v "^ *$" | tail -75
+fi
+if [[ " $stages " == *" e2eg "* ]]; then
+  # 8B-shaped model at 128K: qllm eager decode, qllm decode as CUDA-graph replays (GraphDecoder), dense; no long rows
+  stamp "e2e graph decode"
+  timeout ${E2E_TIMEOUT:-300} python3 benchmarks/bench_e2e.py --cuda-graph --long-tokens 0 --million-tokens 0 \
+    --out "$OUT/e2e_graph.json" 2>&1 | grep -v "FutureWarning\|return forward_call" | tee "$OUT/e2e_graph.log"
+  stamp "e2e graph decode done"
 fi
 if [[ " $stages " == *" e2e "* ]]; then
   # whole Llama-3-8B-shaped model (random weights): qllm vs dense at 128K, then qllm alone on long prompts

@@ -50,6 +50,12 @@ class QLLMCache(DynamicCache):
         self.question_ids: torch.Tensor | None = None  # 1-D token ids of the question, once encoded
         self.has_question = False
         self.relevance = None  # qllm.retrieval.QuestionRelevance when question heads are in use
+        # tokens to reserve in each CUDA layer memory when it is created (prompt + new tokens: a
+        # graph decoder needs stores that are not reallocated while it decodes); 0 = grow as needed
+        self.reserve_tokens = 0
+        # graph decode mode: {layer: qllm.gpu.CudaDecodeStep}, set by qllm.gpu.GraphDecoder only while
+        # it runs the model in that mode (warm-up and capture); patched layers then launch the step
+        self.decode_steps: dict | None = None
 
     # -- transformers Cache API -----------------------------------------
     def get_seq_length(self, layer_idx: int | None = 0, *args, **kwargs) -> int:  # noqa: D401
@@ -68,7 +74,11 @@ class QLLMCache(DynamicCache):
                         _warn_cuda_tiered(self._qllm.config.device_blocks)
                 else:
                     cls = gpu.CudaLayerMemory  # fast path: preallocated device state, one op per call
-            mem = cls(self._qllm.config, n_q_heads, n_kv_heads, head_dim, dtype, device)
+            if cls is gpu.CudaLayerMemory and self.reserve_tokens > 0:
+                mem = cls(self._qllm.config, n_q_heads, n_kv_heads, head_dim, dtype, device,
+                          capacity=self.reserve_tokens)
+            else:
+                mem = cls(self._qllm.config, n_q_heads, n_kv_heads, head_dim, dtype, device)
             mem.layer_idx = layer_idx  # question heads: both memory classes take them
             mem.relevance = self.relevance
             self.memories[layer_idx] = mem

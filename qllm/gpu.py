@@ -34,12 +34,18 @@ Supported: CUDA tensors of dtype float16 / bfloat16, head_dim 64 or 128
 
 from __future__ import annotations
 
+import inspect
+import logging
+import time
+
 import torch
 
 from .attention import RopeTable
 from .config import QLLMConfig
 
-__all__ = ["CudaLayerMemory", "CudaDecodeStep", "attend_cuda", "supports"]
+__all__ = ["CudaLayerMemory", "CudaDecodeStep", "GraphDecoder", "attend_cuda", "graph_unsupported", "supports"]
+
+log = logging.getLogger("qllm")
 
 _DTYPES = (torch.float16, torch.bfloat16)
 _HEAD_DIMS = (64, 128)
@@ -461,3 +467,260 @@ class CudaDecodeStep:
             self.cos, self.sin, self.question, self.dyn, self.scaling, self.weight, self._cfg, self._limits,
             self._qh_raw, [self._qh_sel] if self._qh_sel > 0 else [])
         return self.out
+
+
+# ============================================================ whole-model decode in one CUDA graph
+_logged_reasons: set = set()
+
+
+def _log_once(level: int, msg: str) -> None:
+    if msg not in _logged_reasons:
+        _logged_reasons.add(msg)
+        log.log(level, msg)
+
+
+def graph_unsupported(model: torch.nn.Module) -> str | None:
+    """Why one-token decode of the patched ``model`` cannot run as a CUDA-graph replay
+    (:class:`GraphDecoder`), judged from the model alone; None when it can.  The graph needs
+    the fast path in every decoder layer: a patched model on a CUDA device, float16/bfloat16,
+    head_dim 64/128, strategy qllm/infllm/streaming without a device block budget, and no
+    layer that keeps its own attention (e.g. Gemma3's sliding-window layers)."""
+    from .patch import _find_layers  # patch imports this module
+
+    handle = getattr(model, "_qllm", None)
+    if handle is None:
+        return "the model is not patched"
+    cfg = handle.config
+    if cfg.strategy not in ("qllm", "infllm", "streaming"):
+        return f"strategy {cfg.strategy!r} has no layer memory"
+    if cfg.device_blocks is not None and cfg.uses_blocks:
+        return "QLLMConfig.device_blocks runs the generic torch path"
+    if handle.recorder is not None:
+        return "qllm.record is active"
+    _, layers = _find_layers(handle.model)
+    if len(handle.attn_modules) != len(layers):
+        return (f"{len(layers) - len(handle.attn_modules)} of {len(layers)} layers keep their own attention "
+                "(e.g. sliding-window layers)")
+    p = next(handle.model.parameters(), None)
+    if p is None or p.device.type != "cuda":
+        return "the model is not on a CUDA device"
+    hd = next(iter(handle.attn_modules.values())).head_dim
+    if not supports(p.dtype, p.device, hd):
+        return f"{p.dtype}, head_dim {hd} (the CUDA fast path takes float16/bfloat16 and head_dim 64/128)"
+    return None
+
+
+class GraphDecoder:
+    """Decode one token through the whole patched model as one CUDA-graph replay.
+
+    ``GraphDecoder(model, cache, max_new_tokens)`` takes a cache after the prefill
+    (``cache.n_seen > 0``) and :meth:`step` runs one token::
+
+        logits = model(prompt, cache=cache, ...).logits          # prefill, as usual
+        dec = GraphDecoder(model, cache, max_new_tokens=64)
+        tok = logits[:, -1:].argmax(-1)
+        for _ in range(63):
+            tok = dec.step(tok)[:, -1:].argmax(-1)                # no host sync
+
+    How: one :class:`CudaDecodeStep` per layer.  For each token :meth:`step`
+    writes the token id into a static input buffer and calls every step's
+    ``prepare()`` (host bookkeeping + one tiny kernel each, outside the graph);
+    then it replays a graph of ``model(static_ids, cache=cache)`` in which every
+    patched attention call is ``step.launch`` (``cache.decode_steps`` set while
+    capturing), and returns the graph's static logits.  The first such token
+    runs the model once in that mode on a side stream (warm-up, a real step),
+    then captures the graph.
+
+    Tokens whose ``prepare()`` says no -- those that cut blocks (one in
+    ``block_size``), or any after a store was reallocated -- run the ordinary
+    eager forward (attend_cuda); a step that refuses changes nothing, and the
+    layers that had already accepted the token are rolled back first.  The
+    stores and representatives are reserved for ``max_new_tokens`` up front,
+    so the buffers baked into the graph stay valid; if one is reallocated
+    anyway (decoding past ``max_new_tokens``), the steps are rebuilt and the
+    graph is captured again.
+
+    What the model's forward computes from Python state is baked into the
+    graph and ignored by qllm: the position ids and RoPE tables (qllm's
+    patched layers get identity cos/sin and apply RoPE themselves from the
+    memory's own counts), the attention mask (a constant 4-D mask is passed,
+    which transformers hands through unchanged; patched layers do not read
+    it).  The patched forward's own bookkeeping, ``cache.n_seen += 1``, is done
+    here on every replay.
+
+    Unsupported models (:func:`graph_unsupported`: CPU, generic path,
+    unpatched layers, ...) and ``enabled=False`` decode every token eagerly
+    through the same :meth:`step` (logged once per reason).
+
+    The logits returned by a replayed step are the graph's static buffer: they
+    are overwritten by the next :meth:`step` (use them, or clone, before).
+    Outputs are bitwise those of the eager forward (same kernels, same
+    splits).  Batch size 1, one sequence per decoder.
+    """
+
+    def __init__(self, model: torch.nn.Module, cache, max_new_tokens: int, *, enabled: bool = True) -> None:
+        handle = getattr(model, "_qllm", None)
+        if handle is None:
+            raise ValueError("GraphDecoder: model is not patched (qllm.patch)")
+        if getattr(cache, "_qllm", None) is not handle:
+            raise ValueError("GraphDecoder: cache: expected the QLLMCache of this patched model")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"GraphDecoder: max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
+        self.model, self.cache, self.handle = model, cache, handle
+        self.max_new_tokens = max_new_tokens
+        p = next(model.parameters())
+        self.device = p.device
+        params = inspect.signature(type(model).forward).parameters
+        self._kw = {handle.cache_kw: cache, "use_cache": True}
+        if "logits_to_keep" in params:
+            self._kw["logits_to_keep"] = 1
+        self.ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        self.steps: dict[int, CudaDecodeStep] = {}
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+        self.n_replays = 0   # tokens decoded by a graph replay
+        self.n_eager = 0     # tokens decoded by the eager forward (block cuts, unsupported, ...)
+        self.n_captures = 0
+        self.capture_s = 0.0  # host seconds spent in warm-up + capture
+        self.reason = "disabled (enabled=False)" if not enabled else self._unsupported()
+        if self.reason is not None:
+            if enabled:
+                _log_once(logging.INFO, f"qllm: decoding without a CUDA graph: {self.reason}")
+            self._mask = None
+            return
+        # a constant 4-D mask: transformers returns a prepared 4-D mask as is (no mask is built
+        # in the graph) and the patched layers ignore it
+        self._mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
+        self._reserve(cache.n_seen + max_new_tokens + 1)
+        self._build_steps()
+
+    # ------------------------------------------------------------ set-up
+    @property
+    def enabled(self) -> bool:
+        """Whether tokens are decoded by graph replays (else every step is eager)."""
+        return self.reason is None
+
+    def _unsupported(self) -> str | None:
+        why = graph_unsupported(self.model)
+        if why is not None:
+            return why
+        cache = self.cache
+        if cache.mode != "text":
+            return f"cache mode {cache.mode!r}"
+        if cache.n_seen == 0:
+            return "the cache has seen no prompt (prefill first)"
+        if set(cache.memories) != set(self.handle.attn_modules):
+            return "the cache does not hold a memory for every patched layer"
+        kinds = {type(m).__name__ for m in cache.memories.values() if not isinstance(m, CudaLayerMemory)}
+        if kinds:
+            return f"layer memories {sorted(kinds)} (generic path), not CudaLayerMemory"
+        return None
+
+    def _reserve(self, n_tokens: int) -> None:
+        """Stores and representatives with room for ``n_tokens`` (one reallocation now, none while decoding)."""
+        mems = list(self.cache.memories.values())
+        for mem in mems:
+            cfg = mem.config
+            mem._reserve(n_tokens)
+            if cfg.uses_blocks:
+                mem._reserve_blocks(max(0, n_tokens - cfg.n_init) // cfg.block_size + 1, mem.n_blocks)
+        rel = self.cache.relevance
+        if rel is not None:  # shared by the layers: one size for all steps
+            _reserve_relevance(rel, max(m.reprs.shape[0] for m in mems))
+
+    def _build_steps(self) -> None:
+        rope = self.handle.rope(self.device)
+        self.steps = {}
+        for i, mem in sorted(self.cache.memories.items()):
+            mod = self.handle.attn_modules[i]
+            scaling = getattr(mod, "scaling", None) or mod.head_dim ** -0.5
+            self.steps[i] = CudaDecodeStep(mem, rope, scaling)  # the forward sets the model's own scaling
+        self.graph, self.logits = None, None
+
+    def _stale(self) -> bool:
+        """Whether a step holds buffers that were reallocated (the graph points at freed memory)."""
+        for st in self.steps.values():
+            m = st.mem
+            if m.k_store is not st._k_store or m.v_store is not st._v_store or m.reprs is not st._reprs:
+                return True
+            if m.relevance is not st._rel or (st._qh_raw is not None and st._rel.raw is not st._qh_raw):
+                return True
+            if (m.question is None) != (st._question_src is None) and m.config.uses_question:
+                return True
+        return False
+
+    # ------------------------------------------------------------ decoding
+    def _forward(self):
+        with torch.no_grad():
+            if self._mask is not None:
+                return self.model(input_ids=self.ids, attention_mask=self._mask, **self._kw)
+            return self.model(input_ids=self.ids, **self._kw)
+
+    def _prepare_all(self) -> bool:
+        """prepare() every layer's step for the next token; all or nothing."""
+        done = []
+        for st in self.steps.values():
+            m = st.mem
+            saved = (m._state(), m.retrieved_log, m.last_retrieved)
+            if not st.prepare():
+                for m2, (state, log_, last) in done:  # roll back those that accepted the token
+                    m2._set_state(state)
+                    m2.retrieved_log, m2.last_retrieved = log_, last
+                return False
+            done.append((m, saved))
+        return True
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """Decode one token (``token``: one id, a tensor on the model's device, e.g. [1, 1]).
+        Returns the logits [1, 1, vocab] of the next position (a static buffer after a replay).
+        Enqueues work only: no host sync."""
+        self.ids.copy_(token.reshape(1, 1), non_blocking=True)
+        if self.reason is None:
+            ok = self._prepare_all()
+            if not ok and self._stale():
+                log.info("qllm: graph decode: a layer buffer was reallocated; rebuilding the decode steps "
+                         "and capturing the graph again")
+                self._build_steps()
+                ok = self._prepare_all()
+            if ok:
+                if self.graph is None:
+                    return self._warm_up_and_capture()
+                self.graph.replay()
+                self.cache.n_seen += 1  # the patched forward's bookkeeping
+                self.n_replays += 1
+                return self.logits
+        self.n_eager += 1
+        return self._forward().logits
+
+    def _warm_up_and_capture(self) -> torch.Tensor:
+        """The prepared token runs once in graph mode on a side stream (a real step: its logits
+        are returned), then the same forward is captured (not run)."""
+        cache = self.cache
+        t0 = time.perf_counter()
+        cur = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        cache.decode_steps = self.steps
+        try:
+            side.wait_stream(cur)
+            with torch.cuda.stream(side):
+                logits = self._forward().logits
+            cur.wait_stream(side)
+            logits.record_stream(cur)
+            self.n_replays += 1  # decoded by the graph's kernels (eagerly launched)
+            n_seen = cache.n_seen
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.device(self.device), torch.cuda.graph(graph):
+                    static = self._forward().logits
+            except Exception as exc:  # noqa: BLE001 -- e.g. a host sync in the model's forward
+                self.reason = f"capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+                _log_once(logging.WARNING, f"qllm: decoding without a CUDA graph: {self.reason}")
+                return logits
+            finally:
+                cache.n_seen = n_seen  # the captured forward ran the wrapper's Python once more
+            self.graph, self.logits = graph, static
+            self.n_captures += 1
+        finally:
+            cache.decode_steps = None
+            self.capture_s += time.perf_counter() - t0
+        return logits

@@ -117,13 +117,32 @@ def _qllm_attention(module, query, key, value, attention_mask, scaling=None, dro
             mem.question = qvec
             mem.question_tokens = _fixed_query(q.float(), rope, handle.config.n_local)
         elif isinstance(mem, CudaLayerMemory):
-            out = attend_cuda(mem, q, k, v, rope, float(scaling))
+            if cache.decode_steps is not None:  # qllm.gpu.GraphDecoder: warm-up or capture of one token
+                out = _launch_decode_step(cache.decode_steps, module.layer_idx, mem, q, k, v, float(scaling))
+            else:
+                out = attend_cuda(mem, q, k, v, rope, float(scaling))
         else:
             out = attend(mem, q, k, v, rope, float(scaling))
     if handle.recorder is not None:
         handle.recorder.append({"layer": module.layer_idx, "mode": cache.mode, "q": q.detach().clone(),
                                 "k": k.detach().clone(), "v": v.detach().clone(), "out": out.detach().clone()})
     return out.transpose(0, 1).unsqueeze(0), None
+
+
+def _launch_decode_step(steps: dict, layer_idx: int, mem: CudaLayerMemory, q, k, v, scaling: float):
+    """Graph decode mode: enqueue the layer's prepared CudaDecodeStep (capturable; no host state
+    changes here: ``prepare`` ran before the forward).  The same input handling as attend_cuda."""
+    step = steps.get(layer_idx)
+    if step is None or step.mem is not mem or q.shape[1] != 1:
+        raise RuntimeError(f"qllm: graph decode mode: no decode step for layer {layer_idx} "
+                           f"(or not one token: q {tuple(q.shape)})")
+    q, k, v = (t if t.dtype == mem.dtype else t.to(mem.dtype) for t in (q, k, v))
+    if q.stride(-1) != 1 or q.stride(0) % 8 or q.stride(1) % 8 or q.data_ptr() % 16:
+        q = q.contiguous()  # the kernels read rows of 8 elements (16 bytes)
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
+    step.scaling = scaling  # a launch argument: baked into the graph like every other one
+    return step.launch(q, k, v)
 
 
 # ------------------------------------------------------------------- hooks

@@ -126,3 +126,147 @@ def test_patched_model_cuda_question_heads_matches_cpu(dtype):
         assert bool(torch.isfinite(logits).all())
         assert all(isinstance(m, CudaLayerMemory) for m in cache.memories.values())
         assert all(len(r) == 3 for r in cache.retrieved_blocks().values())
+
+
+# ============================================================ whole-model decode in one CUDA graph
+
+def _prefilled(model, ids, capacity: int):
+    cache = qllm.QLLMCache(model._qllm)
+    cache.reserve_tokens = capacity
+    with torch.no_grad():
+        logits = model(ids, **{model._qllm.cache_kw: cache}, use_cache=True, logits_to_keep=1).logits
+    return cache, logits
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("variant", ["qllm", "heads", "streaming"])
+def test_graph_decoder_matches_eager(dtype, variant):
+    """120 tokens through GraphDecoder (one CUDA-graph replay of the whole model per token; the
+    block-cut tokens, one in block_size=16, eager) against 120 eager forwards on a twin cache: the
+    same next tokens, bitwise the same logits, and bitwise the same layer memories afterwards.
+    Both get the eager token at each step, so one mismatch cannot hide the later ones."""
+    from qllm.gpu import GraphDecoder
+
+    model = _tiny_llama(7).to("cuda", dtype)
+    cfg = {"qllm": CFG, "heads": CFG.replace(question_heads=((0, 1), (1, 0))),
+           "streaming": CFG.replace(strategy="streaming")}[variant]
+    P, new = 300, 120
+    ids = torch.randint(0, 256, (1, P), generator=torch.Generator().manual_seed(8)).cuda()
+    kw = None
+    with qllm.patched(model, cfg):
+        qllm.set_question(model, torch.tensor([5, 17, 42, 99]))
+        kw = model._qllm.cache_kw
+        ref, want0 = _prefilled(model, ids, P + new + 8)
+        cache, got0 = _prefilled(model, ids, P + new + 8)
+        assert torch.equal(got0, want0)
+        assert all(isinstance(m, CudaLayerMemory) for m in cache.memories.values())
+        if variant == "heads":
+            assert cache.relevance is not None and cache.relevance.heads == ((0, 1), (1, 0))
+        dec = GraphDecoder(model, cache, new)
+        assert dec.enabled, dec.reason
+        tok = want0[:, -1:].argmax(-1)
+        diffs, tok_diff = [], []
+        for i in range(new):
+            with torch.no_grad():
+                want = model(tok, **{kw: ref}, use_cache=True, logits_to_keep=1).logits
+            got = dec.step(tok).clone()
+            if not torch.equal(got.argmax(-1), want.argmax(-1)):
+                tok_diff.append(i)
+            if not torch.equal(got, want):
+                diffs.append((i, float((got.float() - want.float()).abs().max())))
+            tok = want[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+        print(f"{variant} {dtype}: {dec.n_replays} graph steps, {dec.n_eager} eager, "
+              f"capture {dec.capture_s:.2f}s; logits differ at {len(diffs)} steps {diffs[:5]}")
+        assert dec.graph is not None and dec.n_captures == 1
+        assert dec.n_replays + dec.n_eager == new
+        if variant == "streaming":
+            assert dec.n_replays >= new - 2
+        else:
+            assert new // 16 - 1 <= dec.n_eager <= new // 16 + 2 and dec.n_replays >= new - new // 16 - 2
+        assert not tok_diff, f"next token differs at steps {tok_diff}"
+        assert not diffs, f"logits not bitwise equal at {len(diffs)} steps: (step, max abs diff) {diffs[:8]}"
+        assert cache.n_seen == ref.n_seen == P + new
+        for i, m in cache.memories.items():
+            r = ref.memories[i]
+            assert m._state() == r._state(), f"layer {i}"
+            n = m.n_seen
+            assert torch.equal(m.k_store[:, :n], r.k_store[:, :n]) and torch.equal(m.v_store[:, :n], r.v_store[:, :n])
+            assert torch.equal(m.scores, r.scores), f"layer {i}: token scores"
+            assert torch.equal(m.block_reprs(), r.block_reprs()), f"layer {i}: representatives"
+        if variant == "heads":
+            nb = cache.memories[0].n_blocks
+            assert cache.relevance.n_filled == ref.relevance.n_filled
+            assert torch.equal(cache.relevance.raw[:nb], ref.relevance.raw[:nb])
+
+
+class _ByteTokenizer:
+    """The smallest tokenizer qllm.generate needs: one token per byte (the tiny model's vocab is 256)."""
+
+    chat_template = None
+    pad_token_id = None
+    eos_token_id = 2
+
+    def __call__(self, text, add_special_tokens=True, return_tensors=None):
+        return {"input_ids": torch.tensor([list(text.encode())])}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(str(int(i)) for i in ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_generate_cuda_graph_matches_model_generate(dtype, caplog):
+    """qllm.generate decodes with CUDA-graph replays by default on the fast path, and gives the text
+    of model.generate (cuda_graph=False): greedy, and sampling with the same seed."""
+    import logging
+    import re
+
+    model = _tiny_llama(9).to("cuda", dtype)
+    model.generation_config.eos_token_id = None  # a random model: decode all 110 tokens
+    tok = _ByteTokenizer()
+    context = "".join(chr(97 + (7 * i) % 26) for i in range(400))
+    args = dict(config=CFG, max_new_tokens=110)
+    with caplog.at_level(logging.DEBUG, logger="qllm"):
+        got = qllm.generate(model, tok, context, "which letter?", **args)
+    m = re.search(r"decoded (\d+) tokens: (\d+) graph replays, (\d+) eager steps", caplog.text)
+    assert m is not None, caplog.text[-2000:]
+    n, n_graph, n_eager = map(int, m.groups())
+    print(f"{dtype}: generate: {n} tokens, {n_graph} graph replays, {n_eager} eager steps")
+    assert n == 110 and n_graph >= 90 and n_eager >= 4
+    want = qllm.generate(model, tok, context, "which letter?", cuda_graph=False, **args)
+    assert got == want
+    assert len(got.split()) == 110
+    sample = dict(args, do_sample=True, temperature=0.8, top_k=20, top_p=0.95)
+    torch.manual_seed(11)
+    s_graph = qllm.generate(model, tok, context, "which letter?", cuda_graph=True, **sample)
+    torch.manual_seed(11)
+    s_eager = qllm.generate(model, tok, context, "which letter?", cuda_graph=False, **sample)
+    assert s_graph == s_eager
+    assert not qllm.is_patched(model)
+
+
+def test_graph_decoder_no_host_sync():
+    """After the capture step, graph steps, the eager block-cut steps between them and the sampling
+    of qllm's decode loop enqueue work only (torch.cuda.set_sync_debug_mode('error'))."""
+    from qllm.generate import _picker
+    from qllm.gpu import GraphDecoder
+
+    model = _tiny_llama(3).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(2)).cuda()
+    with qllm.patched(model, CFG):
+        qllm.set_question(model, torch.tensor([1, 2, 3]))
+        cache, logits = _prefilled(model, ids, 300)
+        dec = GraphDecoder(model, cache, 80)
+        pick = _picker(model, ids, True, {"temperature": 0.7, "top_k": 30, "top_p": 0.9})
+        tok = dec.step(logits[:, -1:].argmax(-1)).argmax(-1)  # warm-up + capture (synchronises)
+        torch.cuda.synchronize()
+        assert dec.graph is not None
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for i in range(60):
+                out = dec.step(tok)
+                tok = pick(out) if i % 2 else out[:, -1:].argmax(-1)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+        assert dec.n_eager >= 3 and dec.n_replays >= 50 and cache.n_seen == 261
