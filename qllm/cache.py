@@ -14,20 +14,11 @@ import torch
 from transformers import DynamicCache
 
 from . import gpu
+from ._log import log_once
 from .memory import LayerMemory
 
 __all__ = ["QLLMCache"]
 
-log = logging.getLogger("qllm")
-_warned_cuda_tiered = False
-
-
-def _warn_cuda_tiered(budget: int) -> None:
-    global _warned_cuda_tiered
-    _warned_cuda_tiered = True
-    log.warning("qllm: QLLMConfig.device_blocks=%d (device block budget + host tier) is implemented in the "
-                "generic torch path only: layers run it instead of the CUDA fast path (slower); "
-                "device_blocks=None keeps the fast path", budget)
 
 
 class QLLMCache(DynamicCache):
@@ -70,8 +61,10 @@ class QLLMCache(DynamicCache):
             cls = LayerMemory
             if self.mode == "text" and gpu.supports(dtype, device, head_dim):
                 if self._qllm.config.device_blocks is not None and self._qllm.config.uses_blocks:
-                    if not _warned_cuda_tiered:
-                        _warn_cuda_tiered(self._qllm.config.device_blocks)
+                    log_once(logging.WARNING,
+                             f"qllm: QLLMConfig.device_blocks={self._qllm.config.device_blocks} (device block "
+                             "budget + host tier) is implemented in the generic torch path only: layers run it "
+                             "instead of the CUDA fast path (slower); device_blocks=None keeps the fast path")
                 else:
                     cls = gpu.CudaLayerMemory  # fast path: preallocated device state, one op per call
             if cls is gpu.CudaLayerMemory and self.reserve_tokens > 0:

@@ -41,6 +41,7 @@ import time
 import torch
 
 from .attention import RopeTable
+from ._log import log_once
 from .config import QLLMConfig
 
 __all__ = ["CudaLayerMemory", "CudaDecodeStep", "GraphDecoder", "attend_cuda", "graph_unsupported", "supports"]
@@ -470,13 +471,6 @@ class CudaDecodeStep:
 
 
 # ============================================================ whole-model decode in one CUDA graph
-_logged_reasons: set = set()
-
-
-def _log_once(level: int, msg: str) -> None:
-    if msg not in _logged_reasons:
-        _logged_reasons.add(msg)
-        log.log(level, msg)
 
 
 def graph_unsupported(model: torch.nn.Module) -> str | None:
@@ -585,7 +579,7 @@ class GraphDecoder:
         self.reason = "disabled (enabled=False)" if not enabled else self._unsupported()
         if self.reason is not None:
             if enabled:
-                _log_once(logging.INFO, f"qllm: decoding without a CUDA graph: {self.reason}")
+                log_once(logging.INFO, f"qllm: decoding without a CUDA graph: {self.reason}")
             self._mask = None
             return
         # a constant 4-D mask: transformers returns a prepared 4-D mask as is (no mask is built
@@ -714,7 +708,7 @@ class GraphDecoder:
                     static = self._forward().logits
             except Exception as exc:  # noqa: BLE001 -- e.g. a host sync in the model's forward
                 self.reason = f"capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
-                _log_once(logging.WARNING, f"qllm: decoding without a CUDA graph: {self.reason}")
+                log_once(logging.WARNING, f"qllm: decoding without a CUDA graph: {self.reason}")
                 return logits
             finally:
                 cache.n_seen = n_seen  # the captured forward ran the wrapper's Python once more

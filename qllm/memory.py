@@ -37,10 +37,9 @@ import logging
 import torch
 
 from ._ext import _core
+from ._log import log_once
 from .config import QLLMConfig
 
-log = logging.getLogger("qllm")
-_warned_pin = False
 
 # Bookkeeping mode never touches block data: the store's dtype only has to be one it accepts.
 _STORE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -64,14 +63,6 @@ def _grow(buf: torch.Tensor | None, need: int, shape_tail: tuple, dtype, device,
     if buf is not None and buf.shape[0] > 0:
         new[: buf.shape[0]].copy_(buf)
     return new
-
-
-def _warn_pin(exc: Exception) -> None:
-    global _warned_pin
-    if not _warned_pin:
-        _warned_pin = True
-        log.warning("qllm: pinned host memory is not available (%s): the host tier of the block memory "
-                    "(QLLMConfig.device_blocks) uses pageable memory and blocking copies", exc)
 
 
 def _nbytes(*tensors) -> int:
@@ -280,7 +271,8 @@ class LayerMemory:
         except RuntimeError as exc:
             if not self._pin:
                 raise
-            _warn_pin(exc)
+            log_once(logging.WARNING, f"qllm: pinned host memory is not available ({exc}): the host tier of "
+                     "the block memory (QLLMConfig.device_blocks) uses pageable memory and blocking copies")
             self._pin = self._non_blocking = False
             k = _grow(self.host_k, rows, tail, self.dtype, "cpu")
             v = _grow(self.host_v, rows, tail, self.dtype, "cpu")

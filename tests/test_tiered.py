@@ -427,7 +427,7 @@ def test_cuda_cache_falls_back_to_generic_path_with_a_log(monkeypatch, caplog):
 
     model = make_llama(seed=8)
     monkeypatch.setattr(cache_mod.gpu, "supports", lambda *a, **k: True)
-    monkeypatch.setattr(cache_mod, "_warned_cuda_tiered", False)
+    monkeypatch.setattr(qllm._log, "_seen", set())
     with qllm.patched(model, BASE.replace(device_blocks=4)):
         with caplog.at_level(logging.INFO, logger="qllm"):
             cache = qllm.QLLMCache(model._qllm)
