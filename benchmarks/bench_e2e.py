@@ -23,10 +23,19 @@ Rows (each one process, one model; warm-up of both paths at a short length first
   replays alone and whether its tokens equal the eager row's
   (``--profile-graph``: GPU time by kernel of the replays).
 
-The tiered memory (blocks moved to host memory beyond a device budget,
-``QLLMConfig.device_blocks``) is not implemented: every block of every layer
-stays on the GPU, so GPU memory grows with the prompt (4 KiB of K/V per token
-per layer in bf16, plus 1 KiB of f32 representatives).  The long rows say so.
+Without a budget every block of every layer stays on the GPU, so GPU memory
+grows with the prompt (4 KiB of K/V per token per layer in bf16, plus 1 KiB of
+f32 representatives).  ``--tiered`` adds rows with ``QLLMConfig.device_blocks
+= --device-blocks``: the CUDA path's tiered memory (qllm/gpu.py: a ring of
+recent K/V, a device cache of that many blocks per layer, every block in a
+pinned host tier):
+
+* a tiered qllm row at ``--tokens`` beside the untiered one (same process:
+  the cost of the tiers; with ``--cuda-graph`` both decode by graph replays);
+* the ``--million-tokens`` row tiered, with as many layers as the host memory
+  holds (``--host-fraction`` of MemAvailable for the pinned tier: 4 KiB per
+  token per layer), showing the GPU memory stays at weights + the budgeted
+  state whatever the prompt length.
 
 Per row: prefill seconds (the prompt call(s) + argmax of the last logits,
 ``torch.cuda.synchronize`` around them), decode tokens/s (``new_tokens - 1``
@@ -144,6 +153,32 @@ def kv_bytes_per_token(cfg, qcfg: qllm.QLLMConfig, layers: int, dtype: torch.dty
     hd, hkv, hq = cfg.head_dim, cfg.num_key_value_heads, cfg.num_attention_heads
     el = torch.tensor([], dtype=dtype).element_size()
     return layers * (2 * hkv * hd * el + hq * hd * 4 / qcfg.block_size)
+
+
+def host_available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def tiered_layer_bytes(cfg, qcfg: qllm.QLLMConfig, budget: int, n_tokens: int, dtype: torch.dtype) -> int:
+    """GPU bytes of one tiered CudaLayerMemory holding n_tokens (qllm/gpu.py's allocations)."""
+    el = torch.tensor([], dtype=dtype).element_size()
+    kv_row = 2 * cfg.num_key_value_heads * cfg.head_dim * el
+    seg = max(qcfg.n_init + qcfg.n_local, qcfg.n_local + qcfg.block_size) + qcfg.exc_block_size
+    ring = 1
+    while ring < seg + min(qcfg.chunk_size, n_tokens):
+        ring *= 2
+    blocks = (n_tokens - qcfg.n_init) // qcfg.block_size + 1
+    reprs = blocks * cfg.num_attention_heads * cfg.head_dim * 4
+    scores = cfg.num_attention_heads * 4 * 4096
+    return (qcfg.n_init + ring) * kv_row + budget * qcfg.block_size * kv_row + reprs + scores + 4 * (2 * budget + blocks)
 
 
 def weight_bytes(cfg, layers: int, dtype: torch.dtype) -> int:
@@ -306,6 +341,20 @@ class Runner:
                 t_decode = time.perf_counter() - t0
                 if steps > 1:
                     graph_info["decode_ms_per_token_after_first"] = 1e3 * (t_decode - t_first) / (steps - 1)
+        mems = list(getattr(cache, "memories", {}).values())
+        tiered = [m for m in mems if getattr(m, "tiered", False)]
+        if tiered:
+            tot = {}
+            for m in tiered:
+                for k_, v_ in m.tier_stats().items():
+                    if isinstance(v_, int):
+                        tot[k_] = tot.get(k_, 0) + v_
+            graph_info.update(
+                device_blocks=tiered[0].n_slots, ring_rows=tiered[0].k_store.shape[1],
+                device_state_gib=sum(m.device_nbytes() for m in mems) / GIB,
+                host_state_gib=sum(m.host_nbytes() for m in mems) / GIB,
+                tier_totals={k_: tot[k_] for k_ in ("blocks", "on_device", "on_host", "fetches", "placed",
+                                                   "evictions") if k_ in tot})
         seen = cache.get_seq_length()
         steps_all = max(new_tokens - 1, 0)
         kinds = sorted({type(m).__name__ for m in getattr(cache, "memories", {}).values()})
@@ -381,6 +430,12 @@ def main() -> None:
                          "(qllm.gpu.GraphDecoder), same prompt, same process")
     ap.add_argument("--profile-graph", action="store_true",
                     help="with --cuda-graph: GPU time by kernel of the decode graph's replays (torch.profiler)")
+    ap.add_argument("--tiered", action="store_true",
+                    help="tiered rows: qllm at --tokens with QLLMConfig.device_blocks=--device-blocks beside the "
+                         "untiered one, and the --million-tokens row tiered (layers: as many as the host holds)")
+    ap.add_argument("--device-blocks", type=int, default=256, help="device block budget per layer of the tiered rows")
+    ap.add_argument("--host-fraction", type=float, default=0.7,
+                    help="share of MemAvailable the pinned host tier of the tiered 1M row may take")
     ap.add_argument("--tiny", action="store_true", help="small float32 model on the CPU (smoke test)")
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/e2e_h100.json)")
     args = ap.parse_args()
@@ -452,7 +507,9 @@ def main() -> None:
             "method": "greedy; prefill_s: prompt call(s) + argmax, synchronised; decode_tok_s: (new_tokens - 1) "
                       "one-token steps after the prefill; peak_gib: torch.cuda.max_memory_allocated over the row "
                       "(weights included); warm-up of both paths at warmup_tokens first",
-            "tiered_memory": "not implemented: " + TIERED_NOTE,
+            "tiered_memory": ({"device_blocks": args.device_blocks, "what": "rows with device_blocks set: "
+                               "QLLMConfig.device_blocks on the CUDA path (ring + device block cache + pinned host tier)"}
+                              if args.tiered else "not used in this run: " + TIERED_NOTE),
             "warmup_tokens": args.warmup_tokens,
             "rows": rows,
             "complete": final,
@@ -502,11 +559,18 @@ def main() -> None:
     qllm.patch(model, qcfg)
     add(runner.run("qllm", ids, args.new_tokens), layers,
         {"expected_gib": (wb + per_tok * (args.tokens + args.new_tokens + 8)) / GIB})
+    untiered_ids = runner.last_ids
     if args.cuda_graph:
         eager_ids = runner.last_ids
         row = runner.run("qllm", ids, args.new_tokens, decode="graph")
         row["same_tokens_as_eager"] = runner.last_ids == eager_ids
         add(row, layers, {"expected_gib": (wb + per_tok * (args.tokens + args.new_tokens + 8)) / GIB})
+    if args.tiered:
+        qllm.unpatch(model)
+        qllm.patch(model, qcfg.replace(device_blocks=args.device_blocks))
+        row = runner.run("qllm", ids, args.new_tokens, decode="graph" if args.cuda_graph else "eager")
+        row["same_tokens_as_untiered"] = runner.last_ids == untiered_ids
+        add(row, layers, {"expected_gib": None, "tiered_memory": True})
     qllm.unpatch(model)
     if not args.skip_dense:
         chunk = args.dense_chunk
@@ -544,7 +608,13 @@ def main() -> None:
     if args.million_tokens:
         N = args.million_tokens
         L = args.million_layers
-        if L < 0:
+        if L < 0 and args.tiered:  # the GPU holds any length: the host tier (4 KiB/token/layer) bounds the layers
+            avail = host_available_bytes()
+            host_per_layer = 2 * cfg.num_key_value_heads * cfg.head_dim * el * (N + args.new_tokens + 8)
+            L = max(1, min(layers, int(args.host_fraction * avail // host_per_layer))) if avail else max(1, layers // 2)
+            print(f"tiered {N}-token row: host MemAvailable {avail / GIB:.1f} GiB, pinned tier "
+                  f"{host_per_layer / GIB:.2f} GiB per layer -> {L} of {layers} layers", flush=True)
+        elif L < 0:
             if total is None:
                 L = max(1, layers // 2)
             else:
@@ -565,10 +635,14 @@ def main() -> None:
         if L < model.config.num_hidden_layers:
             truncate_layers(model, L)
             free_memory(dev)
-        qllm.patch(model, qcfg)
+        tier_row = args.tiered and N == args.million_tokens
+        qllm.patch(model, qcfg.replace(device_blocks=args.device_blocks) if tier_row else qcfg)
+        if tier_row:
+            expect = (weight_bytes(cfg, L, dtype) + L * tiered_layer_bytes(cfg, qcfg, args.device_blocks, N, dtype)) / GIB
         row, msg = None, None
         try:
-            row = runner.run("qllm", ids_all[:, :N], args.new_tokens, prefill_mode="chunks")
+            row = runner.run("qllm", ids_all[:, :N], args.new_tokens, prefill_mode="chunks",
+                             decode="graph" if (tier_row and args.cuda_graph) else "eager")
         except torch.OutOfMemoryError as exc:
             msg = str(exc).splitlines()[0]
         if row is None:
@@ -582,12 +656,21 @@ def main() -> None:
             save()
             continue
         qllm.unpatch(model)
-        row["notes"] = TIERED_NOTE + "; " + row["notes"]
-        extra = {"expected_gib": expect, "tiered_memory": False}
-        if L < layers:
-            extra["layers_of_model"] = layers
-            row["notes"] = (f"only {L} of {layers} layers (the K/V of all {layers} layers at {N} tokens does not "
-                            f"fit the GPU without tiered memory); " + row["notes"])
+        extra = {"expected_gib": expect, "tiered_memory": tier_row}
+        if tier_row:
+            extra["expected_what"] = ("weights + per layer: ring, device block cache, representatives, tier state "
+                                      "(qllm/gpu.py); the host tier is pinned CPU memory")
+            if L < layers:
+                extra["layers_of_model"] = layers
+                row["notes"] = (f"{L} of {layers} layers: the pinned host tier of all {layers} layers at {N} tokens "
+                                f"({2 * cfg.num_key_value_heads * cfg.head_dim * el * N * layers / GIB:.0f} GiB) "
+                                f"exceeds --host-fraction of this machine's host memory; " + row["notes"])
+        else:
+            row["notes"] = TIERED_NOTE + "; " + row["notes"]
+            if L < layers:
+                extra["layers_of_model"] = layers
+                row["notes"] = (f"only {L} of {layers} layers (the K/V of all {layers} layers at {N} tokens does not "
+                                f"fit the GPU without tiered memory); " + row["notes"])
         add(row, L, extra)
 
     print_table(rows)

@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call = build + CUDA tests + layer benchmark (see benchmarks/NOTES_gpu.md).
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [tmodel] [bench] [profile] [e2e] [e2eg]
+# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [tmodel] [bench] [profile] [e2e] [e2eg]
 # Logs and results go to $OUT (default: /tmp/qllm_out).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -30,6 +30,12 @@ if [[ " $stages " == *" test "* ]]; then
   stamp "tests"
   timeout 260 python3 -m pytest -q --maxfail=20 -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log" | tail -60
   stamp "tests done"
+fi
+if [[ " $stages " == *" ttier "* ]]; then
+  stamp "tiered fast path tests (tests/test_cuda_tiers.py)"
+  timeout 300 python3 -m pytest -q -x -rs -p no:cacheprovider tests/test_cuda_tiers.py 2>&1 | tee "$OUT/test_cuda_tiers.log" \
+    | grep -v "FutureWarning\|return forward_call\|^\s*$" | tail -40
+  stamp "tiered tests done"
 fi
 if [[ " $stages " == *" tmodel "* ]]; then
   stamp "whole-model tests (tests/test_cuda_model.py: patched tiny Llama, graph decoder, generate)"

@@ -60,11 +60,12 @@ class QLLMCache(DynamicCache):
         if mem is None:
             cls = LayerMemory
             if self.mode == "text" and gpu.supports(dtype, device, head_dim):
-                if self._qllm.config.device_blocks is not None and self._qllm.config.uses_blocks:
+                cfg = self._qllm.config
+                why = gpu.tiers_unsupported(cfg) if cfg.device_blocks is not None and cfg.uses_blocks else None
+                if why is not None:
                     log_once(logging.WARNING,
-                             f"qllm: QLLMConfig.device_blocks={self._qllm.config.device_blocks} (device block "
-                             "budget + host tier) is implemented in the generic torch path only: layers run it "
-                             "instead of the CUDA fast path (slower); device_blocks=None keeps the fast path")
+                             f"qllm: QLLMConfig.device_blocks={cfg.device_blocks} on the CUDA fast path needs a "
+                             f"power-of-two block_size ({why}): layers run the generic torch path instead (slower)")
                 else:
                     cls = gpu.CudaLayerMemory  # fast path: preallocated device state, one op per call
             if cls is gpu.CudaLayerMemory and self.reserve_tokens > 0:

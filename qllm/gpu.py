@@ -28,6 +28,25 @@ shared by the layers, grown here from block counts) when blocks are cut, and
 selects with ``z(qbar . r) + w * mean z(raw)`` over the heads of layers <= this
 one, all on the device; the host only advances ``relevance.n_filled``.
 
+Tiered block memory (``QLLMConfig.device_blocks = N``, strategies with
+blocks, ``block_size`` a power of two): the store keeps the init rows and a
+ring of ``W`` rows (a power of two >= the longest tail plus one forward
+call's tokens, ``chunk_size`` for the patched model), so its size no longer
+grows with the text.  Block K/V live in
+
+* a device cache of ``N`` slots, ``k_cache`` [N, n_kv_heads, block_size,
+  head_dim]: cut blocks enter it, retrieved blocks missing from it are copied
+  in before the attention reads them, the least recently used block leaves --
+  all decided on the device (``tier`` state, ``qllm_cuda_tier_touch``), so the
+  execution-block loop still never waits for the host;
+* a host tier of pinned chunks (``_CHUNK_BLOCKS`` blocks each) holding every
+  cut block: after each call the blocks it cut are copied from the ring to
+  their chunk on a side stream (overlapping the next work); the current
+  stream waits for those copies only before it overwrites ring rows.
+
+Retrieval and the attention's inputs do not depend on the budget: outputs
+are bitwise those of the untiered memory.
+
 Supported: CUDA tensors of dtype float16 / bfloat16, head_dim 64 or 128
 (:meth:`CudaLayerMemory.supports`); anything else uses the generic path.
 """
@@ -36,6 +55,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import time
 
 import torch
@@ -44,7 +64,8 @@ from .attention import RopeTable
 from ._log import log_once
 from .config import QLLMConfig
 
-__all__ = ["CudaLayerMemory", "CudaDecodeStep", "GraphDecoder", "attend_cuda", "graph_unsupported", "supports"]
+__all__ = ["CudaLayerMemory", "CudaDecodeStep", "GraphDecoder", "attend_cuda", "graph_unsupported", "supports",
+           "tiers_unsupported"]
 
 log = logging.getLogger("qllm")
 
@@ -56,6 +77,17 @@ def supports(dtype: torch.dtype, device, head_dim: int) -> bool:
     """Whether the fast GPU path handles this layer (else use LayerMemory + attend)."""
     dev = torch.device(device)
     return dev.type == "cuda" and dtype in _DTYPES and head_dim in _HEAD_DIMS
+
+
+_CHUNK_BLOCKS = 64  # blocks per pinned host chunk (tiered mode)
+_TIER_FIXED = 4     # int32 words before the miss list in the tier state (qllm_cuda.cuh QLLM_TIER_*)
+
+
+def tiers_unsupported(config: QLLMConfig) -> str | None:
+    """Why the fast path cannot run ``config.device_blocks`` (None when it can)."""
+    if config.block_size & (config.block_size - 1):
+        return f"block_size {config.block_size} is not a power of two"
+    return None
 
 
 def _pow2_at_least(n: int) -> int:
@@ -102,12 +134,25 @@ class CudaLayerMemory:
         cfg = config
         seg_max = max(cfg.n_init + cfg.n_local, cfg.n_local + cfg.block_size) + cfg.exc_block_size
         self.ring = _pow2_at_least(seg_max)
+        self.tiered = cfg.device_blocks is not None and cfg.uses_blocks
         cap = max(int(capacity or 0), 1024)
-        self.k_store = torch.empty(n_kv_heads, cap, head_dim, dtype=dtype, device=self.device)
+        if self.tiered:
+            why = tiers_unsupported(cfg)
+            if why is not None:
+                raise ValueError(f"CudaLayerMemory: QLLMConfig.device_blocks: {why} (use qllm.memory.LayerMemory)")
+            # the ring holds the tail (< seg_max between calls) plus one call's tokens (<= chunk_size)
+            self.window = _pow2_at_least(seg_max + min(cfg.chunk_size, cap))
+            self.ring_lo = 0  # lowest position >= n_init the ring rows still hold
+            rows = cfg.n_init + self.window
+        else:
+            rows = cap
+        self.k_store = torch.empty(n_kv_heads, rows, head_dim, dtype=dtype, device=self.device)
         self.v_store = torch.empty_like(self.k_store)
         self.scores = torch.zeros(n_q_heads, self.ring, dtype=torch.float32, device=self.device)
         cap_b = max(16, (cap - cfg.n_init) // cfg.block_size + 1) if cfg.uses_blocks else 1
         self.reprs = torch.empty(cap_b, n_q_heads, head_dim, dtype=torch.float32, device=self.device)
+        if self.tiered:
+            self._init_tiers(cap_b)
         self.question: torch.Tensor | None = None       # [n_q_heads, head_dim] f32
         # question heads (qllm.retrieval.QuestionRelevance): set by the cache
         self.layer_idx = 0
@@ -119,10 +164,163 @@ class CudaLayerMemory:
 
     supports = staticmethod(supports)
 
+    # ------------------------------------------------------------------ tiers
+    def _init_tiers(self, cap_b: int) -> None:
+        cfg = self.config
+        self.n_slots = int(cfg.device_blocks)
+        self.miss_cap = max(cfg.topk, (cfg.exc_block_size + cfg.block_size) // cfg.block_size + 2)
+        shape = (self.n_slots, self.n_kv_heads, cfg.block_size, self.head_dim)
+        self.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.empty_like(self.k_cache)
+        fixed = _TIER_FIXED + 2 * self.miss_cap
+        self.tier = torch.full((fixed + 2 * self.n_slots + cap_b,), -1, dtype=torch.int32, device=self.device)
+        self.tier[:fixed].zero_()
+        self.host_tab = torch.zeros(2, -(-cap_b // _CHUNK_BLOCKS), dtype=torch.int64, device=self.device)
+        self.host_k: list[torch.Tensor] = []  # pinned chunks [_CHUNK_BLOCKS, n_kv_heads, block_size, head_dim]
+        self.host_v: list[torch.Tensor] = []
+        self.n_written = 0  # blocks whose copy to the host tier has been issued
+        self._side = torch.cuda.Stream(self.device)
+        self._wb_event = torch.cuda.Event()
+        self._wb_pending = False
+
+    @property
+    def tier_cfg(self) -> list[int]:
+        """[W, chunk_blocks, miss_cap] of the tier arguments of the ops."""
+        return [self.window, _CHUNK_BLOCKS, self.miss_cap]
+
+    def _tier_slice(self, which: str) -> torch.Tensor:
+        f, m, n = _TIER_FIXED, self.miss_cap, self.n_slots
+        start = {"blk_of": f + 2 * m, "stamp": f + 2 * m + n, "slot_of": f + 2 * m + 2 * n}[which]
+        end = None if which == "slot_of" else start + n
+        return self.tier[start:end]
+
+    def _wait_write_back(self) -> None:
+        """Order the current stream after the pending copies to the host tier (they read ring rows)."""
+        if self.tiered and self._wb_pending:
+            torch.cuda.current_stream(self.device).wait_event(self._wb_event)
+            self._wb_pending = False
+
+    def _ring_pieces(self, lo: int, hi: int):
+        """(first position, first row, length) runs of positions lo .. hi-1 in the store."""
+        n0, W = self.config.n_init, self.window
+        p = lo
+        while p < hi:
+            if p < n0:
+                n = min(hi, n0) - p
+                yield p, p, n
+            else:
+                r = (p - n0) % W
+                n = min(hi - p, W - r)
+                yield p, n0 + r, n
+            p += n
+
+    def _write_kv(self, P0: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """K/V of positions P0 .. P0+T-1 into the store (current stream)."""
+        T = k.shape[1]
+        if not self.tiered:
+            self.k_store[:, P0:P0 + T].copy_(k)
+            self.v_store[:, P0:P0 + T].copy_(v)
+            return
+        self._wait_write_back()
+        for p, r, n in self._ring_pieces(P0, P0 + T):
+            self.k_store[:, r:r + n].copy_(k[:, p - P0:p - P0 + n])
+            self.v_store[:, r:r + n].copy_(v[:, p - P0:p - P0 + n])
+        self.ring_lo = max(self.ring_lo, P0 + T - self.window)
+
+    def _reserve_ring(self, lo: int, hi: int) -> None:
+        """A ring that holds positions lo .. hi-1 (grown and re-laid out if too small)."""
+        need = hi - max(lo, self.config.n_init)
+        if need <= self.window:
+            return
+        n0 = self.config.n_init
+        W2 = _pow2_at_least(need)
+        keep_lo = max(self.ring_lo, n0)
+        pos = torch.arange(keep_lo, self.n_seen, device=self.device)
+        old_rows = n0 + (pos - n0) % self.window
+        new_rows = n0 + (pos - n0) % W2
+        for name in ("k_store", "v_store"):
+            old = getattr(self, name)
+            new = torch.empty(self.n_kv_heads, n0 + W2, self.head_dim, dtype=self.dtype, device=self.device)
+            new[:, :n0].copy_(old[:, :n0])
+            new[:, new_rows] = old[:, old_rows]
+            setattr(self, name, new)
+        log.info("qllm: tiered layer memory: ring grown from %d to %d rows (a call of more than chunk_size tokens)",
+                 self.window, W2)
+        self.window = W2
+
+    def _reserve_host(self, n_blocks: int) -> None:
+        """Pinned host chunks for blocks 0 .. n_blocks-1 (their pointers in host_tab)."""
+        while len(self.host_k) * _CHUNK_BLOCKS < n_blocks:
+            c = len(self.host_k)
+            shape = (_CHUNK_BLOCKS, self.n_kv_heads, self.config.block_size, self.head_dim)
+            try:
+                hk = torch.empty(shape, dtype=self.dtype, pin_memory=True)
+                hv = torch.empty(shape, dtype=self.dtype, pin_memory=True)
+            except RuntimeError as exc:
+                nbytes = 2 * math.prod(shape) * self.k_store.element_size()
+                raise RuntimeError(f"qllm: cannot allocate {nbytes} more bytes of pinned host memory for the "
+                                   f"block tier (QLLMConfig.device_blocks; {self.host_nbytes()} bytes held by "
+                                   f"this layer): {exc}") from exc
+            self.host_k.append(hk)
+            self.host_v.append(hv)
+            self.host_tab[0, c] = hk.data_ptr()
+            self.host_tab[1, c] = hv.data_ptr()
+
+    def _write_back(self) -> None:
+        """Copy the blocks cut since the last write-back from the ring to the host tier, on the side stream."""
+        b0, b1 = self.n_written, self.n_blocks
+        if b1 <= b0:
+            return
+        self._reserve_host(b1)
+        cfg = self.config
+        bs, n0, W = cfg.block_size, cfg.n_init, self.window
+        cur = torch.cuda.current_stream(self.device)
+        self._side.wait_stream(cur)
+        with torch.cuda.stream(self._side):
+            b = b0
+            while b < b1:
+                c, j = divmod(b, _CHUNK_BLOCKS)
+                r = n0 + (b * bs) % W
+                m = min(b1 - b, _CHUNK_BLOCKS - j, (n0 + W - r) // bs)
+                for store, host in ((self.k_store, self.host_k), (self.v_store, self.host_v)):
+                    src = store[:, r:r + m * bs].view(self.n_kv_heads, m, bs, self.head_dim).transpose(0, 1)
+                    host[c][j:j + m].copy_(src, non_blocking=True)
+                b += m
+        self._wb_event.record(self._side)
+        self._wb_pending = True
+        self.k_store.record_stream(self._side)
+        self.v_store.record_stream(self._side)
+        self.n_written = b1
+
+    def tier_stats(self) -> dict:
+        """Budget, block placement, moves and bytes (synchronises: reads the device tier state).
+
+        Keys as :meth:`qllm.memory.LayerMemory.tier_stats`: ``budget``, ``blocks``, ``on_device``
+        (blocks in the device cache), ``on_host`` (blocks in the host tier: every cut block),
+        ``fetches`` (retrieved blocks copied into the cache), ``evictions`` (blocks that left the
+        cache), ``device_bytes``, ``host_bytes``; plus ``placed`` (cut blocks that entered the cache).
+        """
+        if not self.tiered:
+            return {"budget": None, "blocks": self.n_blocks, "on_device": self.n_blocks, "on_host": 0,
+                    "fetches": 0, "evictions": 0, "placed": self.n_blocks,
+                    "device_bytes": self.device_nbytes(), "host_bytes": 0}
+        head = self.tier[:_TIER_FIXED].tolist()
+        on_dev = int((self._tier_slice("blk_of") >= 0).sum())
+        return {"budget": self.n_slots, "blocks": self.n_blocks, "on_device": on_dev, "on_host": self.n_written,
+                "fetches": head[2], "evictions": head[2] + head[3] - on_dev, "placed": head[3],
+                "device_bytes": self.device_nbytes(), "host_bytes": self.host_nbytes()}
+
+    def block_slots(self) -> torch.Tensor:
+        """Tiered mode: the device cache slot of each block (-1: host only), int32 [n_blocks]."""
+        if not self.tiered:
+            raise ValueError("block_slots: the memory is not tiered (QLLMConfig.device_blocks is None)")
+        return self._tier_slice("slot_of")[: self.n_blocks]
+
     # ------------------------------------------------------------------ views
     @property
     def capacity(self) -> int:
-        return self.k_store.shape[1]
+        """Positions the store can hold (tiered: unbounded, the ring reuses rows)."""
+        return (1 << 62) if self.tiered else self.k_store.shape[1]
 
     def block_reprs(self) -> torch.Tensor:
         """Representatives of all blocks: [n_blocks, n_q_heads, head_dim] f32."""
@@ -139,18 +337,48 @@ class CudaLayerMemory:
         return self.k_store[:, : self.init_len]
 
     def gather_blocks(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V of blocks ``ids`` (in the order given): each [n_kv_heads, len(ids)*block_size, head_dim]."""
+        """K/V of blocks ``ids`` (in the order given): each [n_kv_heads, len(ids)*block_size, head_dim].
+        Tiered mode: read from the host tier (synchronises)."""
         bs, n0 = self.config.block_size, self.config.n_init
+        if self.tiered:
+            self._write_back()
+            self._side.synchronize()
+            parts = [[], []]
+            for i in ids.reshape(-1).tolist():
+                if not 0 <= i < self.n_blocks:
+                    raise IndexError(f"ids: expected block ids in [0, {self.n_blocks}), got {i}")
+                c, j = divmod(int(i), _CHUNK_BLOCKS)
+                parts[0].append(self.host_k[c][j])
+                parts[1].append(self.host_v[c][j])
+            if not parts[0]:
+                e = torch.empty(self.n_kv_heads, 0, self.head_dim, dtype=self.dtype, device=self.device)
+                return e, e.clone()
+            return tuple(torch.cat(p, dim=1).to(self.device) for p in parts)
         pos = (n0 + ids.long().to(self.device)[:, None] * bs
                + torch.arange(bs, device=self.device)[None, :]).reshape(-1)
         return self.k_store[:, pos], self.v_store[:, pos]
 
+    def device_nbytes(self) -> int:
+        """Bytes of this layer's device state (store or ring, scores, representatives, block cache)."""
+        ts = [self.k_store, self.v_store, self.scores, self.reprs]
+        if self.tiered:
+            ts += [self.k_cache, self.v_cache, self.tier, self.host_tab]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def host_nbytes(self) -> int:
+        """Bytes of the pinned host tier (0 untiered)."""
+        if not self.tiered:
+            return 0
+        return sum(t.numel() * t.element_size() for t in self.host_k + self.host_v)
+
     def nbytes(self) -> int:
-        """Bytes held by this layer's device state."""
-        return sum(t.numel() * t.element_size() for t in (self.k_store, self.v_store, self.scores, self.reprs))
+        """Bytes held by this layer's state: ``device_nbytes() + host_nbytes()``."""
+        return self.device_nbytes() + self.host_nbytes()
 
     # ------------------------------------------------------------ capacity
     def _reserve(self, n_tokens: int) -> None:
+        if self.tiered:
+            return  # the ring does not grow with the text (see _reserve_ring)
         cap = self.capacity
         if n_tokens <= cap:
             return
@@ -168,10 +396,19 @@ class CudaLayerMemory:
         cap_b = self.reprs.shape[0]
         if n <= cap_b:
             return
-        new = torch.empty(max(n, 2 * cap_b), self.n_q_heads, self.head_dim, dtype=torch.float32,
-                          device=self.device)
+        new_cap = max(n, 2 * cap_b)
+        new = torch.empty(new_cap, self.n_q_heads, self.head_dim, dtype=torch.float32, device=self.device)
         new[:n_valid].copy_(self.reprs[:n_valid])
         self.reprs = new
+        if self.tiered:  # slot_of entries and host chunk pointers for new_cap blocks
+            tier = torch.full((self.tier.numel() - cap_b + new_cap,), -1, dtype=torch.int32, device=self.device)
+            tier[: self.tier.numel()].copy_(self.tier)
+            self.tier = tier
+            chunks = -(-new_cap // _CHUNK_BLOCKS)
+            if chunks > self.host_tab.shape[1]:
+                tab = torch.zeros(2, chunks, dtype=torch.int64, device=self.device)
+                tab[:, : self.host_tab.shape[1]].copy_(self.host_tab)
+                self.host_tab = tab
 
     def _rope_tables(self, rope: RopeTable) -> tuple[torch.Tensor, torch.Tensor]:
         cached = self._rope
@@ -233,6 +470,14 @@ class CudaLayerMemory:
                         n_blocks += cut_n
             rows.append((t0, e, P0, T0, row_init, row_blocks, n_ret, m, cut_b0, cut_n))
         return rows, (n_seen, tail_start, init_done, init_len, n_blocks)
+
+
+def _tier_args(mem: CudaLayerMemory, with_ring_lo: bool) -> tuple:
+    """(k_cache, v_cache, tier, host_tab, tier_cfg) of the attend ops (all None / [] untiered)."""
+    if not mem.tiered:
+        return None, None, None, None, []
+    cfg = mem.tier_cfg + ([mem.ring_lo] if with_ring_lo else [])
+    return mem.k_cache, mem.v_cache, mem.tier, mem.host_tab, cfg
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -310,6 +555,8 @@ def attend_cuda(mem: CudaLayerMemory, q: torch.Tensor, k: torch.Tensor, v: torch
     cos, sin = mem._rope_tables(rope)
     P0 = mem.n_seen
     mem._reserve(P0 + T)
+    if mem.tiered:
+        mem._reserve_ring(mem.tail_start, P0 + T)
     state = (mem.n_seen, mem.tail_start, mem.init_done, mem.init_len, mem.n_blocks)
     sched, n_ret_last = mem._schedule(T, cos.shape[0])
     try:
@@ -330,8 +577,7 @@ def attend_cuda(mem: CudaLayerMemory, q: torch.Tensor, k: torch.Tensor, v: torch
             qh_raw = rel.raw
             qh_cfg = [n_sel, own[0] if own else 0, *heads]
         mem._reserve_blocks(mem.n_blocks, state[4])
-        mem.k_store[:, P0:P0 + T].copy_(k)
-        mem.v_store[:, P0:P0 + T].copy_(v)
+        mem._write_kv(P0, k, v)
         out = torch.empty(T, hq, d, dtype=q.dtype, device=q.device).permute(1, 0, 2)
         retrieved = torch.empty(sched.shape[0], max(cfg.topk, 1), dtype=torch.int32, device=q.device)
         question = None
@@ -343,10 +589,12 @@ def attend_cuda(mem: CudaLayerMemory, q: torch.Tensor, k: torch.Tensor, v: torch
             q, mem.k_store, mem.v_store, mem.scores, mem.reprs, retrieved, out, cos, sin, question,
             sched, float(scaling), weight,
             [cfg.n_init, cfg.n_local, cfg.block_size, cfg.topk, cfg.repr_topk, 0 if cfg.uses_blocks else 1],
-            qh_raw, qh_tokens, qh_cfg)
+            qh_raw, qh_tokens, qh_cfg, *_tier_args(mem, with_ring_lo=True))
     except BaseException:
         mem.n_seen, mem.tail_start, mem.init_done, mem.init_len, mem.n_blocks = state
         raise
+    if mem.tiered:
+        mem._write_back()
     if plan is not None:
         for c in plan[2]:
             plan[0].n_filled[c] = mem.n_blocks
@@ -407,6 +655,7 @@ class CudaDecodeStep:
         # (longer ones make prepare() return False)
         self.L_max = min(mem.ring, self.cos.shape[0], max(cfg.n_init + cfg.n_local, cfg.n_local + cfg.block_size))
         self._k_store, self._v_store, self._reprs = mem.k_store, mem.v_store, mem.reprs
+        self._tier = (mem.tier, mem.host_tab) if mem.tiered else None
         self.nb_max = mem.reprs.shape[0]
         self.dyn = torch.zeros(8, dtype=torch.int64, device=dev)
         self.retrieved = torch.full((1, max(cfg.topk, 1)), -1, dtype=torch.int32, device=dev)
@@ -433,8 +682,7 @@ class CudaDecodeStep:
         a graph of it) and write the step's sizes to the device.  False (and
         nothing changed) when this token must go through :func:`attend_cuda`."""
         mem, cfg = self.mem, self.mem.config
-        if (mem.k_store is not self._k_store or mem.v_store is not self._v_store
-                or mem.reprs is not self._reprs):
+        if self._buffers_moved():
             return False
         q_src = mem.question if cfg.uses_question else None
         if (q_src is None) != (self._question_src is None):
@@ -446,13 +694,19 @@ class CudaDecodeStep:
         L = P0 - T0 + 1
         if cut_n or L > self.L_max or P0 >= mem.capacity or n_blocks > self.nb_max:
             return False
+        if mem.tiered and P0 + 1 - max(T0, cfg.n_init) > mem.window:
+            return False
         if self._qh_sel > 0 and any(self._rel.n_filled[c] < n_blocks for c in range(self._qh_sel)):
             return False  # attend_cuda raises the error
         if self.question is not None and q_src is not self._question_src:
             self.question.copy_(q_src, non_blocking=True)
             self._question_src = q_src
         mem._set_state(state)
-        torch.ops.qllm.decode_set(self.dyn, [P0, T0, L, init_len, n_ret, m, n_blocks])
+        ring_lo = 0
+        if mem.tiered:
+            mem._wait_write_back()  # the step overwrites a ring row
+            mem.ring_lo = ring_lo = max(mem.ring_lo, P0 + 1 - mem.window)
+        torch.ops.qllm.decode_set(self.dyn, [P0, T0, L, init_len, n_ret, m, n_blocks, ring_lo])
         mem.retrieved_log = self.retrieved
         mem.last_retrieved = self._ret_views[n_ret] if n_ret > 0 else None
         return True
@@ -466,8 +720,15 @@ class CudaDecodeStep:
         torch.ops.qllm.attend_decode(
             q, k, v, mem.k_store, mem.v_store, mem.scores, mem.reprs, self.retrieved, self.out,
             self.cos, self.sin, self.question, self.dyn, self.scaling, self.weight, self._cfg, self._limits,
-            self._qh_raw, [self._qh_sel] if self._qh_sel > 0 else [])
+            self._qh_raw, [self._qh_sel] if self._qh_sel > 0 else [], *_tier_args(mem, with_ring_lo=False))
         return self.out
+
+    def _buffers_moved(self) -> bool:
+        """Whether a buffer this step's launches read was reallocated (rebuild the step then)."""
+        m = self.mem
+        if m.k_store is not self._k_store or m.v_store is not self._v_store or m.reprs is not self._reprs:
+            return True
+        return self._tier is not None and (m.tier is not self._tier[0] or m.host_tab is not self._tier[1])
 
 
 # ============================================================ whole-model decode in one CUDA graph
@@ -477,7 +738,8 @@ def graph_unsupported(model: torch.nn.Module) -> str | None:
     """Why one-token decode of the patched ``model`` cannot run as a CUDA-graph replay
     (:class:`GraphDecoder`), judged from the model alone; None when it can.  The graph needs
     the fast path in every decoder layer: a patched model on a CUDA device, float16/bfloat16,
-    head_dim 64/128, strategy qllm/infllm/streaming without a device block budget, and no
+    head_dim 64/128, strategy qllm/infllm/streaming (a device block budget needs a power-of-two
+    block_size), and no
     layer that keeps its own attention (e.g. Gemma3's sliding-window layers)."""
     from .patch import _find_layers  # patch imports this module
 
@@ -487,8 +749,8 @@ def graph_unsupported(model: torch.nn.Module) -> str | None:
     cfg = handle.config
     if cfg.strategy not in ("qllm", "infllm", "streaming"):
         return f"strategy {cfg.strategy!r} has no layer memory"
-    if cfg.device_blocks is not None and cfg.uses_blocks:
-        return "QLLMConfig.device_blocks runs the generic torch path"
+    if cfg.device_blocks is not None and cfg.uses_blocks and tiers_unsupported(cfg) is not None:
+        return f"QLLMConfig.device_blocks with {tiers_unsupported(cfg)} runs the generic torch path"
     if handle.recorder is not None:
         return "qllm.record is active"
     _, layers = _find_layers(handle.model)
@@ -635,7 +897,7 @@ class GraphDecoder:
         """Whether a step holds buffers that were reallocated (the graph points at freed memory)."""
         for st in self.steps.values():
             m = st.mem
-            if m.k_store is not st._k_store or m.v_store is not st._v_store or m.reprs is not st._reprs:
+            if st._buffers_moved():
                 return True
             if m.relevance is not st._rel or (st._qh_raw is not None and st._rel.raw is not st._qh_raw):
                 return True

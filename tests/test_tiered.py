@@ -16,8 +16,9 @@ A budget of N blocks per layer moves the other blocks' K/V to a host tier
   model fed with the retrieved ids and the cut blocks;
 * qllm.patch on a tiny random-weight Llama: logits bitwise equal with and
   without a budget (prefill, odd chunk, decode; question; question heads);
-* config validation names QLLMConfig.device_blocks; the CUDA cache falls back
-  to the generic path with a log line.
+* config validation names QLLMConfig.device_blocks; the CUDA cache takes the
+  fast path's tiers (block_size a power of two) or falls back to the generic
+  path with a log line.  The fast path's tiers: tests/test_cuda_tiers.py.
 """
 
 from __future__ import annotations
@@ -421,18 +422,31 @@ def test_patched_llama_logits_bitwise(strategy, budget, heads):
     assert cache.nbytes() == sum(m.device_nbytes() + m.host_nbytes() for m in cache.memories.values())
 
 
-def test_cuda_cache_falls_back_to_generic_path_with_a_log(monkeypatch, caplog):
-    """With a budget the cache must not pick the CUDA fast path (gpu.supports faked to True)."""
+def test_cuda_cache_picks_fast_path_tiers_or_falls_back_with_a_log(monkeypatch, caplog):
+    """With a budget the cache picks the CUDA fast path's tiered memory when block_size is a
+    power of two; otherwise the generic path, with one log line (gpu.supports faked to True,
+    the CUDA memory class replaced by a recorder: this runs without a GPU)."""
     import qllm.cache as cache_mod
+
+    made = []
+
+    class FakeCuda:
+        def __init__(self, config, *args, **kwargs):
+            made.append(config)
 
     model = make_llama(seed=8)
     monkeypatch.setattr(cache_mod.gpu, "supports", lambda *a, **k: True)
+    monkeypatch.setattr(cache_mod.gpu, "CudaLayerMemory", FakeCuda)
     monkeypatch.setattr(qllm._log, "_seen", set())
-    with qllm.patched(model, BASE.replace(device_blocks=4)):
+    with qllm.patched(model, BASE.replace(device_blocks=4)):  # block_size 8
+        cache = qllm.QLLMCache(model._qllm)
+        m0 = cache.memory(0, HQ, HKV, D, torch.float32, CPU)
+    assert type(m0) is FakeCuda and made[0].device_blocks == 4
+    with qllm.patched(model, BASE.replace(device_blocks=4, block_size=12)):
         with caplog.at_level(logging.INFO, logger="qllm"):
             cache = qllm.QLLMCache(model._qllm)
             m0 = cache.memory(0, HQ, HKV, D, torch.float32, CPU)
             m1 = cache.memory(1, HQ, HKV, D, torch.float32, CPU)
     assert type(m0) is LayerMemory and type(m1) is LayerMemory and m0.store is not None
     lines = [r.getMessage() for r in caplog.records if "device_blocks" in r.getMessage()]
-    assert len(lines) == 1 and "generic torch path" in lines[0]
+    assert len(lines) == 1 and "generic torch path" in lines[0] and "power-of-two" in lines[0]

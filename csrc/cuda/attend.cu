@@ -40,6 +40,12 @@ struct alignas(16) Vec8 {
     T v[8];
 };
 
+/* Store row of text position pos (qllm_cuda.cuh: identity, or a ring of
+ * wmask + 1 rows after the n_init init rows in tiered mode). */
+__device__ __forceinline__ int64_t kv_row(int64_t pos, int n_init, int64_t wmask) {
+    return pos < n_init ? pos : n_init + ((pos - n_init) & wmask);
+}
+
 /* x1 = dims d0..d0+7 (first half), x2 = partner dims d0+H2..; rotated with rows
  * c/s of the cos/sin table (and an optional per-dim factor f) -> y1, y2. */
 __device__ __forceinline__ void rope8(const float (&x1)[8], const float (&x2)[8], const float *c,
@@ -116,7 +122,7 @@ __global__ void prep_kernel(qllm_gpu_layer ly, qllm_gpu_exec ex, const T *__rest
             const int d0 = static_cast<int>(w2 % C) * 8;
             const int64_t rr = w2 / C;
             const int64_t s = rr % ex.L, hk = rr / ex.L;
-            const T *src = kst + (hk * ly.cap + ex.T0 + s) * D;
+            const T *src = kst + (hk * ly.cap + kv_row(ex.T0 + s, ly.n_init, ly.wmask)) * D;
             load8(src + d0, x1);
             load8(src + d0 + H2, x2);
             rope8(x1, x2, ly.cos + s * D, ly.sin + s * D, d0, H2, nullptr, y1, y2);
@@ -422,8 +428,8 @@ __global__ void __launch_bounds__(QR_THREADS) qrec_kernel(qllm_gpu_layer ly, int
     const int h = hr.heads[i];
     const int D = ly.head_dim, bs = ly.block_size;
     const int kvh = h / (ly.hq / ly.hkv);
-    const T *keys = static_cast<const T *>(ly.k_store) +
-                    (static_cast<int64_t>(kvh) * ly.cap + ly.n_init + b * bs) * D;
+    const T *keys = static_cast<const T *>(ly.k_store) + static_cast<int64_t>(kvh) * ly.cap * D;
+    const int64_t pos0 = ly.n_init + b * bs;
     const float *qt = tokens + static_cast<int64_t>(h) * n_tok * D;
     float best = -INFINITY;
     for (int t0 = 0; t0 < n_tok; t0 += QR_TOK) {
@@ -438,7 +444,7 @@ __global__ void __launch_bounds__(QR_THREADS) qrec_kernel(qllm_gpu_layer ly, int
             float acc[QR_TOK];
 #pragma unroll
             for (int t = 0; t < QR_TOK; ++t) acc[t] = 0.0f;
-            const T *kr = keys + static_cast<int64_t>(j) * D;
+            const T *kr = keys + kv_row(pos0 + j, ly.n_init, ly.wmask) * D;
             for (int d0 = 0; d0 < D; d0 += 8) {
                 float x[8];
                 load8(kr + d0, x);
@@ -468,6 +474,10 @@ struct AttnArgs {
     const void *qfix, *qloc; /* [hq, E, D] */
     const void *kst, *vst;   /* [hkv, cap, D] */
     int64_t cap;
+    int64_t wmask;           /* kv_row */
+    const void *kc, *vc;     /* tiered: block cache [n_slots, hkv, bs, D], else NULL */
+    const int32_t *slot_of;  /* tiered: cache slot of each block */
+    int hkv;
     const void *krot;        /* [hkv, L, D] */
     const int32_t *ids;
     int64_t P0, T0;
@@ -482,16 +492,30 @@ struct AttnArgs {
     const int64_t *dyn; /* decode: sizes from the device row, else NULL */
 };
 
-/* Text position of memory key u (init | retrieved blocks | tail memory). */
-__device__ __forceinline__ int64_t mem_pos(const AttnArgs &a, int64_t u) {
-    if (u < a.init_len) return u;
-    u -= a.init_len;
-    const int64_t nbk = static_cast<int64_t>(a.n_ret) * a.bs;
-    if (u < nbk) {
-        const int64_t bi = u / a.bs;
-        return a.n_init + static_cast<int64_t>(a.ids[bi]) * a.bs + (u - bi * a.bs);
+/* Element offset of memory key u (init | retrieved blocks | tail memory) of
+ * KV head hk, in the store (from_cache false) or the block cache (tiered). */
+template <int D>
+__device__ __forceinline__ int64_t mem_off(const AttnArgs &a, int hk, int64_t u, bool &from_cache) {
+    from_cache = false;
+    int64_t pos;
+    if (u < a.init_len) {
+        pos = u;
+    } else {
+        u -= a.init_len;
+        const int64_t nbk = static_cast<int64_t>(a.n_ret) * a.bs;
+        if (u < nbk) {
+            const int64_t bi = u / a.bs;
+            const int64_t id = a.ids[bi], j = u - bi * a.bs;
+            if (a.slot_of != nullptr) {
+                from_cache = true;
+                return ((static_cast<int64_t>(a.slot_of[id]) * a.hkv + hk) * a.bs + j) * D;
+            }
+            pos = a.n_init + id * a.bs + j;
+        } else {
+            pos = a.T0 + (u - nbk);
+        }
     }
-    return a.T0 + (u - nbk);
+    return (static_cast<int64_t>(hk) * a.cap + kv_row(pos, a.n_init, a.wmask)) * D;
 }
 
 /* One CTA = BM = 64*MI query rows of one head (4 warps x 16*MI rows; with
@@ -518,6 +542,8 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
     const T *kst = static_cast<const T *>(a.kst);
     const T *vst = static_cast<const T *>(a.vst);
     const T *krot = static_cast<const T *>(a.krot);
+    const T *kc = static_cast<const T *>(a.kc);
+    const T *vc = static_cast<const T *>(a.vc);
     const int64_t kv_head = static_cast<int64_t>(hk) * a.cap;
 
     /* tiles: memory tiles first, then local tiles of the recent segment */
@@ -561,15 +587,16 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
             if (t < n_mt) {
                 const int64_t u = static_cast<int64_t>(t) * BN + kr;
                 v = u < M_total;
-                const int64_t pos = v ? mem_pos(a, u) : 0;
-                ksrc = kst + (kv_head + pos) * D + ch * 8;
-                vsrc = vst + (kv_head + pos) * D + ch * 8;
+                bool cached = false;
+                const int64_t o = v ? mem_off<D>(a, hk, u, cached) : 0;
+                ksrc = (cached ? kc : kst) + o + ch * 8;
+                vsrc = (cached ? vc : vst) + o + ch * 8;
             } else {
                 const int sidx = (lt0 + t - n_mt) * BN + kr;
                 v = sidx < a.L;
                 const int64_t sv = v ? sidx : 0;
                 ksrc = krot + (static_cast<int64_t>(hk) * a.L + sv) * D + ch * 8;
-                vsrc = vst + (kv_head + a.T0 + sv) * D + ch * 8;
+                vsrc = vst + (kv_head + kv_row(a.T0 + sv, a.n_init, a.wmask)) * D + ch * 8;
             }
             cp_async16(ks + kr * LD + ch * 8, ksrc, v);
             cp_async16(vs + kr * LD + ch * 8, vsrc, v);
@@ -1025,9 +1052,9 @@ __global__ void __launch_bounds__(TS_THREADS) tscore_dyn_kernel(const TsArgs a0,
 template <typename T>
 __global__ void store_kv_kernel(const T *__restrict__ k, int64_t k_hs, const T *__restrict__ v,
                                 int64_t v_hs, T *__restrict__ kst, T *__restrict__ vst, int64_t cap,
-                                int D, const int64_t *__restrict__ dyn) {
+                                int D, int n_init, int64_t wmask, const int64_t *__restrict__ dyn) {
     const int h = blockIdx.x;
-    const int64_t o = (static_cast<int64_t>(h) * cap + dyn[QLLM_DYN_P0]) * D;
+    const int64_t o = (static_cast<int64_t>(h) * cap + kv_row(dyn[QLLM_DYN_P0], n_init, wmask)) * D;
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
         kst[o + d] = k[h * k_hs + d];
         vst[o + d] = v[h * v_hs + d];
@@ -1056,13 +1083,133 @@ __global__ void cut_kernel(qllm_gpu_layer ly, int64_t b0, int k) {
     block_select_best([&](int64_t t) { return sc[(pos0 + t) & (ly.ring - 1)]; }, bs, k,
                       [&](int64_t r, int64_t i) { sel[r] = i; }, sh_s, sh_i);
     __syncthreads();
-    const T *keys = static_cast<const T *>(ly.k_store) +
-                    (static_cast<int64_t>(h / (ly.hq / ly.hkv)) * ly.cap + pos0) * D;
+    const T *keys = static_cast<const T *>(ly.k_store) + static_cast<int64_t>(h / (ly.hq / ly.hkv)) * ly.cap * D;
     float *out = ly.reprs + (b * ly.hq + h) * D;
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
         float acc = 0.0f;
-        for (int r = 0; r < k; ++r) acc += Cvt<T>::to_f(keys[sel[r] * D + d]);
+        for (int r = 0; r < k; ++r) acc += Cvt<T>::to_f(keys[kv_row(pos0 + sel[r], ly.n_init, ly.wmask) * D + d]);
         out[d] = acc / static_cast<float>(k);
+    }
+}
+
+/* ------------------------------------------------------------ tiered blocks */
+
+constexpr int TIER_THREADS = 256;
+
+struct TierView {
+    int32_t *miss, *blk_of, *stamp, *slot_of;
+};
+
+__device__ __forceinline__ TierView tier_view(const qllm_gpu_layer &ly) {
+    TierView t;
+    t.miss = ly.tier + QLLM_TIER_MISS;
+    t.blk_of = t.miss + 2 * static_cast<int64_t>(ly.miss_cap);
+    t.stamp = t.blk_of + ly.n_slots;
+    t.slot_of = t.stamp + ly.n_slots;
+    return t;
+}
+
+/* One CTA: tick the clock, stamp resident blocks, give each missing block the
+ * least recently used slot not stamped now (free slots first: stamp -1; ties to
+ * the lower slot), record (block, slot) in the miss list. */
+__global__ void __launch_bounds__(TIER_THREADS) tier_alloc_kernel(qllm_gpu_layer ly, const int32_t *ids,
+                                                                   int64_t b0, int n, const int64_t *dyn) {
+    __shared__ int clk, nmiss;
+    __shared__ unsigned long long red[TIER_THREADS / 32];
+    const TierView tv = tier_view(ly);
+    if (dyn != nullptr) n = static_cast<int>(dyn[QLLM_DYN_NRET]);
+    if (threadIdx.x == 0) {
+        clk = ly.tier[QLLM_TIER_CLOCK] + 1;
+        ly.tier[QLLM_TIER_CLOCK] = clk;
+        nmiss = 0;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const int64_t b = ids != nullptr ? ids[i] : b0 + i;
+        const int s = tv.slot_of[b];
+        if (s >= 0) tv.stamp[s] = clk;
+    }
+    __syncthreads();
+    for (int i = 0; i < n; ++i) {
+        const int64_t b = ids != nullptr ? ids[i] : b0 + i;
+        if (tv.slot_of[b] >= 0) continue; /* uniform: every thread reads the same word */
+        unsigned long long key = ~0ull;   /* (stamp + 1) << 32 | slot, smallest wins */
+        for (int s = threadIdx.x; s < ly.n_slots; s += blockDim.x) {
+            const int st = tv.stamp[s];
+            if (st < clk) {
+                const unsigned long long k2 =
+                    (static_cast<unsigned long long>(static_cast<uint32_t>(st + 1)) << 32) | static_cast<uint32_t>(s);
+                key = k2 < key ? k2 : key;
+            }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const unsigned long long other = __shfl_xor_sync(0xffffffffu, key, o);
+            key = other < key ? other : key;
+        }
+        if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = key;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            for (int w = 1; w < TIER_THREADS / 32; ++w) key = red[w] < key ? red[w] : key;
+            key = red[0] < key ? red[0] : key;
+            if (key != ~0ull) {
+                const int s = static_cast<int>(key & 0xffffffffu);
+                const int old = tv.blk_of[s];
+                if (old >= 0) tv.slot_of[old] = -1;
+                tv.blk_of[s] = static_cast<int32_t>(b);
+                tv.slot_of[b] = s;
+                tv.stamp[s] = clk;
+                if (nmiss < ly.miss_cap) {
+                    tv.miss[2 * nmiss] = static_cast<int32_t>(b);
+                    tv.miss[2 * nmiss + 1] = s;
+                    ++nmiss;
+                }
+            }
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        ly.tier[QLLM_TIER_NMISS] = nmiss;
+        ly.tier[ids != nullptr ? QLLM_TIER_FETCHED : QLLM_TIER_PLACED] += nmiss;
+    }
+}
+
+/* K/V of miss i (grid.y) into its cache slot, 16 bytes per thread step: from
+ * the store ring when the block's rows still hold it, else from its pinned
+ * host chunk (mapped host memory read over the bus). */
+template <typename T>
+__global__ void __launch_bounds__(256) tier_copy_kernel(qllm_gpu_layer ly, int64_t ring_lo, const int64_t *dyn) {
+    const int i = blockIdx.y;
+    if (i >= ly.tier[QLLM_TIER_NMISS]) return;
+    const TierView tv = tier_view(ly);
+    const int64_t b = tv.miss[2 * i], s = tv.miss[2 * i + 1];
+    if (dyn != nullptr) ring_lo = dyn[QLLM_DYN_RLO];
+    const int D = ly.head_dim, bs = ly.block_size, C = D / 8;
+    const int64_t pos0 = ly.n_init + b * bs;
+    const bool from_ring = pos0 >= ring_lo;
+    const int64_t n16 = static_cast<int64_t>(ly.hkv) * bs * C;
+    const int64_t cb = ly.chunk_blocks;
+    const T *hk_base = from_ring ? nullptr : reinterpret_cast<const T *>(ly.host_k[b / cb]);
+    const T *hv_base = from_ring ? nullptr : reinterpret_cast<const T *>(ly.host_v[b / cb]);
+    const int64_t blk_elems = static_cast<int64_t>(ly.hkv) * bs * D;
+    T *kc = static_cast<T *>(ly.k_cache) + s * blk_elems;
+    T *vc = static_cast<T *>(ly.v_cache) + s * blk_elems;
+    for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < n16;
+         c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+        const int64_t r = c / C, ch = c % C; /* r = hk * bs + j */
+        const int64_t hk = r / bs, j = r % bs;
+        const T *ks, *vs;
+        if (from_ring) {
+            const int64_t o = (hk * ly.cap + kv_row(pos0 + j, ly.n_init, ly.wmask)) * D + ch * 8;
+            ks = static_cast<const T *>(ly.k_store) + o;
+            vs = static_cast<const T *>(ly.v_store) + o;
+        } else {
+            const int64_t o = (b % cb) * blk_elems + r * D + ch * 8;
+            ks = hk_base + o;
+            vs = hv_base + o;
+        }
+        *reinterpret_cast<uint4 *>(kc + r * D + ch * 8) = *reinterpret_cast<const uint4 *>(ks);
+        *reinterpret_cast<uint4 *>(vc + r * D + ch * 8) = *reinterpret_cast<const uint4 *>(vs);
     }
 }
 
@@ -1301,6 +1448,13 @@ static AttnArgs attn_args_for_layer(const qllm_gpu_layer &ly, float scaling) {
     a.kst = ly.k_store;
     a.vst = ly.v_store;
     a.cap = ly.cap;
+    a.wmask = ly.wmask;
+    a.kc = ly.k_cache;
+    a.vc = ly.v_cache;
+    a.slot_of = ly.k_cache != nullptr ? ly.tier + QLLM_TIER_MISS + 2 * static_cast<int64_t>(ly.miss_cap) +
+                                            2 * static_cast<int64_t>(ly.n_slots)
+                                      : nullptr;
+    a.hkv = ly.hkv;
     a.bs = ly.block_size;
     a.n_init = ly.n_init;
     a.n_local = ly.n_local;
@@ -1405,6 +1559,39 @@ extern "C" int qllm_cuda_cut_blocks(const qllm_gpu_layer *ly, int64_t b0, int64_
     return check_launch("cut_kernel");
 }
 
+extern "C" int qllm_cuda_tier_touch(const qllm_gpu_layer *ly, const int32_t *ids, int64_t b0, int n,
+                                    int64_t ring_lo, const int64_t *dyn, cudaStream_t stream) {
+    int st = check_layer(ly, "tier_touch");
+    if (st) return st;
+    if (ly->k_cache == nullptr || ly->v_cache == nullptr || ly->tier == nullptr || ly->n_slots < 1 ||
+        ly->miss_cap < 1 || ly->host_k == nullptr || ly->host_v == nullptr || ly->chunk_blocks < 1 ||
+        ly->wmask < 0 || ((ly->wmask + 1) & ly->wmask) != 0)
+        return set_error(QLLM_CUDA_ERR_ARG, "tier_touch: the layer has no tiered block memory");
+    if (n < 0 || (ids == nullptr && dyn != nullptr) || (ids == nullptr && (b0 < 0 || b0 + n > ly->tier_nb)) ||
+        (ids != nullptr && n > ly->miss_cap) ||
+        (ly->tier_nb + ly->chunk_blocks - 1) / ly->chunk_blocks > ly->n_chunks)
+        return set_error(QLLM_CUDA_ERR_ARG, "tier_touch: blocks %lld+%d (of %lld, miss list %d)", (long long)b0, n,
+                         (long long)ly->tier_nb, ly->miss_cap);
+    const int64_t n16 = static_cast<int64_t>(ly->hkv) * ly->block_size * (ly->head_dim / 8);
+    const unsigned gx = static_cast<unsigned>((n16 + 255) / 256 < 16 ? (n16 + 255) / 256 : 16);
+    auto launch = [&](const int32_t *ids_, int64_t first, int count, int rows) -> int {
+        tier_alloc_kernel<<<1, TIER_THREADS, 0, stream>>>(*ly, ids_, first, count, dyn);
+        int st2 = check_launch("tier_alloc_kernel");
+        if (st2 || rows == 0) return st2;
+        QLLM_DISPATCH_T(ly->dtype, tier_copy_kernel<T><<<dim3(gx, static_cast<unsigned>(rows)), 256, 0, stream>>>(
+                                       *ly, ring_lo, dyn));
+        return check_launch("tier_copy_kernel");
+    };
+    if (ids != nullptr) return launch(ids, 0, n, dyn != nullptr ? ly->miss_cap : n);
+    /* cut ranges longer than the miss list: in pieces (each one tick of the clock) */
+    for (int done = 0; done < n; done += ly->miss_cap) {
+        const int piece = n - done < ly->miss_cap ? n - done : ly->miss_cap;
+        st = launch(nullptr, b0 + done, piece, piece);
+        if (st) return st;
+    }
+    return QLLM_CUDA_OK;
+}
+
 extern "C" int qllm_cuda_decode_set(int64_t *dyn, const int64_t *vals, int n, cudaStream_t stream) {
     if (n < 1 || n > QLLM_DYN_FIELDS || dyn == nullptr)
         return set_error(QLLM_CUDA_ERR_ARG, "decode_set: %d values", n);
@@ -1434,7 +1621,7 @@ extern "C" int qllm_cuda_decode_step(const qllm_gpu_layer *ly, const qllm_gpu_de
     QLLM_DISPATCH_T(ly->dtype, store_kv_kernel<T><<<ly->hkv, D, 0, stream>>>(
                                    static_cast<const T *>(dc->k), dc->k_hs, static_cast<const T *>(dc->v),
                                    dc->v_hs, static_cast<T *>(ly->k_store), static_cast<T *>(ly->v_store),
-                                   ly->cap, D, dyn));
+                                   ly->cap, D, ly->n_init, ly->wmask, dyn));
     st = check_launch("store_kv_kernel");
     if (st) return st;
     if (!ly->streaming) {
@@ -1462,6 +1649,10 @@ extern "C" int qllm_cuda_decode_step(const qllm_gpu_layer *ly, const qllm_gpu_de
             select_kernel<<<1, SEL_THREADS, smem, stream>>>(dc->bscore, static_cast<int>(dc->nb_max),
                                                             dc->k_max, staged, dc->ids, dyn);
             st = check_launch("select_kernel");
+            if (st) return st;
+        }
+        if (dc->k_max > 0 && ly->k_cache != nullptr) { /* tiered: the retrieved blocks into the cache */
+            st = qllm_cuda_tier_touch(ly, dc->ids, 0, dc->k_max, 0, dyn, stream);
             if (st) return st;
         }
     }

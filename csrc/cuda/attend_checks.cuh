@@ -182,6 +182,63 @@ inline void check_qheads_args(const char *op, const at::Tensor &q, const std::op
     }
 }
 
+/* Tiered block memory (qllm/gpu.py, QLLMConfig.device_blocks), optional:
+ *   tier_cfg   [] (off: the other tier tensors absent) or [W, chunk_blocks, miss_cap,
+ *              ring_lo] (attend_decode: the first three; ring_lo comes from dyn):
+ *              the store is init + a ring of W rows (power of two, k_store
+ *              [hkv, n_init + W, D]) holding positions ring_lo .. (after this
+ *              call's K/V are written); host chunks of chunk_blocks blocks;
+ *              miss list of miss_cap (block, slot) pairs
+ *   k_cache,   [n_slots, hkv, block_size, D] q's dtype, contiguous: the device
+ *   v_cache    block cache
+ *   tier       int32 [4 + 2*miss_cap + 2*n_slots + nb] contiguous, nb >= the
+ *              reprs rows (qllm_cuda.cuh QLLM_TIER_*)
+ *   host_tab   int64 [2, n_chunks] contiguous, q's device: K / V chunk
+ *              pointers (pinned host memory), n_chunks * chunk_blocks >= nb */
+inline void check_tier_args(const char *op, const at::Tensor &q, const at::Tensor &k_store, const at::Tensor &reprs,
+                            at::IntArrayRef cfg, const std::optional<at::Tensor> &k_cache,
+                            const std::optional<at::Tensor> &v_cache, const std::optional<at::Tensor> &tier,
+                            const std::optional<at::Tensor> &host_tab, at::IntArrayRef tier_cfg, size_t n_cfg) {
+    if (tier_cfg.empty()) {
+        TORCH_CHECK_VALUE(!k_cache.has_value() && !v_cache.has_value() && !tier.has_value() && !host_tab.has_value(),
+                          op, ": k_cache / v_cache / tier / host_tab given without tier_cfg");
+        return;
+    }
+    TORCH_CHECK_VALUE(tier_cfg.size() == n_cfg, op, ": tier_cfg: expected [W, chunk_blocks, miss_cap",
+                      n_cfg == 4 ? ", ring_lo" : "", "], got ", shape_str(tier_cfg));
+    const int64_t W = tier_cfg[0], cb = tier_cfg[1], miss = tier_cfg[2];
+    TORCH_CHECK_VALUE(W >= 1 && (W & (W - 1)) == 0 && cb >= 1 && miss >= 1 && miss <= 65536, op,
+                      ": tier_cfg: W must be a power of two, chunk_blocks >= 1, miss_cap in 1..65536, got ",
+                      shape_str(tier_cfg));
+    TORCH_CHECK_VALUE(cfg.size() == kCfgFields && cfg[5] == 0, op, ": tier_cfg: tiers need a strategy with blocks");
+    TORCH_CHECK_VALUE(k_store.size(1) == cfg[0] + W, op, ": k_store: tiered mode expects n_init + W = ",
+                      num_str(cfg[0] + W), " rows, got ", num_str(k_store.size(1)));
+    TORCH_CHECK_VALUE(k_cache.has_value() && v_cache.has_value() && tier.has_value() && host_tab.has_value(), op,
+                      ": tier_cfg needs k_cache, v_cache, tier and host_tab");
+    const int64_t hkv = k_store.size(0), D = q.size(2), bs = cfg[2];
+    for (const auto &pr : {std::make_pair("k_cache", &*k_cache), std::make_pair("v_cache", &*v_cache)}) {
+        const at::Tensor &t = *pr.second;
+        TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), op, ": ", pr.first, ": expected q's dtype");
+        TORCH_CHECK_VALUE(t.dim() == 4 && t.size(0) >= 1 && t.size(0) <= INT32_MAX && t.size(1) == hkv &&
+                              t.size(2) == bs && t.size(3) == D && t.is_contiguous() && t.device() == q.device(),
+                          op, ": ", pr.first, ": expected a contiguous [slots, ", num_str(hkv), ", ", num_str(bs),
+                          ", ", num_str(D), "] tensor on q's device, got ", shape_str(t.sizes()));
+    }
+    TORCH_CHECK_VALUE(v_cache->sizes() == k_cache->sizes(), op, ": v_cache: expected k_cache's shape");
+    const int64_t n_slots = k_cache->size(0);
+    TORCH_CHECK_TYPE(tier->scalar_type() == at::kInt, op, ": tier: expected int32");
+    const int64_t fixed = 4 + 2 * miss + 2 * n_slots;
+    TORCH_CHECK_VALUE(tier->dim() == 1 && tier->is_contiguous() && tier->device() == q.device() &&
+                          tier->size(0) - fixed >= reprs.size(0) && tier->size(0) - fixed <= INT32_MAX,
+                      op, ": tier: expected a contiguous int32 vector of ", num_str(fixed), " + >= ",
+                      num_str(reprs.size(0)), " words on q's device, got ", shape_str(tier->sizes()));
+    TORCH_CHECK_TYPE(host_tab->scalar_type() == at::kLong, op, ": host_tab: expected int64");
+    TORCH_CHECK_VALUE(host_tab->dim() == 2 && host_tab->size(0) == 2 && host_tab->is_contiguous() &&
+                          host_tab->device() == q.device() && host_tab->size(1) * cb >= tier->size(0) - fixed,
+                      op, ": host_tab: expected a contiguous [2, chunks] int64 tensor on q's device covering ",
+                      num_str(tier->size(0) - fixed), " blocks, got ", shape_str(host_tab->sizes()));
+}
+
 inline void attend_run_meta(const at::Tensor &q, const at::Tensor &k_store,
                             const at::Tensor &v_store, const at::Tensor &scores,
                             const at::Tensor &reprs, const at::Tensor &retrieved,
@@ -189,10 +246,13 @@ inline void attend_run_meta(const at::Tensor &q, const at::Tensor &k_store,
                             const std::optional<at::Tensor> &question, const at::Tensor &schedule,
                             double scaling, double weight, at::IntArrayRef cfg,
                             const std::optional<at::Tensor> &qh_raw, const std::optional<at::Tensor> &qh_tokens,
-                            at::IntArrayRef qh_cfg) {
+                            at::IntArrayRef qh_cfg, const std::optional<at::Tensor> &k_cache,
+                            const std::optional<at::Tensor> &v_cache, const std::optional<at::Tensor> &tier,
+                            const std::optional<at::Tensor> &host_tab, at::IntArrayRef tier_cfg) {
     check_attend_run_args(q, k_store, v_store, scores, reprs, retrieved, out, cos, sin, question,
                           schedule, cfg);
     check_qheads_args(kAttendRun, q, question, qh_raw, qh_tokens, qh_cfg);
+    check_tier_args(kAttendRun, q, k_store, reprs, cfg, k_cache, v_cache, tier, host_tab, tier_cfg, 4);
 }
 
 /* attend_decode(q, k, v, k_store!, v_store!, scores!, reprs!, retrieved!, out!, cos, sin,
@@ -250,9 +310,13 @@ inline void attend_decode_meta(const at::Tensor &q, const at::Tensor &k, const a
                                const at::Tensor &cos, const at::Tensor &sin,
                                const std::optional<at::Tensor> &question, const at::Tensor &dyn,
                                double scaling, double weight, at::IntArrayRef cfg, at::IntArrayRef limits,
-                               const std::optional<at::Tensor> &qh_raw, at::IntArrayRef qh_cfg) {
+                               const std::optional<at::Tensor> &qh_raw, at::IntArrayRef qh_cfg,
+                               const std::optional<at::Tensor> &k_cache, const std::optional<at::Tensor> &v_cache,
+                               const std::optional<at::Tensor> &tier, const std::optional<at::Tensor> &host_tab,
+                               at::IntArrayRef tier_cfg) {
     check_attend_decode_args(q, k, v, k_store, v_store, scores, reprs, retrieved, out, cos, sin, question,
                              dyn, cfg, limits, qh_raw, qh_cfg);
+    check_tier_args(kAttendDecode, q, k_store, reprs, cfg, k_cache, v_cache, tier, host_tab, tier_cfg, 3);
 }
 
 inline void check_decode_set_args(const at::Tensor &dyn, at::IntArrayRef values) {

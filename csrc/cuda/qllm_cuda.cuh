@@ -60,7 +60,11 @@ int qllm_cuda_gather_slots(const qllm_tensor *pool, const void *slots, int slots
 /* Kernels of qllm/gpu.py's attend_cuda, driven per execution block by
  * csrc/torch/ops_cuda.cpp.  Storage dtype: f16 (dtype 1) or bf16 (2);
  * head_dim 64 or 128.  Layouts (all contiguous, elements):
- *   k_store / v_store [hkv, cap, D]   un-rotated K/V by text position
+ *   k_store / v_store [hkv, cap, D]   un-rotated K/V by text position: row
+ *                                    kv_row(pos) = pos below n_init, else
+ *                                    n_init + ((pos - n_init) & wmask) (wmask
+ *                                    all ones: every position has its row;
+ *                                    W - 1: a ring of W rows, tiered mode)
  *   scores            [hq, R]        f32 token-score ring, slot pos & (R-1)
  *   reprs             [cap_b, hq, D] f32 block representatives
  *   qfix / qloc       [hq, E, D]     rotated queries of the execution block
@@ -81,7 +85,33 @@ typedef struct {
     float *scores;
     float *reprs;
     int64_t reprs_cap;      /* cap_b */
+    int64_t wmask;          /* see kv_row above: INT64_MAX, or W - 1 (tiered) */
+    /* tiered block memory (k_cache == NULL: blocks are read from the store).
+     * Blocks live in pinned host chunks (written by the caller after each cut,
+     * on a side stream) and in a device cache of n_slots slots, LRU: cut blocks
+     * enter the cache, retrieved ones are fetched into it before the attention
+     * reads them (qllm_cuda_tier_touch); all decisions are made on the device. */
+    void *k_cache, *v_cache;   /* [n_slots, hkv, bs, D] */
+    int n_slots;
+    int32_t *tier;             /* QLLM_TIER_* layout below */
+    int64_t tier_nb;           /* slot_of entries (block capacity) */
+    int miss_cap;              /* (block, slot) pairs the miss list holds */
+    const int64_t *host_k, *host_v; /* device tables: chunk c -> pinned [chunk_blocks, hkv, bs, D] */
+    int64_t n_chunks;          /* table entries */
+    int chunk_blocks;
 } qllm_gpu_layer;
+
+/* int32 tier state: clock, miss count of the last touch, blocks fetched into
+ * the cache for retrieval (total), cut blocks placed in the cache (total),
+ * miss pairs [miss_cap][2], block of each slot [n_slots] (-1 free), last use
+ * of each slot [n_slots] (-1 never), slot of each block [tier_nb] (-1: not on
+ * the device). */
+#define QLLM_TIER_CLOCK 0
+#define QLLM_TIER_NMISS 1
+#define QLLM_TIER_FETCHED 2
+#define QLLM_TIER_PLACED 3
+#define QLLM_TIER_MISS 4
+#define QLLM_TIER_WORDS(n_slots, miss_cap, nb) (4 + 2 * (int64_t)(miss_cap) + 2 * (int64_t)(n_slots) + (int64_t)(nb))
 
 /* One execution block: queries at text positions P0 .. P0+E-1 (rows t0 ..
  * t0+E-1 of q), tail = positions T0 .. P0-1, recent segment length
@@ -142,6 +172,18 @@ int qllm_cuda_exec_token_scores(const qllm_gpu_layer *ly, const qllm_gpu_exec *e
 int qllm_cuda_cut_blocks(const qllm_gpu_layer *ly, int64_t b0, int64_t n, int repr_topk,
                          cudaStream_t stream);
 
+/* Tiered mode: make blocks resident in the device cache.  The blocks are
+ * ids[0 .. n) (ids != NULL, e.g. the retrieved ones; with dyn != NULL, n is
+ * dyn[QLLM_DYN_NRET]) or b0 .. b0+n-1 (ids ==
+ * NULL: blocks just cut).  Each call ticks the clock; resident blocks are
+ * stamped, missing ones take the slot used least recently (free slots first,
+ * ties to the lower slot; never one stamped by this call) and are copied in:
+ * from the store ring when their rows still hold them (first position >=
+ * ring_lo; with dyn: dyn[QLLM_DYN_RLO]), else from the host chunk.  Cut
+ * blocks that find no slot (more than n_slots in one call) stay host-only. */
+int qllm_cuda_tier_touch(const qllm_gpu_layer *ly, const int32_t *ids, int64_t b0, int n, int64_t ring_lo,
+                         const int64_t *dyn, cudaStream_t stream);
+
 /* ------------------------------------------------ question heads (qllm/retrieval.py)
  * A few (layer, query head) pairs score every block against the question's
  * tokens; the scores of all layers sit in one f32 matrix raw [rows, ld]
@@ -187,6 +229,7 @@ enum {
     QLLM_DYN_NRET = 4, /* retrieved blocks */
     QLLM_DYN_M = 5,    /* tail keys that may be memory */
     QLLM_DYN_NBLK = 6, /* blocks in memory */
+    QLLM_DYN_RLO = 7,  /* tiered: lowest position the store ring still holds */
     QLLM_DYN_FIELDS = 8
 };
 

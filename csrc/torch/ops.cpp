@@ -199,7 +199,8 @@ TORCH_LIBRARY(qllm, m) {
         "attend_run(Tensor q, Tensor k_store, Tensor v_store, Tensor(a!) scores, "
         "Tensor(b!) reprs, Tensor(c!) retrieved, Tensor(d!) out, Tensor cos, Tensor sin, "
         "Tensor? question, Tensor schedule, float scaling, float weight, int[] cfg, "
-        "Tensor(e!)? qh_raw=None, Tensor? qh_tokens=None, int[] qh_cfg=[]) -> ()");
+        "Tensor(e!)? qh_raw=None, Tensor? qh_tokens=None, int[] qh_cfg=[], Tensor(f!)? k_cache=None, "
+        "Tensor(g!)? v_cache=None, Tensor(h!)? tier=None, Tensor? host_tab=None, int[] tier_cfg=[]) -> ()");
     /* attend_decode: one decoded token whose per-step sizes are read on the
      * device from `dyn` (set by decode_set), so it can be captured in a CUDA
      * graph; writes the token's K/V into the stores. */
@@ -207,7 +208,8 @@ TORCH_LIBRARY(qllm, m) {
         "attend_decode(Tensor q, Tensor k, Tensor v, Tensor(a!) k_store, Tensor(b!) v_store, "
         "Tensor(c!) scores, Tensor(d!) reprs, Tensor(e!) retrieved, Tensor(f!) out, Tensor cos, "
         "Tensor sin, Tensor? question, Tensor dyn, float scaling, float weight, int[] cfg, "
-        "int[] limits, Tensor? qh_raw=None, int[] qh_cfg=[]) -> ()");
+        "int[] limits, Tensor? qh_raw=None, int[] qh_cfg=[], Tensor(g!)? k_cache=None, "
+        "Tensor(h!)? v_cache=None, Tensor(i!)? tier=None, Tensor? host_tab=None, int[] tier_cfg=[]) -> ()");
     m.def("decode_set(Tensor(a!) dyn, int[] values) -> ()");
     /* ---- end of GPU path section ---- */
 }

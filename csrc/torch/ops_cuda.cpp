@@ -208,7 +208,34 @@ qllm_gpu_layer describe_layer(const at::Tensor &q, const at::Tensor &k_store, co
     ly.scores = const_cast<float *>(scores.const_data_ptr<float>());
     ly.reprs = const_cast<float *>(reprs.const_data_ptr<float>());
     ly.reprs_cap = reprs.size(0);
+    ly.wmask = INT64_MAX;
+    ly.k_cache = ly.v_cache = nullptr;
+    ly.n_slots = 0;
+    ly.tier = nullptr;
+    ly.tier_nb = 0;
+    ly.miss_cap = 0;
+    ly.host_k = ly.host_v = nullptr;
+    ly.n_chunks = 0;
+    ly.chunk_blocks = 0;
     return ly;
+}
+
+/* The tier fields of a layer (arguments checked by check_tier_args). */
+void describe_tiers(qllm_gpu_layer &ly, const std::optional<at::Tensor> &k_cache,
+                    const std::optional<at::Tensor> &v_cache, const std::optional<at::Tensor> &tier,
+                    const std::optional<at::Tensor> &host_tab, at::IntArrayRef tier_cfg) {
+    if (tier_cfg.empty()) return;
+    ly.wmask = tier_cfg[0] - 1;
+    ly.chunk_blocks = static_cast<int>(tier_cfg[1]);
+    ly.miss_cap = static_cast<int>(tier_cfg[2]);
+    ly.k_cache = k_cache->mutable_data_ptr();
+    ly.v_cache = v_cache->mutable_data_ptr();
+    ly.n_slots = static_cast<int>(k_cache->size(0));
+    ly.tier = tier->mutable_data_ptr<int32_t>();
+    ly.tier_nb = tier->size(0) - (4 + 2 * tier_cfg[2] + 2 * k_cache->size(0));
+    ly.host_k = host_tab->const_data_ptr<int64_t>();
+    ly.host_v = ly.host_k + host_tab->size(1);
+    ly.n_chunks = host_tab->size(1);
 }
 
 void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::Tensor &v_store,
@@ -217,11 +244,15 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
                      const std::optional<at::Tensor> &question, const at::Tensor &schedule,
                      double scaling, double weight, at::IntArrayRef cfg,
                      const std::optional<at::Tensor> &qh_raw, const std::optional<at::Tensor> &qh_tokens,
-                     at::IntArrayRef qh_cfg) {
+                     at::IntArrayRef qh_cfg, const std::optional<at::Tensor> &k_cache,
+                     const std::optional<at::Tensor> &v_cache, const std::optional<at::Tensor> &tier,
+                     const std::optional<at::Tensor> &host_tab, at::IntArrayRef tier_cfg) {
     const char *op = kAttendRun;
     check_attend_run_args(q, k_store, v_store, scores, reprs, retrieved, out, cos, sin, question,
                           schedule, cfg);
     check_qheads_args(op, q, question, qh_raw, qh_tokens, qh_cfg);
+    check_tier_args(op, q, k_store, reprs, cfg, k_cache, v_cache, tier, host_tab, tier_cfg, 4);
+    const bool tiered = !tier_cfg.empty();
     TORCH_CHECK_VALUE(schedule.device().is_cpu() && schedule.is_contiguous(), op,
                       ": schedule: expected a contiguous CPU tensor");
     TORCH_CHECK_VALUE(q.is_cuda(), op, ": q: expected a CUDA tensor");
@@ -250,7 +281,7 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
                           ": schedule row ", num_str(i), ": rows ", num_str(r.t0), "+", num_str(r.E),
                           " do not tile q's ", num_str(T), " tokens");
         t_next = r.t0 + r.E;
-        TORCH_CHECK_VALUE(r.T0 >= 0 && r.T0 <= r.P0 && r.P0 + r.E <= cap && L <= P && L <= R, op,
+        TORCH_CHECK_VALUE(r.T0 >= 0 && r.T0 <= r.P0 && (tiered || r.P0 + r.E <= cap) && L <= P && L <= R, op,
                           ": schedule row ", num_str(i), ": positions P0=", num_str(r.P0), " T0=",
                           num_str(r.T0), " E=", num_str(r.E), " exceed store ", num_str(cap),
                           ", rope table ", num_str(P), " or score ring ", num_str(R));
@@ -272,6 +303,18 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
         l_max = std::max(l_max, L);
     }
     TORCH_CHECK_VALUE(t_next == T, op, ": schedule covers ", num_str(t_next), " of ", num_str(T), " tokens");
+    /* tiered: the ring holds every position of the call from the first tail start on */
+    const int64_t ring_hi = read_row(sched, 0).P0 + T, ring_lo = tiered ? tier_cfg[3] : 0;
+    if (tiered) {
+        const int64_t lo = std::max<int64_t>(read_row(sched, 0).T0, n_init);
+        TORCH_CHECK_VALUE(ring_lo <= lo && ring_hi - ring_lo <= tier_cfg[0], op, ": tier_cfg: the ring of ",
+                          num_str(tier_cfg[0]), " rows holds positions ", num_str(ring_lo), "..", num_str(ring_hi),
+                          ", the call needs ", num_str(lo), "..", num_str(ring_hi));
+        int64_t cut_max = 0;
+        for (int64_t i = 0; i < n_exec; ++i) cut_max = std::max(cut_max, read_row(sched, i).cut_b0 + read_row(sched, i).cut_n);
+        TORCH_CHECK_VALUE(cut_max <= tier->size(0) - (4 + 2 * tier_cfg[2] + 2 * k_cache->size(0)), op,
+                          ": tier: too few block entries for the schedule");
+    }
 
     /* Question heads: selection columns 0 .. qh_sel-1, this layer's heads at
      * columns qh_col0 + i; the raw matrix must hold every block they touch. */
@@ -294,7 +337,8 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
                           " rows, the schedule needs ", num_str(rows_needed));
     }
 
-    const qllm_gpu_layer ly = describe_layer(q, k_store, v_store, scores, reprs, cos, sin, cfg);
+    qllm_gpu_layer ly = describe_layer(q, k_store, v_store, scores, reprs, cos, sin, cfg);
+    describe_tiers(ly, k_cache, v_cache, tier, host_tab, tier_cfg);
 
     /* workspace (caching allocator: no synchronisation) */
     const auto opt_t = q.options();
@@ -369,6 +413,8 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
         else if (r.n_ret > 0)
             check_cuda(op, qllm_cuda_select_blocks(bscore.const_data_ptr<float>() + i * bscore.size(1),
                                                    r.n_blocks, static_cast<int>(r.n_ret), ids, st));
+        if (r.n_ret > 0 && tiered) /* the retrieved blocks into the device cache */
+            check_cuda(op, qllm_cuda_tier_touch(&ly, ids, 0, static_cast<int>(r.n_ret), ring_lo, nullptr, st));
         const int n_split = choose_split(r);
         check_cuda(op, qllm_cuda_exec_attention(
                            &ly, &ex, qfix.const_data_ptr(), qloc.const_data_ptr(),
@@ -382,6 +428,9 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
                                                    static_cast<float>(scaling), st));
         if (r.cut_n > 0) {
             check_cuda(op, qllm_cuda_cut_blocks(&ly, r.cut_b0, r.cut_n, static_cast<int>(repr_topk), st));
+            if (tiered) /* new blocks enter the device cache (LRU) */
+                check_cuda(op, qllm_cuda_tier_touch(&ly, nullptr, r.cut_b0, static_cast<int>(r.cut_n), ring_lo,
+                                                    nullptr, st));
             if (!qh_heads.empty())
                 check_cuda(op, qllm_cuda_qhead_record(&ly, r.cut_b0, r.cut_n, qh_tokens->const_data_ptr<float>(),
                                                       static_cast<int>(qh_tokens->size(1)), qh_heads.data(),
@@ -418,10 +467,14 @@ void attend_decode_cuda(const at::Tensor &q, const at::Tensor &k, const at::Tens
                         const at::Tensor &cos, const at::Tensor &sin,
                         const std::optional<at::Tensor> &question, const at::Tensor &dyn,
                         double scaling, double weight, at::IntArrayRef cfg, at::IntArrayRef limits,
-                        const std::optional<at::Tensor> &qh_raw, at::IntArrayRef qh_cfg) {
+                        const std::optional<at::Tensor> &qh_raw, at::IntArrayRef qh_cfg,
+                        const std::optional<at::Tensor> &k_cache, const std::optional<at::Tensor> &v_cache,
+                        const std::optional<at::Tensor> &tier, const std::optional<at::Tensor> &host_tab,
+                        at::IntArrayRef tier_cfg) {
     const char *op = kAttendDecode;
     check_attend_decode_args(q, k, v, k_store, v_store, scores, reprs, retrieved, out, cos, sin,
                              question, dyn, cfg, limits, qh_raw, qh_cfg);
+    check_tier_args(op, q, k_store, reprs, cfg, k_cache, v_cache, tier, host_tab, tier_cfg, 3);
     TORCH_CHECK_VALUE(q.is_cuda(), op, ": q: expected a CUDA tensor");
     const c10::cuda::CUDAGuard guard(q.device());
     const cudaStream_t st = stream();
@@ -440,7 +493,9 @@ void attend_decode_cuda(const at::Tensor &q, const at::Tensor &k, const at::Tens
     TORCH_CHECK_VALUE(qh_sel == 0 || qh_raw->size(0) >= nb_max, op, ": qh_raw: ", num_str(qh_raw->size(0)),
                       " rows, fewer than nb_max ", num_str(nb_max));
 
-    const qllm_gpu_layer ly = describe_layer(q, k_store, v_store, scores, reprs, cos, sin, cfg);
+    qllm_gpu_layer ly = describe_layer(q, k_store, v_store, scores, reprs, cos, sin, cfg);
+    describe_tiers(ly, k_cache, v_cache, tier, host_tab, tier_cfg);
+    TORCH_CHECK_VALUE(tier_cfg.empty() || topk <= tier_cfg[2], op, ": tier_cfg: miss_cap < topk");
 
     /* workspaces: allocated per call (in a graph: once, from the graph's pool) */
     const auto opt_t = q.options();
