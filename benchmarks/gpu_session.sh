@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call = build + CUDA tests + layer benchmark (see benchmarks/NOTES_gpu.md).
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [tmodel] [bench] [profile] [e2e] [e2eg]
+# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [bench] [profile] [e2e] [e2eg]
 # Logs and results go to $OUT (default: /tmp/qllm_out).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -36,6 +36,12 @@ if [[ " $stages " == *" ttier "* ]]; then
   timeout 300 python3 -m pytest -q -x -rs -p no:cacheprovider tests/test_cuda_tiers.py 2>&1 | tee "$OUT/test_cuda_tiers.log" \
     | grep -v "FutureWarning\|return forward_call\|^\s*$" | tail -40
   stamp "tiered tests done"
+fi
+if [[ " $stages " == *" e2etier "* ]]; then
+  stamp "e2e with tiered memory: 128K untiered vs tiered (graph decode), 1M tiered"
+  timeout 560 python3 benchmarks/bench_e2e.py --tiered --cuda-graph --skip-dense --long-tokens 0 \
+    --out "$OUT/e2e_tiers_h100.json" 2>&1 | tee "$OUT/e2e_tiers.log" | grep -v "Warning\|warn" | tail -30
+  stamp "e2e tiers done"
 fi
 if [[ " $stages " == *" tmodel "* ]]; then
   stamp "whole-model tests (tests/test_cuda_model.py: patched tiny Llama, graph decoder, generate)"
