@@ -263,8 +263,8 @@ class CudaLayerMemory:
                                    f"this layer): {exc}") from exc
             self.host_k.append(hk)
             self.host_v.append(hv)
-            self.host_tab[0, c] = hk.data_ptr()
-            self.host_tab[1, c] = hv.data_ptr()
+            self.host_tab[0, c].fill_(hk.data_ptr())  # a kernel argument: no host sync
+            self.host_tab[1, c].fill_(hv.data_ptr())
 
     def _write_back(self) -> None:
         """Copy the blocks cut since the last write-back from the ring to the host tier, on the side stream."""
