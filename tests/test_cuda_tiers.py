@@ -319,7 +319,7 @@ def test_tier_bad_arguments():
         ((mem.k_cache, mem.v_cache, mem.tier[:10], mem.host_tab, [W, 64, mem.miss_cap, 0]), "tier: expected"),
         ((mem.k_cache, mem.v_cache, mem.tier.long(), mem.host_tab, [W, 64, mem.miss_cap, 0]), "tier: expected int32"),
         ((mem.k_cache, mem.v_cache, mem.tier, mem.host_tab[:, :0], [W, 64, mem.miss_cap, 0]), "host_tab"),
-        ((*tier, [W, 64, mem.miss_cap, 5]), "ring of"),
+        ((*tier, [W, 64, mem.miss_cap, 100]), "ring of"),
     ]
     for extra, msg in bad:
         with pytest.raises((ValueError, TypeError), match=msg):
