@@ -5,7 +5,10 @@ of projections, q/k norms and everything else; it only
 
 1. hands each patched attention module identity cos/sin (a forward pre-hook),
    so the module produces un-rotated queries and keys -- RoPE is applied by
-   qllm with positions from the model's own rotary module;
+   qllm with positions from the model's own rotary module.  The modeling
+   module's ``apply_rotary_pos_emb`` is wrapped (while some model is patched)
+   to return q, k as they are for those marked identity tensors, instead of
+   running its elementwise kernels to multiply by one;
 2. routes the attention call to qllm through transformers' AttentionInterface
    (the name ``"qllm"``; unpatched layers are forwarded to the original
    implementation);
@@ -62,7 +65,24 @@ class PatchHandle:
     question_heads: tuple | None = None  # resolved QLLMConfig.question_heads
     progress: Callable[[int, int, QLLMCache], None] | None = None
     recorder: list | None = None
+    rope_modules: list = field(default_factory=list)  # model modules whose apply_rotary_pos_emb is wrapped
     _rope: dict = field(default_factory=dict)
+    _identity: dict = field(default_factory=dict)  # (shape, dtype, device) -> marked identity cos/sin
+
+    def identity_rope(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Identity cos/sin shaped like the model's (ones, zeros), made once per shape and
+        marked so the wrapped ``apply_rotary_pos_emb`` returns q, k untouched (same values as
+        rotating by the identity, without its elementwise kernels)."""
+        key = (tuple(cos.shape), tuple(sin.shape), cos.dtype, sin.dtype, str(cos.device))
+        pair = self._identity.get(key)
+        if pair is None:
+            pair = (torch.ones_like(cos), torch.zeros_like(sin))
+            for t in pair:
+                t._qllm_identity = True
+            if len(self._identity) > 64:  # many prompt lengths: keep the memory bounded
+                self._identity.clear()
+            self._identity[key] = pair
+        return pair
 
     def rope(self, device: torch.device) -> RopeTable:
         key = str(device)
@@ -154,11 +174,49 @@ def _attn_pre_hook(handle: PatchHandle):
         if not isinstance(cache, QLLMCache):
             raise RuntimeError("qllm: patched attention called without a QLLMCache (call the model, not the layer)")
         cos, sin = kwargs["position_embeddings"]
-        kwargs["position_embeddings"] = (torch.ones_like(cos), torch.zeros_like(sin))
+        kwargs["position_embeddings"] = handle.identity_rope(cos, sin)
         kwargs["qllm_cache"] = cache
         kwargs["qllm_handle"] = handle
         return args, kwargs
     return hook
+
+
+# module name -> (original apply_rotary_pos_emb, patched models using the wrapper)
+_ROPE_WRAPPED: dict[str, list] = {}
+
+
+def _wrap_rope(modname: str) -> bool:
+    """Wrap ``apply_rotary_pos_emb`` of a modeling module so that the marked identity cos/sin
+    of :meth:`PatchHandle.identity_rope` skip it (any other cos/sin: the original function)."""
+    mod = sys.modules.get(modname)
+    orig = getattr(mod, "apply_rotary_pos_emb", None) if mod is not None else None
+    if not callable(orig):
+        return False
+    entry = _ROPE_WRAPPED.get(modname)
+    if entry is not None:
+        entry[1] += 1
+        return True
+
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        if getattr(cos, "_qllm_identity", False) and getattr(sin, "_qllm_identity", False):
+            return q, k
+        return orig(q, k, cos, sin, *args, **kwargs)
+
+    apply_rotary_pos_emb.__wrapped__ = orig
+    apply_rotary_pos_emb.__doc__ = orig.__doc__
+    mod.apply_rotary_pos_emb = apply_rotary_pos_emb
+    _ROPE_WRAPPED[modname] = [orig, 1]
+    return True
+
+
+def _unwrap_rope(modname: str) -> None:
+    entry = _ROPE_WRAPPED.get(modname)
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] == 0:
+        sys.modules[modname].apply_rotary_pos_emb = entry[0]
+        del _ROPE_WRAPPED[modname]
 
 
 def _find_layers(model: torch.nn.Module):
@@ -341,6 +399,9 @@ def patch(model: torch.nn.Module, config: QLLMConfig | None = None) -> torch.nn.
         mod.self_attn._qllm_owner = handle
     for i, mod in attn.items():
         handle.hooks.append(mod.register_forward_pre_hook(_attn_pre_hook(handle), with_kwargs=True))
+    for modname in sorted({type(m).__module__ for m in attn.values()}):
+        if _wrap_rope(modname):
+            handle.rope_modules.append(modname)
     text_config._attn_implementation = ATTN_NAME
     base.forward = _wrap_forward(handle)
     return model
@@ -353,6 +414,8 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
         raise ValueError("qllm.unpatch: model is not patched")
     for h in handle.hooks:
         h.remove()
+    for modname in handle.rope_modules:
+        _unwrap_rope(modname)
     if handle.config.strategy != "full":
         handle.text_config._attn_implementation = handle.orig_attn_impl
         handle.base.__dict__.pop("forward", None)

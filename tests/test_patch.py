@@ -588,3 +588,35 @@ def test_device_blocks_budget_accepted_and_checked_against_topk():
     with pytest.raises(ValueError, match="device_blocks"):
         qllm.QLLMConfig(topk=8, device_blocks=4)
     assert qllm.QLLMConfig(device_blocks=None).device_blocks is None
+
+
+def test_rope_wrapper_skips_identity_only_and_is_removed_by_unpatch():
+    """patch wraps the modeling module's apply_rotary_pos_emb: marked identity cos/sin return q, k
+    as they are (the values rotating by the identity gives), anything else is rotated as before;
+    two patched models share one wrapper, the last unpatch restores the original function."""
+    import transformers.models.llama.modeling_llama as ml
+
+    orig = ml.apply_rotary_pos_emb
+    m1, m2 = make_model("llama", 1), make_model("llama", 2)
+    q, k = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 5, 16)
+    cos, sin = torch.randn(1, 5, 16), torch.randn(1, 5, 16)
+    qllm.patch(m1, CFG)
+    qllm.patch(m2, CFG)
+    try:
+        wrapped = ml.apply_rotary_pos_emb
+        assert wrapped is not orig and wrapped.__wrapped__ is orig
+        ic, is_ = m1._qllm.identity_rope(cos, sin)
+        assert ic is m1._qllm.identity_rope(cos, sin)[0]  # made once per shape
+        q2, k2 = wrapped(q, k, ic, is_)
+        assert q2 is q and k2 is k
+        rq, rk = orig(q, k, ic, is_)  # what the identity rotation computes
+        assert torch.equal(rq, q) and torch.equal(rk, k)
+        for got, want in zip(wrapped(q, k, cos, sin), orig(q, k, cos, sin)):
+            assert torch.equal(got, want)
+        qllm.unpatch(m1)
+        assert ml.apply_rotary_pos_emb is wrapped
+    finally:
+        if hasattr(m1, "_qllm"):
+            qllm.unpatch(m1)
+        qllm.unpatch(m2)
+    assert ml.apply_rotary_pos_emb is orig

@@ -229,11 +229,24 @@ __global__ void __launch_bounds__(256) bscore_pairs_kernel(const float *__restri
     const int i = i0 + static_cast<int>(w % n_rows);
     const float4 *r = reinterpret_cast<const float4 *>(reprs + b * X);
     const float4 *qv = reinterpret_cast<const float4 *>(qcomb + static_cast<int64_t>(i) * X);
-    float acc = 0.0f;
-    for (int64_t x = lane; x < X / 4; x += 32) {
-        const float4 u = r[x], c = qv[x];
-        acc += u.x * c.x + u.y * c.y + u.z * c.z + u.w * c.w;
+    /* four independent loads in flight per lane (the decode step reads every block's
+     * representative once: bandwidth-bound), fixed summation order */
+    float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+    const int64_t n4 = X / 4;
+    int64_t x = lane;
+    for (; x + 96 < n4; x += 128) {
+        const float4 u0 = r[x], u1 = r[x + 32], u2 = r[x + 64], u3 = r[x + 96];
+        const float4 c0 = qv[x], c1 = qv[x + 32], c2 = qv[x + 64], c3 = qv[x + 96];
+        a0 += u0.x * c0.x + u0.y * c0.y + u0.z * c0.z + u0.w * c0.w;
+        a1 += u1.x * c1.x + u1.y * c1.y + u1.z * c1.z + u1.w * c1.w;
+        a2 += u2.x * c2.x + u2.y * c2.y + u2.z * c2.z + u2.w * c2.w;
+        a3 += u3.x * c3.x + u3.y * c3.y + u3.z * c3.z + u3.w * c3.w;
     }
+    for (; x < n4; x += 32) {
+        const float4 u = r[x], c = qv[x];
+        a0 += u.x * c.x + u.y * c.y + u.z * c.z + u.w * c.w;
+    }
+    float acc = (a0 + a1) + (a2 + a3);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
     if (lane == 0) out[static_cast<int64_t>(i) * ld + b] = acc;
@@ -254,9 +267,97 @@ __device__ __forceinline__ bool better32(float sa, int ia, float sb, int ib) {
  * descending score, ties toward the lower index), then ids[0..k) in ascending
  * block order.  sel: k ints of shared memory; ws / wi: SEL_THREADS/32 entries.
  * All SEL_THREADS threads of the block call it. */
+constexpr int SEL_KFAST = 32; /* k up to this: per-warp candidates, then one merge */
+
 __device__ __forceinline__ void topk_ascending(const float *src, int n, int k, int *sel, float *ws, int *wi,
                                                int32_t *__restrict__ ids) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (k <= SEL_KFAST) {
+        /* each warp its own top-k over a strided share (warp-only rounds: no block barrier per
+         * round), then warp 0 the top-k of those NW*k candidates: the exact top-k of the whole */
+        constexpr int NW = SEL_THREADS / 32;
+        __shared__ float cand_s[NW * SEL_KFAST];
+        __shared__ int cand_i[NW * SEL_KFAST];
+        (void)ws;
+        (void)wi;
+        /* warp w takes 32-wide stripes w, w+NW, ..: index i belongs to warp (i / 32) % NW */
+        {
+            float prev_s = 0.0f;
+            int prev_i = -1;
+            for (int r = 0; r < k; ++r) {
+                float bs = 0.0f;
+                int bi = -1;
+                for (int i = warp * 32 + lane; i < n; i += SEL_THREADS) {
+                    const float v = src[i];
+                    if (prev_i >= 0 && !better32(prev_s, prev_i, v, i)) continue;
+                    if (better32(v, i, bs, bi)) {
+                        bs = v;
+                        bi = i;
+                    }
+                }
+#pragma unroll
+                for (int o = 16; o > 0; o >>= 1) {
+                    const float so = __shfl_xor_sync(0xffffffffu, bs, o);
+                    const int io = __shfl_xor_sync(0xffffffffu, bi, o);
+                    if (better32(so, io, bs, bi)) {
+                        bs = so;
+                        bi = io;
+                    }
+                }
+                if (lane == 0) {
+                    cand_s[warp * k + r] = bs;
+                    cand_i[warp * k + r] = bi;
+                }
+                prev_s = bs;
+                prev_i = bi;
+            }
+        }
+        __syncthreads();
+        if (warp == 0) {
+            /* candidates with index -1 never win (better32) */
+            float prev_s = 0.0f;
+            int prev_i = -1;
+            for (int r = 0; r < k; ++r) {
+                float bs = 0.0f;
+                int bi = -1;
+                for (int c = lane; c < NW * k; c += 32) {
+                    const float v = cand_s[c];
+                    const int i = cand_i[c];
+                    if (i < 0 || (prev_i >= 0 && !better32(prev_s, prev_i, v, i))) continue;
+                    if (better32(v, i, bs, bi)) {
+                        bs = v;
+                        bi = i;
+                    }
+                }
+#pragma unroll
+                for (int o = 16; o > 0; o >>= 1) {
+                    const float so = __shfl_xor_sync(0xffffffffu, bs, o);
+                    const int io = __shfl_xor_sync(0xffffffffu, bi, o);
+                    if (better32(so, io, bs, bi)) {
+                        bs = so;
+                        bi = io;
+                    }
+                }
+                if (lane == 0) sel[r] = bi;
+                prev_s = bs;
+                prev_i = bi;
+            }
+            __syncwarp();
+            if (lane == 0) { /* ascending block order */
+                for (int a = 1; a < k; ++a) {
+                    const int v = sel[a];
+                    int b = a - 1;
+                    while (b >= 0 && sel[b] > v) {
+                        sel[b + 1] = sel[b];
+                        --b;
+                    }
+                    sel[b + 1] = v;
+                }
+                for (int a = 0; a < k; ++a) ids[a] = sel[a];
+            }
+        }
+        return;
+    }
     float prev_s = 0.0f;
     int prev_i = -1;
     for (int r = 0; r < k; ++r) {
