@@ -356,7 +356,7 @@ class Runner:
                         tot[k_] = tot.get(k_, 0) + v_
             graph_info.update(
                 device_blocks=tiered[0].n_slots, ring_rows=tiered[0].k_store.shape[1],
-                host_alloc_wait_s=sum(m.tier_stats()["host_alloc_wait_s"] for m in tiered),
+                host_alloc_s=sum(m.tier_stats()["host_alloc_s"] for m in tiered),
                 device_state_gib=sum(m.device_nbytes() for m in mems) / GIB,
                 host_state_gib=sum(m.host_nbytes() for m in mems) / GIB,
                 tier_totals={k_: tot[k_] for k_ in ("blocks", "on_device", "on_host", "fetches", "placed",

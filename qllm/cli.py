@@ -54,7 +54,8 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
                    help="how the question scores blocks: 'auto' (the shipped calibration of the model, if any), "
                         "'none' (block representatives), or a calibration JSON written by 'qllm calibrate'")
     g.add_argument("--device-blocks", type=int, default=None,
-                   help="blocks per layer kept on the compute device (the rest in host memory); default: all")
+                   help="blocks per layer kept on the compute device, the rest in host memory (CUDA: GPU memory "
+                        "then stays bounded whatever the text length); default: all on the device")
     g.add_argument("--chunk-size", type=int, default=1024, help="prefill chunk (progress granularity)")
 
 

@@ -57,9 +57,14 @@ class QLLMConfig:
         changes where blocks live, never which blocks are retrieved or the
         output.  ``qllm`` / ``infllm`` need ``N >= topk`` (the blocks one
         execution block retrieves sit on the device together); other
-        strategies keep no blocks and ignore it.  The budget is implemented
-        in the generic torch path only: on CUDA it replaces the fast path
-        (logged).
+        strategies keep no blocks and ignore it.  On the CUDA fast path
+        (float16/bfloat16, head_dim 64/128) it needs a power-of-two
+        ``block_size`` (else the generic torch path runs, logged): the K/V
+        store there becomes init + a ring of recent tokens, blocks sit in a
+        device cache of ``N`` slots managed on the device and in a pinned
+        host tier holding every block (qllm/gpu.py); the GPU memory then no
+        longer grows with the text, the host memory does (K/V bytes of every
+        cut block).
     chunk_size : int
         Prefill is fed through the model in chunks of this many tokens (bounds
         activation memory for texts of any length).

@@ -53,12 +53,9 @@ Supported: CUDA tensors of dtype float16 / bfloat16, head_dim 64 or 128
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import inspect
 import logging
 import math
-import threading
 import time
 
 import torch
@@ -84,57 +81,6 @@ def supports(dtype: torch.dtype, device, head_dim: int) -> bool:
 
 _CHUNK_BLOCKS = 64  # blocks per pinned host chunk (tiered mode)
 _TIER_FIXED = 4     # int32 words before the miss list in the tier state (qllm_cuda.cuh QLLM_TIER_*)
-
-
-class _PinnedChunks:
-    """Pinned host chunks (pairs of K/V tensors of one shape) for one layer's host tier,
-    allocated a little ahead of need by one background thread shared by all layers.
-
-    Page-locking host memory runs at a few GB/s: done in the launch loop it would stall the
-    host (and so the GPU) for seconds on a long prompt; ahead of need, in a thread (torch
-    allocates without the GIL), it overlaps the GPU work.  :meth:`take` blocks only when the
-    next chunk is not ready; ``wait_s`` adds up that time."""
-
-    _executor: concurrent.futures.ThreadPoolExecutor | None = None
-    _lock = threading.Lock()
-
-    def __init__(self, shape: tuple, dtype: torch.dtype) -> None:
-        self.shape, self.dtype = shape, dtype
-        self.pending: collections.deque = collections.deque()
-        self.wait_s = 0.0
-
-    @classmethod
-    def _pool(cls) -> concurrent.futures.ThreadPoolExecutor:
-        with cls._lock:
-            if cls._executor is None:
-                cls._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1,
-                                                                      thread_name_prefix="qllm-pin")
-            return cls._executor
-
-    def _alloc(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return (torch.empty(self.shape, dtype=self.dtype, pin_memory=True),
-                torch.empty(self.shape, dtype=self.dtype, pin_memory=True))
-
-    def prefetch(self, n: int) -> None:
-        """Keep ``n`` allocations queued or done."""
-        while len(self.pending) < n:
-            self.pending.append(self._pool().submit(self._alloc))
-
-    def take(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next chunk (K, V); raises the allocation's error."""
-        if not self.pending:
-            self.prefetch(1)
-        fut = self.pending.popleft()
-        if not fut.done():
-            t0 = time.perf_counter()
-            out = fut.result()
-            self.wait_s += time.perf_counter() - t0
-            return out
-        return fut.result()
-
-    def cancel(self) -> None:
-        while self.pending:
-            self.pending.popleft().cancel()
 
 
 def tiers_unsupported(config: QLLMConfig) -> str | None:
@@ -232,8 +178,7 @@ class CudaLayerMemory:
         self.host_tab = torch.zeros(2, -(-cap_b // _CHUNK_BLOCKS), dtype=torch.int64, device=self.device)
         self.host_k: list[torch.Tensor] = []  # pinned chunks [_CHUNK_BLOCKS, n_kv_heads, block_size, head_dim]
         self.host_v: list[torch.Tensor] = []
-        self._pinned = _PinnedChunks((_CHUNK_BLOCKS, self.n_kv_heads, cfg.block_size, self.head_dim), self.dtype)
-        self._pinned.prefetch(min(2, self.host_tab.shape[1]))
+        self.host_alloc_s = 0.0  # seconds spent page-locking host chunks (torch's caching host allocator)
         self.n_written = 0  # blocks whose copy to the host tier has been issued
         self._side = torch.cuda.Stream(self.device)
         self._wb_event = torch.cuda.Event()
@@ -306,23 +251,25 @@ class CudaLayerMemory:
 
     def _reserve_host(self, n_blocks: int) -> None:
         """Pinned host chunks for blocks 0 .. n_blocks-1 (their pointers in host_tab)."""
+        shape = (_CHUNK_BLOCKS, self.n_kv_heads, self.config.block_size, self.head_dim)
         while len(self.host_k) * _CHUNK_BLOCKS < n_blocks:
             c = len(self.host_k)
+            t0 = time.perf_counter()
             try:
-                hk, hv = self._pinned.take()
+                # page-locking runs at ~1.5 GiB/s on the H100 machine (benchmarks/NOTES_gpu.md); the
+                # driver serialises it with launches, so a background thread did not hide it (measured)
+                hk = torch.empty(shape, dtype=self.dtype, pin_memory=True)
+                hv = torch.empty(shape, dtype=self.dtype, pin_memory=True)
             except RuntimeError as exc:
-                self._pinned.cancel()
-                nbytes = 2 * math.prod(self._pinned.shape) * self.k_store.element_size()
+                nbytes = 2 * math.prod(shape) * self.k_store.element_size()
                 raise RuntimeError(f"qllm: cannot allocate {nbytes} more bytes of pinned host memory for the "
                                    f"block tier (QLLMConfig.device_blocks; {self.host_nbytes()} bytes held by "
                                    f"this layer): {exc}") from exc
+            self.host_alloc_s += time.perf_counter() - t0
             self.host_k.append(hk)
             self.host_v.append(hv)
             self.host_tab[0, c].fill_(hk.data_ptr())  # a kernel argument: no host sync
             self.host_tab[1, c].fill_(hv.data_ptr())
-        # the next chunks, in the background: up to the reserved block capacity, two at a time
-        limit = -(-self.reprs.shape[0] // _CHUNK_BLOCKS)
-        self._pinned.prefetch(max(0, min(2, limit - len(self.host_k))))
 
     def _write_back(self) -> None:
         """Copy the blocks cut since the last write-back from the ring to the host tier, on the side stream."""
@@ -357,7 +304,7 @@ class CudaLayerMemory:
         (blocks in the device cache), ``on_host`` (blocks in the host tier: every cut block),
         ``fetches`` (retrieved blocks copied into the cache), ``evictions`` (blocks that left the
         cache), ``device_bytes``, ``host_bytes``; plus ``placed`` (cut blocks that entered the cache)
-        and ``host_alloc_wait_s`` (seconds the launch loop waited for pinned host chunks).
+        and ``host_alloc_s`` (seconds spent page-locking host chunks).
         """
         if not self.tiered:
             return {"budget": None, "blocks": self.n_blocks, "on_device": self.n_blocks, "on_host": 0,
@@ -368,7 +315,7 @@ class CudaLayerMemory:
         return {"budget": self.n_slots, "blocks": self.n_blocks, "on_device": on_dev, "on_host": self.n_written,
                 "fetches": head[2], "evictions": head[2] + head[3] - on_dev, "placed": head[3],
                 "device_bytes": self.device_nbytes(), "host_bytes": self.host_nbytes(),
-                "host_alloc_wait_s": self._pinned.wait_s}
+                "host_alloc_s": self.host_alloc_s}
 
     def block_slots(self) -> torch.Tensor:
         """Tiered mode: the device cache slot of each block (-1: host only), int32 [n_blocks]."""

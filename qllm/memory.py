@@ -28,6 +28,10 @@ Block K/V tiers (``QLLMConfig.device_blocks``):
   copies (``non_blocking`` from pinned memory on CUDA, on the current stream).
   Representatives and retrieval never leave the device, so the budget changes
   where blocks live, never which blocks are retrieved or the output.
+
+The CUDA fast path has its own tiered memory with the same contract
+(qllm/gpu.py: ring store, device block cache decided on the device, pinned
+host tier written on a side stream).
 """
 
 from __future__ import annotations
