@@ -70,8 +70,8 @@ inline void check_attend_run_args(const at::Tensor &q, const at::Tensor &k_store
                                   const at::Tensor &reprs, const at::Tensor &retrieved,
                                   const at::Tensor &out, const at::Tensor &cos,
                                   const at::Tensor &sin, const std::optional<at::Tensor> &question,
-                                  const at::Tensor &schedule, at::IntArrayRef cfg) {
-    const char *op = kAttendRun;
+                                  const at::Tensor &schedule, at::IntArrayRef cfg,
+                                  const char *op = kAttendRun) {
     TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
                      ": q: expected dtype float16 or bfloat16, got ", dtype_str(q.scalar_type()));
     TORCH_CHECK_VALUE(q.dim() == 3, op, ": q: expected 3 dims (q_heads, tokens, dim), got ", num_str(q.dim()));
@@ -278,7 +278,7 @@ inline void check_attend_decode_args(const at::Tensor &q, const at::Tensor &k, c
     check_attend_run_args(q, k_store, v_store, scores, reprs, retrieved, out, cos, sin, question,
                           at::empty({retrieved.dim() == 2 ? retrieved.size(0) : 1, kScheduleFields},
                                     at::TensorOptions().dtype(at::kLong)),
-                          cfg);
+                          cfg, op);
     TORCH_CHECK_VALUE(q.size(1) == 1 && retrieved.size(0) == 1, op,
                       ": expected one token (q [hq, 1, D], retrieved [1, k])");
     for (const auto &pr : {std::make_pair("k", &k), std::make_pair("v", &v)}) {
