@@ -44,6 +44,10 @@ class QLLMCache(DynamicCache):
         # tokens to reserve in each CUDA layer memory when it is created (prompt + new tokens: a
         # graph decoder needs stores that are not reallocated while it decodes); 0 = grow as needed
         self.reserve_tokens = 0
+        # a device block budget for this sequence's layer memories in place of the patch's
+        # QLLMConfig.device_blocks (None: the patch's); set by qllm.generate when the text's K/V
+        # would not fit the GPU (qllm.gpu.auto_device_blocks)
+        self.device_blocks: int | None = None
         # graph decode mode: {layer: qllm.gpu.CudaDecodeStep}, set by qllm.gpu.GraphDecoder only while
         # it runs the model in that mode (warm-up and capture); patched layers then launch the step
         self.decode_steps: dict | None = None
@@ -54,13 +58,20 @@ class QLLMCache(DynamicCache):
         return self.n_seen
 
     # -- qllm -------------------------------------------------------------
+    @property
+    def config(self):
+        """The configuration of this sequence's layer memories: the patch's, with
+        :attr:`device_blocks` in place of its budget when set."""
+        cfg = self._qllm.config
+        return cfg if self.device_blocks is None else cfg.replace(device_blocks=self.device_blocks)
+
     def memory(self, layer_idx: int, n_q_heads: int, n_kv_heads: int, head_dim: int,
                dtype: torch.dtype, device: torch.device) -> LayerMemory:
         mem = self.memories.get(layer_idx)
         if mem is None:
             cls = LayerMemory
+            cfg = self.config
             if self.mode == "text" and gpu.supports(dtype, device, head_dim):
-                cfg = self._qllm.config
                 why = gpu.tiers_unsupported(cfg) if cfg.device_blocks is not None and cfg.uses_blocks else None
                 if why is not None:
                     log_once(logging.WARNING,
@@ -69,10 +80,9 @@ class QLLMCache(DynamicCache):
                 else:
                     cls = gpu.CudaLayerMemory  # fast path: preallocated device state, one op per call
             if cls is gpu.CudaLayerMemory and self.reserve_tokens > 0:
-                mem = cls(self._qllm.config, n_q_heads, n_kv_heads, head_dim, dtype, device,
-                          capacity=self.reserve_tokens)
+                mem = cls(cfg, n_q_heads, n_kv_heads, head_dim, dtype, device, capacity=self.reserve_tokens)
             else:
-                mem = cls(self._qllm.config, n_q_heads, n_kv_heads, head_dim, dtype, device)
+                mem = cls(cfg, n_q_heads, n_kv_heads, head_dim, dtype, device)
             mem.layer_idx = layer_idx  # question heads: both memory classes take them
             mem.relevance = self.relevance
             self.memories[layer_idx] = mem

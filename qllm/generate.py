@@ -70,6 +70,13 @@ def generate(model, tokenizer, context: str, question: str | None = None, *, max
     ``model.generate`` decodes.  ``True`` where it cannot apply logs why and
     uses ``model.generate``; ``False`` always uses ``model.generate``.
 
+    On the CUDA fast path with no ``QLLMConfig.device_blocks``, a text whose
+    layer memories would take more than 60% of the free GPU memory is read
+    with tiered memory: a block budget chosen to fit
+    (:func:`qllm.gpu.auto_device_blocks`, logged), the other blocks in pinned
+    host memory.  The answer is the same (tiers change where blocks live, not
+    what is computed).
+
     Returns the generated text (special tokens removed).
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -176,6 +183,28 @@ def _picker(model, prompt: torch.Tensor, do_sample: bool, kwargs: dict) -> Calla
     return pick
 
 
+def _budget_for(model, cache, n_tokens: int) -> None:
+    """On CUDA, a device block budget for ``cache`` when the text's untiered layer memories would
+    not fit the free GPU memory (:func:`qllm.gpu.auto_device_blocks`); logged."""
+    from .gpu import auto_device_blocks, supports
+
+    handle = model._qllm
+    p = next(model.parameters(), None)
+    tc = handle.text_config
+    hd = next(iter(handle.attn_modules.values())).head_dim if handle.attn_modules else None
+    if p is None or hd is None or not supports(p.dtype, p.device, hd):
+        return
+    free, _ = torch.cuda.mem_get_info(p.device)
+    budget = auto_device_blocks(handle.config, n_tokens, len(handle.attn_modules), tc.num_attention_heads,
+                                getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads, hd,
+                                p.element_size(), free)
+    if budget is not None:
+        cache.device_blocks = budget
+        log.info("qllm: %d tokens: the layer memories would not fit the free GPU memory (%.1f GiB): tiered "
+                 "memory with device_blocks=%d per layer (the rest in pinned host memory; set "
+                 "QLLMConfig.device_blocks to choose)", n_tokens, free / 2**30, budget)
+
+
 def decode_tokens(model, ids: torch.Tensor, max_new_tokens: int, *, do_sample: bool = False,
                   cuda_graph: bool = True, **kwargs) -> torch.Tensor:
     """Prefill ``ids`` [1, T] through the patched ``model`` and generate up to
@@ -202,6 +231,7 @@ def decode_tokens(model, ids: torch.Tensor, max_new_tokens: int, *, do_sample: b
     dev = ids.device
     cache = QLLMCache(handle)
     cache.reserve_tokens = ids.shape[1] + max_new_tokens + 8  # CUDA stores sized once: no reallocation
+    _budget_for(model, cache, cache.reserve_tokens)
     fwd = {handle.cache_kw: cache, "use_cache": True}
     if "logits_to_keep" in inspect.signature(type(model).forward).parameters:
         fwd["logits_to_keep"] = 1

@@ -64,8 +64,8 @@ from .attention import RopeTable
 from ._log import log_once
 from .config import QLLMConfig
 
-__all__ = ["CudaLayerMemory", "CudaDecodeStep", "GraphDecoder", "attend_cuda", "graph_unsupported", "supports",
-           "tiers_unsupported"]
+__all__ = ["CudaLayerMemory", "CudaDecodeStep", "GraphDecoder", "attend_cuda", "auto_device_blocks",
+           "graph_unsupported", "supports", "tiers_unsupported"]
 
 log = logging.getLogger("qllm")
 
@@ -88,6 +88,32 @@ def tiers_unsupported(config: QLLMConfig) -> str | None:
     if config.block_size & (config.block_size - 1):
         return f"block_size {config.block_size} is not a power of two"
     return None
+
+
+def auto_device_blocks(config: QLLMConfig, n_tokens: int, n_layers: int, n_q_heads: int, n_kv_heads: int,
+                       head_dim: int, element_size: int, free_bytes: int, fraction: float = 0.6) -> int | None:
+    """A device block budget for a text of ``n_tokens`` when its untiered layer memories
+    (K/V of every token plus f32 representatives, ``n_layers`` layers) would take more than
+    ``fraction`` of ``free_bytes``; None when they fit, or when the configuration cannot be
+    tiered on the fast path (no blocks, a budget already set, block_size not a power of two).
+
+    The budget spends what is left of ``fraction * free_bytes`` after each tiered layer's
+    fixed part (init + ring rows, representatives) on block cache slots, at least ``topk``."""
+    if not config.uses_blocks or config.device_blocks is not None or tiers_unsupported(config) is not None:
+        return None
+    kv_row = 2 * n_kv_heads * head_dim * element_size      # K + V of one token, one layer
+    n_blocks = max(0, n_tokens - config.n_init) // config.block_size + 1
+    reprs = n_blocks * n_q_heads * head_dim * 4
+    untiered = n_layers * (n_tokens * kv_row + reprs)
+    avail = fraction * free_bytes
+    if untiered <= avail:
+        return None
+    seg = max(config.n_init + config.n_local, config.n_local + config.block_size) + config.exc_block_size
+    ring = _pow2_at_least(seg + min(config.chunk_size, n_tokens))
+    fixed = n_layers * ((config.n_init + ring) * kv_row + reprs)
+    per_block = n_layers * config.block_size * kv_row
+    budget = int((avail - fixed) // per_block) if avail > fixed else 0
+    return max(config.topk, min(budget, n_blocks))
 
 
 def _pow2_at_least(n: int) -> int:

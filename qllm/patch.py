@@ -181,6 +181,9 @@ def _attn_pre_hook(handle: PatchHandle):
     return hook
 
 
+# tokens beyond the prompt a fresh cache's automatic device budget allows for (decoding)
+_DECODE_MARGIN = 4096
+
 # module name -> (original apply_rotary_pos_emb, patched models using the wrapper)
 _ROPE_WRAPPED: dict[str, list] = {}
 
@@ -256,6 +259,9 @@ def _wrap_forward(handle: PatchHandle):
             cache = kwargs.pop("past_key_values", None) if cache_kw != "past_key_values" else None
         if cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0):
             cache = QLLMCache(handle)
+            # on CUDA, a device block budget when this prompt's layer memories would not fit
+            from .generate import _budget_for
+            _budget_for(handle.model, cache, x.shape[1] + _DECODE_MARGIN)
         elif not isinstance(cache, QLLMCache):
             raise _bad_input(f"{cache_kw}: expected a qllm cache or an empty one, got a filled "
                              f"{type(cache).__name__} (start the text with a fresh cache)")

@@ -378,3 +378,36 @@ def test_patched_model_budget_bitwise_and_graph_decode(dtype):
             outs[budget] = (logits, torch.cat(steps, dim=1))
     assert torch.equal(outs[3][0], outs[None][0])
     assert torch.equal(outs[3][1], outs[None][1])
+
+
+class _ByteTokenizer:
+    """One token per byte (the tiny model's vocab is 256)."""
+
+    chat_template = None
+    pad_token_id = None
+    eos_token_id = 2
+
+    def __call__(self, text, add_special_tokens=True, return_tensors=None):
+        return {"input_ids": torch.tensor([list(text.encode())])}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(str(int(i)) for i in ids)
+
+
+def test_generate_picks_a_budget_when_the_text_does_not_fit(monkeypatch, caplog):
+    """qllm.generate on CUDA with little free GPU memory (mem_get_info faked) reads the text with
+    tiered memory (logged) and answers exactly as with all blocks on the device."""
+    import logging
+
+    model = _tiny_llama(5).to("cuda", torch.bfloat16)
+    model.generation_config.eos_token_id = None
+    tok = _ByteTokenizer()
+    context = "".join(chr(97 + (7 * i) % 26) for i in range(1500))
+    args = dict(config=CFG.replace(topk=3, chunk_size=128), max_new_tokens=40)
+    want = qllm.generate(model, tok, context, "which letter?", **args)
+    real = torch.cuda.mem_get_info
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 ** 20, real(device)[1]))
+    with caplog.at_level(logging.INFO, logger="qllm"):
+        got = qllm.generate(model, tok, context, "which letter?", **args)
+    assert "tiered memory with device_blocks=" in caplog.text
+    assert got == want

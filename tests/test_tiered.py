@@ -450,3 +450,51 @@ def test_cuda_cache_picks_fast_path_tiers_or_falls_back_with_a_log(monkeypatch, 
     assert type(m0) is LayerMemory and type(m1) is LayerMemory and m0.store is not None
     lines = [r.getMessage() for r in caplog.records if "device_blocks" in r.getMessage()]
     assert len(lines) == 1 and "generic torch path" in lines[0] and "power-of-two" in lines[0]
+
+
+# ------------------------------------------------------- automatic budget (qllm.generate on CUDA)
+
+
+def test_auto_device_blocks_budget_math():
+    """None while the untiered memories fit the share of free memory; else the blocks that fit
+    after the tiered layers' fixed part, clamped to [topk, blocks of the text]."""
+    from qllm.gpu import auto_device_blocks
+
+    cfg = qllm.QLLMConfig()  # 8B-like geometry below: 4 KiB of K/V per token per layer in bf16
+    geo = dict(n_layers=32, n_q_heads=32, n_kv_heads=8, head_dim=128, element_size=2)
+    gib = 2 ** 30
+    # 128K tokens: 16 GiB of K/V + 0.5 GiB of representatives -> fits 60 GiB free
+    assert auto_device_blocks(cfg, 131072, free_bytes=60 * gib, **geo) is None
+    # 1M tokens with 40 GiB free: 0.6 * 40 = 24 GiB; fixed part 32 * (16512 rows * 4 KiB + 8192 * 16 KiB)
+    n = 1 << 20
+    b = auto_device_blocks(cfg, n, free_bytes=40 * gib, **geo)
+    fixed = 32 * ((128 + 16384) * 4096 + ((n - 128) // 128 + 1) * 32 * 128 * 4)
+    assert b == int((0.6 * 40 * gib - fixed) // (32 * 128 * 4096))
+    assert cfg.topk <= b < (n - 128) // 128
+    assert auto_device_blocks(cfg, n, free_bytes=80 * gib, **geo) > b          # more memory, more slots
+    assert auto_device_blocks(cfg, n, free_bytes=1 * gib, **geo) == cfg.topk   # never below topk
+    for c in (cfg.replace(device_blocks=64), cfg.replace(strategy="streaming"), cfg.replace(block_size=96)):
+        assert auto_device_blocks(c, n, free_bytes=1 * gib, **geo) is None
+
+
+def test_cache_budget_override_builds_tiered_memories():
+    """QLLMCache.device_blocks replaces the patch's budget for that sequence's layer memories."""
+    model = make_llama(seed=9)
+    with qllm.patched(model, BASE):
+        cache = qllm.QLLMCache(model._qllm)
+        assert cache.config is model._qllm.config and cache.config.device_blocks is None
+        cache.device_blocks = 3
+        assert cache.config.device_blocks == 3 and model._qllm.config.device_blocks is None
+        m = cache.memory(0, HQ, HKV, D, torch.float32, CPU)
+        assert type(m) is LayerMemory and m.store is not None and m.config.device_blocks == 3
+
+
+def test_generate_sets_no_budget_off_cuda():
+    """qllm.generate's automatic budget applies to CUDA models only."""
+    from qllm.generate import _budget_for
+
+    model = make_llama(seed=10)
+    with qllm.patched(model, BASE):
+        cache = qllm.QLLMCache(model._qllm)
+        _budget_for(model, cache, 10 ** 7)
+        assert cache.device_blocks is None
