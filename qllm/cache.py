@@ -89,8 +89,12 @@ class QLLMCache(DynamicCache):
         return mem
 
     def nbytes(self) -> int:
-        """Bytes held by all layer memories."""
+        """Bytes held by all layer memories (device and host tiers)."""
         return sum(m.nbytes() for m in self.memories.values())
+
+    def host_nbytes(self) -> int:
+        """Bytes of the layer memories' host tiers (``QLLMConfig.device_blocks``; 0 without)."""
+        return sum(m.host_nbytes() for m in self.memories.values())
 
     def retrieved_blocks(self) -> dict[int, list[int]]:
         """Per layer, the block ids retrieved for the last execution block."""

@@ -35,7 +35,9 @@ class _Progress:
             self.bar = tqdm(total=total, unit="tok", desc="reading", file=sys.stderr, dynamic_ncols=True)
             self.t0 = time.perf_counter()
         self.bar.update(done - self.bar.n)
-        self.bar.set_postfix_str(f"memory {cache.nbytes() / 2**20:.1f} MiB, rss {_rss_mb():.0f} MiB")
+        host = cache.host_nbytes()
+        tier = f" (host tier {host / 2**20:.1f} MiB)" if host else ""
+        self.bar.set_postfix_str(f"memory {cache.nbytes() / 2**20:.1f} MiB{tier}, rss {_rss_mb():.0f} MiB")
         if done >= total:
             self.bar.close()
 

@@ -115,3 +115,25 @@ def test_quickstart_notebook_executes(monkeypatch):
         assert all(0 <= b < n_blocks + 1 for b in blocks) and blocks == sorted(blocks)
     assert isinstance(ns["answer"], str) and ns["answer"]
     assert 0 <= ns["needle_block"] <= n_blocks
+
+
+def test_cli_progress_shows_the_host_tier(capsys):
+    """The reading bar reports the memories' bytes, and the host tier apart when there is one."""
+    from qllm.cli import _Progress
+
+    class FakeCache:
+        def __init__(self, total, host):
+            self.total, self.host = total, host
+
+        def nbytes(self):
+            return self.total
+
+        def host_nbytes(self):
+            return self.host
+
+    p = _Progress(True)
+    p(10, 20, FakeCache(3 * 2**20, 0))
+    p(20, 20, FakeCache(5 * 2**20, 2 * 2**20))
+    err = capsys.readouterr().err
+    assert "memory 3.0 MiB," in err
+    assert "memory 5.0 MiB (host tier 2.0 MiB)" in err
