@@ -522,20 +522,19 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 
 def _question_heads(mem: CudaLayerMemory) -> tuple | None:
-    """The question-head work of this layer, as ``(relevance, n_sel, own_columns, own_heads)``:
-    selection over the columns ``0 .. n_sel-1`` (heads of layers <= this one; 0 = the usual
-    scores), raw scores recorded for ``own_columns`` (this layer's heads, when the question
-    tokens are known).  None without question heads.  Same gating as the generic path
-    (:func:`qllm.retrieval.select_blocks`, ``LayerMemory._cut_blocks``)."""
+    """The question-head work of this layer, as ``(relevance, own_columns, own_heads)``: raw
+    scores recorded for ``own_columns`` (this layer's heads, when the question tokens are known);
+    the selection columns depend on the candidate count (:func:`_n_sel`).  None without question
+    heads.  Same gating as the generic path (:func:`qllm.retrieval.select_blocks`,
+    ``LayerMemory._cut_blocks``)."""
     rel = mem.relevance
-    if rel is None or not mem.config.uses_blocks:
+    if rel is None or not mem.config.uses_blocks or not rel.heads:
         return None
-    sel = rel.columns_upto(mem.layer_idx) if mem.config.uses_question else []
     own = list(rel.columns_of(mem.layer_idx)) if mem.question_tokens is not None else []
-    if not sel and not own:
+    if not mem.config.uses_question and not own:
         return None
-    # columns are sorted by (layer, head): those of layers <= l are a prefix, a layer's are contiguous
-    if list(sel) != list(range(len(sel))) or own != list(range(own[0], own[0] + len(own)) if own else []):
+    # columns are sorted by (layer, head): a prefix is a set of layers, a layer's are contiguous
+    if list(rel.heads) != sorted(rel.heads) or own != list(range(own[0], own[0] + len(own)) if own else []):
         raise RuntimeError(f"qllm: question-head columns not sorted by layer: {rel.heads}")
     heads = [rel.heads[c][1] for c in own]
     for h in heads:
@@ -544,7 +543,13 @@ def _question_heads(mem: CudaLayerMemory) -> tuple | None:
                              f"(the layer has {mem.n_q_heads} query heads)")
     if not _same_device(rel.raw.device, mem.device):
         raise ValueError(f"qllm: question relevance on {rel.raw.device}, layer memory on {mem.device}")
-    return rel, len(sel), own, heads
+    return rel, own, heads
+
+
+def _n_sel(mem: CudaLayerMemory, rel, n_blocks: int) -> int:
+    """Selection columns ``0 .. n-1`` among ``n_blocks`` candidates (0: no head term):
+    :meth:`qllm.retrieval.QuestionRelevance.columns_for`, a prefix of the columns."""
+    return len(rel.columns_for(mem.layer_idx, n_blocks)) if mem.config.uses_question else 0
 
 
 def _reserve_relevance(rel, rows: int) -> None:
@@ -594,42 +599,59 @@ def attend_cuda(mem: CudaLayerMemory, q: torch.Tensor, k: torch.Tensor, v: torch
     sched, n_ret_last = mem._schedule(T, cos.shape[0])
     try:
         plan = _question_heads(mem)
-        qh_raw = qh_tokens = None
-        qh_cfg: list[int] = []
+        rows = sched.tolist()
+        # runs of execution blocks that select with the same question-head columns: the heads of
+        # later layers join until this call cuts a block (columns_for), so at most two runs
+        runs: list[list] = []
+        for i, r in enumerate(rows):
+            ns = _n_sel(mem, plan[0], r[5]) if (plan is not None and r[6] > 0) else None
+            if runs and (ns is None or runs[-1][2] is None or runs[-1][2] == ns):
+                runs[-1][1] = i + 1
+                if runs[-1][2] is None:
+                    runs[-1][2] = ns
+            else:
+                runs.append([i, i + 1, ns])
+        qh_tokens = None
         if plan is not None:
-            rel, n_sel, own, heads = plan
+            rel, own, heads = plan
             for c in own:  # this layer's heads score every block once, in order
                 if rel.n_filled[c] != state[4]:
                     raise RuntimeError(f"qllm: question head {rel.heads[c]} scored {rel.n_filled[c]} blocks, "
                                        f"expected {state[4]}")
-            # candidates of the last execution block (the most): lower layers scored them already
-            _check_filled(rel, [c for c in range(n_sel) if c not in own], int(sched[-1, 5]), mem.layer_idx)
+            for i0, i1, ns in runs:  # the candidates of a run's last execution block (the most)
+                _check_filled(rel, [c for c in range(ns or 0) if c not in own], int(rows[i1 - 1][5]),
+                              mem.layer_idx)
             if own:
                 _reserve_relevance(rel, mem.n_blocks)
                 qh_tokens = mem.question_tokens.to(device=mem.device, dtype=torch.float32).contiguous()
-            qh_raw = rel.raw
-            qh_cfg = [n_sel, own[0] if own else 0, *heads]
         mem._reserve_blocks(mem.n_blocks, state[4])
         mem._write_kv(P0, k, v)
         out = torch.empty(T, hq, d, dtype=q.dtype, device=q.device).permute(1, 0, 2)
         retrieved = torch.empty(sched.shape[0], max(cfg.topk, 1), dtype=torch.int32, device=q.device)
-        question = None
-        if cfg.uses_question and mem.question is not None and not (qh_cfg and qh_cfg[0] > 0):
-            question = mem.question.to(device=mem.device, dtype=torch.float32).contiguous()
-        # question heads select with w on the standardised head term (no question vector)
-        weight = float(cfg.question_weight) if (question is not None or (qh_cfg and qh_cfg[0] > 0)) else 0.0
-        torch.ops.qllm.attend_run(
-            q, mem.k_store, mem.v_store, mem.scores, mem.reprs, retrieved, out, cos, sin, question,
-            sched, float(scaling), weight,
-            [cfg.n_init, cfg.n_local, cfg.block_size, cfg.topk, cfg.repr_topk, 0 if cfg.uses_blocks else 1],
-            qh_raw, qh_tokens, qh_cfg, *_tier_args(mem, with_ring_lo=True))
+        cfg_ints = [cfg.n_init, cfg.n_local, cfg.block_size, cfg.topk, cfg.repr_topk, 0 if cfg.uses_blocks else 1]
+        tier = _tier_args(mem, with_ring_lo=True)
+        for i0, i1, ns in runs:
+            ns = ns or 0
+            a, b = rows[i0][0], rows[i1 - 1][0] + rows[i1 - 1][1]
+            sub = sched[i0:i1].clone() if len(runs) > 1 else sched
+            sub[:, 0] -= a
+            qh_cfg = [ns, plan[1][0] if plan[1] else 0, *plan[2]] if (plan is not None and (ns or plan[1])) else []
+            question = None
+            if cfg.uses_question and mem.question is not None and ns == 0:
+                question = mem.question.to(device=mem.device, dtype=torch.float32).contiguous()
+            # question heads select with w on the standardised head term (no question vector)
+            weight = float(cfg.question_weight) if (question is not None or ns > 0) else 0.0
+            torch.ops.qllm.attend_run(
+                q[:, a:b], mem.k_store, mem.v_store, mem.scores, mem.reprs, retrieved[i0:i1], out[:, a:b], cos, sin,
+                question, sub, float(scaling), weight, cfg_ints,
+                plan[0].raw if qh_cfg else None, qh_tokens if (qh_cfg and plan[1]) else None, qh_cfg, *tier)
     except BaseException:
         mem.n_seen, mem.tail_start, mem.init_done, mem.init_len, mem.n_blocks = state
         raise
     if mem.tiered:
         mem._write_back()
     if plan is not None:
-        for c in plan[2]:
+        for c in plan[1]:
             plan[0].n_filled[c] = mem.n_blocks
     mem.retrieved_log = retrieved
     mem.last_retrieved = retrieved[-1, :n_ret_last] if n_ret_last > 0 else None
@@ -670,8 +692,10 @@ class CudaDecodeStep:
     Question heads (``mem.relevance``): the step selects with the head term
     like :func:`attend_cuda` (it cuts no block, so it records no raw score);
     the step reserves ``relevance.raw`` rows for the memory's block capacity,
-    and ``prepare`` returns False if that matrix is reallocated or the
-    relevance object changes (rebuild the step then).
+    and ``prepare`` returns False if that matrix is reallocated, the
+    relevance object changes, or the token would select with other columns
+    than the step was built with (``columns_for``: e.g. built before later
+    layers had scored every block) -- rebuild the step then.
 
     Outputs are bitwise those of :func:`attend_cuda` for the same token
     (same kernels and the same key splits).  ``launch`` returns a static
@@ -697,8 +721,8 @@ class CudaDecodeStep:
         self._question_src = mem.question if cfg.uses_question else None
         self.question = None
         self._rel = mem.relevance
-        plan = _question_heads(mem)
-        self._qh_sel = plan[1] if plan is not None else 0
+        self._plan = _question_heads(mem)
+        self._qh_sel = self._qh_target(mem.n_blocks)
         self._qh_raw = None
         if self._qh_sel > 0:  # question heads select: no question vector
             _reserve_relevance(self._rel, self.nb_max)
@@ -729,6 +753,8 @@ class CudaDecodeStep:
             return False
         if mem.tiered and P0 + 1 - max(T0, cfg.n_init) > mem.window:
             return False
+        if self._qh_target(n_blocks) != self._qh_sel:
+            return False  # this token selects with other question-head columns (rebuild the step)
         if self._qh_sel > 0 and any(self._rel.n_filled[c] < n_blocks for c in range(self._qh_sel)):
             return False  # attend_cuda raises the error
         if self.question is not None and q_src is not self._question_src:
@@ -755,6 +781,11 @@ class CudaDecodeStep:
             self.cos, self.sin, self.question, self.dyn, self.scaling, self.weight, self._cfg, self._limits,
             self._qh_raw, [self._qh_sel] if self._qh_sel > 0 else [], *_tier_args(mem, with_ring_lo=False))
         return self.out
+
+    def _qh_target(self, n_blocks: int) -> int:
+        """Question-head selection columns of a one-token call among ``n_blocks`` candidates
+        (what attend_cuda would use: :func:`_n_sel`)."""
+        return _n_sel(self.mem, self._plan[0], n_blocks) if self._plan is not None else 0
 
     def _buffers_moved(self) -> bool:
         """Whether a buffer this step's launches read was reallocated (rebuild the step then)."""
@@ -930,7 +961,7 @@ class GraphDecoder:
         """Whether a step holds buffers that were reallocated (the graph points at freed memory)."""
         for st in self.steps.values():
             m = st.mem
-            if st._buffers_moved():
+            if st._buffers_moved() or st._qh_target(m.n_blocks) != st._qh_sel:
                 return True
             if m.relevance is not st._rel or (st._qh_raw is not None and st._rel.raw is not st._qh_raw):
                 return True

@@ -166,7 +166,7 @@ def _zscore(x: torch.Tensor) -> torch.Tensor:
 
 
 def reference_attention(q, k, v, *, config, cos, sin, scaling: float, question=None, segments=None,
-                        question_q=None, question_heads=(), lower_head_scores=()):
+                        question_q=None, question_heads=(), lower_head_scores=(), later_head_scores=()):
     """Slow reference of qllm's attention for one layer and one sequence.
 
     Parameters
@@ -186,6 +186,7 @@ def reference_attention(q, k, v, *, config, cos, sin, scaling: float, question=N
     question_heads : query heads of this layer that are question heads (rule 6b).
     lower_head_scores : per question head of an earlier layer, its raw score
         per block (1-D, at least as long as this text's block count; rule 6b).
+    later_head_scores : the same for the question heads of later layers (rule 6c).
 
     Returns
     -------
@@ -239,6 +240,12 @@ def reference_attention(q, k, v, *, config, cos, sin, scaling: float, question=N
        (this layer's and ``lower_head_scores``) of z(c)_b, where z
        standardises over the existing blocks b (population std, floored at
        1e-6); the Q_h . r_bh term is not used.
+    6c. Question heads of later layers (``later_head_scores``): in a forward
+       pass a later layer has scored the blocks that existed when the pass
+       (segment) began.  So for an execution block at which no block has been
+       cut since its segment began, the mean in 6b also runs over the later
+       layers' heads; otherwise over this layer's and earlier ones only (none
+       at all: rule 6).  A one-token decode step thus uses every question head.
     7. (reference_question) Question vector Q_h.
     """
     cfg = config
@@ -259,7 +266,8 @@ def reference_attention(q, k, v, *, config, cos, sin, scaling: float, question=N
     use_question = cfg.strategy == "qllm" and (question is not None or question_q is not None)
     if question is not None:
         question = question.double()
-    use_heads = use_question and (len(question_heads) > 0 or len(lower_head_scores) > 0)
+    use_heads = use_question and (len(question_heads) > 0 or len(lower_head_scores) > 0
+                                  or len(later_head_scores) > 0)
     if use_heads:
         if question_heads and question_q is None:
             raise ValueError("reference_attention: question_heads need question_q")
@@ -285,8 +293,15 @@ def reference_attention(q, k, v, *, config, cos, sin, scaling: float, question=N
     retrieval_gap = float("inf")
     repr_gap = float("inf")
     exec_blocks = _execution_blocks(t, segments, cfg.exc_block_size)
+    seg_starts, pos = set(), 0
+    for n in (segments if segments is not None else [t]):
+        seg_starts.add(pos)
+        pos += int(n)
+    nb_at_segment = 0  # blocks that existed when the current segment began (rule 6c)
 
     for a, e in exec_blocks:
+        if a in seg_starts:
+            nb_at_segment = len(block_starts)
         # ---- rule 6: retrieval, from the blocks cut before this execution block
         retrieved: list[int] = []
         if uses_blocks and block_starts:
@@ -294,12 +309,16 @@ def reference_attention(q, k, v, *, config, cos, sin, scaling: float, question=N
             R = torch.stack(reprs)                                           # [nb, Hq, D]
             s = (R * qbar).sum(dim=(1, 2))
             nb = len(block_starts)
+            cols = []
             if use_heads:
                 cols = [torch.as_tensor(c, dtype=torch.float64)[:nb] for c in lower_head_scores]
                 cols += [torch.tensor(c[:nb], dtype=torch.float64) for c in own_scores]
+                if nb == nb_at_segment:  # rule 6c
+                    cols += [torch.as_tensor(c, dtype=torch.float64)[:nb] for c in later_head_scores]
+            if cols:
                 c_mean = torch.stack([_zscore(c) for c in cols]).mean(dim=0)
                 s = _zscore(s) + float(cfg.question_weight) * c_mean
-            elif use_question:
+            elif question is not None and cfg.strategy == "qllm":
                 s = s + float(cfg.question_weight) * (R * question).sum(dim=(1, 2))
             retrieved = sorted(_top_indices(s, cfg.topk))
             retrieval_gap = min(retrieval_gap, _boundary_gap(s, cfg.topk))

@@ -9,8 +9,10 @@ Two forms of the question term:
   ``c_{b,(l,h)} = max_{t in question} max_{j in block b} Q_{t,h} . k_{j,h}``
   (fixed-position question queries, computed once when the block is cut).
   Layer ``l`` retrieves with ``s_b = z(sum_h qbar_h.r_bh)_b + w * mean_c z(c_c)_b``
-  over the heads ``c`` of layers ``<= l``; ``z`` standardises over the candidate
-  blocks (mean 0, population std 1).  The query term keeps InfLLM's order
+  over the heads ``c`` of layers ``<= l`` -- and of the later layers while they
+  have scored every candidate block (in a forward pass: until the pass cuts a
+  block; so a decoded token uses every question head in every layer); ``z``
+  standardises over the candidate blocks (mean 0, population std 1).  The query term keeps InfLLM's order
   (``z`` is monotone); the question term no longer hinges on the block's
   representatives, which are chosen by the text's own attention and rarely
   contain the few tokens a question is about.
@@ -56,6 +58,19 @@ class QuestionRelevance:
     def columns_upto(self, layer: int) -> list[int]:
         return [c for c, (l, _) in enumerate(self.heads) if l <= layer]
 
+    def columns_for(self, layer: int, n_blocks: int) -> list[int]:
+        """The columns layer ``layer`` selects with among ``n_blocks`` blocks: its own heads and
+        those of earlier layers, then the heads of later layers while they have scored every one
+        of the blocks (a prefix of the columns, which are sorted by layer).  In a forward pass a
+        later layer has scored the blocks that existed when the pass began, so its heads join
+        until this pass cuts a block (rule 6c of qllm.reference)."""
+        cols = self.columns_upto(layer)
+        for c in range(len(cols), len(self.heads)):
+            if self.n_filled[c] < n_blocks:
+                break
+            cols.append(c)
+        return cols
+
     def record(self, layer: int, first_block: int, keys: torch.Tensor, q_question: torch.Tensor) -> None:
         """Score new blocks for this layer's heads.
 
@@ -89,8 +104,8 @@ class QuestionRelevance:
             self.n_filled[c] = need
 
     def score(self, layer: int, n_blocks: int) -> torch.Tensor | None:
-        """mean over the heads of layers <= ``layer`` of z(c)[:n_blocks]; None if there are none."""
-        cols = self.columns_upto(layer)
+        """mean over the heads of :meth:`columns_for` of z(c)[:n_blocks]; None if there are none."""
+        cols = self.columns_for(layer, n_blocks)
         if not cols:
             return None
         for c in cols:

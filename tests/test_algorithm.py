@@ -401,26 +401,36 @@ def _heads_case(seed: int, hq: int, hkv: int, d: int, t: int, own: tuple, n_lowe
     return q, k, v, qq, lower
 
 
-def run_fast_heads(cfg, q, k, v, tab, scaling, segments, qq, own, lower, layer=2):
-    """attend with a QuestionRelevance holding `lower` as heads of layers < layer and `own` of this layer."""
+def run_fast_heads(cfg, q, k, v, tab, scaling, segments, qq, own, lower, layer=2, later=()):
+    """attend with a QuestionRelevance holding `lower` as heads of layers < layer, `own` of this layer
+    and `later` as heads of a later layer; as in a model's forward passes, the later layer has scored
+    the blocks that existed when each segment began (its columns' n_filled follow that)."""
     from qllm.attention import _fixed_query
     from qllm.retrieval import QuestionRelevance
 
     hq, t, d = q.shape
     lower_pairs = [(i % layer, 50 + i) for i in range(len(lower))]  # lower layers (head ids only label columns)
-    rel = QuestionRelevance(lower_pairs + [(layer, h) for h in own], CPU)
-    nmax = lower[0].shape[0] if lower else 1
+    later_pairs = [(layer + 3, 60 + i) for i in range(len(later))]
+    rel = QuestionRelevance(lower_pairs + [(layer, h) for h in own] + later_pairs, CPU)
+    full = list(lower) + list(later)
+    nmax = full[0].shape[0] if full else 1
     rel.raw = torch.zeros(max(nmax, 16), len(rel.heads))
-    for i, col in enumerate(lower):
-        c = rel.heads.index(lower_pairs[i])
-        rel.raw[:nmax, c] = col.float()
-        rel.n_filled[c] = nmax
+    for pairs, cols in ((lower_pairs, lower), (later_pairs, later)):
+        for i, col in enumerate(cols):
+            c = rel.heads.index(pairs[i])
+            rel.raw[:nmax, c] = col.float()
+            rel.n_filled[c] = nmax
+    later_cols = [rel.heads.index(p) for p in later_pairs]
     mem = LayerMemory(cfg, hq, k.shape[0], d, q.dtype, CPU)
     mem.layer_idx, mem.relevance = layer, rel
     mem.question = torch.zeros(hq, d)  # unused by the heads term; marks "a question is known"
     mem.question_tokens = _fixed_query(qq.float(), tab, cfg.n_local)
     outs, retrieved = [], []
+    starts = {sum(segments[:i]) for i in range(len(segments))}
     for a, e in exec_pieces(segments, cfg.exc_block_size):
+        if a in starts:
+            for c in later_cols:
+                rel.n_filled[c] = mem.n_blocks
         outs.append(attend(mem, q[:, a:e], k[:, a:e], v[:, a:e], tab, scaling))
         ids = mem.last_retrieved
         retrieved.append([] if ids is None else sorted(ids.tolist()))
@@ -457,6 +467,54 @@ def test_question_heads_match_reference(own, n_lower, pattern):
     _, info_plain = reference_attention(q, k, v, config=cfg, cos=tab.cos, sin=tab.sin, scaling=scaling,
                                         segments=SEGMENTS[pattern], question=mem.question.double() + 1.0)
     assert info_plain["retrieved"] != info["retrieved"]
+
+
+@pytest.mark.parametrize("pattern", ["prefill", "decode", "many"])
+@pytest.mark.parametrize("own,n_lower", [((1,), 1), ((), 0)], ids=["own1+lower1", "later-only"])
+def test_question_heads_of_later_layers_match_reference(own, n_lower, pattern):
+    """Rule 6c: the question heads of later layers join the mean for the execution blocks at which
+    no block has been cut since their segment began (a decode step: always); otherwise the layer
+    selects with its own and earlier heads (none: rule 6, the question vector)."""
+    hq, hkv, d = 4, 2, 16
+    cfg = BASE.replace(question_weight=1.5)
+    seed = _seed("later", own, n_lower, pattern)
+    t = sum(SEGMENTS[pattern])
+    q, k, v, qq, lower = _heads_case(seed, hq, hkv, d, t, own, n_lower, cfg)
+    g = torch.Generator().manual_seed(seed + 11)
+    later = [torch.randn(t // cfg.block_size + 1, generator=g, dtype=torch.float64) * 3 for _ in range(2)]
+    tab = table_for(cfg, d)
+    scaling = d ** -0.5
+    kw = dict(config=cfg, cos=tab.cos, sin=tab.sin, scaling=scaling, segments=SEGMENTS[pattern], question_q=qq,
+              question_heads=own, lower_head_scores=lower)
+    ref, info = reference_attention(q, k, v, question=torch.zeros(hq, d, dtype=torch.float64),
+                                    later_head_scores=later, **kw)
+    out, retrieved, mem, rel = run_fast_heads(cfg, q, k, v, tab, scaling, SEGMENTS[pattern], qq, own, lower,
+                                              later=later)
+    for i, (got, want) in enumerate(zip(retrieved, info["retrieved"])):
+        assert got == want, (f"execution block {i}: retrieved {got}, reference {want} "
+                             f"(smallest reference score gap {info['retrieval_gap']:.3g})")
+    assert_close(out, ref, "attention output")
+    assert mem.n_blocks == len(info["block_starts"]) > 5
+    # the later heads take part in decode steps (without them the choices differ); one prefill
+    # call cuts its blocks itself, so they never join there
+    _, info_wo = reference_attention(q, k, v, question=torch.zeros(hq, d, dtype=torch.float64), **kw)
+    if pattern == "prefill":
+        assert info_wo["retrieved"] == info["retrieved"]
+    else:
+        assert info_wo["retrieved"] != info["retrieved"]
+
+
+def test_columns_for_is_a_prefix_of_filled_later_columns():
+    from qllm.retrieval import QuestionRelevance
+
+    rel = QuestionRelevance([(0, 1), (1, 0), (2, 3), (2, 4), (5, 0)], CPU)
+    rel.n_filled = [10, 10, 7, 7, 10]
+    assert rel.columns_for(1, 10) == [0, 1]          # layer 2 has not scored blocks 7..9 yet
+    assert rel.columns_for(1, 7) == [0, 1, 2, 3, 4]  # every later head covers 7 blocks
+    assert rel.columns_for(2, 10) == [0, 1, 2, 3, 4]
+    assert rel.columns_for(0, 0) == [0, 1, 2, 3, 4]
+    rel.n_filled = [10, 10, 10, 10, 3]
+    assert rel.columns_for(0, 10) == [0, 1, 2, 3]     # a prefix: stops at the first head short of blocks
 
 
 def test_question_heads_find_planted_block():
