@@ -522,9 +522,10 @@ def _heads_relevance(pairs, lower_pairs, lower: torch.Tensor, device) -> "Questi
     return rel
 
 
-def _heads_case(cfg, *, own, n_lower, hq, hkv, D, dtype, T, seed, layer, n_tok):
+def _heads_case(cfg, *, own, n_lower, hq, hkv, D, dtype, T, seed, layer, n_tok, n_later=0):
     """Inputs, rope and the two memories (CPU f32 LayerMemory, CUDA CudaLayerMemory), each with its
-    own QuestionRelevance holding the same lower-layer columns."""
+    own QuestionRelevance holding the same lower-layer columns (and ``n_later`` columns of a later
+    layer, their scores written, ``n_filled`` 0: the caller advances it)."""
     from qllm.gpu import CudaLayerMemory
 
     q, k, v = _inputs(seed, hq, hkv, D, T, dtype)
@@ -532,9 +533,11 @@ def _heads_case(cfg, *, own, n_lower, hq, hkv, D, dtype, T, seed, layer, n_tok):
     g = _gen(seed + 300)
     qtok = _fixed_query(torch.randn(hq, n_tok, D, generator=g) * 1.5, rope, cfg.n_local)  # [hq, n_tok, D] f32
     lower_pairs = [(i % layer, 50 + i) for i in range(n_lower)]  # head ids only label the columns
-    pairs = lower_pairs + [(layer, h) for h in own]
+    later_pairs = [(layer + 3, 60 + i) for i in range(n_later)]
+    pairs = lower_pairs + [(layer, h) for h in own] + later_pairs
     nmax = T // cfg.block_size + 1
     lower = torch.randn(nmax, n_lower, generator=g) * 3
+    later = torch.randn(nmax, n_later, generator=g) * 3
     qv = torch.randn(hq, D, generator=g) * 0.5  # a question vector: the heads term must replace it
     mems = []
     for dev in ("cpu", DEV):
@@ -544,6 +547,12 @@ def _heads_case(cfg, *, own, n_lower, hq, hkv, D, dtype, T, seed, layer, n_tok):
             mem = CudaLayerMemory(cfg, hq, hkv, D, dtype, torch.device(DEV))
         mem.layer_idx = layer
         mem.relevance = _heads_relevance(pairs, lower_pairs, lower, dev)
+        if n_later:
+            rel = mem.relevance
+            if rel.raw.shape[0] < nmax:
+                rel.raw = torch.zeros(nmax, len(rel.heads), device=dev)
+            for i, p in enumerate(later_pairs):
+                rel.raw[:nmax, rel.heads.index(p)] = later[:, i].to(dev)
         mem.question_tokens = qtok.to(dev)
         mem.question = qv.to(dev)
         mems.append(mem)
@@ -566,16 +575,20 @@ def _ref_head_block_scores(mem: LayerMemory, q_blk: torch.Tensor, rope: RopeTabl
 
 
 def _run_heads_pair(cfg, *, own, n_lower, hq=8, hkv=2, D=64, dtype=torch.bfloat16, segments=(500,), seed=0,
-                    layer=2, n_tok=6):
+                    layer=2, n_tok=6, n_later=0):
     """The generic path (LayerMemory + attend, CPU f32, QuestionRelevance on the CPU) against
     attend_cuda (QuestionRelevance on the device) on the same inputs: outputs, retrieved blocks
-    of every execution block (equal unless the reference scores tie to 1e-3), raw head scores."""
+    of every execution block (equal unless the reference scores tie to 1e-3), raw head scores.
+    ``n_later``: heads of a later layer, which (as in a model's forward pass) have scored the
+    blocks that existed when each segment began."""
     from qllm.gpu import attend_cuda
 
     T = sum(segments)
     q, k, v, rope, (ref, gpu), lower_pairs = _heads_case(cfg, own=own, n_lower=n_lower, hq=hq, hkv=hkv, D=D,
-                                                         dtype=dtype, T=T, seed=seed, layer=layer, n_tok=n_tok)
+                                                         dtype=dtype, T=T, seed=seed, layer=layer, n_tok=n_tok,
+                                                         n_later=n_later)
     rel_c, rel_g = ref.relevance, gpu.relevance
+    later_cols = [c for c, (l, _) in enumerate(rel_c.heads) if l > layer]
     own_cols = [rel_c.heads.index((layer, h)) for h in own]
     lower_cols = [rel_c.heads.index(p) for p in lower_pairs]
     lower_before = rel_g.raw[:, lower_cols].clone()
@@ -585,6 +598,9 @@ def _run_heads_pair(cfg, *, own, n_lower, hq=8, hkv=2, D=64, dtype=torch.bfloat1
     start = 0
     n_checked = 0
     for n in segments:
+        for rel in (rel_c, rel_g):
+            for c in later_cols:
+                rel.n_filled[c] = ref.n_blocks
         outs, ref_ret, ref_scores = [], [], []
         for a in range(start, start + n, E):
             b = min(a + E, start + n)
@@ -629,6 +645,13 @@ HEADS_CFG = SMALL_SEL.replace(question_weight=1.5)
 def test_attend_cuda_question_heads(own, n_lower, dtype, segments):
     _run_heads_pair(HEADS_CFG, own=own, n_lower=n_lower, dtype=dtype, segments=segments,
                     seed=len(own) * 10 + n_lower + len(segments))
+
+
+@pytest.mark.parametrize("segments", [(500,), (200, 1, 1, 1, 3, 150, 1, 1, 1)], ids=str)
+def test_attend_cuda_question_heads_of_later_layers(segments):
+    """Rule 6c on the GPU: later layers' heads join until the call cuts a block (attend_cuda runs
+    the execution blocks before the first cut and those after as two op calls)."""
+    _run_heads_pair(HEADS_CFG, own=(1,), n_lower=1, n_later=2, segments=segments)
 
 
 @pytest.mark.parametrize("n_tok", [1, 16, 37])
