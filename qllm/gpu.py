@@ -26,7 +26,10 @@ Question heads (:class:`qllm.retrieval.QuestionRelevance`, set by the cache as
 writes this layer's raw block scores into ``relevance.raw`` (a device matrix
 shared by the layers, grown here from block counts) when blocks are cut, and
 selects with ``z(qbar . r) + w * mean z(raw)`` over the heads of layers <= this
-one, all on the device; the host only advances ``relevance.n_filled``.
+one and of later layers while they have scored every candidate
+(``QuestionRelevance.columns_for``; a call that cuts blocks runs as two op
+calls, before and after its first cut), all on the device; the host only
+advances ``relevance.n_filled``.
 
 Tiered block memory (``QLLMConfig.device_blocks = N``, strategies with
 blocks, ``block_size`` a power of two): the store keeps the init rows and a
