@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call = build + CUDA tests + layer benchmark (see benchmarks/NOTES_gpu.md).
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [bench] [profile] [e2e] [e2eg]
+# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [bench] [test8] [bench8] [pdecode] [profile] [e2e] [e2eg]
 # Logs and results go to $OUT (default: /tmp/qllm_out).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -67,6 +67,20 @@ if [[ " $stages " == *" bench1 "* ]]; then
   stamp "bench with QLLM_ATTN_MI=2"
   QLLM_ATTN_MI=2 timeout 200 python3 benchmarks/bench_layer.py --prefill 32768 131072 --decode-at 131072 \
     --out "$OUT/layer_mi2.json" 2>&1 | tee "$OUT/bench_mi2.log" | grep "prefill\|decode"
+fi
+if [[ " $stages " == *" test8 "* ]]; then
+  stamp "attend tests with 8-warp 128-row attention CTAs (QLLM_ATTN_WARPS=8)"
+  QLLM_ATTN_WARPS=8 timeout 200 python3 -m pytest -q -p no:cacheprovider -k "attend_cuda or decode_step" tests/test_cuda.py 2>&1 | tail -5
+fi
+if [[ " $stages " == *" bench8 "* ]]; then
+  stamp "bench with QLLM_ATTN_WARPS=8 (prefill 32K, 128K)"
+  QLLM_ATTN_WARPS=8 timeout 200 python3 benchmarks/bench_layer.py --prefill 32768 131072 --decode-at \
+    --out "$OUT/layer_w8.json" 2>&1 | tee "$OUT/bench_w8.log" | grep "prefill\|decode"
+fi
+if [[ " $stages " == *" pdecode "* ]]; then
+  stamp "profile of graph decode steps at 128K"
+  timeout 200 python3 benchmarks/bench_layer.py --prefill --decode-at 131072 --repeats 1 --profile-decode-graph 131072 \
+    --out "$OUT/layer_pdecode.json" 2>&1 | tee "$OUT/pdecode.log" | grep -v "^ *$" | grep "kernel\|gemv\|Name\|decode\|Self CUDA\|nvjet\|reduce" | head -30
 fi
 if [[ " $stages " == *" diag "* ]]; then
   stamp "diag: mixed CUDA/CPU arguments under cuda-gdb"

@@ -590,6 +590,7 @@ struct AttnArgs {
     float *part_o, *part_lse;
     int n_split;      /* thread blocks per row tile (grid.z) */
     int n_split_eff;  /* splits that get tiles (<= n_split; the rest write empty partials) */
+    int pack;         /* rows are the query heads of one KV head (E = 1; set by the launcher) */
     const int64_t *dyn; /* decode: sizes from the device row, else NULL */
 };
 
@@ -619,26 +620,59 @@ __device__ __forceinline__ int64_t mem_off(const AttnArgs &a, int hk, int64_t u,
     return (static_cast<int64_t>(hk) * a.cap + kv_row(pos, a.n_init, a.wmask)) * D;
 }
 
+/* Offset of the first key of memory tile [u0, u0 + BN) when its BN keys are
+ * consecutive rows of one buffer (init rows, one retrieved block, or tail
+ * positions the ring does not wrap); -1 otherwise (mem_off per key). */
+template <int D>
+__device__ __forceinline__ int64_t mem_tile_base(const AttnArgs &a, int hk, int64_t u0, bool &from_cache) {
+    from_cache = false;
+    const int64_t u1 = u0 + BN - 1;
+    if (u1 < a.init_len) return u1 < a.n_init ? (static_cast<int64_t>(hk) * a.cap + u0) * D : -1;
+    if (u0 < a.init_len) return -1;
+    const int64_t nbk = static_cast<int64_t>(a.n_ret) * a.bs;
+    const int64_t v0 = u0 - a.init_len, v1 = u1 - a.init_len;
+    if (v1 < nbk) {
+        if (v0 / a.bs != v1 / a.bs) return -1;
+        const int64_t o = mem_off<D>(a, hk, u0, from_cache);
+        if (from_cache) return o; /* block cache slots hold whole blocks */
+        bool c1 = false;
+        return mem_off<D>(a, hk, u1, c1) - o == static_cast<int64_t>(BN - 1) * D ? o : -1;
+    }
+    if (v0 < nbk) return -1;
+    const int64_t p0 = a.T0 + (v0 - nbk);
+    const int64_t w0 = kv_row(p0, a.n_init, a.wmask);
+    if (kv_row(p0 + BN - 1, a.n_init, a.wmask) - w0 != BN - 1) return -1;
+    return (static_cast<int64_t>(hk) * a.cap + w0) * D;
+}
+
 /* One CTA = BM = 64*MI query rows of one head (4 warps x 16*MI rows; with
  * MI = 2 each K/V fragment feeds the MMAs of two 16-row groups).  Tiles: memory tiles (fixed-position
  * queries, un-rotated keys) first, then local tiles; the Q buffer switches
  * from the fixed to the local rotation at the first local tile. */
-template <typename T, int D, int MI>
+template <typename T, int D, int MI, int NW>
 __device__ __forceinline__ void attn_body(const AttnArgs &a) {
     constexpr int LD = D + 8;     /* padded smem row (elements): ldmatrix without conflicts */
     constexpr int CH = D / 8;     /* 16-byte chunks per row */
     constexpr int NDT = D / 8;    /* 8-wide n-tiles of the output */
-    constexpr int BM = 4 * 16 * MI; /* rows per CTA: 4 warps x MI 16-row groups */
+    constexpr int NT = NW * 32;   /* threads */
+    constexpr int BM = NW * 16 * MI; /* rows per CTA: NW warps x MI 16-row groups */
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T *Qs = reinterpret_cast<T *>(smem_raw);
     T *Ks = Qs + BM * LD; /* [2][BN][LD] */
     T *Vs = Ks + 2 * BN * LD;
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
-    const int qt = blockIdx.x, h = blockIdx.y, split = blockIdx.z;
-    const int hk = h / a.group;
+    const int qt = blockIdx.x, split = blockIdx.z;
+    /* Packed (a.pack, one query: E = 1): the CTA's rows are the a.group query
+     * heads of KV head blockIdx.y, all at the same position, so each K/V tile
+     * is read once per KV head.  Otherwise the rows are positions of head h. */
+    const bool packed = a.pack != 0;
+    const int h = packed ? blockIdx.y * a.group : blockIdx.y;
+    const int hk = packed ? blockIdx.y : h / a.group;
     const int r0 = qt * BM;
-    const int rows_valid = min(BM, a.E - r0);
+    const int rows_valid = packed ? a.group : min(BM, a.E - r0);
+    const int npos = packed ? 1 : rows_valid; /* distinct positions among the rows */
+    const int rstep = packed ? 0 : 1;         /* position step from one row to the next */
 
     const T *kst = static_cast<const T *>(a.kst);
     const T *vst = static_cast<const T *>(a.vst);
@@ -652,7 +686,7 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
     const int fixed_end = static_cast<int>(a.init_len + nbk); /* keys seen by every query */
     /* tail memory: positions T0 .. T0+m-1, visible to row p iff pos <= p - n_local:
      * this CTA's last row bounds how many it needs */
-    int64_t m_cta = a.P0 + r0 + rows_valid - 1 - a.n_local - a.T0 + 1;
+    int64_t m_cta = a.P0 + r0 + npos - 1 - a.n_local - a.T0 + 1;
     m_cta = m_cta < 0 ? 0 : (m_cta > a.m ? a.m : m_cta);
     const int M_total = fixed_end + static_cast<int>(m_cta);
     const int n_mt = (M_total + BN - 1) / BN;
@@ -661,7 +695,7 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
     const bool first_dense = a.P0 + r0 < dense_lim;
     int lo_s = first_dense ? 0 : off + r0 - a.n_local + 1;
     if (lo_s < 0) lo_s = 0;
-    const int hi_s = off + r0 + rows_valid - 1;
+    const int hi_s = off + r0 + npos - 1;
     const int lt0 = lo_s / BN, lt1 = hi_s / BN;
     const int n_tot = n_mt + (lt1 - lt0 + 1);
     const int per = (n_tot + a.n_split_eff - 1) / a.n_split_eff;
@@ -671,7 +705,7 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
     const T *qf = static_cast<const T *>(a.qfix) + (static_cast<int64_t>(h) * a.E + r0) * D;
     const T *ql = static_cast<const T *>(a.qloc) + (static_cast<int64_t>(h) * a.E + r0) * D;
     auto load_q = [&](const T *src) {
-        for (int c = tid; c < BM * CH; c += ATT_THREADS) {
+        for (int c = tid; c < BM * CH; c += NT) {
             const int row = c / CH, ch = c % CH;
             const bool v = row < rows_valid;
             cp_async16(Qs + row * LD + ch * 8, src + (v ? row * D + ch * 8 : 0), v);
@@ -680,7 +714,20 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
     auto load_tile = [&](int t, int stage) {
         T *ks = Ks + stage * BN * LD;
         T *vs = Vs + stage * BN * LD;
-        for (int c = tid; c < BN * CH; c += ATT_THREADS) {
+        /* Per tile, not per key: when the tile's keys are consecutive rows
+         * (nearly always), each key's address is base + row * D. */
+        int64_t base;
+        bool cached0 = false;
+        if (t < n_mt) {
+            base = mem_tile_base<D>(a, hk, static_cast<int64_t>(t) * BN, cached0);
+        } else {
+            const int64_t p0 = a.T0 + static_cast<int64_t>(lt0 + t - n_mt) * BN;
+            const int64_t w0 = kv_row(p0, a.n_init, a.wmask);
+            base = kv_row(p0 + BN - 1, a.n_init, a.wmask) - w0 == BN - 1 ? (kv_head + w0) * D : -1;
+        }
+        const T *kb = cached0 ? kc : kst;
+        const T *vb = cached0 ? vc : vst;
+        for (int c = tid; c < BN * CH; c += NT) {
             const int kr = c / CH, ch = c % CH;
             const T *ksrc;
             const T *vsrc;
@@ -688,16 +735,24 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
             if (t < n_mt) {
                 const int64_t u = static_cast<int64_t>(t) * BN + kr;
                 v = u < M_total;
-                bool cached = false;
-                const int64_t o = v ? mem_off<D>(a, hk, u, cached) : 0;
-                ksrc = (cached ? kc : kst) + o + ch * 8;
-                vsrc = (cached ? vc : vst) + o + ch * 8;
+                if (base >= 0) {
+                    const int64_t o = v ? base + static_cast<int64_t>(kr) * D : 0;
+                    ksrc = kb + o + ch * 8;
+                    vsrc = vb + o + ch * 8;
+                } else {
+                    bool cached = false;
+                    const int64_t o = v ? mem_off<D>(a, hk, u, cached) : 0;
+                    ksrc = (cached ? kc : kst) + o + ch * 8;
+                    vsrc = (cached ? vc : vst) + o + ch * 8;
+                }
             } else {
                 const int sidx = (lt0 + t - n_mt) * BN + kr;
                 v = sidx < a.L;
                 const int64_t sv = v ? sidx : 0;
                 ksrc = krot + (static_cast<int64_t>(hk) * a.L + sv) * D + ch * 8;
-                vsrc = vst + (kv_head + kv_row(a.T0 + sv, a.n_init, a.wmask)) * D + ch * 8;
+                const int64_t vo = !v ? 0 : base >= 0 ? base + static_cast<int64_t>(kr) * D
+                                                      : (kv_head + kv_row(a.T0 + sv, a.n_init, a.wmask)) * D;
+                vsrc = vst + vo + ch * 8;
             }
             cp_async16(ks + kr * LD + ch * 8, ksrc, v);
             cp_async16(vs + kr * LD + ch * 8, vsrc, v);
@@ -719,7 +774,7 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
         }
     /* row (mi, i) of this thread sits at segment index prel0 + mi*16 + 8*i; it is
      * dense (ordinary causal attention) iff that index is < dense_rel */
-    const int prel0 = off + r0 + warp * (16 * MI) + g;
+    const int prel0 = off + r0 + rstep * (warp * (16 * MI) + g);
     const int dense_rel = static_cast<int>(max(static_cast<int64_t>(-1), min(static_cast<int64_t>(INT_MAX / 2), dense_lim - a.T0)));
     const bool warp_active = warp * (16 * MI) < rows_valid;
     /* streaming: tail memory only below n_init */
@@ -728,8 +783,8 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
      * Local tile keys s0..s0+BN-1 are visible to every row of this CTA iff
      * s0+BN-1 < L, s0+BN-1 <= first row, and (all rows dense, or s0 >= last row - n_local + 1). */
     const int pr_first = off + r0;
-    const int pr_last = off + r0 + rows_valid - 1;
-    const bool all_dense = a.P0 + r0 + rows_valid - 1 < dense_lim;
+    const int pr_last = off + r0 + npos - 1;
+    const bool all_dense = a.P0 + r0 + npos - 1 < dense_lim;
     auto classify = [&](int t) -> int {
         if (t < n_mt) return (t + 1) * BN <= fixed_end ? 0 : 1;
         const int s0 = (lt0 + t - n_mt) * BN;
@@ -806,7 +861,7 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
                             if (u < fixed_end) {
                                 vis = true;
                             } else {
-                                const int pr = prel0 + mi * 16 + 8 * i;
+                                const int pr = prel0 + rstep * (mi * 16 + 8 * i);
                                 const int sm = u - fixed_end; /* tail position - T0 */
                                 vis = u < M_total && pr >= dense_rel && sm <= pr - a.n_local &&
                                       sm < stream_lim;
@@ -823,7 +878,7 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
                         for (int e = 0; e < 4; ++e) {
                             const int i = e >> 1;
                             const int sx = sbase + nt * 8 + tq * 2 + (e & 1);
-                            const int pr = prel0 + mi * 16 + 8 * i;
+                            const int pr = prel0 + rstep * (mi * 16 + 8 * i);
                             const bool vis = sx < a.L && sx <= pr && (pr - sx < a.n_local || pr < dense_rel);
                             if (!vis) S[mi][nt][e] = -INFINITY;
                         }
@@ -910,19 +965,21 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
             float l = lrow[mi][i];
             l += __shfl_xor_sync(0xffffffffu, l, 1);
             l += __shfl_xor_sync(0xffffffffu, l, 2);
-            const int r = r0 + warp * (16 * MI) + mi * 16 + g + 8 * i;
-            if (!warp_active || r >= a.E) continue;
+            const int rl = warp * (16 * MI) + mi * 16 + g + 8 * i; /* row in the CTA */
+            if (!warp_active || rl >= rows_valid) continue;
+            const int hh = packed ? h + rl : h;  /* query head of the row */
+            const int r = packed ? 0 : r0 + rl;  /* and its query index */
             const float inv = l > 0.0f ? 1.0f / l : 0.0f;
             const float lse = l > 0.0f ? mrow[mi][i] + __log2f(l) : -INFINITY;
             if (a.n_split == 1) {
-                T *o = static_cast<T *>(a.out) + h * a.o_hs + r * a.o_ts;
+                T *o = static_cast<T *>(a.out) + hh * a.o_hs + r * a.o_ts;
 #pragma unroll
                 for (int dt = 0; dt < NDT; ++dt)
                     *reinterpret_cast<uint32_t *>(o + dt * 8 + tq * 2) =
                         Cvt<T>::pack(O[mi][dt][2 * i] * inv, O[mi][dt][2 * i + 1] * inv);
-                if (tq == 0) a.lse[static_cast<int64_t>(h) * a.E + r] = lse;
+                if (tq == 0) a.lse[static_cast<int64_t>(hh) * a.E + r] = lse;
             } else {
-                const int64_t row = (static_cast<int64_t>(split) * a.hq + h) * a.E + r;
+                const int64_t row = (static_cast<int64_t>(split) * a.hq + hh) * a.E + r;
                 float *o = a.part_o + row * D;
 #pragma unroll
                 for (int dt = 0; dt < NDT; ++dt)
@@ -933,16 +990,16 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
         }
 }
 
-template <typename T, int D, int MI>
-__global__ void __launch_bounds__(ATT_THREADS, 2) attn_kernel(const AttnArgs a) {
-    attn_body<T, D, MI>(a);
+template <typename T, int D, int MI, int NW>
+__global__ void __launch_bounds__(NW * 32, 8 / NW) attn_kernel(const AttnArgs a) {
+    attn_body<T, D, MI, NW>(a);
 }
 
 /* Decode step (E = 1): the sizes come from the device row; the split count
  * actually used is the host's choice for these sizes (ops_cuda.cpp
  * choose_split), so the result is bitwise that of attn_kernel. */
-template <typename T, int D, int MI>
-__global__ void __launch_bounds__(ATT_THREADS, 2) attn_dyn_kernel(const AttnArgs a0) {
+template <typename T, int D, int MI, int NW>
+__global__ void __launch_bounds__(NW * 32, 8 / NW) attn_dyn_kernel(const AttnArgs a0) {
     AttnArgs a = a0;
     a.P0 = a.dyn[QLLM_DYN_P0];
     a.T0 = a.dyn[QLLM_DYN_T0];
@@ -951,40 +1008,47 @@ __global__ void __launch_bounds__(ATT_THREADS, 2) attn_dyn_kernel(const AttnArgs
     a.n_ret = static_cast<int>(a.dyn[QLLM_DYN_NRET]);
     a.m = static_cast<int>(a.dyn[QLLM_DYN_M]);
     if (a.n_split > 1) {
-        constexpr int BMr = 64 * MI;
+        constexpr int BMr = NW * 16 * MI;
         const int64_t M = a.init_len + static_cast<int64_t>(a.n_ret) * a.bs + a.m;
         const int64_t lw = a.L < a.n_local + BMr ? a.L : a.n_local + BMr;
         const int64_t tiles = (M + BN - 1) / BN + lw / BN + 1;
         a.n_split_eff = static_cast<int>(tiles < a.n_split ? tiles : a.n_split);
     }
-    attn_body<T, D, MI>(a);
+    attn_body<T, D, MI, NW>(a);
 }
 
-/* Merge n_split partial results of each (head, row). One warp per row. */
+/* Merge n_split (<= QLLM_CUDA_MAX_SPLIT) partial results of each (head, row).
+ * One CTA of D threads per (row, head), one output dim per thread; every
+ * thread reads all the splits' lse (the same addresses: broadcast) and its
+ * dim of every split, all loads in flight together: in a decode step this
+ * kernel is latency, not bandwidth.  Splits are summed in order. */
 template <typename T>
 __global__ void combine_kernel(const float *__restrict__ part_o, const float *__restrict__ part_lse,
                                int n_split, int hq, int E, int D, T *out, int64_t o_hs,
                                int64_t o_ts, float *lse) {
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int r = blockIdx.x * (blockDim.x >> 5) + warp, h = blockIdx.y;
-    if (r >= E) return;
-    float mx = -INFINITY;
-    for (int s = 0; s < n_split; ++s)
-        mx = fmaxf(mx, part_lse[(static_cast<int64_t>(s) * hq + h) * E + r]);
-    const float ref = mx == -INFINITY ? 0.0f : mx;
-    float tot = 0.0f;
-    for (int s = 0; s < n_split; ++s) tot += exp2f(part_lse[(static_cast<int64_t>(s) * hq + h) * E + r] - ref);
-    const float inv = tot > 0.0f ? 1.0f / tot : 0.0f;
-    T *o = out + h * o_hs + r * o_ts;
-    for (int d = lane; d < D; d += 32) {
-        float acc = 0.0f;
-        for (int s = 0; s < n_split; ++s) {
-            const int64_t row = (static_cast<int64_t>(s) * hq + h) * E + r;
-            acc += exp2f(part_lse[row] - ref) * part_o[row * D + d];
-        }
-        o[d] = Cvt<T>::from_f(acc * inv);
+    const int r = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
+    const int64_t stride = static_cast<int64_t>(hq) * E; /* rows between splits */
+    const int64_t row0 = static_cast<int64_t>(h) * E + r;
+    float ls[QLLM_CUDA_MAX_SPLIT], po[QLLM_CUDA_MAX_SPLIT];
+#pragma unroll
+    for (int sp = 0; sp < QLLM_CUDA_MAX_SPLIT; ++sp) {
+        ls[sp] = sp < n_split ? part_lse[row0 + sp * stride] : -INFINITY;
+        po[sp] = sp < n_split ? part_o[(row0 + sp * stride) * D + d] : 0.0f;
     }
-    if (lane == 0) lse[static_cast<int64_t>(h) * E + r] = tot > 0.0f ? ref + __log2f(tot) : -INFINITY;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int sp = 0; sp < QLLM_CUDA_MAX_SPLIT; ++sp) mx = fmaxf(mx, ls[sp]);
+    const float ref = mx == -INFINITY ? 0.0f : mx;
+    float tot = 0.0f, acc = 0.0f;
+#pragma unroll
+    for (int sp = 0; sp < QLLM_CUDA_MAX_SPLIT; ++sp) {
+        const float w = sp < n_split ? exp2f(ls[sp] - ref) : 0.0f;
+        tot += w;
+        acc += w * po[sp];
+    }
+    const float inv = tot > 0.0f ? 1.0f / tot : 0.0f;
+    out[h * o_hs + r * o_ts + d] = Cvt<T>::from_f(acc * inv);
+    if (d == 0) lse[row0] = tot > 0.0f ? ref + __log2f(tot) : -INFINITY;
 }
 
 /* ----------------------------------------------------------- token scores */
@@ -1344,44 +1408,58 @@ int ensure_smem(Kern k, size_t bytes, const char *what) {
     return QLLM_CUDA_OK;
 }
 
-/* Rows per warp of the attention kernel: QLLM_ATTN_MI=1 (64-row CTAs, default:
- * measured 74.0 vs 78.6 ms for a 128K prefill layer, benchmarks/NOTES_gpu.md) or
- * 2 (128-row CTAs); read once. */
-int attn_mi() {
-    static int mi = 0;
-    if (mi == 0) {
-        const char *e = getenv("QLLM_ATTN_MI");
-        mi = (e != nullptr && e[0] == '2') ? 2 : 1;
+/* Shape of the attention CTA, read once from the environment:
+ *   0 (default): 4 warps x 16 rows (64-row CTAs, 2 per SM);
+ *   1, QLLM_ATTN_MI=2: 4 warps x 32 rows (128-row CTAs);
+ *   2, QLLM_ATTN_WARPS=8: 8 warps x 16 rows (128-row CTAs, 1 per SM).
+ * benchmarks/NOTES_gpu.md has the measurements behind the default. */
+int attn_variant() {
+    static int v = -1;
+    if (v < 0) {
+        const char *mi = getenv("QLLM_ATTN_MI");
+        const char *nw = getenv("QLLM_ATTN_WARPS");
+        v = (mi != nullptr && mi[0] == '2') ? 1 : (nw != nullptr && nw[0] == '8') ? 2 : 0;
     }
-    return mi;
+    return v;
 }
 
-template <typename T, int D, int MI, bool DYN>
-int launch_attention_mi(const AttnArgs &a, int E, int hq, cudaStream_t stream) {
-    constexpr int BMr = 64 * MI;
+/* Packed rows (attn_body): one query (E = 1) whose heads share KV heads. */
+bool attn_packs(int64_t E, int group) { return E == 1 && group > 1 && group <= 16; }
+
+template <typename T, int D, int MI, int NW, bool DYN>
+int launch_attention_v(const AttnArgs &a0, int E, int hq, cudaStream_t stream) {
+    constexpr int BMr = NW * 16 * MI;
     const size_t smem = static_cast<size_t>(BMr + 4 * BN) * (D + 8) * sizeof(T);
     static bool ready = false;
     if (!ready) {
-        const int st = DYN ? ensure_smem(attn_dyn_kernel<T, D, MI>, smem, "attn_dyn_kernel")
-                           : ensure_smem(attn_kernel<T, D, MI>, smem, "attn_kernel");
+        const int st = DYN ? ensure_smem(attn_dyn_kernel<T, D, MI, NW>, smem, "attn_dyn_kernel")
+                           : ensure_smem(attn_kernel<T, D, MI, NW>, smem, "attn_kernel");
         if (st != QLLM_CUDA_OK) return st;
         ready = true;
     }
-    dim3 grid((E + BMr - 1) / BMr, hq, a.n_split);
+    AttnArgs a = a0;
+    a.pack = attn_packs(E, a.group) ? 1 : 0;
+    dim3 grid(a.pack ? 1 : (E + BMr - 1) / BMr, a.pack ? hq / a.group : hq, a.n_split);
     if (DYN)
-        attn_dyn_kernel<T, D, MI><<<grid, ATT_THREADS, smem, stream>>>(a);
+        attn_dyn_kernel<T, D, MI, NW><<<grid, NW * 32, smem, stream>>>(a);
     else
-        attn_kernel<T, D, MI><<<grid, ATT_THREADS, smem, stream>>>(a);
+        attn_kernel<T, D, MI, NW><<<grid, NW * 32, smem, stream>>>(a);
     return check_launch("attn_kernel");
+}
+
+template <typename T, int D, bool DYN>
+int launch_attention_dyn(const AttnArgs &a, int E, int hq, cudaStream_t stream) {
+    switch (attn_variant()) {
+    case 1: return launch_attention_v<T, D, 2, 4, DYN>(a, E, hq, stream);
+    case 2: return launch_attention_v<T, D, 1, 8, DYN>(a, E, hq, stream);
+    default: return launch_attention_v<T, D, 1, 4, DYN>(a, E, hq, stream);
+    }
 }
 
 template <typename T, int D>
 int launch_attention(const AttnArgs &a, int E, int hq, cudaStream_t stream) {
-    if (a.dyn != nullptr)
-        return attn_mi() == 1 ? launch_attention_mi<T, D, 1, true>(a, E, hq, stream)
-                              : launch_attention_mi<T, D, 2, true>(a, E, hq, stream);
-    return attn_mi() == 1 ? launch_attention_mi<T, D, 1, false>(a, E, hq, stream)
-                          : launch_attention_mi<T, D, 2, false>(a, E, hq, stream);
+    return a.dyn != nullptr ? launch_attention_dyn<T, D, true>(a, E, hq, stream)
+                            : launch_attention_dyn<T, D, false>(a, E, hq, stream);
 }
 
 /* dyn != NULL: decode step, a.L is the longest segment (grid), sizes from dyn. */
@@ -1420,7 +1498,9 @@ using namespace qllm_cuda;
         }                                                \
     } while (0)
 
-extern "C" int qllm_cuda_attention_rows(void) { return 64 * attn_mi(); }
+extern "C" int qllm_cuda_attention_rows(void) { return attn_variant() == 0 ? 64 : 128; }
+
+extern "C" int qllm_cuda_attention_packs(int64_t E, int group) { return attn_packs(E, group) ? 1 : 0; }
 
 extern "C" int qllm_cuda_exec_prep(const qllm_gpu_layer *ly, const qllm_gpu_exec *ex,
                                    const void *q, int64_t q_hs, int64_t q_ts, void *qfix,
@@ -1615,8 +1695,8 @@ extern "C" int qllm_cuda_exec_attention(const qllm_gpu_layer *ly, const qllm_gpu
                                 : launch_attention<T, 128>(a, ex->E, ly->hq, stream);
     });
     if (st || n_split == 1) return st;
-    dim3 grid((ex->E + 3) / 4, ly->hq);
-    QLLM_DISPATCH_T(ly->dtype, combine_kernel<T><<<grid, 128, 0, stream>>>(
+    dim3 grid(static_cast<unsigned>(ex->E), ly->hq);
+    QLLM_DISPATCH_T(ly->dtype, combine_kernel<T><<<grid, ly->head_dim, 0, stream>>>(
                                    part_o, part_lse, n_split, ly->hq, ex->E, ly->head_dim,
                                    static_cast<T *>(out), o_hs, o_ts, lse));
     return check_launch("combine_kernel");
@@ -1800,7 +1880,7 @@ extern "C" int qllm_cuda_decode_step(const qllm_gpu_layer *ly, const qllm_gpu_de
     if (st) return st;
     if (dc->n_split > 1) {
         dim3 grid(1, ly->hq);
-        QLLM_DISPATCH_T(ly->dtype, combine_kernel<T><<<grid, 128, 0, stream>>>(
+        QLLM_DISPATCH_T(ly->dtype, combine_kernel<T><<<grid, D, 0, stream>>>(
                                        dc->part_o, dc->part_lse, dc->n_split, ly->hq, 1, D,
                                        static_cast<T *>(dc->out), dc->o_hs, dc->o_hs, dc->lse));
         st = check_launch("combine_kernel");

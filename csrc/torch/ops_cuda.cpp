@@ -350,7 +350,9 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
     const int sms = multiprocessors();
     const int64_t bm = qllm_cuda_attention_rows();
     auto choose_split = [&](const ExecRow &r) -> int {
-        const int64_t ctas = ((r.E + bm - 1) / bm) * hq;
+        /* one query packs its heads per KV head (attend.cu attn_packs) */
+        const int64_t ctas = qllm_cuda_attention_packs(r.E, static_cast<int>(hq / hkv)) ? hkv
+                                                                                        : ((r.E + bm - 1) / bm) * hq;
         if (2 * ctas >= sms) return 1; /* enough row tiles: no split, no combine */
         const int64_t M = r.init_len + r.n_ret * bs + r.m;
         const int64_t L = r.P0 - r.T0 + r.E;
@@ -452,10 +454,10 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
 /* Split count of the decode step's attention: choose_split of attend_run for
  * E = 1 before the tile bound (the kernel applies min(split, tiles) from the
  * device row, which gives attend_run's exact choice). */
-int decode_split(int64_t hq) {
+int decode_split(int64_t hq, int64_t hkv) {
     const int sms = multiprocessors();
     const int64_t bm = qllm_cuda_attention_rows();
-    const int64_t ctas = ((1 + bm - 1) / bm) * hq;
+    const int64_t ctas = qllm_cuda_attention_packs(1, static_cast<int>(hq / hkv)) ? hkv : ((1 + bm - 1) / bm) * hq;
     if (2 * ctas >= sms) return 1;
     const int64_t s = std::min<int64_t>((2 * sms + ctas - 1) / ctas, QLLM_CUDA_MAX_SPLIT);
     return static_cast<int>(std::max<int64_t>(s, 1));
@@ -504,7 +506,7 @@ void attend_decode_cuda(const at::Tensor &q, const at::Tensor &k, const at::Tens
     at::Tensor qloc = at::empty({hq, 1, D}, opt_t);
     at::Tensor krot = at::empty({hkv, L_max, D}, opt_t);
     at::Tensor lse = at::empty({hq}, opt_f);
-    const int n_split = decode_split(hq);
+    const int n_split = decode_split(hq, hkv);
     at::Tensor part_o, part_lse;
     if (n_split > 1) {
         part_o = at::empty({n_split, hq, D}, opt_f);
