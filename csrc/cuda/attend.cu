@@ -27,7 +27,6 @@ namespace qllm_cuda {
 namespace {
 
 constexpr int BN = QLLM_CUDA_ATTN_BN; /* keys per tile */
-constexpr int ATT_THREADS = 128; /* 4 warps */
 constexpr int TS_KEYS = 64;    /* keys per token-score CTA (4 warps x 16) */
 constexpr int TS_Q = 64;       /* queries per token-score step */
 constexpr int TS_THREADS = 128;
@@ -229,24 +228,26 @@ __global__ void __launch_bounds__(256) bscore_pairs_kernel(const float *__restri
     const int i = i0 + static_cast<int>(w % n_rows);
     const float4 *r = reinterpret_cast<const float4 *>(reprs + b * X);
     const float4 *qv = reinterpret_cast<const float4 *>(qcomb + static_cast<int64_t>(i) * X);
-    /* four independent loads in flight per lane (the decode step reads every block's
-     * representative once: bandwidth-bound), fixed summation order */
-    float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+    /* eight independent loads in flight per lane (the decode step reads every block's
+     * representative once: bandwidth-bound, and one CTA per SM holds too few loads
+     * otherwise), fixed summation order */
+    float acc8[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
     const int64_t n4 = X / 4;
     int64_t x = lane;
-    for (; x + 96 < n4; x += 128) {
-        const float4 u0 = r[x], u1 = r[x + 32], u2 = r[x + 64], u3 = r[x + 96];
-        const float4 c0 = qv[x], c1 = qv[x + 32], c2 = qv[x + 64], c3 = qv[x + 96];
-        a0 += u0.x * c0.x + u0.y * c0.y + u0.z * c0.z + u0.w * c0.w;
-        a1 += u1.x * c1.x + u1.y * c1.y + u1.z * c1.z + u1.w * c1.w;
-        a2 += u2.x * c2.x + u2.y * c2.y + u2.z * c2.z + u2.w * c2.w;
-        a3 += u3.x * c3.x + u3.y * c3.y + u3.z * c3.z + u3.w * c3.w;
+    for (; x + 224 < n4; x += 256) {
+        float4 u[8], c[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) u[j] = r[x + 32 * j];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) c[j] = qv[x + 32 * j];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc8[j] += u[j].x * c[j].x + u[j].y * c[j].y + u[j].z * c[j].z + u[j].w * c[j].w;
     }
     for (; x < n4; x += 32) {
         const float4 u = r[x], c = qv[x];
-        a0 += u.x * c.x + u.y * c.y + u.z * c.z + u.w * c.w;
+        acc8[0] += u.x * c.x + u.y * c.y + u.z * c.z + u.w * c.w;
     }
-    float acc = (a0 + a1) + (a2 + a3);
+    float acc = ((acc8[0] + acc8[1]) + (acc8[2] + acc8[3])) + ((acc8[4] + acc8[5]) + (acc8[6] + acc8[7]));
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
     if (lane == 0) out[static_cast<int64_t>(i) * ld + b] = acc;
@@ -255,161 +256,206 @@ __global__ void __launch_bounds__(256) bscore_pairs_kernel(const float *__restri
 /* ------------------------------------------------------------------ top-k */
 
 constexpr int SEL_THREADS = 256;
+/* Dynamic shared memory the selection kernels may take: 48 KB (no opt-in) less
+ * room for their static arrays (the top-k histogram, the qsel partials). */
+constexpr int64_t SEL_DYN_SMEM = 43 * 1024;
 
-/* Higher score first, ties toward the lower index; -1 = none. */
-__device__ __forceinline__ bool better32(float sa, int ia, float sb, int ib) {
-    if (ia < 0) return false;
-    if (ib < 0) return true;
-    return sa > sb || (sa == sb && ia < ib);
+/* Orderable key of a block score: a larger key is a better score; -0 == +0;
+ * NaN is the lowest. */
+__device__ __forceinline__ uint32_t score_key(float v) {
+    if (v != v) return 0u;
+    const uint32_t b = __float_as_uint(v == 0.0f ? 0.0f : v);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
-/* k rounds of a block-wide best search over src[0..n) (exact top-k order:
- * descending score, ties toward the lower index), then ids[0..k) in ascending
- * block order.  sel: k ints of shared memory; ws / wi: SEL_THREADS/32 entries.
- * All SEL_THREADS threads of the block call it. */
-constexpr int SEL_KFAST = 32; /* k up to this: per-warp candidates, then one merge */
+/* Exact top-k of src[0..n) (descending score, ties toward the lower index),
+ * written to ids[0..k) in ascending block order.  All SEL_THREADS threads of
+ * the block call it.  k > n: ids[n..k) = -1.
+ * k <= SEL_KFAST (topk_rounds): each warp takes the top k of its stripes in k
+ * rounds of two warp reductions (key max, then index min), where only the
+ * winning lane rescans its own elements; warp 0 then does the same over the
+ * warps' candidates.  Larger k (topk_radix): a radix select, whose cost does
+ * not grow with k:
+ * 1. Radix select over the 32-bit keys, 8 bits per pass: each pass histograms
+ *    the keys that match the digits chosen so far (warp-aggregated shared
+ *    atomics), and warp 0 finds the digit holding the k-th best by a scan.
+ *    After 4 passes the k-th best key T is known, and `need` says how many of
+ *    the keys equal to T belong to the top k.
+ * 2. One ordered pass takes every key > T and the first `need` keys == T,
+ *    placing them by block-wide ballot scans: ids come out ascending. */
+constexpr int SEL_KFAST = 32;
 
-__device__ __forceinline__ void topk_ascending(const float *src, int n, int k, int *sel, float *ws, int *wi,
-                                               int32_t *__restrict__ ids) {
+/* Best (key, index) of one lane's elements get(j), j < cnt, strictly worse
+ * than (tk, ti) when bounded; none = (0, UINT_MAX), which every element beats. */
+template <typename Get>
+__device__ __forceinline__ void lane_best(Get get, int cnt, bool bounded, uint32_t tk, uint32_t ti,
+                                          uint32_t &bk, uint32_t &bi) {
+    bk = 0u;
+    bi = 0xffffffffu;
+    for (int j = 0; j < cnt; ++j) {
+        uint32_t key, idx;
+        get(j, key, idx);
+        if (idx == 0xffffffffu) continue;
+        if (bounded && !(key < tk || (key == tk && idx > ti))) continue;
+        if (key > bk || (key == bk && idx < bi)) {
+            bk = key;
+            bi = idx;
+        }
+    }
+}
+
+/* k rounds over the warp's elements; round r's winner goes to out_k/out_i[r]
+ * (lane 0 writes) and, when win != NULL, to *win of lane r. */
+template <typename Get>
+__device__ __forceinline__ void warp_topk(Get get, int cnt, int k, uint32_t *out_k, uint32_t *out_i,
+                                          uint32_t *win) {
+    const int lane = threadIdx.x & 31;
+    uint32_t bk, bi;
+    lane_best(get, cnt, false, 0u, 0u, bk, bi);
+    for (int r = 0; r < k; ++r) {
+        const uint32_t kmax = __reduce_max_sync(0xffffffffu, bk);
+        const uint32_t imin = __reduce_min_sync(0xffffffffu, bk == kmax ? bi : 0xffffffffu);
+        if (out_k != nullptr && lane == 0) {
+            out_k[r] = kmax;
+            out_i[r] = imin;
+        }
+        if (win != nullptr && lane == r) *win = imin;
+        if (imin != 0xffffffffu && bk == kmax && bi == imin) lane_best(get, cnt, true, kmax, imin, bk, bi);
+    }
+}
+
+__device__ __forceinline__ void topk_rounds(const float *src, int n, int k, int32_t *__restrict__ ids) {
+    constexpr int NWS = SEL_THREADS / 32;
+    __shared__ uint32_t cand_k[NWS * SEL_KFAST], cand_i[NWS * SEL_KFAST];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (k <= SEL_KFAST) {
-        /* each warp its own top-k over a strided share (warp-only rounds: no block barrier per
-         * round), then warp 0 the top-k of those NW*k candidates: the exact top-k of the whole */
-        constexpr int NW = SEL_THREADS / 32;
-        __shared__ float cand_s[NW * SEL_KFAST];
-        __shared__ int cand_i[NW * SEL_KFAST];
-        (void)ws;
-        (void)wi;
-        /* warp w takes 32-wide stripes w, w+NW, ..: index i belongs to warp (i / 32) % NW */
-        {
-            float prev_s = 0.0f;
-            int prev_i = -1;
-            for (int r = 0; r < k; ++r) {
-                float bs = 0.0f;
-                int bi = -1;
-                for (int i = warp * 32 + lane; i < n; i += SEL_THREADS) {
-                    const float v = src[i];
-                    if (prev_i >= 0 && !better32(prev_s, prev_i, v, i)) continue;
-                    if (better32(v, i, bs, bi)) {
-                        bs = v;
-                        bi = i;
-                    }
-                }
-#pragma unroll
-                for (int o = 16; o > 0; o >>= 1) {
-                    const float so = __shfl_xor_sync(0xffffffffu, bs, o);
-                    const int io = __shfl_xor_sync(0xffffffffu, bi, o);
-                    if (better32(so, io, bs, bi)) {
-                        bs = so;
-                        bi = io;
-                    }
-                }
-                if (lane == 0) {
-                    cand_s[warp * k + r] = bs;
-                    cand_i[warp * k + r] = bi;
-                }
-                prev_s = bs;
-                prev_i = bi;
+    /* warp w owns the 32-wide stripes w, w + NWS, ...: element i = w*32 + lane + j*SEL_THREADS */
+    const int first = warp * 32 + lane;
+    const int cnt = first < n ? (n - first + SEL_THREADS - 1) / SEL_THREADS : 0;
+    warp_topk([&](int j, uint32_t &key, uint32_t &idx) {
+                  const int i = first + j * SEL_THREADS;
+                  key = score_key(src[i]);
+                  idx = static_cast<uint32_t>(i);
+              },
+              cnt, k, cand_k + warp * k, cand_i + warp * k, nullptr);
+    __syncthreads();
+    if (warp == 0) {
+        const int nc = NWS * k;
+        const int ccnt = lane < nc ? (nc - lane + 31) / 32 : 0;
+        uint32_t w = 0xffffffffu;
+        warp_topk([&](int j, uint32_t &key, uint32_t &idx) {
+                      key = cand_k[lane + 32 * j];
+                      idx = cand_i[lane + 32 * j];
+                  },
+                  ccnt, k, nullptr, nullptr, &w);
+        /* ascending block order: rank among the k winners (none = UINT_MAX last) */
+        int rank = 0;
+        for (int j = 0; j < k; ++j) {
+            const uint32_t v = __shfl_sync(0xffffffffu, w, j);
+            rank += (v < w || (v == w && j < lane)) ? 1 : 0;
+        }
+        if (lane < k) ids[rank] = w == 0xffffffffu ? -1 : static_cast<int32_t>(w);
+    }
+}
+
+__device__ __forceinline__ void topk_radix(const float *src, int n, int k, int32_t *__restrict__ ids) {
+    constexpr int NWS = SEL_THREADS / 32;
+    __shared__ int hist[256];
+    __shared__ uint32_t s_prefix;
+    __shared__ int s_need;
+    __shared__ int wsum[NWS];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const unsigned lt_mask = (1u << lane) - 1u;
+    for (int a = n + tid; a < k; a += SEL_THREADS) ids[a] = -1;
+    if (k > n) k = n;
+    if (k <= 0) return;
+    uint32_t prefix = 0u, mask = 0u;
+    int need = k; /* keys still to take among those matching prefix on mask */
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int d = tid; d < 256; d += SEL_THREADS) hist[d] = 0;
+        __syncthreads();
+        for (int c0 = 0; c0 < n; c0 += SEL_THREADS) {
+            const int i = c0 + tid;
+            int digit = 256; /* none */
+            if (i < n) {
+                const uint32_t key = score_key(src[i]);
+                if ((key & mask) == prefix) digit = static_cast<int>((key >> shift) & 255u);
             }
+            const unsigned peers = __match_any_sync(0xffffffffu, digit);
+            if (digit < 256 && (peers & lt_mask) == 0u) atomicAdd(&hist[digit], __popc(peers));
         }
         __syncthreads();
         if (warp == 0) {
-            /* candidates with index -1 never win (better32) */
-            float prev_s = 0.0f;
-            int prev_i = -1;
-            for (int r = 0; r < k; ++r) {
-                float bs = 0.0f;
-                int bi = -1;
-                for (int c = lane; c < NW * k; c += 32) {
-                    const float v = cand_s[c];
-                    const int i = cand_i[c];
-                    if (i < 0 || (prev_i >= 0 && !better32(prev_s, prev_i, v, i))) continue;
-                    if (better32(v, i, bs, bi)) {
-                        bs = v;
-                        bi = i;
-                    }
-                }
+            /* lane l holds digits 255 - 8l down to 248 - 8l: best first */
+            int c[8], tot = 0;
 #pragma unroll
-                for (int o = 16; o > 0; o >>= 1) {
-                    const float so = __shfl_xor_sync(0xffffffffu, bs, o);
-                    const int io = __shfl_xor_sync(0xffffffffu, bi, o);
-                    if (better32(so, io, bs, bi)) {
-                        bs = so;
-                        bi = io;
-                    }
-                }
-                if (lane == 0) sel[r] = bi;
-                prev_s = bs;
-                prev_i = bi;
+            for (int j = 0; j < 8; ++j) {
+                c[j] = hist[255 - 8 * lane - j];
+                tot += c[j];
             }
-            __syncwarp();
-            if (lane == 0) { /* ascending block order */
-                for (int a = 1; a < k; ++a) {
-                    const int v = sel[a];
-                    int b = a - 1;
-                    while (b >= 0 && sel[b] > v) {
-                        sel[b + 1] = sel[b];
-                        --b;
-                    }
-                    sel[b + 1] = v;
-                }
-                for (int a = 0; a < k; ++a) ids[a] = sel[a];
-            }
-        }
-        return;
-    }
-    float prev_s = 0.0f;
-    int prev_i = -1;
-    for (int r = 0; r < k; ++r) {
-        float bs = 0.0f;
-        int bi = -1;
-        for (int i = threadIdx.x; i < n; i += SEL_THREADS) {
-            const float v = src[i];
-            if (prev_i >= 0 && !better32(prev_s, prev_i, v, i)) continue;
-            if (better32(v, i, bs, bi)) {
-                bs = v;
-                bi = i;
-            }
-        }
+            int inc = tot;
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float so = __shfl_xor_sync(0xffffffffu, bs, o);
-            const int io = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (better32(so, io, bs, bi)) {
-                bs = so;
-                bi = io;
+            for (int o = 1; o < 32; o <<= 1) {
+                const int y = __shfl_up_sync(0xffffffffu, inc, o);
+                if (lane >= o) inc += y;
             }
-        }
-        if (lane == 0) {
-            ws[warp] = bs;
-            wi[warp] = bi;
+            const int exc = inc - tot;
+            if (exc < need && need <= inc) { /* exactly one lane */
+                int cum = exc;
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    if (cum + c[j] >= need) {
+                        s_prefix = prefix | (static_cast<uint32_t>(255 - 8 * lane - j) << shift);
+                        s_need = need - cum;
+                        break;
+                    }
+                    cum += c[j];
+                }
+            }
         }
         __syncthreads();
-        bs = ws[0];
-        bi = wi[0];
+        prefix = s_prefix;
+        need = s_need;
+        mask |= 255u << shift;
+        /* s_prefix / s_need are written again only after the next pass's two barriers */
+    }
+    int base_eq = 0, base_out = 0;
+    for (int c0 = 0; c0 < n && base_out < k; c0 += SEL_THREADS) {
+        const int i = c0 + tid;
+        const uint32_t key = i < n ? score_key(src[i]) : 0u;
+        const bool gt = i < n && key > prefix;
+        const bool eq = i < n && key == prefix;
+        const unsigned beq = __ballot_sync(0xffffffffu, eq);
+        if (lane == 0) wsum[warp] = __popc(beq);
+        __syncthreads();
+        int eq_before = base_eq + __popc(beq & lt_mask), eq_tot = 0;
 #pragma unroll
-        for (int w = 1; w < SEL_THREADS / 32; ++w)
-            if (better32(ws[w], wi[w], bs, bi)) {
-                bs = ws[w];
-                bi = wi[w];
-            }
-        if (threadIdx.x == 0) sel[r] = bi;
-        prev_s = bs;
-        prev_i = bi;
-        __syncthreads(); /* ws / wi reused next round */
-    }
-    if (threadIdx.x == 0) { /* ascending block order (k is small) */
-        for (int a = 1; a < k; ++a) {
-            const int v = sel[a];
-            int b = a - 1;
-            while (b >= 0 && sel[b] > v) {
-                sel[b + 1] = sel[b];
-                --b;
-            }
-            sel[b + 1] = v;
+        for (int w = 0; w < NWS; ++w) {
+            eq_before += w < warp ? wsum[w] : 0;
+            eq_tot += wsum[w];
         }
-        for (int a = 0; a < k; ++a) ids[a] = sel[a];
+        __syncthreads();
+        const bool take = gt || (eq && eq_before < need);
+        const unsigned bt = __ballot_sync(0xffffffffu, take);
+        if (lane == 0) wsum[warp] = __popc(bt);
+        __syncthreads();
+        int pos = base_out + __popc(bt & lt_mask), take_tot = 0;
+#pragma unroll
+        for (int w = 0; w < NWS; ++w) {
+            pos += w < warp ? wsum[w] : 0;
+            take_tot += wsum[w];
+        }
+        if (take) ids[pos] = i;
+        base_eq += eq_tot;
+        base_out += take_tot;
+        __syncthreads(); /* wsum reused */
     }
+}
+
+__device__ __forceinline__ void topk_ascending(const float *src, int n, int k, int32_t *__restrict__ ids) {
+    if (k <= SEL_KFAST)
+        topk_rounds(src, n, k, ids);
+    else
+        topk_radix(src, n, k, ids);
 }
 
 __global__ void __launch_bounds__(SEL_THREADS) select_kernel(const float *__restrict__ s, int n, int k,
@@ -420,14 +466,11 @@ __global__ void __launch_bounds__(SEL_THREADS) select_kernel(const float *__rest
         k = static_cast<int>(dyn[QLLM_DYN_NRET]);
     }
     extern __shared__ float sel_smem[]; /* [n] scores when staged, then k ints */
-    __shared__ float ws[SEL_THREADS / 32];
-    __shared__ int wi[SEL_THREADS / 32];
     float *sc = sel_smem;
-    int *sel = reinterpret_cast<int *>(sel_smem + (staged ? n : 0));
     if (staged)
         for (int i = threadIdx.x; i < n; i += SEL_THREADS) sc[i] = s[i];
     __syncthreads();
-    topk_ascending(staged ? sc : s, n, k, sel, ws, wi, ids);
+    topk_ascending(staged ? sc : s, n, k, ids);
 }
 
 /* Selection with the question-head term (qllm_cuda_select_blocks_qheads).
@@ -451,14 +494,11 @@ __global__ void __launch_bounds__(SEL_THREADS) qsel_kernel(float *bscore, int n,
         k = static_cast<int>(dyn[QLLM_DYN_NRET]);
     }
     extern __shared__ float sel_smem[];
-    __shared__ float ws[SEL_THREADS / 32];
-    __shared__ int wi[SEL_THREADS / 32];
     __shared__ float part[QS_CH][SEL_THREADS / 32];
     if (n < 1 || k < 1) return; /* uniform: every thread exits */
     const int S = n_cols + 1;
     float *mu = sel_smem, *sd = sel_smem + S;
     float *sc = staged ? sel_smem + 2 * S : bscore;
-    int *sel = reinterpret_cast<int *>(sel_smem + 2 * S + (staged ? n : 0));
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const float fn = static_cast<float>(n);
     for (int c0 = 0; c0 < S; c0 += QS_CH) {
@@ -503,7 +543,7 @@ __global__ void __launch_bounds__(SEL_THREADS) qsel_kernel(float *bscore, int n,
         sc[b] = (bscore[b] - mu[0]) / sd[0] + weight * (zq / fc);
     }
     __syncthreads();
-    topk_ascending(sc, n, k, sel, ws, wi, ids);
+    topk_ascending(sc, n, k, ids);
 }
 
 /* ------------------------------------------------------ question-head scores */
@@ -1060,6 +1100,7 @@ struct TsArgs {
     int64_t ring, P0, T0;
     int E, L, n_init, n_local, group;
     float sl2;
+    int pack; /* columns are the query heads of one KV head (E = 1; set by the launcher) */
 };
 
 /* One CTA per (64 keys of the recent segment, query head).  S^T = K Q^T with
@@ -1075,7 +1116,12 @@ __device__ __forceinline__ void tscore_body(const TsArgs &a) {
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
     const int64_t s0 = static_cast<int64_t>(blockIdx.x) * TS_KEYS;
-    const int h = blockIdx.y, hk = h / a.group;
+    /* Packed (a.pack, E = 1): the query columns are the a.group heads of KV head
+     * blockIdx.y, each key's score for each head is one element of S: no sum. */
+    const bool packed = a.pack != 0;
+    const int h = packed ? blockIdx.y * a.group : blockIdx.y;
+    const int hk = packed ? blockIdx.y : h / a.group;
+    const int n_cols = packed ? a.group : a.E; /* query columns (rows of qloc from h on) */
     const T *krot = static_cast<const T *>(a.krot) + static_cast<int64_t>(hk) * a.L * D;
     const T *qloc = static_cast<const T *>(a.qloc) + static_cast<int64_t>(h) * a.E * D;
     const float *lse = a.lse + static_cast<int64_t>(h) * a.E;
@@ -1105,12 +1151,12 @@ __device__ __forceinline__ void tscore_body(const TsArgs &a) {
         for (int c = tid; c < TS_Q * CH; c += TS_THREADS) {
             const int qr = c / CH, ch = c % CH;
             const int64_t r = static_cast<int64_t>(qt) * TS_Q + qr;
-            const bool v = r < a.E;
+            const bool v = r < n_cols;
             cp_async16(qs + qr * LD + ch * 8, qloc + (v ? r * D + ch * 8 : 0), v);
         }
         if (tid < TS_Q) {
             const int64_t r = static_cast<int64_t>(qt) * TS_Q + tid;
-            Ls[stage * TS_Q + tid] = r < a.E ? lse[r] : 0.0f;
+            Ls[stage * TS_Q + tid] = r < n_cols ? lse[r] : 0.0f;
         }
     };
 
@@ -1153,6 +1199,22 @@ __device__ __forceinline__ void tscore_body(const TsArgs &a) {
                 mma16816<T>(S[nt], ka[2 * kk2 + 1], b2, b3);
             }
         const int rq0 = qt * TS_Q;
+        if (packed) { /* one query position (row 0), column = head h + col */
+            const int pr = off;
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt) /* group <= 16 columns */
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int col = nt * 8 + tq * 2 + (e & 1);
+                    const int s = s0i + warp * 16 + g + 8 * (e >> 1);
+                    if (col >= a.group || s >= a.L) continue;
+                    const bool vis = s <= pr && (pr - s < a.n_local || 0 < r_dense_end);
+                    const int64_t pos = a.T0 + s;
+                    float *slot = a.scores + static_cast<int64_t>(h + col) * a.ring + (pos & (a.ring - 1));
+                    *slot = (pos >= a.P0 ? 0.0f : *slot) + (vis ? exp2f(S[nt][e] * a.sl2 - ls[col]) : 0.0f);
+                }
+            break; /* a single query tile */
+        }
         const bool full = rq0 + TS_Q - 1 < a.E && s0i + TS_KEYS - 1 < a.L &&
                           s0i + TS_KEYS - 1 <= off + rq0 &&
                           (off + rq0 + TS_Q - 1 - s0i < a.n_local || rq0 + TS_Q - 1 < r_dense_end);
@@ -1179,6 +1241,7 @@ __device__ __forceinline__ void tscore_body(const TsArgs &a) {
         __syncthreads();
     }
     cp_async_wait<0>();
+    if (packed) return;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], 1);
@@ -1474,11 +1537,13 @@ int launch_tscore(const TsArgs &a, int hq, cudaStream_t stream, const int64_t *d
         if (st != QLLM_CUDA_OK) return st;
         ready = true;
     }
-    dim3 grid((a.L + TS_KEYS - 1) / TS_KEYS, hq);
+    TsArgs t = a;
+    t.pack = attn_packs(a.E, a.group) ? 1 : 0; /* the decode step: E = 1 */
+    dim3 grid((a.L + TS_KEYS - 1) / TS_KEYS, t.pack ? hq / a.group : hq);
     if (dyn != nullptr)
-        tscore_dyn_kernel<T, D><<<grid, TS_THREADS, smem, stream>>>(a, dyn);
+        tscore_dyn_kernel<T, D><<<grid, TS_THREADS, smem, stream>>>(t, dyn);
     else
-        tscore_kernel<T, D><<<grid, TS_THREADS, smem, stream>>>(a);
+        tscore_kernel<T, D><<<grid, TS_THREADS, smem, stream>>>(t);
     return check_launch("tscore_kernel");
 }
 
@@ -1562,9 +1627,10 @@ extern "C" int qllm_cuda_select_blocks(const float *bscore, int64_t n, int k, in
                                        cudaStream_t stream) {
     if (k < 1 || k > n || k > 4096 || n > 2147483647)
         return set_error(QLLM_CUDA_ERR_ARG, "select_blocks: k=%d, n=%lld", k, (long long)n);
-    const bool staged = (n + k) * static_cast<int64_t>(sizeof(float)) <= 48 * 1024;
+    const bool staged = (n + k) * static_cast<int64_t>(sizeof(float)) <= SEL_DYN_SMEM;
     const size_t smem = (staged ? static_cast<size_t>(n) * sizeof(float) : 0) + static_cast<size_t>(k) * sizeof(int);
-    if (smem > 48 * 1024) return set_error(QLLM_CUDA_ERR_ARG, "select_blocks: k=%d too large", k);
+    if (static_cast<int64_t>(smem) > SEL_DYN_SMEM)
+        return set_error(QLLM_CUDA_ERR_ARG, "select_blocks: k=%d too large", k);
     select_kernel<<<1, SEL_THREADS, smem, stream>>>(bscore, static_cast<int>(n), k, staged, ids, nullptr);
     return check_launch("select_kernel");
 }
@@ -1575,7 +1641,7 @@ extern "C" int qllm_cuda_select_blocks(const float *bscore, int64_t n, int k, in
  * even the unstaged layout does not fit. */
 static size_t qsel_smem(int64_t n, int n_cols, int k, bool *staged) {
     const int64_t base = 2 * (static_cast<int64_t>(n_cols) + 1) + k;
-    const int64_t lim = 44 * 1024 / static_cast<int64_t>(sizeof(float));
+    const int64_t lim = SEL_DYN_SMEM / static_cast<int64_t>(sizeof(float));
     *staged = base + n <= lim;
     if (base > lim) return 0;
     return static_cast<size_t>(base + (*staged ? n : 0)) * sizeof(float);
@@ -1805,6 +1871,35 @@ extern "C" int qllm_cuda_decode_step(const qllm_gpu_layer *ly, const qllm_gpu_de
                                    ly->cap, D, ly->n_init, ly->wmask, dyn));
     st = check_launch("store_kv_kernel");
     if (st) return st;
+    /* rotations of q and of the window's keys: need the store write, not the selection */
+    const bool fork = dc->side != nullptr && dc->ev_fork != nullptr && dc->ev_join != nullptr;
+    const cudaStream_t prep_stream = fork ? dc->side : stream;
+    if (fork) {
+        cudaError_t e = cudaEventRecord(dc->ev_fork, stream);
+        if (e == cudaSuccess) e = cudaStreamWaitEvent(dc->side, dc->ev_fork, 0);
+        if (e != cudaSuccess) return set_error(QLLM_CUDA_ERR_LAUNCH, "decode_step: fork: %s", cudaGetErrorString(e));
+    }
+    {
+        qllm_gpu_exec ex;
+        ex.P0 = 0;
+        ex.T0 = 0;
+        ex.E = 1;
+        ex.L = dc->L_max;
+        ex.init_len = 0;
+        ex.n_ret = 0;
+        ex.m = 0;
+        const int64_t work = (static_cast<int64_t>(ly->hq) + static_cast<int64_t>(ly->hkv) * dc->L_max) * (D / 16);
+        QLLM_DISPATCH_T(ly->dtype, prep_kernel<T><<<grid_for(work, 256), 256, 0, prep_stream>>>(
+                                       *ly, ex, static_cast<const T *>(dc->q), dc->q_hs, dc->q_hs,
+                                       static_cast<T *>(dc->qfix), static_cast<T *>(dc->qloc),
+                                       static_cast<T *>(dc->krot), dyn));
+        st = check_launch("prep_kernel");
+        if (st) return st;
+    }
+    if (fork) {
+        const cudaError_t e = cudaEventRecord(dc->ev_join, dc->side);
+        if (e != cudaSuccess) return set_error(QLLM_CUDA_ERR_LAUNCH, "decode_step: join: %s", cudaGetErrorString(e));
+    }
     if (!ly->streaming) {
         st = qllm_cuda_query_comb(ly, dc->q, dc->q_hs, dc->q_hs, 1, 1, 1, dc->question, dc->weight,
                                   dc->qcomb, stream);
@@ -1824,7 +1919,7 @@ extern "C" int qllm_cuda_decode_step(const qllm_gpu_layer *ly, const qllm_gpu_de
             st = check_launch("qsel_kernel");
             if (st) return st;
         } else if (dc->k_max > 0) {
-            const bool staged = (dc->nb_max + dc->k_max) * static_cast<int64_t>(sizeof(float)) <= 48 * 1024;
+            const bool staged = (dc->nb_max + dc->k_max) * static_cast<int64_t>(sizeof(float)) <= SEL_DYN_SMEM;
             const size_t smem = (staged ? static_cast<size_t>(dc->nb_max) * sizeof(float) : 0) +
                                 static_cast<size_t>(dc->k_max) * sizeof(int);
             select_kernel<<<1, SEL_THREADS, smem, stream>>>(dc->bscore, static_cast<int>(dc->nb_max),
@@ -1837,21 +1932,10 @@ extern "C" int qllm_cuda_decode_step(const qllm_gpu_layer *ly, const qllm_gpu_de
             if (st) return st;
         }
     }
-    qllm_gpu_exec ex;
-    ex.P0 = 0;
-    ex.T0 = 0;
-    ex.E = 1;
-    ex.L = dc->L_max;
-    ex.init_len = 0;
-    ex.n_ret = 0;
-    ex.m = 0;
-    const int64_t work = (static_cast<int64_t>(ly->hq) + static_cast<int64_t>(ly->hkv) * dc->L_max) * (D / 16);
-    QLLM_DISPATCH_T(ly->dtype, prep_kernel<T><<<grid_for(work, 256), 256, 0, stream>>>(
-                                   *ly, ex, static_cast<const T *>(dc->q), dc->q_hs, dc->q_hs,
-                                   static_cast<T *>(dc->qfix), static_cast<T *>(dc->qloc),
-                                   static_cast<T *>(dc->krot), dyn));
-    st = check_launch("prep_kernel");
-    if (st) return st;
+    if (fork) {
+        const cudaError_t e = cudaStreamWaitEvent(stream, dc->ev_join, 0);
+        if (e != cudaSuccess) return set_error(QLLM_CUDA_ERR_LAUNCH, "decode_step: join: %s", cudaGetErrorString(e));
+    }
     AttnArgs a = attn_args_for_layer(*ly, dc->scaling);
     a.qfix = dc->qfix;
     a.qloc = dc->qloc;

@@ -253,6 +253,10 @@ typedef struct {
     /* question heads (see qllm_cuda_select_blocks_qheads): qh_cols > 0 selects
      * with z(bscore) + weight * mean z(raw[:, c < qh_cols]); question must be NULL */
     const float *qh_raw; int64_t qh_ld; int qh_cols;
+    /* optional (all three or none): the rotations (prep) run on `side`, forked
+     * after the K/V store write by ev_fork and joined before the attention by
+     * ev_join, so they overlap the block scoring and top-k (also under capture) */
+    cudaStream_t side; cudaEvent_t ev_fork, ev_join;
 } qllm_gpu_decode;
 
 /* Enqueue one decode step: K/V into the store at P0, (blocks: qcomb, block

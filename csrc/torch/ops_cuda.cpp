@@ -48,6 +48,37 @@ void check_cuda(const char *op, int st) {
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
+/* The decode step's side stream and fork / join events, per host thread and
+ * device (qllm_gpu_decode.side): a dedicated pool stream, so the rotations
+ * never queue behind unrelated work, and events no other thread records. */
+struct DecodeFork {
+    cudaStream_t side = nullptr;
+    cudaEvent_t fork = nullptr, join = nullptr;
+};
+
+struct DecodeForks {
+    std::vector<DecodeFork> dev;
+    ~DecodeForks() {
+        for (auto &f : dev) { /* at thread exit; errors (CUDA shut down) are moot */
+            if (f.fork != nullptr) (void)cudaEventDestroy(f.fork);
+            if (f.join != nullptr) (void)cudaEventDestroy(f.join);
+        }
+    }
+};
+
+const DecodeFork &decode_fork(c10::DeviceIndex device) {
+    thread_local DecodeForks forks;
+    const size_t i = static_cast<size_t>(device);
+    if (forks.dev.size() <= i) forks.dev.resize(i + 1);
+    DecodeFork &f = forks.dev[i];
+    if (f.side == nullptr) {
+        C10_CUDA_CHECK(cudaEventCreateWithFlags(&f.fork, cudaEventDisableTiming));
+        C10_CUDA_CHECK(cudaEventCreateWithFlags(&f.join, cudaEventDisableTiming));
+        f.side = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device).stream();
+    }
+    return f;
+}
+
 /* Multiprocessors of the current device (queried once per device). */
 int multiprocessors() {
     static int cached[64] = {0};
@@ -545,6 +576,10 @@ void attend_decode_cuda(const at::Tensor &q, const at::Tensor &k, const at::Tens
     dc.qh_cols = qh_sel;
     dc.qh_raw = qh_sel > 0 ? qh_raw->const_data_ptr<float>() : nullptr;
     dc.qh_ld = qh_sel > 0 ? qh_raw->size(1) : 0;
+    const DecodeFork &fk = decode_fork(q.device().index());
+    dc.side = fk.side;
+    dc.ev_fork = fk.fork;
+    dc.ev_join = fk.join;
     check_cuda(op, qllm_cuda_decode_step(&ly, &dc, st));
 }
 
