@@ -275,7 +275,11 @@ __device__ __forceinline__ uint32_t score_key(float v) {
  * rounds of two warp reductions (key max, then index min), where only the
  * winning lane rescans its own elements; warp 0 then does the same over the
  * warps' candidates.  Larger k (topk_radix): a radix select, whose cost does
- * not grow with k:
+ * not grow with k.  Measured on an H100 (benchmarks/micro/select_combine.cu,
+ * benchmarks/NOTES_gpu.md): k = 8 rounds 6.5 / 12.1 / 19.7 us at n = 1024 /
+ * 4096 / 8192 against radix 6.6 / 17.0 / 30.3; k = 32 rounds 29.2 us against
+ * radix 6.8 at n = 1024; so rounds up to k = 8.
+ * Radix select:
  * 1. Radix select over the 32-bit keys, 8 bits per pass: each pass histograms
  *    the keys that match the digits chosen so far (warp-aggregated shared
  *    atomics), and warp 0 finds the digit holding the k-th best by a scan.
@@ -283,7 +287,7 @@ __device__ __forceinline__ uint32_t score_key(float v) {
  *    the keys equal to T belong to the top k.
  * 2. One ordered pass takes every key > T and the first `need` keys == T,
  *    placing them by block-wide ballot scans: ids come out ascending. */
-constexpr int SEL_KFAST = 32;
+constexpr int SEL_KFAST = 8; /* rounds up to this k, radix above */
 
 /* Best (key, index) of one lane's elements get(j), j < cnt, strictly worse
  * than (tk, ti) when bounded; none = (0, UINT_MAX), which every element beats. */
