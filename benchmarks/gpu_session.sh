@@ -28,7 +28,7 @@ if [[ " $stages " == *" build "* ]]; then
 fi
 if [[ " $stages " == *" test "* ]]; then
   stamp "tests"
-  timeout 260 python3 -m pytest -q --maxfail=20 -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log" | tail -60
+  timeout 320 python3 -m pytest -q --maxfail=20 -p no:cacheprovider tests/test_cuda.py tests/test_cuda_select.py 2>&1 | tee "$OUT/test_cuda.log" | tail -60
   stamp "tests done"
 fi
 if [[ " $stages " == *" ttier "* ]]; then
