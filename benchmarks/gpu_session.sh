@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call = build + CUDA tests + layer benchmark (see benchmarks/NOTES_gpu.md).
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [bench] [test8] [bench8] [pdecode] [profile] [e2e] [e2eg]
+# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [bench] [test8] [bench8] [pdecode] [probe] [profile] [e2e] [e2eg]
 # Logs and results go to $OUT (default: /tmp/qllm_out).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -81,6 +81,11 @@ if [[ " $stages " == *" pdecode "* ]]; then
   stamp "profile of graph decode steps at 128K"
   timeout 200 python3 benchmarks/bench_layer.py --prefill --decode-at 131072 --repeats 1 --profile-decode-graph 131072 \
     --out "$OUT/layer_pdecode.json" 2>&1 | tee "$OUT/pdecode.log" | grep -v "^ *$" | grep "kernel\|gemv\|Name\|decode\|Self CUDA\|nvjet\|reduce" | head -30
+fi
+if [[ " $stages " == *" probe "* ]]; then
+  stamp "wgmma probe: descriptors for QK^T / PV tiles, warpgroup rate (benchmarks/micro/wgmma_probe.cu)"
+  nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a benchmarks/micro/wgmma_probe.cu -o /tmp/wgmma_probe \
+    && timeout 120 /tmp/wgmma_probe 2>&1 | tee "$OUT/wgmma_probe.txt"
 fi
 if [[ " $stages " == *" diag "* ]]; then
   stamp "diag: mixed CUDA/CPU arguments under cuda-gdb"
