@@ -56,7 +56,10 @@ def _cuda_mode() -> str:
 
 
 def _nvcc_flags(arch: str) -> list[str]:
-    return [
+    """QLLM_CUDA_ARCH=90a builds the arch-specific target, which the wgmma
+    attention variant needs (QLLM_ATTN_WGMMA=1 at run time); QLLM_NVCC_EXTRA
+    adds flags (e.g. -DQLLM_WG_MNMAJ_LBO=... from benchmarks/micro/wgmma_probe.cu)."""
+    flags = [
         "-O3",
         "-std=c++20",
         f"-gencode=arch=compute_{arch},code=sm_{arch}",
@@ -65,6 +68,9 @@ def _nvcc_flags(arch: str) -> list[str]:
         "-lineinfo",
         f"-I{INCLUDE}",
     ]
+    if arch.endswith("a"):
+        flags.append("-DQLLM_SM90A=1")
+    return flags + os.environ.get("QLLM_NVCC_EXTRA", "").split()
 
 
 def _compile_cuda_check(nvcc: str, arch: str, build_temp: str) -> None:

@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call = build + CUDA tests + layer benchmark (see benchmarks/NOTES_gpu.md).
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [bench] [test8] [bench8] [pdecode] [probe] [profile] [e2e] [e2eg]
+# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [bench] [test8] [bench8] [pdecode] [probe] [wg] [profile] [e2e] [e2eg]
 # Logs and results go to $OUT (default: /tmp/qllm_out).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -86,6 +86,19 @@ if [[ " $stages " == *" probe "* ]]; then
   stamp "wgmma probe: descriptors for QK^T / PV tiles, warpgroup rate (benchmarks/micro/wgmma_probe.cu)"
   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a benchmarks/micro/wgmma_probe.cu -o /tmp/wgmma_probe \
     && timeout 120 /tmp/wgmma_probe 2>&1 | tee "$OUT/wgmma_probe.txt"
+fi
+if [[ " $stages " == *" wg "* ]]; then
+  # the wgmma attention variant: sm_90a rebuild, attend tests and the layer prefill with QLLM_ATTN_WGMMA=1
+  # (run the probe stage first; pass its descriptor offsets with QLLM_NVCC_EXTRA="-DQLLM_WG_...=N")
+  stamp "build for sm_90a"
+  if ! QLLM_CUDA_ARCH=90a MAX_JOBS=16 python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build_90a.log" 2>&1; then
+    grep -n "error" "$OUT/build_90a.log" | head -20; exit 1
+  fi
+  stamp "attend tests with QLLM_ATTN_WGMMA=1"
+  QLLM_ATTN_WGMMA=1 timeout 200 python3 -m pytest -q -x -p no:cacheprovider -k "attend_cuda or decode_step" tests/test_cuda.py 2>&1 | tail -15
+  stamp "layer prefill with QLLM_ATTN_WGMMA=1"
+  QLLM_ATTN_WGMMA=1 timeout 200 python3 benchmarks/bench_layer.py --prefill 32768 131072 524288 --decode-at 131072 \
+    --out "$OUT/layer_wgmma.json" 2>&1 | grep "prefill\|decode"
 fi
 if [[ " $stages " == *" diag "* ]]; then
   stamp "diag: mixed CUDA/CPU arguments under cuda-gdb"

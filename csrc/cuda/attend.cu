@@ -22,6 +22,7 @@
  * Logits are kept in the log2 domain: x = q.k * scaling * log2(e).
  */
 #include "common.cuh"
+#include "wgmma.cuh"
 
 namespace qllm_cuda {
 namespace {
@@ -693,17 +694,32 @@ __device__ __forceinline__ int64_t mem_tile_base(const AttnArgs &a, int hk, int6
  * MI = 2 each K/V fragment feeds the MMAs of two 16-row groups).  Tiles: memory tiles (fixed-position
  * queries, un-rotated keys) first, then local tiles; the Q buffer switches
  * from the fixed to the local rotation at the first local tile. */
-template <typename T, int D, int MI, int NW>
+template <typename T, int D, int MI, int NW, bool WG>
 __device__ __forceinline__ void attn_body(const AttnArgs &a) {
     constexpr int LD = D + 8;     /* padded smem row (elements): ldmatrix without conflicts */
     constexpr int CH = D / 8;     /* 16-byte chunks per row */
     constexpr int NDT = D / 8;    /* 8-wide n-tiles of the output */
     constexpr int NT = NW * 32;   /* threads */
     constexpr int BM = NW * 16 * MI; /* rows per CTA: NW warps x MI 16-row groups */
+    /* WG (sm_90a): the two products on wgmma, one warpgroup = the CTA's 64 rows,
+     * tiles in the 128-byte-swizzled layout of wgmma.cuh (Q 16 KB, then K and V
+     * stages of 16 KB each, from a 1024-byte boundary) instead of padded rows */
+    static_assert(!WG || (MI == 1 && NW == 4 && D == 128 && BN == 64), "wgmma variant: 64 x 128 tiles");
+    constexpr int TILE_B = WG ? 64 * D * 2 : 0;
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    T *Qs = reinterpret_cast<T *>(smem_raw);
-    T *Ks = Qs + BM * LD; /* [2][BN][LD] */
-    T *Vs = Ks + 2 * BN * LD;
+    unsigned char *smem = WG ? reinterpret_cast<unsigned char *>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
+                                                               ~static_cast<uintptr_t>(1023))
+                             : smem_raw;
+    T *Qs = reinterpret_cast<T *>(smem);
+    T *Ks = WG ? reinterpret_cast<T *>(smem + TILE_B) : Qs + BM * LD;         /* [2][BN][LD] */
+    T *Vs = WG ? reinterpret_cast<T *>(smem + 3 * TILE_B) : Ks + 2 * BN * LD;
+    /* element (row, col) of a tile */
+    auto qdst = [&](T *tile, int row, int col) -> T * {
+        if constexpr (WG)
+            return reinterpret_cast<T *>(reinterpret_cast<unsigned char *>(tile) + qllm_swz_off(row, col));
+        else
+            return tile + row * LD + col;
+    };
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
     const int qt = blockIdx.x, split = blockIdx.z;
@@ -752,12 +768,12 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
         for (int c = tid; c < BM * CH; c += NT) {
             const int row = c / CH, ch = c % CH;
             const bool v = row < rows_valid;
-            cp_async16(Qs + row * LD + ch * 8, src + (v ? row * D + ch * 8 : 0), v);
+            cp_async16(qdst(Qs, row, ch * 8), src + (v ? row * D + ch * 8 : 0), v);
         }
     };
     auto load_tile = [&](int t, int stage) {
-        T *ks = Ks + stage * BN * LD;
-        T *vs = Vs + stage * BN * LD;
+        T *ks = WG ? reinterpret_cast<T *>(reinterpret_cast<unsigned char *>(Ks) + stage * TILE_B) : Ks + stage * BN * LD;
+        T *vs = WG ? reinterpret_cast<T *>(reinterpret_cast<unsigned char *>(Vs) + stage * TILE_B) : Vs + stage * BN * LD;
         /* Per tile, not per key: when the tile's keys are consecutive rows
          * (nearly always), each key's address is base + row * D. */
         int64_t base;
@@ -798,8 +814,8 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
                                                       : (kv_head + kv_row(a.T0 + sv, a.n_init, a.wmask)) * D;
                 vsrc = vst + vo + ch * 8;
             }
-            cp_async16(ks + kr * LD + ch * 8, ksrc, v);
-            cp_async16(vs + kr * LD + ch * 8, vsrc, v);
+            cp_async16(qdst(ks, kr, ch * 8), ksrc, v);
+            cp_async16(qdst(vs, kr, ch * 8), vsrc, v);
         }
     };
 
@@ -859,17 +875,35 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
         } else {
             cp_async_wait<0>();
         }
+        if constexpr (WG) fence_async_smem(); /* cp.async writes -> tensor-core reads */
         __syncthreads();
-        if (warp_active) {
-            const T *ks = Ks + st * BN * LD;
-            const T *vs = Vs + st * BN * LD;
+        /* wgmma is warpgroup-wide: every warp runs it (rows past rows_valid read
+         * zero-filled queries and are not written) */
+        if (WG || warp_active) {
+            const T *ks = WG ? reinterpret_cast<const T *>(reinterpret_cast<const unsigned char *>(Ks) + st * TILE_B)
+                             : Ks + st * BN * LD;
+            const T *vs = WG ? reinterpret_cast<const T *>(reinterpret_cast<const unsigned char *>(Vs) + st * TILE_B)
+                             : Vs + st * BN * LD;
             float S[MI][8][4];
 #pragma unroll
             for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
                 for (int nt = 0; nt < 8; ++nt) S[mi][nt][0] = S[mi][nt][1] = S[mi][nt][2] = S[mi][nt][3] = 0.0f;
+            if constexpr (WG) {
+                float(&Sf)[32] = *reinterpret_cast<float(*)[32]>(&S[0][0][0]);
+                wg_fence();
 #pragma unroll
-            for (int kk2 = 0; kk2 < D / 32; ++kk2) {
+                for (int kk = 0; kk < D / 16; ++kk) {
+                    const int off = (kk / 4) * 8192 + (kk % 4) * 32; /* 16 columns = 32 bytes; blocks of 64 */
+                    wgmma_m64n64k16_ss<T>(
+                        Sf, qllm_sdesc(reinterpret_cast<const unsigned char *>(Qs) + off, QLLM_WG_KMAJ_LBO, QLLM_WG_KMAJ_SBO),
+                        qllm_sdesc(reinterpret_cast<const unsigned char *>(ks) + off, QLLM_WG_KMAJ_LBO, QLLM_WG_KMAJ_SBO), 0);
+                }
+                wg_commit();
+                wg_wait0();
+            }
+#pragma unroll
+            for (int kk2 = 0; kk2 < (WG ? 0 : D / 32); ++kk2) {
                 uint32_t qa[MI][2][4];
 #pragma unroll
                 for (int mi = 0; mi < MI; ++mi) {
@@ -974,8 +1008,27 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
                     }
             }
             /* O += P V */
+            if constexpr (WG) {
+                uint32_t pa[BN / 16][4];
 #pragma unroll
-            for (int kk = 0; kk < BN / 16; ++kk) {
+                for (int kk = 0; kk < BN / 16; ++kk) {
+                    pa[kk][0] = Cvt<T>::pack(S[0][2 * kk][0], S[0][2 * kk][1]);
+                    pa[kk][1] = Cvt<T>::pack(S[0][2 * kk][2], S[0][2 * kk][3]);
+                    pa[kk][2] = Cvt<T>::pack(S[0][2 * kk + 1][0], S[0][2 * kk + 1][1]);
+                    pa[kk][3] = Cvt<T>::pack(S[0][2 * kk + 1][2], S[0][2 * kk + 1][3]);
+                }
+                float(&Of)[NDT * 4] = *reinterpret_cast<float(*)[NDT * 4]>(&O[0][0][0]);
+                wg_fence();
+#pragma unroll
+                for (int kk = 0; kk < BN / 16; ++kk) /* 16 keys = 16 rows of 128 bytes */
+                    wgmma_m64n128k16_rs<T>(Of, pa[kk],
+                                           qllm_sdesc(reinterpret_cast<const unsigned char *>(vs) + kk * 16 * 128,
+                                                      QLLM_WG_MNMAJ_LBO, QLLM_WG_MNMAJ_SBO), 1);
+                wg_commit();
+                wg_wait0();
+            }
+#pragma unroll
+            for (int kk = 0; kk < (WG ? 0 : BN / 16); ++kk) {
                 uint32_t pa[MI][4];
 #pragma unroll
                 for (int mi = 0; mi < MI; ++mi) {
@@ -1034,15 +1087,15 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
         }
 }
 
-template <typename T, int D, int MI, int NW>
+template <typename T, int D, int MI, int NW, bool WG>
 __global__ void __launch_bounds__(NW * 32, 8 / NW) attn_kernel(const AttnArgs a) {
-    attn_body<T, D, MI, NW>(a);
+    attn_body<T, D, MI, NW, WG>(a);
 }
 
 /* Decode step (E = 1): the sizes come from the device row; the split count
  * actually used is the host's choice for these sizes (ops_cuda.cpp
  * choose_split), so the result is bitwise that of attn_kernel. */
-template <typename T, int D, int MI, int NW>
+template <typename T, int D, int MI, int NW, bool WG>
 __global__ void __launch_bounds__(NW * 32, 8 / NW) attn_dyn_kernel(const AttnArgs a0) {
     AttnArgs a = a0;
     a.P0 = a.dyn[QLLM_DYN_P0];
@@ -1058,7 +1111,7 @@ __global__ void __launch_bounds__(NW * 32, 8 / NW) attn_dyn_kernel(const AttnArg
         const int64_t tiles = (M + BN - 1) / BN + lw / BN + 1;
         a.n_split_eff = static_cast<int>(tiles < a.n_split ? tiles : a.n_split);
     }
-    attn_body<T, D, MI, NW>(a);
+    attn_body<T, D, MI, NW, WG>(a);
 }
 
 /* Merge n_split (<= QLLM_CUDA_MAX_SPLIT) partial results of each (head, row).
@@ -1478,14 +1531,19 @@ int ensure_smem(Kern k, size_t bytes, const char *what) {
 /* Shape of the attention CTA, read once from the environment:
  *   0 (default): 4 warps x 16 rows (64-row CTAs, 2 per SM);
  *   1, QLLM_ATTN_MI=2: 4 warps x 32 rows (128-row CTAs);
- *   2, QLLM_ATTN_WARPS=8: 8 warps x 16 rows (128-row CTAs, 1 per SM).
+ *   2, QLLM_ATTN_WARPS=8: 8 warps x 16 rows (128-row CTAs, 1 per SM);
+ *   3, QLLM_ATTN_WGMMA=1: variant 0 with the two products on wgmma (head dim
+ *      128; needs the sm_90a build, QLLM_CUDA_ARCH=90a; head dim 64 runs
+ *      variant 0).  Not yet validated on a GPU: see benchmarks/NOTES_gpu.md.
  * benchmarks/NOTES_gpu.md has the measurements behind the default. */
 int attn_variant() {
     static int v = -1;
     if (v < 0) {
         const char *mi = getenv("QLLM_ATTN_MI");
         const char *nw = getenv("QLLM_ATTN_WARPS");
-        v = (mi != nullptr && mi[0] == '2') ? 1 : (nw != nullptr && nw[0] == '8') ? 2 : 0;
+        const char *wg = getenv("QLLM_ATTN_WGMMA");
+        v = (mi != nullptr && mi[0] == '2') ? 1 : (nw != nullptr && nw[0] == '8') ? 2
+            : (wg != nullptr && wg[0] == '1') ? 3 : 0;
     }
     return v;
 }
@@ -1493,14 +1551,16 @@ int attn_variant() {
 /* Packed rows (attn_body): one query (E = 1) whose heads share KV heads. */
 bool attn_packs(int64_t E, int group) { return E == 1 && group > 1 && group <= 16; }
 
-template <typename T, int D, int MI, int NW, bool DYN>
+template <typename T, int D, int MI, int NW, bool DYN, bool WG = false>
 int launch_attention_v(const AttnArgs &a0, int E, int hq, cudaStream_t stream) {
     constexpr int BMr = NW * 16 * MI;
-    const size_t smem = static_cast<size_t>(BMr + 4 * BN) * (D + 8) * sizeof(T);
+    /* WG: 1024 bytes of slack to align the swizzled tiles */
+    const size_t smem = WG ? static_cast<size_t>(BMr + 4 * BN) * D * sizeof(T) + 1024
+                           : static_cast<size_t>(BMr + 4 * BN) * (D + 8) * sizeof(T);
     static bool ready = false;
     if (!ready) {
-        const int st = DYN ? ensure_smem(attn_dyn_kernel<T, D, MI, NW>, smem, "attn_dyn_kernel")
-                           : ensure_smem(attn_kernel<T, D, MI, NW>, smem, "attn_kernel");
+        const int st = DYN ? ensure_smem(attn_dyn_kernel<T, D, MI, NW, WG>, smem, "attn_dyn_kernel")
+                           : ensure_smem(attn_kernel<T, D, MI, NW, WG>, smem, "attn_kernel");
         if (st != QLLM_CUDA_OK) return st;
         ready = true;
     }
@@ -1508,9 +1568,9 @@ int launch_attention_v(const AttnArgs &a0, int E, int hq, cudaStream_t stream) {
     a.pack = attn_packs(E, a.group) ? 1 : 0;
     dim3 grid(a.pack ? 1 : (E + BMr - 1) / BMr, a.pack ? hq / a.group : hq, a.n_split);
     if (DYN)
-        attn_dyn_kernel<T, D, MI, NW><<<grid, NW * 32, smem, stream>>>(a);
+        attn_dyn_kernel<T, D, MI, NW, WG><<<grid, NW * 32, smem, stream>>>(a);
     else
-        attn_kernel<T, D, MI, NW><<<grid, NW * 32, smem, stream>>>(a);
+        attn_kernel<T, D, MI, NW, WG><<<grid, NW * 32, smem, stream>>>(a);
     return check_launch("attn_kernel");
 }
 
@@ -1519,6 +1579,16 @@ int launch_attention_dyn(const AttnArgs &a, int E, int hq, cudaStream_t stream) 
     switch (attn_variant()) {
     case 1: return launch_attention_v<T, D, 2, 4, DYN>(a, E, hq, stream);
     case 2: return launch_attention_v<T, D, 1, 8, DYN>(a, E, hq, stream);
+    case 3:
+        if constexpr (D == 128) {
+#if defined(QLLM_SM90A)
+            return launch_attention_v<T, D, 1, 4, DYN, true>(a, E, hq, stream);
+#else
+            return set_error(QLLM_CUDA_ERR_ARG,
+                             "QLLM_ATTN_WGMMA=1 needs the extension built for sm_90a (QLLM_CUDA_ARCH=90a)");
+#endif
+        }
+        return launch_attention_v<T, D, 1, 4, DYN>(a, E, hq, stream);
     default: return launch_attention_v<T, D, 1, 4, DYN>(a, E, hq, stream);
     }
 }
