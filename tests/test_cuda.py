@@ -16,6 +16,8 @@ import math
 import pytest
 import torch
 
+from _cuda_helpers import DecodeStepRunner
+
 import qllm  # noqa: F401  (registers torch.ops.qllm)
 from qllm.attention import RopeTable, _fixed_query, attend
 from qllm.config import QLLMConfig
@@ -432,30 +434,13 @@ def test_decode_step_matches_attend_cuda(strategy, dtype, D, question, prefill, 
     ref, mem = mems
     for m in mems:
         attend_cuda(m, q[:, :prefill], k[:, :prefill], v[:, :prefill], rope, scaling)
-    step = CudaDecodeStep(mem, rope, scaling)
-    qs, ks, vs = torch.zeros_like(q[:, :1]), torch.zeros_like(k[:, :1]), torch.zeros_like(v[:, :1])
-    g = None
+    runner = DecodeStepRunner(CudaDecodeStep(mem, rope, scaling), mem, rope, scaling, q, k, v, graph)
     n_fast = 0
     for t in range(prefill, T):
         want = attend_cuda(ref, q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], rope, scaling).clone()
         want_log = ref.retrieved_log.clone()
-        qs.copy_(q[:, t:t + 1]); ks.copy_(k[:, t:t + 1]); vs.copy_(v[:, t:t + 1])
-        if step.prepare():
-            n_fast += 1
-            if not graph or g is None:
-                got = step.launch(qs, ks, vs)  # eager (the first one also warms up)
-                if graph:
-                    torch.cuda.synchronize()
-                    g = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(g):
-                        step.launch(qs, ks, vs)  # captured, not run
-            else:
-                g.replay()
-                got = step.out
-            got_log = step.retrieved
-        else:
-            got = attend_cuda(mem, qs, ks, vs, rope, scaling)
-            got_log = mem.retrieved_log
+        got, got_log, fast = runner.run(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1])
+        n_fast += fast
         assert torch.equal(got, want), f"token {t}: max diff {float((got.float() - want).abs().max())}"
         assert torch.equal(got_log, want_log), f"token {t}: retrieved {got_log.tolist()} vs {want_log.tolist()}"
         assert mem._state() == ref._state()
@@ -481,26 +466,12 @@ def test_decode_step_llama_geometry_graph():
         m.question = qv
         attend_cuda(m, q[:, :P], k[:, :P], v[:, :P], rope, D ** -0.5)
     ref, mem = mems
-    step = CudaDecodeStep(mem, rope, D ** -0.5)
-    qs, ks, vs = torch.zeros_like(q[:, :1]), torch.zeros_like(k[:, :1]), torch.zeros_like(v[:, :1])
-    g = None
+    runner = DecodeStepRunner(CudaDecodeStep(mem, rope, D ** -0.5), mem, rope, D ** -0.5, q, k, v, graph=True)
     cuts = 0
     for t in range(P, P + S):
         want = attend_cuda(ref, q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], rope, D ** -0.5)
-        qs.copy_(q[:, t:t + 1]); ks.copy_(k[:, t:t + 1]); vs.copy_(v[:, t:t + 1])
-        if step.prepare():
-            if g is None:
-                got = step.launch(qs, ks, vs)
-                torch.cuda.synchronize()
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
-                    step.launch(qs, ks, vs)
-            else:
-                g.replay()
-                got = step.out
-        else:
-            cuts += 1
-            got = attend_cuda(mem, qs, ks, vs, rope, D ** -0.5)
+        got, _, fast = runner.run(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1])
+        cuts += not fast
         assert torch.equal(got, want), f"token {t}"
     assert cuts >= 2 and mem._state() == ref._state()
     assert torch.equal(mem.scores, ref.scores) and torch.equal(mem.block_reprs(), ref.block_reprs())
@@ -760,30 +731,14 @@ def test_decode_step_question_heads_matches_attend_cuda(graph):
     ref, mem = mems
     step = CudaDecodeStep(mem, rope, scaling)
     assert step.question is None and step._qh_sel == 4
-    qs, ks, vs = torch.zeros_like(q[:, :1]), torch.zeros_like(k[:, :1]), torch.zeros_like(v[:, :1])
-    g = None
+    runner = DecodeStepRunner(step, mem, rope, scaling, q, k, v, graph)
     n_fast = n_cut = 0
     for t in range(prefill, T):
         want = attend_cuda(ref, q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], rope, scaling).clone()
         want_log = ref.retrieved_log.clone()
-        qs.copy_(q[:, t:t + 1]); ks.copy_(k[:, t:t + 1]); vs.copy_(v[:, t:t + 1])
-        if step.prepare():
-            n_fast += 1
-            if not graph or g is None:
-                got = step.launch(qs, ks, vs)
-                if graph:
-                    torch.cuda.synchronize()
-                    g = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(g):
-                        step.launch(qs, ks, vs)
-            else:
-                g.replay()
-                got = step.out
-            got_log = step.retrieved
-        else:
-            n_cut += 1
-            got = attend_cuda(mem, qs, ks, vs, rope, scaling)
-            got_log = mem.retrieved_log
+        got, got_log, fast = runner.run(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1])
+        n_fast += fast
+        n_cut += not fast
         assert torch.equal(got, want), f"token {t}: max diff {float((got.float() - want).abs().max())}"
         assert torch.equal(got_log, want_log), f"token {t}: retrieved {got_log.tolist()} vs {want_log.tolist()}"
     assert n_fast >= steps // 2 and n_cut >= 3

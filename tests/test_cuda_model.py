@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _cuda_helpers import ByteTokenizer
+
 import qllm
 from qllm.gpu import CudaLayerMemory
 
@@ -200,19 +202,6 @@ def test_graph_decoder_matches_eager(dtype, variant):
             assert torch.equal(cache.relevance.raw[:nb], ref.relevance.raw[:nb])
 
 
-class _ByteTokenizer:
-    """The smallest tokenizer qllm.generate needs: one token per byte (the tiny model's vocab is 256)."""
-
-    chat_template = None
-    pad_token_id = None
-    eos_token_id = 2
-
-    def __call__(self, text, add_special_tokens=True, return_tensors=None):
-        return {"input_ids": torch.tensor([list(text.encode())])}
-
-    def decode(self, ids, skip_special_tokens=False):
-        return " ".join(str(int(i)) for i in ids)
-
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_generate_cuda_graph_matches_model_generate(dtype, caplog):
@@ -223,7 +212,7 @@ def test_generate_cuda_graph_matches_model_generate(dtype, caplog):
 
     model = _tiny_llama(9).to("cuda", dtype)
     model.generation_config.eos_token_id = None  # a random model: decode all 110 tokens
-    tok = _ByteTokenizer()
+    tok = ByteTokenizer()
     context = "".join(chr(97 + (7 * i) % 26) for i in range(400))
     args = dict(config=CFG, max_new_tokens=110)
     with caplog.at_level(logging.DEBUG, logger="qllm"):

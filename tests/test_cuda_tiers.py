@@ -25,6 +25,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _cuda_helpers import ByteTokenizer, DecodeStepRunner
+
 import qllm
 from qllm.attention import RopeTable
 from qllm.config import QLLMConfig
@@ -240,31 +242,14 @@ def test_tiered_decode_step_matches_untiered(graph):
         for m in (ref, mem):
             attend_cuda(m, q[:, s:min(s + 64, prefill)], k[:, s:min(s + 64, prefill)],
                         v[:, s:min(s + 64, prefill)], rope, scaling)
-    step = CudaDecodeStep(mem, rope, scaling)
-    qs, ks, vs = torch.zeros_like(q[:, :1]), torch.zeros_like(k[:, :1]), torch.zeros_like(v[:, :1])
-    g = None
+    runner = DecodeStepRunner(CudaDecodeStep(mem, rope, scaling), mem, rope, scaling, q, k, v, graph)
     n_fast = 0
     fetched0 = mem.tier_stats()["fetches"]
     for t in range(prefill, T):
         want = attend_cuda(ref, q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], rope, scaling).clone()
         want_log = ref.retrieved_log.clone()
-        qs.copy_(q[:, t:t + 1]); ks.copy_(k[:, t:t + 1]); vs.copy_(v[:, t:t + 1])
-        if step.prepare():
-            n_fast += 1
-            if not graph or g is None:
-                got = step.launch(qs, ks, vs)
-                if graph:
-                    torch.cuda.synchronize()
-                    g = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(g):
-                        step.launch(qs, ks, vs)
-            else:
-                g.replay()
-                got = step.out
-            got_log = step.retrieved
-        else:
-            got = attend_cuda(mem, qs, ks, vs, rope, scaling)
-            got_log = mem.retrieved_log
+        got, got_log, fast = runner.run(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1])
+        n_fast += fast
         assert torch.equal(got, want), f"token {t}: max diff {float((got.float() - want.float()).abs().max())}"
         assert torch.equal(got_log, want_log), f"token {t}"
         assert mem._state() == ref._state()
@@ -380,19 +365,6 @@ def test_patched_model_budget_bitwise_and_graph_decode(dtype):
     assert torch.equal(outs[3][1], outs[None][1])
 
 
-class _ByteTokenizer:
-    """One token per byte (the tiny model's vocab is 256)."""
-
-    chat_template = None
-    pad_token_id = None
-    eos_token_id = 2
-
-    def __call__(self, text, add_special_tokens=True, return_tensors=None):
-        return {"input_ids": torch.tensor([list(text.encode())])}
-
-    def decode(self, ids, skip_special_tokens=False):
-        return " ".join(str(int(i)) for i in ids)
-
 
 def test_generate_picks_a_budget_when_the_text_does_not_fit(monkeypatch, caplog):
     """qllm.generate on CUDA with little free GPU memory (mem_get_info faked) reads the text with
@@ -401,7 +373,7 @@ def test_generate_picks_a_budget_when_the_text_does_not_fit(monkeypatch, caplog)
 
     model = _tiny_llama(5).to("cuda", torch.bfloat16)
     model.generation_config.eos_token_id = None
-    tok = _ByteTokenizer()
+    tok = ByteTokenizer()
     context = "".join(chr(97 + (7 * i) % 26) for i in range(1500))
     args = dict(config=CFG.replace(topk=3, chunk_size=128), max_new_tokens=40)
     want = qllm.generate(model, tok, context, "which letter?", **args)

@@ -30,6 +30,29 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     return *reinterpret_cast<const uint32_t *>(&v);
 }
 
+/* S += Q K^T over the head dim (8 k-steps of 16: 32 bytes within a 64-column block) */
+__device__ __forceinline__ void qk_tile(float (&S)[32], const unsigned char *Qs, const unsigned char *Ks, uint32_t lbo,
+                                        uint32_t sbo) {
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+        const int off = (kk / 4) * 8192 + (kk % 4) * 32;
+        wgmma_m64n64k16_ss<__nv_bfloat16>(S, qllm_sdesc(Qs + off, lbo, sbo), qllm_sdesc(Ks + off, lbo, sbo));
+    }
+    wg_commit();
+    wg_wait0();
+}
+
+/* O += P V over 64 keys (4 k-steps of 16 rows of 128 bytes) */
+__device__ __forceinline__ void pv_tile(float (&O)[64], const uint32_t (&a)[4][4], const unsigned char *Vs, uint32_t lbo,
+                                        uint32_t sbo) {
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) wgmma_m64n128k16_rs<__nv_bfloat16>(O, a[kk], qllm_sdesc(Vs + kk * 16 * 128, lbo, sbo));
+    wg_commit();
+    wg_wait0();
+}
+
 /* one warpgroup: raw accumulators out, [128 threads][32] and [128][64] */
 __global__ void __launch_bounds__(128) check_kernel(const __nv_bfloat16 *q, const __nv_bfloat16 *k,
                                                     const __nv_bfloat16 *v, const float *p, uint32_t lbo_a,
@@ -49,14 +72,7 @@ __global__ void __launch_bounds__(128) check_kernel(const __nv_bfloat16 *q, cons
     float S[32];
 #pragma unroll
     for (int i = 0; i < 32; ++i) S[i] = 0.0f;
-    wg_fence();
-#pragma unroll
-    for (int kk = 0; kk < 8; ++kk) {
-        const int off = (kk / 4) * 8192 + (kk % 4) * 32;
-        wgmma_m64n64k16_ss<__nv_bfloat16>(S, qllm_sdesc(Qs + off, lbo_a, sbo_a), qllm_sdesc(Ks + off, lbo_a, sbo_a), 0);
-    }
-    wg_commit();
-    wg_wait0();
+    qk_tile(S, Qs, Ks, lbo_a, sbo_a);
 #pragma unroll
     for (int i = 0; i < 32; ++i) s_out[tid * 32 + i] = S[i];
 
@@ -74,11 +90,7 @@ __global__ void __launch_bounds__(128) check_kernel(const __nv_bfloat16 *q, cons
         a[kk][2] = pack_bf16(p[r * 64 + c0 + 8], p[r * 64 + c0 + 9]);
         a[kk][3] = pack_bf16(p[(r + 8) * 64 + c0 + 8], p[(r + 8) * 64 + c0 + 9]);
     }
-    wg_fence();
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) wgmma_m64n128k16_rs<__nv_bfloat16>(O, a[kk], qllm_sdesc(Vs + kk * 16 * 128, lbo_v, sbo_v), 1);
-    wg_commit();
-    wg_wait0();
+    pv_tile(O, a, Vs, lbo_v, sbo_v);
 #pragma unroll
     for (int i = 0; i < 64; ++i) o_out[tid * 64 + i] = O[i];
 }
@@ -97,24 +109,13 @@ __global__ void __launch_bounds__(128) rate_kernel(int iters, uint32_t lbo_a, ui
 #pragma unroll
     for (int i = 0; i < 64; ++i) O[i] = 0.0f;
     for (int it = 0; it < iters; ++it) {
-        wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < 8; ++kk) {
-            const int off = (kk / 4) * 8192 + (kk % 4) * 32;
-            wgmma_m64n64k16_ss<__nv_bfloat16>(S, qllm_sdesc(Qs + off, lbo_a, sbo_a), qllm_sdesc(Ks + off, lbo_a, sbo_a), 0);
-        }
-        wg_commit();
-        wg_wait0();
+        qk_tile(S, Qs, Ks, lbo_a, sbo_a);
         uint32_t a[4][4];
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
             for (int j = 0; j < 4; ++j) a[kk][j] = pack_bf16(S[kk * 8 + 2 * j], S[kk * 8 + 2 * j + 1]);
-        wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) wgmma_m64n128k16_rs<__nv_bfloat16>(O, a[kk], qllm_sdesc(Vs + kk * 2048, lbo_v, sbo_v), 1);
-        wg_commit();
-        wg_wait0();
+        pv_tile(O, a, Vs, lbo_v, sbo_v);
     }
     float acc = 0.0f;
 #pragma unroll

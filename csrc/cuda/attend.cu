@@ -362,6 +362,26 @@ __device__ __forceinline__ void topk_rounds(const float *src, int n, int k, int3
     }
 }
 
+/* Block-wide exclusive count of `flag` over the threads before this one (in
+ * thread order), and the block's total in *total; wsum: SEL_THREADS / 32
+ * ints of shared memory.  All threads call it; wsum is free again on return. */
+__device__ __forceinline__ int block_flag_scan(bool flag, int *wsum, int &total) {
+    constexpr int NWS = SEL_THREADS / 32;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const unsigned b = __ballot_sync(0xffffffffu, flag);
+    if (lane == 0) wsum[warp] = __popc(b);
+    __syncthreads();
+    int before = __popc(b & ((1u << lane) - 1u));
+    total = 0;
+#pragma unroll
+    for (int w = 0; w < NWS; ++w) {
+        before += w < warp ? wsum[w] : 0;
+        total += wsum[w];
+    }
+    __syncthreads();
+    return before;
+}
+
 __device__ __forceinline__ void topk_radix(const float *src, int n, int k, int32_t *__restrict__ ids) {
     constexpr int NWS = SEL_THREADS / 32;
     __shared__ int hist[256];
@@ -429,30 +449,13 @@ __device__ __forceinline__ void topk_radix(const float *src, int n, int k, int32
         const uint32_t key = i < n ? score_key(src[i]) : 0u;
         const bool gt = i < n && key > prefix;
         const bool eq = i < n && key == prefix;
-        const unsigned beq = __ballot_sync(0xffffffffu, eq);
-        if (lane == 0) wsum[warp] = __popc(beq);
-        __syncthreads();
-        int eq_before = base_eq + __popc(beq & lt_mask), eq_tot = 0;
-#pragma unroll
-        for (int w = 0; w < NWS; ++w) {
-            eq_before += w < warp ? wsum[w] : 0;
-            eq_tot += wsum[w];
-        }
-        __syncthreads();
+        int eq_tot = 0, take_tot = 0;
+        const int eq_before = base_eq + block_flag_scan(eq, wsum, eq_tot);
         const bool take = gt || (eq && eq_before < need);
-        const unsigned bt = __ballot_sync(0xffffffffu, take);
-        if (lane == 0) wsum[warp] = __popc(bt);
-        __syncthreads();
-        int pos = base_out + __popc(bt & lt_mask), take_tot = 0;
-#pragma unroll
-        for (int w = 0; w < NWS; ++w) {
-            pos += w < warp ? wsum[w] : 0;
-            take_tot += wsum[w];
-        }
+        const int pos = base_out + block_flag_scan(take, wsum, take_tot);
         if (take) ids[pos] = i;
         base_eq += eq_tot;
         base_out += take_tot;
-        __syncthreads(); /* wsum reused */
     }
 }
 
@@ -897,7 +900,7 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
                     const int off = (kk / 4) * 8192 + (kk % 4) * 32; /* 16 columns = 32 bytes; blocks of 64 */
                     wgmma_m64n64k16_ss<T>(
                         Sf, qllm_sdesc(reinterpret_cast<const unsigned char *>(Qs) + off, QLLM_WG_KMAJ_LBO, QLLM_WG_KMAJ_SBO),
-                        qllm_sdesc(reinterpret_cast<const unsigned char *>(ks) + off, QLLM_WG_KMAJ_LBO, QLLM_WG_KMAJ_SBO), 0);
+                        qllm_sdesc(reinterpret_cast<const unsigned char *>(ks) + off, QLLM_WG_KMAJ_LBO, QLLM_WG_KMAJ_SBO));
                 }
                 wg_commit();
                 wg_wait0();
@@ -1023,7 +1026,7 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
                 for (int kk = 0; kk < BN / 16; ++kk) /* 16 keys = 16 rows of 128 bytes */
                     wgmma_m64n128k16_rs<T>(Of, pa[kk],
                                            qllm_sdesc(reinterpret_cast<const unsigned char *>(vs) + kk * 16 * 128,
-                                                      QLLM_WG_MNMAJ_LBO, QLLM_WG_MNMAJ_SBO), 1);
+                                                      QLLM_WG_MNMAJ_LBO, QLLM_WG_MNMAJ_SBO));
                 wg_commit();
                 wg_wait0();
             }

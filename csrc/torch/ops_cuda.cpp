@@ -79,6 +79,15 @@ const DecodeFork &decode_fork(c10::DeviceIndex device) {
     return f;
 }
 
+/* Thread blocks of one attention launch over E queries, before key splits:
+ * row tiles x query heads, or one per KV head when a single query packs its
+ * heads (attend.cu attn_packs). */
+int64_t attention_ctas(int64_t E, int64_t hq, int64_t hkv) {
+    if (qllm_cuda_attention_packs(E, static_cast<int>(hq / hkv))) return hkv;
+    const int64_t bm = qllm_cuda_attention_rows();
+    return ((E + bm - 1) / bm) * hq;
+}
+
 /* Multiprocessors of the current device (queried once per device). */
 int multiprocessors() {
     static int cached[64] = {0};
@@ -381,9 +390,7 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
     const int sms = multiprocessors();
     const int64_t bm = qllm_cuda_attention_rows();
     auto choose_split = [&](const ExecRow &r) -> int {
-        /* one query packs its heads per KV head (attend.cu attn_packs) */
-        const int64_t ctas = qllm_cuda_attention_packs(r.E, static_cast<int>(hq / hkv)) ? hkv
-                                                                                        : ((r.E + bm - 1) / bm) * hq;
+        const int64_t ctas = attention_ctas(r.E, hq, hkv);
         if (2 * ctas >= sms) return 1; /* enough row tiles: no split, no combine */
         const int64_t M = r.init_len + r.n_ret * bs + r.m;
         const int64_t L = r.P0 - r.T0 + r.E;
@@ -487,8 +494,7 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
  * device row, which gives attend_run's exact choice). */
 int decode_split(int64_t hq, int64_t hkv) {
     const int sms = multiprocessors();
-    const int64_t bm = qllm_cuda_attention_rows();
-    const int64_t ctas = qllm_cuda_attention_packs(1, static_cast<int>(hq / hkv)) ? hkv : ((1 + bm - 1) / bm) * hq;
+    const int64_t ctas = attention_ctas(1, hq, hkv);
     if (2 * ctas >= sms) return 1;
     const int64_t s = std::min<int64_t>((2 * sms + ctas - 1) / ctas, QLLM_CUDA_MAX_SPLIT);
     return static_cast<int>(std::max<int64_t>(s, 1));

@@ -1,0 +1,52 @@
+"""Shared pieces of the CUDA tests (imported by tests/test_cuda*.py; no tests here)."""
+
+from __future__ import annotations
+
+import torch
+
+
+class DecodeStepRunner:
+    """Feeds decode tokens to a CudaDecodeStep the way GraphDecoder does: through static input
+    buffers, eagerly (graph=False) or eagerly once, then captured and replayed (graph=True); the
+    tokens whose ``prepare()`` declines (block cuts) go through attend_cuda on the same memory.
+
+    ``run(q1, k1, v1)`` -> (output, retrieved ids, whether the step ran)."""
+
+    def __init__(self, step, mem, rope, scaling, q, k, v, graph: bool):
+        self.step, self.mem, self.rope, self.scaling, self.graph = step, mem, rope, scaling, graph
+        self.qs, self.ks, self.vs = torch.zeros_like(q[:, :1]), torch.zeros_like(k[:, :1]), torch.zeros_like(v[:, :1])
+        self.g = None
+
+    def run(self, q1, k1, v1):
+        from qllm.gpu import attend_cuda
+
+        self.qs.copy_(q1)
+        self.ks.copy_(k1)
+        self.vs.copy_(v1)
+        if not self.step.prepare():
+            return attend_cuda(self.mem, self.qs, self.ks, self.vs, self.rope, self.scaling), self.mem.retrieved_log, False
+        if not self.graph or self.g is None:
+            got = self.step.launch(self.qs, self.ks, self.vs)  # eager (the first one also warms up)
+            if self.graph:
+                torch.cuda.synchronize()
+                self.g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.g):
+                    self.step.launch(self.qs, self.ks, self.vs)  # captured, not run
+        else:
+            self.g.replay()
+            got = self.step.out
+        return got, self.step.retrieved, True
+
+
+class ByteTokenizer:
+    """The smallest tokenizer qllm.generate needs: one token per byte (the tiny model's vocab is 256)."""
+
+    chat_template = None
+    pad_token_id = None
+    eos_token_id = 2
+
+    def __call__(self, text, add_special_tokens=True, return_tensors=None):
+        return {"input_ids": torch.tensor([list(text.encode())])}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(str(int(i)) for i in ids)
