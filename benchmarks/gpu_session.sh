@@ -90,15 +90,18 @@ fi
 if [[ " $stages " == *" wg "* ]]; then
   # the wgmma attention variant: sm_90a rebuild, attend tests and the layer prefill with QLLM_ATTN_WGMMA=1
   # (run the probe stage first; pass its descriptor offsets with QLLM_NVCC_EXTRA="-DQLLM_WG_...=N")
-  stamp "build for sm_90a"
-  if ! QLLM_CUDA_ARCH=90a MAX_JOBS=16 python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build_90a.log" 2>&1; then
-    grep -n "error" "$OUT/build_90a.log" | head -20; exit 1
+  # (skips the rebuild when the build stage already ran with QLLM_CUDA_ARCH=90a)
+  if [[ "${QLLM_CUDA_ARCH:-}" != "90a" || " $stages " != *" build "* ]]; then
+    stamp "build for sm_90a"
+    if ! QLLM_CUDA_ARCH=90a MAX_JOBS=16 python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build_90a.log" 2>&1; then
+      grep -n "error" "$OUT/build_90a.log" | head -20; exit 1
+    fi
   fi
   stamp "attend tests with QLLM_ATTN_WGMMA=1"
   QLLM_ATTN_WGMMA=1 timeout 200 python3 -m pytest -q -x -p no:cacheprovider -k "attend_cuda or decode_step" tests/test_cuda.py 2>&1 | tail -15
   stamp "layer prefill with QLLM_ATTN_WGMMA=1"
-  QLLM_ATTN_WGMMA=1 timeout 200 python3 benchmarks/bench_layer.py --prefill 32768 131072 524288 --decode-at 131072 \
-    --out "$OUT/layer_wgmma.json" 2>&1 | grep "prefill\|decode"
+  QLLM_ATTN_WGMMA=1 timeout 240 python3 benchmarks/bench_layer.py --prefill 32768 131072 524288 --decode-at 131072 \
+    --out "$OUT/layer_wgmma.json" 2>&1 | tee "$OUT/bench_wgmma.log" | grep "prefill\|decode\|rror"
 fi
 if [[ " $stages " == *" diag "* ]]; then
   stamp "diag: mixed CUDA/CPU arguments under cuda-gdb"
