@@ -103,6 +103,20 @@ if [[ " $stages " == *" wg "* ]]; then
   QLLM_ATTN_WGMMA=1 timeout 240 python3 benchmarks/bench_layer.py --prefill 32768 131072 524288 --decode-at 131072 \
     --out "$OUT/layer_wgmma.json" 2>&1 | tee "$OUT/bench_wgmma.log" | grep "prefill\|decode\|rror"
 fi
+if [[ " $stages " == *" ncu "* ]]; then
+  # hardware counters of one attention and one token-score launch (32K prefill, 20th execution
+  # block of the warm-up), for the mma.sync variant and the wgmma one (needs the 90a build)
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  for v in 0 1; do
+    stamp "ncu, QLLM_ATTN_WGMMA=$v"
+    QLLM_ATTN_WGMMA=$v timeout 200 "$NCU" --clock-control none -k "regex:attn_kernel|tscore_kernel" --launch-skip 40 \
+      --launch-count 2 --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis \
+      --section Occupancy --section LaunchStats --section SchedulerStats --section ComputeWorkloadAnalysis \
+      python3 benchmarks/bench_layer.py --prefill 32768 --decode-at --repeats 1 --out /tmp/ncu_layer.json \
+      > "$OUT/ncu_wg$v.txt" 2>&1
+    grep -i "duration\|throughput\|stall\|warp cycles per issued\|issued ipc\|achieved occ\|registers\|L2 Hit\|==PROF==\|error" "$OUT/ncu_wg$v.txt" | head -40
+  done
+fi
 if [[ " $stages " == *" diag "* ]]; then
   stamp "diag: mixed CUDA/CPU arguments under cuda-gdb"
   cat > /tmp/mixed.py <<'PY'
