@@ -37,10 +37,10 @@ __device__ __forceinline__ void qk_tile(float (&S)[32], const unsigned char *Qs,
 #pragma unroll
     for (int kk = 0; kk < 8; ++kk) {
         const int off = (kk / 4) * 8192 + (kk % 4) * 32;
-        wgmma_m64n64k16_ss<__nv_bfloat16>(S, qllm_sdesc(Qs + off, lbo, sbo), qllm_sdesc(Ks + off, lbo, sbo));
+        wgmma_m64n64k16_ss<__nv_bfloat16>(S, qllm_sdesc(Qs + off, lbo, sbo), qllm_sdesc(Ks + off, lbo, sbo), true);
     }
     wg_commit();
-    wg_wait0();
+    wg_wait<0>();
 }
 
 /* O += P V over 64 keys (4 k-steps of 16 rows of 128 bytes) */
@@ -50,7 +50,7 @@ __device__ __forceinline__ void pv_tile(float (&O)[64], const uint32_t (&a)[4][4
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) wgmma_m64n128k16_rs<__nv_bfloat16>(O, a[kk], qllm_sdesc(Vs + kk * 16 * 128, lbo, sbo));
     wg_commit();
-    wg_wait0();
+    wg_wait<0>();
 }
 
 /* one warpgroup: raw accumulators out, [128 threads][32] and [128][64] */

@@ -693,10 +693,16 @@ __device__ __forceinline__ int64_t mem_tile_base(const AttnArgs &a, int hk, int6
     return (static_cast<int64_t>(hk) * a.cap + w0) * D;
 }
 
-/* One CTA = BM = 64*MI query rows of one head (4 warps x 16*MI rows; with
+/* One CTA = BM = 64*MI query rows of one head (NW warps x 16*MI rows; with
  * MI = 2 each K/V fragment feeds the MMAs of two 16-row groups).  Tiles: memory tiles (fixed-position
- * queries, un-rotated keys) first, then local tiles; the Q buffer switches
- * from the fixed to the local rotation at the first local tile. */
+ * queries, un-rotated keys) first, then local tiles; the queries switch from
+ * the fixed to the local rotation at the first local tile.
+ *
+ * WG (sm_90a): the two products on wgmma, one warpgroup = the CTA's 64 rows,
+ * tiles in the 128-byte-swizzled layout of wgmma.cuh (from a 1024-byte
+ * boundary: fixed Q, local Q, two K stages, two V stages, 16 KB each), and a
+ * software pipeline: the softmax of tile t runs while P V of tile t-1 is on
+ * the tensor cores, and S of tile t+1 is issued before P V of tile t. */
 template <typename T, int D, int MI, int NW, bool WG>
 __device__ __forceinline__ void attn_body(const AttnArgs &a) {
     constexpr int LD = D + 8;     /* padded smem row (elements): ldmatrix without conflicts */
@@ -704,18 +710,23 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
     constexpr int NDT = D / 8;    /* 8-wide n-tiles of the output */
     constexpr int NT = NW * 32;   /* threads */
     constexpr int BM = NW * 16 * MI; /* rows per CTA: NW warps x MI 16-row groups */
-    /* WG (sm_90a): the two products on wgmma, one warpgroup = the CTA's 64 rows,
-     * tiles in the 128-byte-swizzled layout of wgmma.cuh (Q 16 KB, then K and V
-     * stages of 16 KB each, from a 1024-byte boundary) instead of padded rows */
+    static_assert(NT % CH == 0 && (BN * CH) % NT == 0, "tile loads: whole rows per pass");
     static_assert(!WG || (MI == 1 && NW == 4 && D == 128 && BN == 64), "wgmma variant: 64 x 128 tiles");
     constexpr int TILE_B = WG ? 64 * D * 2 : 0;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     unsigned char *smem = WG ? reinterpret_cast<unsigned char *>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
                                                                ~static_cast<uintptr_t>(1023))
                              : smem_raw;
+    /* WG: QsF, QsL, K[2], V[2] tiles of TILE_B; else Q, K[2], V[2] in padded rows */
     T *Qs = reinterpret_cast<T *>(smem);
-    T *Ks = WG ? reinterpret_cast<T *>(smem + TILE_B) : Qs + BM * LD;         /* [2][BN][LD] */
-    T *Vs = WG ? reinterpret_cast<T *>(smem + 3 * TILE_B) : Ks + 2 * BN * LD;
+    T *Ks = WG ? reinterpret_cast<T *>(smem + 2 * TILE_B) : Qs + BM * LD;
+    T *Vs = WG ? reinterpret_cast<T *>(smem + 4 * TILE_B) : Ks + 2 * BN * LD;
+    auto kstage = [&](int s) -> T * {
+        return WG ? reinterpret_cast<T *>(reinterpret_cast<unsigned char *>(Ks) + s * TILE_B) : Ks + s * BN * LD;
+    };
+    auto vstage = [&](int s) -> T * {
+        return WG ? reinterpret_cast<T *>(reinterpret_cast<unsigned char *>(Vs) + s * TILE_B) : Vs + s * BN * LD;
+    };
     /* element (row, col) of a tile */
     auto qdst = [&](T *tile, int row, int col) -> T * {
         if constexpr (WG)
@@ -767,58 +778,67 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
 
     const T *qf = static_cast<const T *>(a.qfix) + (static_cast<int64_t>(h) * a.E + r0) * D;
     const T *ql = static_cast<const T *>(a.qloc) + (static_cast<int64_t>(h) * a.E + r0) * D;
-    auto load_q = [&](const T *src) {
+    auto load_q = [&](T *dst, const T *src) {
         for (int c = tid; c < BM * CH; c += NT) {
             const int row = c / CH, ch = c % CH;
             const bool v = row < rows_valid;
-            cp_async16(qdst(Qs, row, ch * 8), src + (v ? row * D + ch * 8 : 0), v);
+            cp_async16(qdst(dst, row, ch * 8), src + (v ? row * D + ch * 8 : 0), v);
         }
     };
-    auto load_tile = [&](int t, int stage) {
-        T *ks = WG ? reinterpret_cast<T *>(reinterpret_cast<unsigned char *>(Ks) + stage * TILE_B) : Ks + stage * BN * LD;
-        T *vs = WG ? reinterpret_cast<T *>(reinterpret_cast<unsigned char *>(Vs) + stage * TILE_B) : Vs + stage * BN * LD;
-        /* Per tile, not per key: when the tile's keys are consecutive rows
-         * (nearly always), each key's address is base + row * D. */
+    /* Where tile t's keys live.  Per tile, not per key: when the tile's keys
+     * are consecutive rows of one buffer (nearly always), each key's address is
+     * base + row * D (base -1: per key). */
+    struct TileSrc {
         int64_t base;
-        bool cached0 = false;
+        bool cached;
+    };
+    auto tile_src = [&](int t) -> TileSrc {
+        TileSrc s{-1, false};
         if (t < n_mt) {
-            base = mem_tile_base<D>(a, hk, static_cast<int64_t>(t) * BN, cached0);
+            s.base = mem_tile_base<D>(a, hk, static_cast<int64_t>(t) * BN, s.cached);
         } else {
             const int64_t p0 = a.T0 + static_cast<int64_t>(lt0 + t - n_mt) * BN;
             const int64_t w0 = kv_row(p0, a.n_init, a.wmask);
-            base = kv_row(p0 + BN - 1, a.n_init, a.wmask) - w0 == BN - 1 ? (kv_head + w0) * D : -1;
+            s.base = kv_row(p0 + BN - 1, a.n_init, a.wmask) - w0 == BN - 1 ? (kv_head + w0) * D : -1;
         }
-        const T *kb = cached0 ? kc : kst;
-        const T *vb = cached0 ? vc : vst;
-        for (int c = tid; c < BN * CH; c += NT) {
-            const int kr = c / CH, ch = c % CH;
-            const T *ksrc;
-            const T *vsrc;
-            bool v;
-            if (t < n_mt) {
-                const int64_t u = static_cast<int64_t>(t) * BN + kr;
-                v = u < M_total;
-                if (base >= 0) {
-                    const int64_t o = v ? base + static_cast<int64_t>(kr) * D : 0;
-                    ksrc = kb + o + ch * 8;
-                    vsrc = vb + o + ch * 8;
-                } else {
-                    bool cached = false;
-                    const int64_t o = v ? mem_off<D>(a, hk, u, cached) : 0;
-                    ksrc = (cached ? kc : kst) + o + ch * 8;
-                    vsrc = (cached ? vc : vst) + o + ch * 8;
-                }
-            } else {
-                const int sidx = (lt0 + t - n_mt) * BN + kr;
-                v = sidx < a.L;
-                const int64_t sv = v ? sidx : 0;
-                ksrc = krot + (static_cast<int64_t>(hk) * a.L + sv) * D + ch * 8;
-                const int64_t vo = !v ? 0 : base >= 0 ? base + static_cast<int64_t>(kr) * D
-                                                      : (kv_head + kv_row(a.T0 + sv, a.n_init, a.wmask)) * D;
-                vsrc = vst + vo + ch * 8;
-            }
-            cp_async16(qdst(ks, kr, ch * 8), ksrc, v);
-            cp_async16(qdst(vs, kr, ch * 8), vsrc, v);
+        return s;
+    };
+    /* sources of key row kr of tile t; false past the tile's live keys */
+    auto row_src = [&](int t, const TileSrc &s, int kr, const T *&ksrc, const T *&vsrc) -> bool {
+        if (t < n_mt) {
+            const int64_t u = static_cast<int64_t>(t) * BN + kr;
+            const bool v = u < M_total;
+            bool cached = s.cached;
+            const int64_t o = !v ? 0 : s.base >= 0 ? s.base + static_cast<int64_t>(kr) * D : mem_off<D>(a, hk, u, cached);
+            ksrc = (cached ? kc : kst) + o;
+            vsrc = (cached ? vc : vst) + o;
+            return v;
+        }
+        const int sidx = (lt0 + t - n_mt) * BN + kr;
+        const bool v = sidx < a.L;
+        const int64_t sv = v ? sidx : 0;
+        ksrc = krot + (static_cast<int64_t>(hk) * a.L + sv) * D;
+        vsrc = vst + (!v ? 0 : s.base >= 0 ? s.base + static_cast<int64_t>(kr) * D
+                                           : (kv_head + kv_row(a.T0 + sv, a.n_init, a.wmask)) * D);
+        return v;
+    };
+    /* this thread's chunks of a tile: column chunk tid % CH of rows tid / CH + i * NT / CH */
+    auto load_k = [&](int t, const TileSrc &s, T *dst) {
+#pragma unroll
+        for (int i = 0; i < BN * CH / NT; ++i) {
+            const int kr = tid / CH + i * (NT / CH), ch = tid % CH;
+            const T *ksrc, *vsrc;
+            const bool v = row_src(t, s, kr, ksrc, vsrc);
+            cp_async16(qdst(dst, kr, ch * 8), ksrc + ch * 8, v);
+        }
+    };
+    auto load_v = [&](int t, const TileSrc &s, T *dst) {
+#pragma unroll
+        for (int i = 0; i < BN * CH / NT; ++i) {
+            const int kr = tid / CH + i * (NT / CH), ch = tid % CH;
+            const T *ksrc, *vsrc;
+            const bool v = row_src(t, s, kr, ksrc, vsrc);
+            cp_async16(qdst(dst, kr, ch * 8), vsrc + ch * 8, v);
         }
     };
 
@@ -855,207 +875,272 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
                           (all_dense || s0 >= pr_last - a.n_local + 1);
         return full ? 0 : 2;
     };
-
-    if (t_begin < t_end) {
-        load_q(t_begin < n_mt ? qf : ql);
-        load_tile(t_begin, 0);
-    }
-    cp_async_commit();
-
-    for (int t = t_begin; t < t_end; ++t) {
-        const int st = (t - t_begin) & 1;
-        if (t == n_mt && t > t_begin) {
-            /* first local tile: swap in the locally rotated queries (all warps are
-             * past the previous tile: trailing barrier of the last iteration) */
-            load_q(ql);
-            if (t + 1 < t_end) load_tile(t + 1, st ^ 1);
-            cp_async_commit();
-            cp_async_wait<0>();
-        } else if (t + 1 < t_end) {
-            load_tile(t + 1, st ^ 1);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        if constexpr (WG) fence_async_smem(); /* cp.async writes -> tensor-core reads */
-        __syncthreads();
-        /* wgmma is warpgroup-wide: every warp runs it (rows past rows_valid read
-         * zero-filled queries and are not written) */
-        if (WG || warp_active) {
-            const T *ks = WG ? reinterpret_cast<const T *>(reinterpret_cast<const unsigned char *>(Ks) + st * TILE_B)
-                             : Ks + st * BN * LD;
-            const T *vs = WG ? reinterpret_cast<const T *>(reinterpret_cast<const unsigned char *>(Vs) + st * TILE_B)
-                             : Vs + st * BN * LD;
-            float S[MI][8][4];
+    /* raw scores of tile t: -inf where the key is not visible (boundary tiles only) */
+    auto mask_tile = [&](float(&S)[MI][8][4], int t) {
+        const int kind = classify(t);
+        if (kind == 1) { /* memory tile crossing fixed_end / M_total */
+            const int ubase = t * BN;
 #pragma unroll
             for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-                for (int nt = 0; nt < 8; ++nt) S[mi][nt][0] = S[mi][nt][1] = S[mi][nt][2] = S[mi][nt][3] = 0.0f;
-            if constexpr (WG) {
-                float(&Sf)[32] = *reinterpret_cast<float(*)[32]>(&S[0][0][0]);
-                wg_fence();
+                for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-                for (int kk = 0; kk < D / 16; ++kk) {
-                    const int off = (kk / 4) * 8192 + (kk % 4) * 32; /* 16 columns = 32 bytes; blocks of 64 */
-                    wgmma_m64n64k16_ss<T>(
-                        Sf, qllm_sdesc(reinterpret_cast<const unsigned char *>(Qs) + off, QLLM_WG_KMAJ_LBO, QLLM_WG_KMAJ_SBO),
-                        qllm_sdesc(reinterpret_cast<const unsigned char *>(ks) + off, QLLM_WG_KMAJ_LBO, QLLM_WG_KMAJ_SBO));
-                }
-                wg_commit();
-                wg_wait0();
+                    for (int e = 0; e < 4; ++e) {
+                        const int u = ubase + nt * 8 + tq * 2 + (e & 1);
+                        bool vis;
+                        if (u < fixed_end) {
+                            vis = true;
+                        } else {
+                            const int pr = prel0 + rstep * (mi * 16 + 8 * (e >> 1));
+                            const int sm = u - fixed_end; /* tail position - T0 */
+                            vis = u < M_total && pr >= dense_rel && sm <= pr - a.n_local && sm < stream_lim;
+                        }
+                        if (!vis) S[mi][nt][e] = -INFINITY;
+                    }
+        } else if (kind == 2) { /* local tile on the causal or window edge */
+            const int sbase = (lt0 + t - n_mt) * BN;
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+                for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int sx = sbase + nt * 8 + tq * 2 + (e & 1);
+                        const int pr = prel0 + rstep * (mi * 16 + 8 * (e >> 1));
+                        const bool vis = sx < a.L && sx <= pr && (pr - sx < a.n_local || pr < dense_rel);
+                        if (!vis) S[mi][nt][e] = -INFINITY;
+                    }
+        }
+    };
+    /* Online softmax of one tile in the log2 domain (the scale folded into the
+     * exponent): S becomes P, alpha the factor for O; true when some row of
+     * the warp needs O rescaled. */
+    auto softmax_tile = [&](float(&S)[MI][8][4], float(&alpha)[MI][2]) -> bool {
+        bool rescale = false;
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi) {
+            float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], S[mi][nt][e]);
+            float ref[2];
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+                const float mn = fmaxf(mrow[mi][i], mx[i] * a.sl2);
+                ref[i] = mn == -INFINITY ? 0.0f : mn;
+                alpha[mi][i] = fast_exp2(mrow[mi][i] - ref[i]);
+                rescale |= alpha[mi][i] != 1.0f;
+                mrow[mi][i] = mn;
             }
+            float rs[2] = {0.0f, 0.0f};
 #pragma unroll
-            for (int kk2 = 0; kk2 < (WG ? 0 : D / 32); ++kk2) {
-                uint32_t qa[MI][2][4];
+            for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-                for (int mi = 0; mi < MI; ++mi) {
-                    const T *qp = Qs + (warp * (16 * MI) + mi * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD +
-                                  kk2 * 32 + (lane >> 4) * 8;
-                    ldsm_x4(qa[mi][0][0], qa[mi][0][1], qa[mi][0][2], qa[mi][0][3], qp);
-                    ldsm_x4(qa[mi][1][0], qa[mi][1][1], qa[mi][1][2], qa[mi][1][3], qp + 16);
+                for (int e = 0; e < 4; ++e) {
+                    const float p = fast_exp2(fmaf(S[mi][nt][e], a.sl2, -ref[e >> 1]));
+                    S[mi][nt][e] = p;
+                    rs[e >> 1] += p;
                 }
 #pragma unroll
-                for (int nt = 0; nt < 8; ++nt) {
-                    uint32_t b0, b1, b2, b3;
-                    ldsm_x4(b0, b1, b2, b3, ks + (nt * 8 + (lane & 7)) * LD + kk2 * 32 + (lane >> 3) * 8);
+            for (int i = 0; i < 2; ++i) lrow[mi][i] = lrow[mi][i] * alpha[mi][i] + rs[i];
+        }
+        return __any_sync(0xffffffffu, rescale);
+    };
+    auto rescale_o = [&](const float(&alpha)[MI][2]) {
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+            for (int dt = 0; dt < NDT; ++dt) {
+                O[mi][dt][0] *= alpha[mi][0];
+                O[mi][dt][1] *= alpha[mi][0];
+                O[mi][dt][2] *= alpha[mi][1];
+                O[mi][dt][3] *= alpha[mi][1];
+            }
+    };
+
+    if constexpr (WG) {
+        float S[1][8][4];
+        float(&Sf)[32] = *reinterpret_cast<float(*)[32]>(&S[0][0][0]);
+        float(&Of)[NDT * 4] = *reinterpret_cast<float(*)[NDT * 4]>(&O[0][0][0]);
+        const unsigned char *QsF = smem, *QsL = smem + TILE_B;
+        auto stage_of = [&](int t) { return (t - t_begin) & 1; };
+        /* S = Q K_t^T, issued and committed (not waited) */
+        auto issue_s = [&](int t) {
+            const unsigned char *qb = t < n_mt ? QsF : QsL;
+            const unsigned char *kb = reinterpret_cast<const unsigned char *>(kstage(stage_of(t)));
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                const int o = (kk / 4) * 8192 + (kk % 4) * 32; /* 16 columns = 32 bytes; blocks of 64 */
+                wgmma_m64n64k16_ss<T>(Sf, qllm_sdesc(qb + o, QLLM_WG_KMAJ_LBO, QLLM_WG_KMAJ_SBO),
+                                      qllm_sdesc(kb + o, QLLM_WG_KMAJ_LBO, QLLM_WG_KMAJ_SBO), kk > 0);
+            }
+            wg_commit();
+        };
+        uint32_t pa[BN / 16][4];
+        /* O += P V_t from the registers pa */
+        auto issue_pv = [&](int t) {
+            const unsigned char *vb = reinterpret_cast<const unsigned char *>(vstage(stage_of(t)));
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) /* 16 keys = 16 rows of 128 bytes */
+                wgmma_m64n128k16_rs<T>(Of, pa[kk], qllm_sdesc(vb + kk * 16 * 128, QLLM_WG_MNMAJ_LBO, QLLM_WG_MNMAJ_SBO));
+            wg_commit();
+        };
+        /* mask and softmax of tile t (overlapping P V of tile t-1), then O
+         * rescaled and P packed once that P V is done */
+        auto softmax_pack = [&](int t) {
+            mask_tile(S, t);
+            float alpha[1][2];
+            const bool rescale = softmax_tile(S, alpha);
+            wg_wait<0>();
+            wg_fence_operand(Of);
+            if (rescale) rescale_o(alpha);
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                pa[kk][0] = Cvt<T>::pack(S[0][2 * kk][0], S[0][2 * kk][1]);
+                pa[kk][1] = Cvt<T>::pack(S[0][2 * kk][2], S[0][2 * kk][3]);
+                pa[kk][2] = Cvt<T>::pack(S[0][2 * kk + 1][0], S[0][2 * kk + 1][1]);
+                pa[kk][3] = Cvt<T>::pack(S[0][2 * kk + 1][2], S[0][2 * kk + 1][3]);
+            }
+        };
+        if (t_begin < t_end) {
+            /* prologue: both queries, K and V of the first tile, K of the second; S of the first */
+            if (t_begin < n_mt) load_q(reinterpret_cast<T *>(smem), qf);
+            if (t_end > n_mt) load_q(reinterpret_cast<T *>(smem + TILE_B), ql);
+            const TileSrc s0 = tile_src(t_begin);
+            load_k(t_begin, s0, kstage(0));
+            load_v(t_begin, s0, vstage(0));
+            TileSrc src_next{-1, false}; /* of tile t+1 (its V is loaded one step after its K) */
+            if (t_begin + 1 < t_end) {
+                src_next = tile_src(t_begin + 1);
+                load_k(t_begin + 1, src_next, kstage(1));
+            }
+            cp_async_commit();
+            cp_async_wait<0>();
+            fence_async_smem();
+            __syncthreads();
+            wg_fence();
+            issue_s(t_begin);
+            wg_wait<0>();
+            wg_fence_operand(Sf);
+            /* every tile but the last (the wgmma sequence is the same on every
+             * pass, so the compiler can keep the two products in flight) */
+            for (int t = t_begin; t + 1 < t_end; ++t) {
+                /* here: S holds tile t's scores; P V of tile t-1 may be running;
+                 * the copies of K_{t+1} and V_t are in flight */
+                softmax_pack(t);
+                cp_async_wait<0>(); /* K_{t+1}, V_t */
+                fence_async_smem();
+                __syncthreads(); /* every warp is past S_t (K stage of t) and P V_{t-1} (V stage of t-1) */
+                load_v(t + 1, src_next, vstage(stage_of(t + 1)));
+                if (t + 2 < t_end) {
+                    src_next = tile_src(t + 2);
+                    load_k(t + 2, src_next, kstage(stage_of(t)));
+                }
+                cp_async_commit();
+                wg_fence();
+                issue_s(t + 1);
+                issue_pv(t);
+                wg_wait<1>(); /* S of tile t+1; P V of tile t keeps running */
+                wg_fence_operand(Sf);
+            }
+            softmax_pack(t_end - 1);
+            cp_async_wait<0>(); /* V of the last tile */
+            fence_async_smem();
+            __syncthreads();
+            wg_fence();
+            issue_pv(t_end - 1);
+            wg_wait<0>();
+            wg_fence_operand(Of);
+        }
+    } else {
+        if (t_begin < t_end) {
+            load_q(Qs, t_begin < n_mt ? qf : ql);
+            const TileSrc s0 = tile_src(t_begin);
+            load_k(t_begin, s0, kstage(0));
+            load_v(t_begin, s0, vstage(0));
+        }
+        cp_async_commit();
+
+        for (int t = t_begin; t < t_end; ++t) {
+            const int st = (t - t_begin) & 1;
+            const bool more = t + 1 < t_end;
+            if (more) {
+                const TileSrc s1 = tile_src(t + 1);
+                if (t == n_mt && t > t_begin) load_q(Qs, ql); /* first local tile: every warp is past the last one */
+                load_k(t + 1, s1, kstage(st ^ 1));
+                load_v(t + 1, s1, vstage(st ^ 1));
+            } else if (t == n_mt && t > t_begin) {
+                load_q(Qs, ql);
+            }
+            cp_async_commit();
+            if (t == n_mt && t > t_begin)
+                cp_async_wait<0>(); /* the local queries */
+            else
+                cp_async_wait<1>();
+            __syncthreads();
+            if (warp_active) {
+                const T *ks = kstage(st);
+                const T *vs = vstage(st);
+                float S[MI][8][4];
+#pragma unroll
+                for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+                    for (int nt = 0; nt < 8; ++nt) S[mi][nt][0] = S[mi][nt][1] = S[mi][nt][2] = S[mi][nt][3] = 0.0f;
+#pragma unroll
+                for (int kk2 = 0; kk2 < D / 32; ++kk2) {
+                    uint32_t qa[MI][2][4];
 #pragma unroll
                     for (int mi = 0; mi < MI; ++mi) {
-                        mma16816<T>(S[mi][nt], qa[mi][0], b0, b1);
-                        mma16816<T>(S[mi][nt], qa[mi][1], b2, b3);
+                        const T *qp = Qs + (warp * (16 * MI) + mi * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD +
+                                      kk2 * 32 + (lane >> 4) * 8;
+                        ldsm_x4(qa[mi][0][0], qa[mi][0][1], qa[mi][0][2], qa[mi][0][3], qp);
+                        ldsm_x4(qa[mi][1][0], qa[mi][1][1], qa[mi][1][2], qa[mi][1][3], qp + 16);
+                    }
+#pragma unroll
+                    for (int nt = 0; nt < 8; ++nt) {
+                        uint32_t b0, b1, b2, b3;
+                        ldsm_x4(b0, b1, b2, b3, ks + (nt * 8 + (lane & 7)) * LD + kk2 * 32 + (lane >> 3) * 8);
+#pragma unroll
+                        for (int mi = 0; mi < MI; ++mi) {
+                            mma16816<T>(S[mi][nt], qa[mi][0], b0, b1);
+                            mma16816<T>(S[mi][nt], qa[mi][1], b2, b3);
+                        }
                     }
                 }
-            }
-            /* mask (boundary tiles only), scale into the log2 domain, row max */
-            const int kind = classify(t);
-            if (kind == 1) { /* memory tile crossing fixed_end / M_total */
-                const int ubase = t * BN;
-#pragma unroll
-                for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-                    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            const int i = e >> 1;
-                            const int u = ubase + nt * 8 + tq * 2 + (e & 1);
-                            bool vis;
-                            if (u < fixed_end) {
-                                vis = true;
-                            } else {
-                                const int pr = prel0 + rstep * (mi * 16 + 8 * i);
-                                const int sm = u - fixed_end; /* tail position - T0 */
-                                vis = u < M_total && pr >= dense_rel && sm <= pr - a.n_local &&
-                                      sm < stream_lim;
-                            }
-                            if (!vis) S[mi][nt][e] = -INFINITY;
-                        }
-            } else if (kind == 2) { /* local tile on the causal or window edge */
-                const int sbase = (lt0 + t - n_mt) * BN;
-#pragma unroll
-                for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-                    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            const int i = e >> 1;
-                            const int sx = sbase + nt * 8 + tq * 2 + (e & 1);
-                            const int pr = prel0 + rstep * (mi * 16 + 8 * i);
-                            const bool vis = sx < a.L && sx <= pr && (pr - sx < a.n_local || pr < dense_rel);
-                            if (!vis) S[mi][nt][e] = -INFINITY;
-                        }
-            }
-            bool rescale = false;
-            float alpha[MI][2];
-#pragma unroll
-            for (int mi = 0; mi < MI; ++mi) {
-                float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-                for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        S[mi][nt][e] *= a.sl2;
-                        mx[e >> 1] = fmaxf(mx[e >> 1], S[mi][nt][e]);
-                    }
-                float ref[2];
-#pragma unroll
-                for (int i = 0; i < 2; ++i) {
-                    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-                    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-                    const float mn = fmaxf(mrow[mi][i], mx[i]);
-                    ref[i] = mn == -INFINITY ? 0.0f : mn;
-                    alpha[mi][i] = exp2f(mrow[mi][i] - ref[i]);
-                    rescale |= alpha[mi][i] != 1.0f;
-                    mrow[mi][i] = mn;
-                }
-                float rs[2] = {0.0f, 0.0f};
-#pragma unroll
-                for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const float p = exp2f(S[mi][nt][e] - ref[e >> 1]);
-                        S[mi][nt][e] = p;
-                        rs[e >> 1] += p;
-                    }
-#pragma unroll
-                for (int i = 0; i < 2; ++i) lrow[mi][i] = lrow[mi][i] * alpha[mi][i] + rs[i];
-            }
-            if (__any_sync(0xffffffffu, rescale)) {
-#pragma unroll
-                for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-                    for (int dt = 0; dt < NDT; ++dt) {
-                        O[mi][dt][0] *= alpha[mi][0];
-                        O[mi][dt][1] *= alpha[mi][0];
-                        O[mi][dt][2] *= alpha[mi][1];
-                        O[mi][dt][3] *= alpha[mi][1];
-                    }
-            }
-            /* O += P V */
-            if constexpr (WG) {
-                uint32_t pa[BN / 16][4];
+                mask_tile(S, t);
+                float alpha[MI][2];
+                if (softmax_tile(S, alpha)) rescale_o(alpha);
+                /* O += P V */
 #pragma unroll
                 for (int kk = 0; kk < BN / 16; ++kk) {
-                    pa[kk][0] = Cvt<T>::pack(S[0][2 * kk][0], S[0][2 * kk][1]);
-                    pa[kk][1] = Cvt<T>::pack(S[0][2 * kk][2], S[0][2 * kk][3]);
-                    pa[kk][2] = Cvt<T>::pack(S[0][2 * kk + 1][0], S[0][2 * kk + 1][1]);
-                    pa[kk][3] = Cvt<T>::pack(S[0][2 * kk + 1][2], S[0][2 * kk + 1][3]);
-                }
-                float(&Of)[NDT * 4] = *reinterpret_cast<float(*)[NDT * 4]>(&O[0][0][0]);
-                wg_fence();
-#pragma unroll
-                for (int kk = 0; kk < BN / 16; ++kk) /* 16 keys = 16 rows of 128 bytes */
-                    wgmma_m64n128k16_rs<T>(Of, pa[kk],
-                                           qllm_sdesc(reinterpret_cast<const unsigned char *>(vs) + kk * 16 * 128,
-                                                      QLLM_WG_MNMAJ_LBO, QLLM_WG_MNMAJ_SBO));
-                wg_commit();
-                wg_wait0();
-            }
-#pragma unroll
-            for (int kk = 0; kk < (WG ? 0 : BN / 16); ++kk) {
-                uint32_t pa[MI][4];
-#pragma unroll
-                for (int mi = 0; mi < MI; ++mi) {
-                    pa[mi][0] = Cvt<T>::pack(S[mi][2 * kk][0], S[mi][2 * kk][1]);
-                    pa[mi][1] = Cvt<T>::pack(S[mi][2 * kk][2], S[mi][2 * kk][3]);
-                    pa[mi][2] = Cvt<T>::pack(S[mi][2 * kk + 1][0], S[mi][2 * kk + 1][1]);
-                    pa[mi][3] = Cvt<T>::pack(S[mi][2 * kk + 1][2], S[mi][2 * kk + 1][3]);
-                }
-                const T *vp = vs + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + (lane >> 4) * 8;
-#pragma unroll
-                for (int dt2 = 0; dt2 < D / 16; ++dt2) {
-                    uint32_t b0, b1, b2, b3;
-                    ldsm_x4_t(b0, b1, b2, b3, vp + dt2 * 16);
+                    uint32_t pa[MI][4];
 #pragma unroll
                     for (int mi = 0; mi < MI; ++mi) {
-                        mma16816<T>(O[mi][2 * dt2], pa[mi], b0, b1);
-                        mma16816<T>(O[mi][2 * dt2 + 1], pa[mi], b2, b3);
+                        pa[mi][0] = Cvt<T>::pack(S[mi][2 * kk][0], S[mi][2 * kk][1]);
+                        pa[mi][1] = Cvt<T>::pack(S[mi][2 * kk][2], S[mi][2 * kk][3]);
+                        pa[mi][2] = Cvt<T>::pack(S[mi][2 * kk + 1][0], S[mi][2 * kk + 1][1]);
+                        pa[mi][3] = Cvt<T>::pack(S[mi][2 * kk + 1][2], S[mi][2 * kk + 1][3]);
+                    }
+                    const T *vp = vs + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + (lane >> 4) * 8;
+#pragma unroll
+                    for (int dt2 = 0; dt2 < D / 16; ++dt2) {
+                        uint32_t b0, b1, b2, b3;
+                        ldsm_x4_t(b0, b1, b2, b3, vp + dt2 * 16);
+#pragma unroll
+                        for (int mi = 0; mi < MI; ++mi) {
+                            mma16816<T>(O[mi][2 * dt2], pa[mi], b0, b1);
+                            mma16816<T>(O[mi][2 * dt2 + 1], pa[mi], b2, b3);
+                        }
                     }
                 }
             }
+            __syncthreads();
         }
-        __syncthreads();
+        cp_async_wait<0>();
     }
-    cp_async_wait<0>();
 
     /* epilogue */
 #pragma unroll
@@ -1271,7 +1356,7 @@ __device__ __forceinline__ void tscore_body(const TsArgs &a) {
                     const bool vis = s <= pr && (pr - s < a.n_local || 0 < r_dense_end);
                     const int64_t pos = a.T0 + s;
                     float *slot = a.scores + static_cast<int64_t>(h + col) * a.ring + (pos & (a.ring - 1));
-                    *slot = (pos >= a.P0 ? 0.0f : *slot) + (vis ? exp2f(S[nt][e] * a.sl2 - ls[col]) : 0.0f);
+                    *slot = (pos >= a.P0 ? 0.0f : *slot) + (vis ? fast_exp2(fmaf(S[nt][e], a.sl2, -ls[col])) : 0.0f);
                 }
             break; /* a single query tile */
         }
@@ -1283,7 +1368,7 @@ __device__ __forceinline__ void tscore_body(const TsArgs &a) {
             for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
                 for (int e = 0; e < 4; ++e)
-                    acc[e >> 1] += exp2f(S[nt][e] * a.sl2 - ls[nt * 8 + tq * 2 + (e & 1)]);
+                    acc[e >> 1] += fast_exp2(fmaf(S[nt][e], a.sl2, -ls[nt * 8 + tq * 2 + (e & 1)]));
         } else {
 #pragma unroll
             for (int nt = 0; nt < 8; ++nt)
@@ -1295,7 +1380,7 @@ __device__ __forceinline__ void tscore_body(const TsArgs &a) {
                     const int pr = off + r;
                     const bool vis = r < a.E && s < a.L && s <= pr &&
                                      (pr - s < a.n_local || r < r_dense_end);
-                    if (vis) acc[e >> 1] += exp2f(S[nt][e] * a.sl2 - ls[col]);
+                    if (vis) acc[e >> 1] += fast_exp2(fmaf(S[nt][e], a.sl2, -ls[col]));
                 }
         }
         __syncthreads();
@@ -1558,7 +1643,7 @@ template <typename T, int D, int MI, int NW, bool DYN, bool WG = false>
 int launch_attention_v(const AttnArgs &a0, int E, int hq, cudaStream_t stream) {
     constexpr int BMr = NW * 16 * MI;
     /* WG: 1024 bytes of slack to align the swizzled tiles */
-    const size_t smem = WG ? static_cast<size_t>(BMr + 4 * BN) * D * sizeof(T) + 1024
+    const size_t smem = WG ? static_cast<size_t>(2 * BMr + 4 * BN) * D * sizeof(T) + 1024
                            : static_cast<size_t>(BMr + 4 * BN) * (D + 8) * sizeof(T);
     static bool ready = false;
     if (!ready) {

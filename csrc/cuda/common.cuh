@@ -182,6 +182,14 @@ __device__ __forceinline__ void ldsm_x4_t(uint32_t &r0, uint32_t &r1, uint32_t &
                  : "r"(smem_addr(p)));
 }
 
+/* 2^x on the special-function unit (flush to zero; 2^-inf = 0): the
+ * attention and token-score exponents, already in the log2 domain */
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
 /* 16-byte async copy global -> shared; zero-fills when !valid (src unread). */
 __device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid) {
     const int n = valid ? 16 : 0;

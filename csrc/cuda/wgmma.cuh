@@ -64,10 +64,19 @@ __device__ __forceinline__ void wg_commit() {
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 #endif
 }
-__device__ __forceinline__ void wg_wait0() {
+/* wait until at most N committed wgmma groups of this warp are pending */
+template <int N>
+__device__ __forceinline__ void wg_wait() {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 #endif
+}
+/* Pins the registers of a wgmma operand at this point of the program, so the
+ * compiler neither reads them before the wait nor moves writes past the issue. */
+template <int N>
+__device__ __forceinline__ void wg_fence_operand(float (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
 /* ordinary (and cp.async) shared-memory writes -> reads by the tensor cores */
 __device__ __forceinline__ void fence_async_smem() {
@@ -76,10 +85,10 @@ __device__ __forceinline__ void fence_async_smem() {
 #endif
 }
 
-/* S += A B: A [64 x 16] and B [N = 64 x 16] from shared memory, both K-major
- * (the reduction dim contiguous: Q and K rows). */
+/* S = A B (acc false) or S += A B: A [64 x 16] and B [N = 64 x 16] from
+ * shared memory, both K-major (the reduction dim contiguous: Q and K rows). */
 template <typename T>
-__device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[32], uint64_t da, uint64_t db);
+__device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[32], uint64_t da, uint64_t db, bool acc);
 /* O += P V: P [64 x 16] from registers, V [16 keys x N = 128] from shared
  * memory, MN-major (the N dim contiguous: V rows). */
 template <typename T>
@@ -87,13 +96,15 @@ __device__ __forceinline__ void wgmma_m64n128k16_rs(float (&d)[64], const uint32
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define QLLM_WG_PRED "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n" /* scale-d = true: accumulate */
+#define QLLM_WG_PRED_ARG(N) "{\n.reg .pred p;\nsetp.ne.b32 p, %" #N ", 0;\n" /* scale-d from operand N */
 #define QLLM_WGMMA_SS(CT, TY)                                                                              \
     template <>                                                                                            \
-    __device__ __forceinline__ void wgmma_m64n64k16_ss<CT>(float (&d)[32], uint64_t da, uint64_t db) {     \
-        asm volatile(QLLM_WG_PRED "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY                 \
+    __device__ __forceinline__ void wgmma_m64n64k16_ss<CT>(float (&d)[32], uint64_t da, uint64_t db,       \
+                                                           bool acc) {                                     \
+        asm volatile(QLLM_WG_PRED_ARG(34) "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY                 \
                      " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"                                                   \
                      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])                                                                            \
-                     : "l"(da), "l"(db));                                                                  \
+                     : "l"(da), "l"(db), "r"(static_cast<int>(acc)));                                      \
     }
 #define QLLM_WGMMA_RS(CT, TY)                                                                              \
     template <>                                                                                            \
@@ -107,7 +118,7 @@ __device__ __forceinline__ void wgmma_m64n128k16_rs(float (&d)[64], const uint32
 #else /* not sm_90a: never launched (the host checks QLLM_SM90A) */
 #define QLLM_WGMMA_SS(CT, TY)                                                                              \
     template <>                                                                                            \
-    __device__ __forceinline__ void wgmma_m64n64k16_ss<CT>(float (&)[32], uint64_t, uint64_t) {            \
+    __device__ __forceinline__ void wgmma_m64n64k16_ss<CT>(float (&)[32], uint64_t, uint64_t, bool) {      \
         __trap();                                                                                          \
     }
 #define QLLM_WGMMA_RS(CT, TY)                                                                              \
