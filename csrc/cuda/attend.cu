@@ -654,8 +654,9 @@ __device__ __forceinline__ int64_t mem_off(const AttnArgs &a, int hk, int64_t u,
         u -= a.init_len;
         const int64_t nbk = static_cast<int64_t>(a.n_ret) * a.bs;
         if (u < nbk) {
-            const int64_t bi = u / a.bs;
-            const int64_t id = a.ids[bi], j = u - bi * a.bs;
+            /* 32-bit division: u < n_ret * bs, a few thousand */
+            const int ui = static_cast<int>(u), bi = ui / a.bs;
+            const int64_t id = a.ids[bi], j = ui - bi * a.bs;
             if (a.slot_of != nullptr) {
                 from_cache = true;
                 return ((static_cast<int64_t>(a.slot_of[id]) * a.hkv + hk) * a.bs + j) * D;
@@ -680,7 +681,7 @@ __device__ __forceinline__ int64_t mem_tile_base(const AttnArgs &a, int hk, int6
     const int64_t nbk = static_cast<int64_t>(a.n_ret) * a.bs;
     const int64_t v0 = u0 - a.init_len, v1 = u1 - a.init_len;
     if (v1 < nbk) {
-        if (v0 / a.bs != v1 / a.bs) return -1;
+        if (static_cast<int>(v0) / a.bs != static_cast<int>(v1) / a.bs) return -1;
         const int64_t o = mem_off<D>(a, hk, u0, from_cache);
         if (from_cache) return o; /* block cache slots hold whole blocks */
         bool c1 = false;
@@ -822,23 +823,43 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
                                            : (kv_head + kv_row(a.T0 + sv, a.n_init, a.wmask)) * D);
         return v;
     };
-    /* this thread's chunks of a tile: column chunk tid % CH of rows tid / CH + i * NT / CH */
-    auto load_k = [&](int t, const TileSrc &s, T *dst) {
+    /* Copies of tile t's keys into kdst and/or its values into vdst (either
+     * may be null).  This thread's chunks: column chunk tid % CH of rows
+     * tid / CH + i * NT / CH.  The common case (consecutive rows: base >= 0)
+     * is unrolled; the per-key case stays a compact loop, so the main loop's
+     * code stays small (instruction cache). */
+    auto load_rows = [&](int t, const TileSrc &s, T *kdst, T *vdst) {
+        const int ch = tid % CH;
+        if (s.base >= 0) {
+            const T *kb, *vb;
+            int lim; /* live rows */
+            if (t < n_mt) {
+                kb = (s.cached ? kc : kst) + s.base;
+                vb = (s.cached ? vc : vst) + s.base;
+                lim = M_total - t * BN;
+            } else {
+                const int s0 = (lt0 + t - n_mt) * BN;
+                kb = krot + (static_cast<int64_t>(hk) * a.L + s0) * D;
+                vb = vst + s.base;
+                lim = a.L - s0;
+            }
 #pragma unroll
-        for (int i = 0; i < BN * CH / NT; ++i) {
-            const int kr = tid / CH + i * (NT / CH), ch = tid % CH;
-            const T *ksrc, *vsrc;
-            const bool v = row_src(t, s, kr, ksrc, vsrc);
-            cp_async16(qdst(dst, kr, ch * 8), ksrc + ch * 8, v);
-        }
-    };
-    auto load_v = [&](int t, const TileSrc &s, T *dst) {
-#pragma unroll
-        for (int i = 0; i < BN * CH / NT; ++i) {
-            const int kr = tid / CH + i * (NT / CH), ch = tid % CH;
-            const T *ksrc, *vsrc;
-            const bool v = row_src(t, s, kr, ksrc, vsrc);
-            cp_async16(qdst(dst, kr, ch * 8), vsrc + ch * 8, v);
+            for (int i = 0; i < BN * CH / NT; ++i) {
+                const int kr = tid / CH + i * (NT / CH);
+                const bool v = kr < lim;
+                const int o = v ? kr * D + ch * 8 : 0;
+                if (kdst != nullptr) cp_async16(qdst(kdst, kr, ch * 8), kb + o, v);
+                if (vdst != nullptr) cp_async16(qdst(vdst, kr, ch * 8), vb + o, v);
+            }
+        } else {
+#pragma unroll 1
+            for (int i = 0; i < BN * CH / NT; ++i) {
+                const int kr = tid / CH + i * (NT / CH);
+                const T *ksrc, *vsrc;
+                const bool v = row_src(t, s, kr, ksrc, vsrc);
+                if (kdst != nullptr) cp_async16(qdst(kdst, kr, ch * 8), ksrc + ch * 8, v);
+                if (vdst != nullptr) cp_async16(qdst(vdst, kr, ch * 8), vsrc + ch * 8, v);
+            }
         }
     };
 
@@ -875,42 +896,42 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
                           (all_dense || s0 >= pr_last - a.n_local + 1);
         return full ? 0 : 2;
     };
-    /* raw scores of tile t: -inf where the key is not visible (boundary tiles only) */
+    /* raw scores of tile t: -inf where the key is not visible (boundary tiles
+     * only).  Each row sees the tile's columns [lo, hi): memory tiles every key
+     * before fixed_end plus the tail keys its position allows, local tiles the
+     * causal window. */
     auto mask_tile = [&](float(&S)[MI][8][4], int t) {
         const int kind = classify(t);
-        if (kind == 1) { /* memory tile crossing fixed_end / M_total */
-            const int ubase = t * BN;
+        if (kind == 0) return;
+        int lo[MI][2], hi[MI][2];
 #pragma unroll
-            for (int mi = 0; mi < MI; ++mi)
+        for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-                for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int u = ubase + nt * 8 + tq * 2 + (e & 1);
-                        bool vis;
-                        if (u < fixed_end) {
-                            vis = true;
-                        } else {
-                            const int pr = prel0 + rstep * (mi * 16 + 8 * (e >> 1));
-                            const int sm = u - fixed_end; /* tail position - T0 */
-                            vis = u < M_total && pr >= dense_rel && sm <= pr - a.n_local && sm < stream_lim;
-                        }
-                        if (!vis) S[mi][nt][e] = -INFINITY;
+            for (int i = 0; i < 2; ++i) {
+                const int pr = prel0 + rstep * (mi * 16 + 8 * i);
+                if (kind == 1) {
+                    int lim = fixed_end;
+                    if (pr >= dense_rel) {
+                        const int tail = min(min(pr - a.n_local + 1, stream_lim), M_total - fixed_end);
+                        if (tail > 0) lim += tail;
                     }
-        } else if (kind == 2) { /* local tile on the causal or window edge */
-            const int sbase = (lt0 + t - n_mt) * BN;
+                    lo[mi][i] = 0;
+                    hi[mi][i] = lim - t * BN;
+                } else {
+                    const int sbase = (lt0 + t - n_mt) * BN;
+                    lo[mi][i] = (pr < dense_rel ? 0 : pr - a.n_local + 1) - sbase;
+                    hi[mi][i] = min(a.L - 1, pr) + 1 - sbase;
+                }
+            }
 #pragma unroll
-            for (int mi = 0; mi < MI; ++mi)
+        for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-                for (int nt = 0; nt < 8; ++nt)
+            for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int sx = sbase + nt * 8 + tq * 2 + (e & 1);
-                        const int pr = prel0 + rstep * (mi * 16 + 8 * (e >> 1));
-                        const bool vis = sx < a.L && sx <= pr && (pr - sx < a.n_local || pr < dense_rel);
-                        if (!vis) S[mi][nt][e] = -INFINITY;
-                    }
-        }
+                for (int e = 0; e < 4; ++e) {
+                    const int col = nt * 8 + tq * 2 + (e & 1);
+                    if (col < lo[mi][e >> 1] || col >= hi[mi][e >> 1]) S[mi][nt][e] = -INFINITY;
+                }
     };
     /* Online softmax of one tile in the log2 domain (the scale folded into the
      * exponent): S becomes P, alpha the factor for O; true when some row of
@@ -1010,12 +1031,11 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
             if (t_begin < n_mt) load_q(reinterpret_cast<T *>(smem), qf);
             if (t_end > n_mt) load_q(reinterpret_cast<T *>(smem + TILE_B), ql);
             const TileSrc s0 = tile_src(t_begin);
-            load_k(t_begin, s0, kstage(0));
-            load_v(t_begin, s0, vstage(0));
+            load_rows(t_begin, s0, kstage(0), vstage(0));
             TileSrc src_next{-1, false}; /* of tile t+1 (its V is loaded one step after its K) */
             if (t_begin + 1 < t_end) {
                 src_next = tile_src(t_begin + 1);
-                load_k(t_begin + 1, src_next, kstage(1));
+                load_rows(t_begin + 1, src_next, kstage(1), nullptr);
             }
             cp_async_commit();
             cp_async_wait<0>();
@@ -1034,10 +1054,10 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
                 cp_async_wait<0>(); /* K_{t+1}, V_t */
                 fence_async_smem();
                 __syncthreads(); /* every warp is past S_t (K stage of t) and P V_{t-1} (V stage of t-1) */
-                load_v(t + 1, src_next, vstage(stage_of(t + 1)));
+                load_rows(t + 1, src_next, nullptr, vstage(stage_of(t + 1)));
                 if (t + 2 < t_end) {
                     src_next = tile_src(t + 2);
-                    load_k(t + 2, src_next, kstage(stage_of(t)));
+                    load_rows(t + 2, src_next, kstage(stage_of(t)), nullptr);
                 }
                 cp_async_commit();
                 wg_fence();
@@ -1059,8 +1079,7 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
         if (t_begin < t_end) {
             load_q(Qs, t_begin < n_mt ? qf : ql);
             const TileSrc s0 = tile_src(t_begin);
-            load_k(t_begin, s0, kstage(0));
-            load_v(t_begin, s0, vstage(0));
+            load_rows(t_begin, s0, kstage(0), vstage(0));
         }
         cp_async_commit();
 
@@ -1070,8 +1089,7 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
             if (more) {
                 const TileSrc s1 = tile_src(t + 1);
                 if (t == n_mt && t > t_begin) load_q(Qs, ql); /* first local tile: every warp is past the last one */
-                load_k(t + 1, s1, kstage(st ^ 1));
-                load_v(t + 1, s1, vstage(st ^ 1));
+                load_rows(t + 1, s1, kstage(st ^ 1), vstage(st ^ 1));
             } else if (t == n_mt && t > t_begin) {
                 load_q(Qs, ql);
             }
