@@ -10,7 +10,7 @@ Three pieces:
 when nvcc is found.  If the installed torch is a CPU build, the CUDA sources are
 still compiled (to catch errors) but not linked: there is no CUDA torch to
 register them with.  ``QLLM_CUDA=1`` fails when nvcc is missing.
-``QLLM_CUDA_ARCH`` (default ``90``) picks the target (sm_90 / compute_90).
+``QLLM_CUDA_ARCH`` (default ``90a``) picks the target (sm_90a; ``90`` for sm_90 / compute_90).
 """
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ def _cuda_mode() -> str:
 
 
 def _nvcc_flags(arch: str) -> list[str]:
-    """QLLM_CUDA_ARCH=90a builds the arch-specific target, which the wgmma
-    attention variant needs (QLLM_ATTN_WGMMA=1 at run time); QLLM_NVCC_EXTRA
+    """QLLM_CUDA_ARCH=90a (the default) builds the arch-specific target, which the
+    wgmma attention kernel needs (the default at run time; QLLM_ATTN_WGMMA=0 picks
+    the mma.sync one); QLLM_NVCC_EXTRA
     adds flags (e.g. -DQLLM_WG_MNMAJ_LBO=... from benchmarks/micro/wgmma_probe.cu)."""
     flags = [
         "-O3",
@@ -90,7 +91,7 @@ def _extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     mode = _cuda_mode()
-    arch = os.environ.get("QLLM_CUDA_ARCH", "90")
+    arch = os.environ.get("QLLM_CUDA_ARCH", "90a")
     nvcc = _find_nvcc() if mode != "0" else None
     if mode == "1" and nvcc is None:
         raise SystemExit("QLLM_CUDA=1 but nvcc was not found (set CUDA_HOME)")

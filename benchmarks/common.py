@@ -36,12 +36,22 @@ def machine_info() -> dict:
         pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+        info["attention_kernel"] = attention_kernel()
     try:
         info["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                      cwd=os.path.dirname(__file__)).stdout.strip()
     except OSError:
         pass
     return info
+
+
+def attention_kernel(head_dim: int = 128) -> str | None:
+    """Which qllm attention kernel runs for head_dim (build arch and QLLM_ATTN_*),
+    or None without a CUDA build of qllm."""
+    import qllm  # noqa: F401  (loads the ops)
+
+    op = getattr(torch.ops.qllm, "cuda_attention_kernel", None) if hasattr(torch.ops, "qllm") else None
+    return None if op is None else op(head_dim)
 
 
 def write_json(name: str, payload: dict) -> str:

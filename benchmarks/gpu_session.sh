@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call = build + CUDA tests + layer benchmark (see benchmarks/NOTES_gpu.md).
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [bench] [test8] [bench8] [pdecode] [probe] [wg] [profile] [e2e] [e2eg]
+# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [bench] [test8] [bench8] [pdecode] [probe] [mma] [ncu] [profile] [e2e] [e2eg]
 # Logs and results go to $OUT (default: /tmp/qllm_out).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -87,25 +87,17 @@ if [[ " $stages " == *" probe "* ]]; then
   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a benchmarks/micro/wgmma_probe.cu -o /tmp/wgmma_probe \
     && timeout 120 /tmp/wgmma_probe 2>&1 | tee "$OUT/wgmma_probe.txt"
 fi
-if [[ " $stages " == *" wg "* ]]; then
-  # the wgmma attention variant: sm_90a rebuild, attend tests and the layer prefill with QLLM_ATTN_WGMMA=1
-  # (run the probe stage first; pass its descriptor offsets with QLLM_NVCC_EXTRA="-DQLLM_WG_...=N")
-  # (skips the rebuild when the build stage already ran with QLLM_CUDA_ARCH=90a)
-  if [[ "${QLLM_CUDA_ARCH:-}" != "90a" || " $stages " != *" build "* ]]; then
-    stamp "build for sm_90a"
-    if ! QLLM_CUDA_ARCH=90a MAX_JOBS=16 python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build_90a.log" 2>&1; then
-      grep -n "error" "$OUT/build_90a.log" | head -20; exit 1
-    fi
-  fi
-  stamp "attend tests with QLLM_ATTN_WGMMA=1"
-  QLLM_ATTN_WGMMA=1 timeout 200 python3 -m pytest -q -x -p no:cacheprovider -k "attend_cuda or decode_step" tests/test_cuda.py 2>&1 | tail -15
-  stamp "layer prefill with QLLM_ATTN_WGMMA=1"
-  QLLM_ATTN_WGMMA=1 timeout 240 python3 benchmarks/bench_layer.py --prefill 32768 131072 524288 --decode-at 131072 \
-    --out "$OUT/layer_wgmma.json" 2>&1 | tee "$OUT/bench_wgmma.log" | grep "prefill\|decode\|rror"
+if [[ " $stages " == *" mma "* ]]; then
+  # the mma.sync attention kernel (the default is wgmma in the default sm_90a build)
+  stamp "attend tests with QLLM_ATTN_WGMMA=0"
+  QLLM_ATTN_WGMMA=0 timeout 200 python3 -m pytest -q -x -p no:cacheprovider -k "attend_cuda or decode_step" tests/test_cuda.py 2>&1 | tail -15
+  stamp "layer benchmark with QLLM_ATTN_WGMMA=0"
+  QLLM_ATTN_WGMMA=0 timeout 240 python3 benchmarks/bench_layer.py --prefill 32768 131072 524288 --decode-at 131072 \
+    --out "$OUT/layer_mma.json" 2>&1 | tee "$OUT/bench_mma.log" | grep "prefill\|decode\|rror"
 fi
 if [[ " $stages " == *" ncu "* ]]; then
   # hardware counters of one attention and one token-score launch (32K prefill, 20th execution
-  # block of the warm-up), for the mma.sync variant and the wgmma one (needs the 90a build)
+  # block of the warm-up), for the mma.sync kernel and the wgmma one (needs the sm_90a build)
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
   for v in 0 1; do
     stamp "ncu, QLLM_ATTN_WGMMA=$v"

@@ -749,3 +749,22 @@ def test_decode_step_question_heads_matches_attend_cuda(graph):
     # a reallocated relevance matrix invalidates the step (the graph holds the old pointer)
     mem.relevance.raw = mem.relevance.raw.clone()
     assert not step.prepare()
+
+
+def test_cuda_attention_kernel_names_the_kernel_that_runs():
+    """The op the benchmarks record: the sm_90a build (the default) runs wgmma
+    for head dim 128 and mma.sync for head dim 64; QLLM_ATTN_WGMMA=0 picks
+    mma.sync for both."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k.startswith("QLLM_ATTN_")}
+    n128 = torch.ops.qllm.cuda_attention_kernel(128)
+    n64 = torch.ops.qllm.cuda_attention_kernel(64)
+    plain = "mma.sync, 4 warps x 16 rows"
+    if not env:
+        wg = "wgmma, 1 warpgroup x 64 rows, pipelined (sm_90a)"
+        assert (n128, n64) in {(wg, plain + " (wgmma needs head dim 128)"), (plain, plain)}, (n128, n64)
+    elif env == {"QLLM_ATTN_WGMMA": "0"}:
+        assert (n128, n64) == (plain, plain)
+    with pytest.raises(RuntimeError):
+        torch.ops.qllm.cuda_attention_kernel("128")

@@ -1635,12 +1635,13 @@ int ensure_smem(Kern k, size_t bytes, const char *what) {
 }
 
 /* Shape of the attention CTA, read once from the environment:
- *   0 (default): 4 warps x 16 rows (64-row CTAs, 2 per SM);
+ *   0: 4 warps x 16 rows, mma.sync (64-row CTAs, 2 per SM): the default of an
+ *      sm_90 build, and QLLM_ATTN_WGMMA=0;
  *   1, QLLM_ATTN_MI=2: 4 warps x 32 rows (128-row CTAs);
  *   2, QLLM_ATTN_WARPS=8: 8 warps x 16 rows (128-row CTAs, 1 per SM);
- *   3, QLLM_ATTN_WGMMA=1: variant 0 with the two products on wgmma (head dim
- *      128; needs the sm_90a build, QLLM_CUDA_ARCH=90a; head dim 64 runs
- *      variant 0).  Not yet validated on a GPU: see benchmarks/NOTES_gpu.md.
+ *   3: variant 0 with the two products on wgmma, software-pipelined (head
+ *      dim 128; head dim 64 runs variant 0): the default of an sm_90a build
+ *      (QLLM_CUDA_ARCH=90a, setup.py's default), or QLLM_ATTN_WGMMA=1.
  * benchmarks/NOTES_gpu.md has the measurements behind the default. */
 int attn_variant() {
     static int v = -1;
@@ -1648,8 +1649,13 @@ int attn_variant() {
         const char *mi = getenv("QLLM_ATTN_MI");
         const char *nw = getenv("QLLM_ATTN_WARPS");
         const char *wg = getenv("QLLM_ATTN_WGMMA");
+#if defined(QLLM_SM90A)
+        const int dflt = 3;
+#else
+        const int dflt = 0;
+#endif
         v = (mi != nullptr && mi[0] == '2') ? 1 : (nw != nullptr && nw[0] == '8') ? 2
-            : (wg != nullptr && wg[0] == '1') ? 3 : 0;
+            : (wg != nullptr && wg[0] == '1') ? 3 : (wg != nullptr && wg[0] == '0') ? 0 : dflt;
     }
     return v;
 }
@@ -1743,7 +1749,22 @@ using namespace qllm_cuda;
         }                                                \
     } while (0)
 
-extern "C" int qllm_cuda_attention_rows(void) { return attn_variant() == 0 ? 64 : 128; }
+extern "C" int qllm_cuda_attention_rows(void) { return attn_variant() == 1 || attn_variant() == 2 ? 128 : 64; }
+
+extern "C" const char *qllm_cuda_attention_kernel(int head_dim) {
+    switch (attn_variant()) {
+    case 1: return "mma.sync, 4 warps x 32 rows (QLLM_ATTN_MI=2)";
+    case 2: return "mma.sync, 8 warps x 16 rows (QLLM_ATTN_WARPS=8)";
+    case 3:
+#if defined(QLLM_SM90A)
+        if (head_dim == 128) return "wgmma, 1 warpgroup x 64 rows, pipelined (sm_90a)";
+        return "mma.sync, 4 warps x 16 rows (wgmma needs head dim 128)";
+#else
+        return "none: QLLM_ATTN_WGMMA=1 needs an sm_90a build";
+#endif
+    default: return "mma.sync, 4 warps x 16 rows";
+    }
+}
 
 extern "C" int qllm_cuda_attention_packs(int64_t E, int group) { return attn_packs(E, group) ? 1 : 0; }
 

@@ -275,6 +275,8 @@ int qllm_cuda_decode_set(int64_t *dyn, const int64_t *vals, int n, cudaStream_t 
  * qllm_cuda_attention_rows() (64 or 128, see attend.cu). */
 #define QLLM_CUDA_ATTN_BN 64
 int qllm_cuda_attention_rows(void);
+/* The attention kernel that runs for this head dim, in words (benchmarks record it). */
+const char *qllm_cuda_attention_kernel(int head_dim);
 /* 1 when a call of E queries runs with packed rows: the query heads sharing a
  * KV head in one CTA (E = 1, 1 < group <= 16); the CTA count is then hkv. */
 int qllm_cuda_attention_packs(int64_t E, int group);

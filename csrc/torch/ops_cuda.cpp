@@ -601,6 +601,15 @@ void decode_set_cuda(const at::Tensor &dyn, at::IntArrayRef values) {
 }  // namespace
 }  // namespace qllm_torch
 
+/* Which attention kernel runs for a head dim (QLLM_ATTN_* and the build's
+ * arch decide, attend.cu attn_variant): no tensor arguments, so a catch-all
+ * kernel; CUDA builds only (callers check hasattr). */
+std::string cuda_attention_kernel(int64_t head_dim) {
+    return qllm_cuda_attention_kernel(static_cast<int>(head_dim));
+}
+
+TORCH_LIBRARY_FRAGMENT(qllm, m) { m.def("cuda_attention_kernel(int head_dim) -> str", &cuda_attention_kernel); }
+
 TORCH_LIBRARY_IMPL(qllm, CUDA, m) {
     m.impl("attend_decode", &qllm_torch::attend_decode_cuda);
     m.impl("decode_set", &qllm_torch::decode_set_cuda);
