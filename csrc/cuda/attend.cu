@@ -11,6 +11,7 @@
  *   attn_kernel     FlashAttention-style tiles over [init | retrieved blocks |
  *                   tail memory] (fixed-position query, un-rotated keys) then
  *                   the local window (rotated), one online softmax; bf16/f16
+ *                   wgmma (sm_90a, head dim 128, software-pipelined) or
  *                   mma.sync, f32 accumulate; writes out and the row's lse
  *   combine_kernel  merges key splits (small E: decode) by log-sum-exp
  *   tscore_kernel   token scores: per key of the recent segment, the sum over
