@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def find_nvcc() -> str | None:
+    """nvcc from CUDA_HOME / CUDA_PATH, the PATH, or /usr/local/cuda (as setup.py looks)."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc") or (
+        "/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
 
 
 class DecodeStepRunner:
