@@ -37,6 +37,8 @@ def machine_info() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["attention_kernel"] = attention_kernel()
+    # kernel choices made through the environment (QLLM_ATTN_*, QLLM_TSCORE_*, ...)
+    info["qllm_env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("QLLM_")}
     try:
         info["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                      cwd=os.path.dirname(__file__)).stdout.strip()

@@ -57,5 +57,10 @@ def test_wgmma_only_in_the_sm90a_build(tmp_path):
     assert "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16" in a
     assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in a
     assert "wgmma.wait_group.sync.aligned 1;" in a
+    # the token scores on wgmma: one and two Q stages, both dtypes
+    for dt in ("13__nv_bfloat16", "6__half"):
+        for qst in (1, 2):
+            assert f"tscore_wg_kernelI{dt}Li128ELi{qst}E" in a
     p = _ptx("90", tmp_path, ())
     assert "wgmma" not in p
+    assert "tscore_wg_kernel" not in p

@@ -1267,6 +1267,110 @@ struct TsArgs {
     int pack; /* columns are the query heads of one KV head (E = 1; set by the launcher) */
 };
 
+/* Which (key, query) pairs of one token-score CTA are LOCAL: its 64 keys
+ * s0 .. s0+63 of the recent segment, its query tiles qa .. qb. */
+struct TsGeom {
+    int s0, off, r_dense_end, qa, qb, h, hk, n_cols;
+    bool packed;
+};
+
+__device__ __forceinline__ TsGeom ts_geom(const TsArgs &a) {
+    TsGeom G;
+    const int64_t s0 = static_cast<int64_t>(blockIdx.x) * TS_KEYS;
+    /* Packed (a.pack, E = 1): the query columns are the a.group heads of KV head
+     * blockIdx.y, each key's score for each head is one element of S: no sum. */
+    G.packed = a.pack != 0;
+    G.h = G.packed ? blockIdx.y * a.group : blockIdx.y;
+    G.hk = G.packed ? blockIdx.y : G.h / a.group;
+    G.n_cols = G.packed ? a.group : a.E; /* query columns (rows of qloc from h on) */
+    const int64_t dense_lim = static_cast<int64_t>(a.n_init) + a.n_local;
+    /* query rows that see a key of this tile as LOCAL */
+    int64_t r_lo = a.T0 + s0 - a.P0;
+    if (r_lo < 0) r_lo = 0;
+    int64_t r_hi = a.T0 + s0 + TS_KEYS - 1 + a.n_local - 1 - a.P0;
+    const int64_t r_dense = dense_lim - 1 - a.P0;
+    if (r_dense > r_hi) r_hi = r_dense;
+    if (r_hi > a.E - 1) r_hi = a.E - 1;
+    G.off = static_cast<int>(a.P0 - a.T0); /* query row r sits at segment index off + r */
+    G.s0 = static_cast<int>(s0);
+    /* rows r < r_dense_end are dense (ordinary causal attention) */
+    G.r_dense_end = static_cast<int>(max(static_cast<int64_t>(-1), min(static_cast<int64_t>(a.E), dense_lim - a.P0)));
+    G.qa = static_cast<int>(r_lo / TS_Q);
+    G.qb = r_lo <= r_hi ? static_cast<int>(r_hi / TS_Q) : G.qa - 1;
+    return G;
+}
+
+/* Packed tile (one query position, columns = the a.group heads of KV head
+ * G.hk): each visible probability is one head's score of one key, written
+ * straight into the ring. */
+__device__ __forceinline__ void ts_packed(const TsArgs &a, const TsGeom &G, const float (&S)[8][4], const float *ls) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
+    const int pr = G.off;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) /* group <= 16 columns */
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int col = nt * 8 + tq * 2 + (e & 1);
+            const int s = G.s0 + warp * 16 + g + 8 * (e >> 1);
+            if (col >= a.group || s >= a.L) continue;
+            const bool vis = s <= pr && (pr - s < a.n_local || 0 < G.r_dense_end);
+            const int64_t pos = a.T0 + s;
+            float *slot = a.scores + static_cast<int64_t>(G.h + col) * a.ring + (pos & (a.ring - 1));
+            *slot = (pos >= a.P0 ? 0.0f : *slot) + (vis ? fast_exp2(fmaf(S[nt][e], a.sl2, -ls[col])) : 0.0f);
+        }
+}
+
+/* Tile S of keys x queries in the m16n8 accumulator layout (this warp's 16
+ * keys, query columns rq0 .. rq0+63), ls = the columns' lse: adds each visible
+ * probability into the thread's two keys (acc).  Kept apart from ts_packed:
+ * one function with both (an early return) cost ptxas ~45 more registers. */
+__device__ __forceinline__ void ts_accum(const TsArgs &a, const TsGeom &G, const float (&S)[8][4],
+                                         const float *ls, int rq0, float (&acc)[2]) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
+    const bool full = rq0 + TS_Q - 1 < a.E && G.s0 + TS_KEYS - 1 < a.L && G.s0 + TS_KEYS - 1 <= G.off + rq0 &&
+                      (G.off + rq0 + TS_Q - 1 - G.s0 < a.n_local || rq0 + TS_Q - 1 < G.r_dense_end);
+    if (full) {
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                acc[e >> 1] += fast_exp2(fmaf(S[nt][e], a.sl2, -ls[nt * 8 + tq * 2 + (e & 1)]));
+    } else {
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int col = nt * 8 + tq * 2 + (e & 1);
+                const int r = rq0 + col;
+                const int s = G.s0 + warp * 16 + g + 8 * (e >> 1);
+                const int pr = G.off + r;
+                const bool vis = r < a.E && s < a.L && s <= pr && (pr - s < a.n_local || r < G.r_dense_end);
+                if (vis) acc[e >> 1] += fast_exp2(fmaf(S[nt][e], a.sl2, -ls[col]));
+            }
+    }
+}
+
+/* The row sums of the thread's two keys (ts_accum) into the ring of scores:
+ * the first execution block that sees a position starts its slot at 0. */
+__device__ __forceinline__ void ts_store(const TsArgs &a, const TsGeom &G, float (&acc)[2]) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], 1);
+        acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], 2);
+    }
+    if (tq == 0) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int s = G.s0 + warp * 16 + g + 8 * i;
+            if (s >= a.L) continue;
+            const int64_t pos = a.T0 + s;
+            float *slot = a.scores + static_cast<int64_t>(G.h) * a.ring + (pos & (a.ring - 1));
+            *slot = (pos >= a.P0 ? 0.0f : *slot) + acc[i];
+        }
+    }
+}
+
 /* One CTA per (64 keys of the recent segment, query head).  S^T = K Q^T with
  * the keys as MMA rows, so the sum over queries is a row sum.  The query
  * tiles are visited in order: the result does not depend on scheduling. */
@@ -1278,61 +1382,40 @@ __device__ __forceinline__ void tscore_body(const TsArgs &a) {
     T *Qs = Ks + TS_KEYS * LD; /* [2][TS_Q][LD] */
     float *Ls = reinterpret_cast<float *>(Qs + 2 * TS_Q * LD); /* [2][TS_Q] */
 
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
-    const int64_t s0 = static_cast<int64_t>(blockIdx.x) * TS_KEYS;
-    /* Packed (a.pack, E = 1): the query columns are the a.group heads of KV head
-     * blockIdx.y, each key's score for each head is one element of S: no sum. */
-    const bool packed = a.pack != 0;
-    const int h = packed ? blockIdx.y * a.group : blockIdx.y;
-    const int hk = packed ? blockIdx.y : h / a.group;
-    const int n_cols = packed ? a.group : a.E; /* query columns (rows of qloc from h on) */
-    const T *krot = static_cast<const T *>(a.krot) + static_cast<int64_t>(hk) * a.L * D;
-    const T *qloc = static_cast<const T *>(a.qloc) + static_cast<int64_t>(h) * a.E * D;
-    const float *lse = a.lse + static_cast<int64_t>(h) * a.E;
-    const int64_t dense_lim = static_cast<int64_t>(a.n_init) + a.n_local;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const TsGeom G = ts_geom(a);
+    const T *krot = static_cast<const T *>(a.krot) + static_cast<int64_t>(G.hk) * a.L * D;
+    const T *qloc = static_cast<const T *>(a.qloc) + static_cast<int64_t>(G.h) * a.E * D;
+    const float *lse = a.lse + static_cast<int64_t>(G.h) * a.E;
 
     for (int c = tid; c < TS_KEYS * CH; c += TS_THREADS) {
         const int kr = c / CH, ch = c % CH;
-        const bool v = s0 + kr < a.L;
-        cp_async16(Ks + kr * LD + ch * 8, krot + (v ? (s0 + kr) * D + ch * 8 : 0), v);
+        const bool v = G.s0 + kr < a.L;
+        cp_async16(Ks + kr * LD + ch * 8, krot + (v ? static_cast<int64_t>(G.s0 + kr) * D + ch * 8 : 0), v);
     }
-    /* query rows that see a key of this tile as LOCAL */
-    int64_t r_lo = a.T0 + s0 - a.P0;
-    if (r_lo < 0) r_lo = 0;
-    int64_t r_hi = a.T0 + s0 + TS_KEYS - 1 + a.n_local - 1 - a.P0;
-    const int64_t r_dense = dense_lim - 1 - a.P0;
-    if (r_dense > r_hi) r_hi = r_dense;
-    if (r_hi > a.E - 1) r_hi = a.E - 1;
-    const int off = static_cast<int>(a.P0 - a.T0);   /* query row r sits at segment index off + r */
-    const int s0i = static_cast<int>(s0);
-    /* rows r < r_dense_end are dense (ordinary causal attention) */
-    const int r_dense_end = static_cast<int>(max(static_cast<int64_t>(-1), min(static_cast<int64_t>(a.E), dense_lim - a.P0)));
-    const int qa = static_cast<int>(r_lo / TS_Q);
-    const int qb = r_lo <= r_hi ? static_cast<int>(r_hi / TS_Q) : qa - 1;
-
     auto load_q = [&](int qt, int stage) {
         T *qs = Qs + stage * TS_Q * LD;
         for (int c = tid; c < TS_Q * CH; c += TS_THREADS) {
             const int qr = c / CH, ch = c % CH;
             const int64_t r = static_cast<int64_t>(qt) * TS_Q + qr;
-            const bool v = r < n_cols;
+            const bool v = r < G.n_cols;
             cp_async16(qs + qr * LD + ch * 8, qloc + (v ? r * D + ch * 8 : 0), v);
         }
         if (tid < TS_Q) {
             const int64_t r = static_cast<int64_t>(qt) * TS_Q + tid;
-            Ls[stage * TS_Q + tid] = r < n_cols ? lse[r] : 0.0f;
+            Ls[stage * TS_Q + tid] = r < G.n_cols ? lse[r] : 0.0f;
         }
     };
 
-    if (qa <= qb) load_q(qa, 0);
+    if (G.qa <= G.qb) load_q(G.qa, 0);
     cp_async_commit();
 
     float acc[2] = {0.0f, 0.0f};
     uint32_t ka[D / 16][4];
     bool have_k = false;
-    for (int qt = qa; qt <= qb; ++qt) {
-        const int st = (qt - qa) & 1;
-        if (qt + 1 <= qb) {
+    for (int qt = G.qa; qt <= G.qb; ++qt) {
+        const int st = (qt - G.qa) & 1;
+        if (qt + 1 <= G.qb) {
             load_q(qt + 1, st ^ 1);
             cp_async_commit();
             cp_async_wait<1>();
@@ -1349,7 +1432,6 @@ __device__ __forceinline__ void tscore_body(const TsArgs &a) {
             have_k = true;
         }
         const T *qs = Qs + st * TS_Q * LD;
-        const float *ls = Ls + st * TS_Q;
         float S[8][4];
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt) S[nt][0] = S[nt][1] = S[nt][2] = S[nt][3] = 0.0f;
@@ -1362,70 +1444,105 @@ __device__ __forceinline__ void tscore_body(const TsArgs &a) {
                 mma16816<T>(S[nt], ka[2 * kk2], b0, b1);
                 mma16816<T>(S[nt], ka[2 * kk2 + 1], b2, b3);
             }
-        const int rq0 = qt * TS_Q;
-        if (packed) { /* one query position (row 0), column = head h + col */
-            const int pr = off;
-#pragma unroll
-            for (int nt = 0; nt < 2; ++nt) /* group <= 16 columns */
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int col = nt * 8 + tq * 2 + (e & 1);
-                    const int s = s0i + warp * 16 + g + 8 * (e >> 1);
-                    if (col >= a.group || s >= a.L) continue;
-                    const bool vis = s <= pr && (pr - s < a.n_local || 0 < r_dense_end);
-                    const int64_t pos = a.T0 + s;
-                    float *slot = a.scores + static_cast<int64_t>(h + col) * a.ring + (pos & (a.ring - 1));
-                    *slot = (pos >= a.P0 ? 0.0f : *slot) + (vis ? fast_exp2(fmaf(S[nt][e], a.sl2, -ls[col])) : 0.0f);
-                }
+        if (G.packed) {
+            ts_packed(a, G, S, Ls + st * TS_Q);
             break; /* a single query tile */
         }
-        const bool full = rq0 + TS_Q - 1 < a.E && s0i + TS_KEYS - 1 < a.L &&
-                          s0i + TS_KEYS - 1 <= off + rq0 &&
-                          (off + rq0 + TS_Q - 1 - s0i < a.n_local || rq0 + TS_Q - 1 < r_dense_end);
-        if (full) {
-#pragma unroll
-            for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e)
-                    acc[e >> 1] += fast_exp2(fmaf(S[nt][e], a.sl2, -ls[nt * 8 + tq * 2 + (e & 1)]));
-        } else {
-#pragma unroll
-            for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int col = nt * 8 + tq * 2 + (e & 1);
-                    const int r = rq0 + col;
-                    const int s = s0i + warp * 16 + g + 8 * (e >> 1);
-                    const int pr = off + r;
-                    const bool vis = r < a.E && s < a.L && s <= pr &&
-                                     (pr - s < a.n_local || r < r_dense_end);
-                    if (vis) acc[e >> 1] += fast_exp2(fmaf(S[nt][e], a.sl2, -ls[col]));
-                }
-        }
+        ts_accum(a, G, S, Ls + st * TS_Q, qt * TS_Q, acc);
         __syncthreads();
     }
     cp_async_wait<0>();
-    if (packed) return;
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], 1);
-        acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], 2);
+    if (!G.packed) ts_store(a, G, acc);
+}
+
+/* The same on wgmma (sm_90a, head dim 128, not packed): one warpgroup, S^T =
+ * K Q^T as m64n64k16 from the swizzled K tile and a Q tile.  QST = 2 Q
+ * stages: the next query tile loads while this one multiplies and is summed
+ * (50 KB, 4 CTAs per SM); QST = 1: it loads once this one's product is done,
+ * during the sums (34 KB, 6 CTAs per SM: one wave at 128K).  Same tiles,
+ * same order, same accumulator layout as tscore_body. */
+template <typename T, int D, int QST>
+__device__ __forceinline__ void tscore_wg_body(const TsArgs &a) {
+    static_assert(D == 128 && TS_KEYS == 64 && TS_Q == 64 && TS_THREADS == 128, "wgmma token scores: 64 x 64 x 128");
+    static_assert(QST == 1 || QST == 2, "one or two Q stages");
+    constexpr int CH = D / 8, TILE_B = 64 * D * 2;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    unsigned char *smem = reinterpret_cast<unsigned char *>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
+                                                            ~static_cast<uintptr_t>(1023));
+    unsigned char *Kb = smem, *Qb = smem + TILE_B;                  /* Q: QST stages */
+    float *Ls = reinterpret_cast<float *>(smem + (1 + QST) * TILE_B); /* [2][TS_Q] */
+
+    const int tid = threadIdx.x;
+    const TsGeom G = ts_geom(a);
+    const T *krot = static_cast<const T *>(a.krot) + static_cast<int64_t>(G.hk) * a.L * D;
+    const T *qloc = static_cast<const T *>(a.qloc) + static_cast<int64_t>(G.h) * a.E * D;
+    const float *lse = a.lse + static_cast<int64_t>(G.h) * a.E;
+
+    for (int c = tid; c < TS_KEYS * CH; c += TS_THREADS) {
+        const int kr = c / CH, ch = c % CH;
+        const bool v = G.s0 + kr < a.L;
+        cp_async16(Kb + qllm_swz_off(kr, ch * 8), krot + (v ? static_cast<int64_t>(G.s0 + kr) * D + ch * 8 : 0), v);
     }
-    if (tq == 0) {
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            const int64_t s = s0 + warp * 16 + g + 8 * i;
-            if (s >= a.L) continue;
-            const int64_t pos = a.T0 + s;
-            float *slot = a.scores + static_cast<int64_t>(h) * a.ring + (pos & (a.ring - 1));
-            *slot = (pos >= a.P0 ? 0.0f : *slot) + acc[i];
+    /* query tile qt into Q stage qs and lse stage ls (both of its parity; one Q stage if QST = 1) */
+    auto load_q = [&](int qt) {
+        const int st = (qt - G.qa) & 1;
+        unsigned char *qs = Qb + (QST == 2 ? st : 0) * TILE_B;
+        for (int c = tid; c < TS_Q * CH; c += TS_THREADS) {
+            const int qr = c / CH, ch = c % CH;
+            const int64_t r = static_cast<int64_t>(qt) * TS_Q + qr;
+            const bool v = r < G.n_cols;
+            cp_async16(qs + qllm_swz_off(qr, ch * 8), qloc + (v ? r * D + ch * 8 : 0), v);
         }
+        if (tid < TS_Q) {
+            const int64_t r = static_cast<int64_t>(qt) * TS_Q + tid;
+            Ls[st * TS_Q + tid] = r < G.n_cols ? lse[r] : 0.0f;
+        }
+    };
+    if (G.qa <= G.qb) load_q(G.qa);
+    cp_async_commit();
+
+    float acc[2] = {0.0f, 0.0f};
+    float S[8][4];
+    float(&Sf)[32] = *reinterpret_cast<float(*)[32]>(&S[0][0]);
+    for (int qt = G.qa; qt <= G.qb; ++qt) {
+        const int st = (qt - G.qa) & 1;
+        cp_async_wait<0>(); /* K and Q of qt */
+        fence_async_smem();
+        __syncthreads(); /* every warp is past the sums of qt - 1 (the other lse stage) */
+        const unsigned char *qs = Qb + (QST == 2 ? st : 0) * TILE_B;
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            const int o = (kk / 4) * 8192 + (kk % 4) * 32; /* 16 columns = 32 bytes; blocks of 64 */
+            wgmma_m64n64k16_ss<T>(Sf, qllm_sdesc(Kb + o, QLLM_WG_KMAJ_LBO, QLLM_WG_KMAJ_SBO),
+                                  qllm_sdesc(qs + o, QLLM_WG_KMAJ_LBO, QLLM_WG_KMAJ_SBO), kk > 0);
+        }
+        wg_commit();
+        if constexpr (QST == 2) {
+            if (qt + 1 <= G.qb) load_q(qt + 1);
+            cp_async_commit();
+        }
+        wg_wait<0>();
+        wg_fence_operand(Sf);
+        if constexpr (QST == 1) {
+            __syncthreads(); /* every warp's product has read the Q stage */
+            if (qt + 1 <= G.qb) load_q(qt + 1);
+            cp_async_commit();
+        }
+        ts_accum(a, G, S, Ls + st * TS_Q, qt * TS_Q, acc);
     }
+    cp_async_wait<0>();
+    ts_store(a, G, acc);
 }
 
 template <typename T, int D>
 __global__ void __launch_bounds__(TS_THREADS) tscore_kernel(const TsArgs a) {
     tscore_body<T, D>(a);
+}
+
+template <typename T, int D, int QST>
+__global__ void __launch_bounds__(TS_THREADS) tscore_wg_kernel(const TsArgs a) {
+    tscore_wg_body<T, D, QST>(a);
 }
 
 /* Decode step: sizes from the device row; grid sized for the longest
@@ -1712,6 +1829,35 @@ int launch_attention(const AttnArgs &a, int E, int hq, cudaStream_t stream) {
                             : launch_attention_dyn<T, D, false>(a, E, hq, stream);
 }
 
+/* Token-score kernel of a prefill execution block (decode steps, packed, keep
+ * tscore_body): 1 = wgmma (tscore_wg_body), the default of an sm_90a build;
+ * 0 = mma.sync, the default elsewhere and with QLLM_TSCORE_WGMMA=0;
+ * 2 = QLLM_TSCORE_WGMMA=1 in a build without sm_90a (an error at launch). */
+int tscore_variant() {
+    static int v = -1;
+    if (v < 0) {
+        const char *e = getenv("QLLM_TSCORE_WGMMA");
+#if defined(QLLM_SM90A)
+        v = (e != nullptr && e[0] == '0') ? 0 : 1;
+#else
+        v = (e != nullptr && e[0] == '1') ? 2 : 0;
+#endif
+    }
+    return v;
+}
+
+#if defined(QLLM_SM90A)
+/* Q stages of the wgmma token scores: QLLM_TSCORE_STAGES=1 or 2 (default). */
+int tscore_stages() {
+    static int s = 0;
+    if (s == 0) {
+        const char *e = getenv("QLLM_TSCORE_STAGES");
+        s = (e != nullptr && e[0] == '1') ? 1 : 2;
+    }
+    return s;
+}
+#endif
+
 /* dyn != NULL: decode step, a.L is the longest segment (grid), sizes from dyn. */
 template <typename T, int D>
 int launch_tscore(const TsArgs &a, int hq, cudaStream_t stream, const int64_t *dyn = nullptr) {
@@ -1727,10 +1873,37 @@ int launch_tscore(const TsArgs &a, int hq, cudaStream_t stream, const int64_t *d
     TsArgs t = a;
     t.pack = attn_packs(a.E, a.group) ? 1 : 0; /* the decode step: E = 1 */
     dim3 grid((a.L + TS_KEYS - 1) / TS_KEYS, t.pack ? hq / a.group : hq);
-    if (dyn != nullptr)
+    if (dyn != nullptr) {
         tscore_dyn_kernel<T, D><<<grid, TS_THREADS, smem, stream>>>(t, dyn);
-    else
-        tscore_kernel<T, D><<<grid, TS_THREADS, smem, stream>>>(t);
+        return check_launch("tscore_dyn_kernel");
+    }
+    const int tv = tscore_variant();
+    if (tv == 2)
+        return set_error(QLLM_CUDA_ERR_ARG,
+                         "QLLM_TSCORE_WGMMA=1 needs the extension built for sm_90a (QLLM_CUDA_ARCH=90a)");
+#if defined(QLLM_SM90A)
+    if constexpr (D == 128) {
+        if (tv == 1 && !t.pack) {
+            /* K and QST Q stages of swizzled 16 KB tiles from a 1024-byte boundary */
+            const int qst = tscore_stages();
+            const size_t smem_wg =
+                static_cast<size_t>(TS_KEYS + qst * TS_Q) * D * sizeof(T) + 2 * TS_Q * sizeof(float) + 1024;
+            static bool ready_wg = false;
+            if (!ready_wg) {
+                const int st = qst == 1 ? ensure_smem(tscore_wg_kernel<T, D, 1>, smem_wg, "tscore_wg_kernel")
+                                        : ensure_smem(tscore_wg_kernel<T, D, 2>, smem_wg, "tscore_wg_kernel");
+                if (st != QLLM_CUDA_OK) return st;
+                ready_wg = true;
+            }
+            if (qst == 1)
+                tscore_wg_kernel<T, D, 1><<<grid, TS_THREADS, smem_wg, stream>>>(t);
+            else
+                tscore_wg_kernel<T, D, 2><<<grid, TS_THREADS, smem_wg, stream>>>(t);
+            return check_launch("tscore_wg_kernel");
+        }
+    }
+#endif
+    tscore_kernel<T, D><<<grid, TS_THREADS, smem, stream>>>(t);
     return check_launch("tscore_kernel");
 }
 
