@@ -711,18 +711,22 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
     constexpr int CH = D / 8;     /* 16-byte chunks per row */
     constexpr int NDT = D / 8;    /* 8-wide n-tiles of the output */
     constexpr int NT = NW * 32;   /* threads */
-    constexpr int BM = NW * 16 * MI; /* rows per CTA: NW warps x MI 16-row groups */
+    /* query heads per CTA: WG with 8 warps = two warpgroups, one head each,
+     * sharing every K / V tile (the heads of a KV group see the same keys) */
+    constexpr int HP = (WG && NW == 8) ? 2 : 1;
+    constexpr int NWH = NW / HP;      /* warps per head */
+    constexpr int BM = NWH * 16 * MI; /* rows (positions) per CTA: NWH warps x MI 16-row groups */
     static_assert(NT % CH == 0 && (BN * CH) % NT == 0, "tile loads: whole rows per pass");
-    static_assert(!WG || (MI == 1 && NW == 4 && D == 128 && BN == 64), "wgmma variant: 64 x 128 tiles");
+    static_assert(!WG || (MI == 1 && NWH == 4 && D == 128 && BN == 64), "wgmma variant: 64 x 128 tiles");
     constexpr int TILE_B = WG ? 64 * D * 2 : 0;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     unsigned char *smem = WG ? reinterpret_cast<unsigned char *>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
                                                                ~static_cast<uintptr_t>(1023))
                              : smem_raw;
-    /* WG: QsF, QsL, K[2], V[2] tiles of TILE_B; else Q, K[2], V[2] in padded rows */
+    /* WG: (QsF, QsL) per head, K[2], V[2] tiles of TILE_B; else Q, K[2], V[2] in padded rows */
     T *Qs = reinterpret_cast<T *>(smem);
-    T *Ks = WG ? reinterpret_cast<T *>(smem + 2 * TILE_B) : Qs + BM * LD;
-    T *Vs = WG ? reinterpret_cast<T *>(smem + 4 * TILE_B) : Ks + 2 * BN * LD;
+    T *Ks = WG ? reinterpret_cast<T *>(smem + 2 * HP * TILE_B) : Qs + BM * LD;
+    T *Vs = WG ? reinterpret_cast<T *>(smem + (2 * HP + 2) * TILE_B) : Ks + 2 * BN * LD;
     auto kstage = [&](int s) -> T * {
         return WG ? reinterpret_cast<T *>(reinterpret_cast<unsigned char *>(Ks) + s * TILE_B) : Ks + s * BN * LD;
     };
@@ -737,14 +741,16 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
             return tile + row * LD + col;
     };
 
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+    const int tid = threadIdx.x, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+    /* head slot; warp within the head's rows */
+    const int wh = HP == 1 ? 0 : (tid >> 5) / NWH, warp = HP == 1 ? tid >> 5 : (tid >> 5) % NWH;
     const int qt = blockIdx.x, split = blockIdx.z;
     /* Packed (a.pack, one query: E = 1): the CTA's rows are the a.group query
      * heads of KV head blockIdx.y, all at the same position, so each K/V tile
      * is read once per KV head.  Otherwise the rows are positions of head h. */
     const bool packed = a.pack != 0;
-    const int h = packed ? blockIdx.y * a.group : blockIdx.y;
-    const int hk = packed ? blockIdx.y : h / a.group;
+    const int h = packed ? blockIdx.y * a.group : blockIdx.y * HP + wh;
+    const int hk = packed ? blockIdx.y : h / a.group; /* HP = 2: a.group is even, one KV head */
     const int r0 = qt * BM;
     const int rows_valid = packed ? a.group : min(BM, a.E - r0);
     const int npos = packed ? 1 : rows_valid; /* distinct positions among the rows */
@@ -780,8 +786,8 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
 
     const T *qf = static_cast<const T *>(a.qfix) + (static_cast<int64_t>(h) * a.E + r0) * D;
     const T *ql = static_cast<const T *>(a.qloc) + (static_cast<int64_t>(h) * a.E + r0) * D;
-    auto load_q = [&](T *dst, const T *src) {
-        for (int c = tid; c < BM * CH; c += NT) {
+    auto load_q = [&](T *dst, const T *src) { /* the threads of this head's warps */
+        for (int c = tid % (NT / HP); c < BM * CH; c += NT / HP) {
             const int row = c / CH, ch = c % CH;
             const bool v = row < rows_valid;
             cp_async16(qdst(dst, row, ch * 8), src + (v ? row * D + ch * 8 : 0), v);
@@ -987,7 +993,7 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
         float S[1][8][4];
         float(&Sf)[32] = *reinterpret_cast<float(*)[32]>(&S[0][0][0]);
         float(&Of)[NDT * 4] = *reinterpret_cast<float(*)[NDT * 4]>(&O[0][0][0]);
-        const unsigned char *QsF = smem, *QsL = smem + TILE_B;
+        unsigned char *QsF = smem + 2 * wh * TILE_B, *QsL = QsF + TILE_B; /* this head's queries */
         auto stage_of = [&](int t) { return (t - t_begin) & 1; };
         /* S = Q K_t^T, issued and committed (not waited) */
         auto issue_s = [&](int t) {
@@ -1029,8 +1035,8 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
         };
         if (t_begin < t_end) {
             /* prologue: both queries, K and V of the first tile, K of the second; S of the first */
-            if (t_begin < n_mt) load_q(reinterpret_cast<T *>(smem), qf);
-            if (t_end > n_mt) load_q(reinterpret_cast<T *>(smem + TILE_B), ql);
+            if (t_begin < n_mt) load_q(reinterpret_cast<T *>(QsF), qf);
+            if (t_end > n_mt) load_q(reinterpret_cast<T *>(QsL), ql);
             const TileSrc s0 = tile_src(t_begin);
             load_rows(t_begin, s0, kstage(0), vstage(0));
             TileSrc src_next{-1, false}; /* of tile t+1 (its V is loaded one step after its K) */
@@ -1778,12 +1784,26 @@ int attn_variant() {
     return v;
 }
 
+#if defined(QLLM_SM90A)
+/* The wgmma kernel with two query heads per CTA (attn_body HP = 2) for
+ * prefill when the KV groups have an even size: QLLM_ATTN_HEADS=1 turns it off. */
+bool attn_pair_heads() {
+    static int v = -1;
+    if (v < 0) {
+        const char *e = getenv("QLLM_ATTN_HEADS");
+        v = (e != nullptr && e[0] == '1') ? 0 : 1;
+    }
+    return v == 1;
+}
+#endif
+
 /* Packed rows (attn_body): one query (E = 1) whose heads share KV heads. */
 bool attn_packs(int64_t E, int group) { return E == 1 && group > 1 && group <= 16; }
 
 template <typename T, int D, int MI, int NW, bool DYN, bool WG = false>
 int launch_attention_v(const AttnArgs &a0, int E, int hq, cudaStream_t stream) {
-    constexpr int BMr = NW * 16 * MI;
+    constexpr int BMr = NW * 16 * MI;            /* query rows of a CTA, all heads */
+    constexpr int HP = (WG && NW == 8) ? 2 : 1; /* heads per CTA (attn_body) */
     /* WG: 1024 bytes of slack to align the swizzled tiles */
     const size_t smem = WG ? static_cast<size_t>(2 * BMr + 4 * BN) * D * sizeof(T) + 1024
                            : static_cast<size_t>(BMr + 4 * BN) * (D + 8) * sizeof(T);
@@ -1796,7 +1816,7 @@ int launch_attention_v(const AttnArgs &a0, int E, int hq, cudaStream_t stream) {
     }
     AttnArgs a = a0;
     a.pack = attn_packs(E, a.group) ? 1 : 0;
-    dim3 grid(a.pack ? 1 : (E + BMr - 1) / BMr, a.pack ? hq / a.group : hq, a.n_split);
+    dim3 grid(a.pack ? 1 : (E + BMr / HP - 1) / (BMr / HP), a.pack ? hq / a.group : hq / HP, a.n_split);
     if (DYN)
         attn_dyn_kernel<T, D, MI, NW, WG><<<grid, NW * 32, smem, stream>>>(a);
     else
@@ -1812,6 +1832,10 @@ int launch_attention_dyn(const AttnArgs &a, int E, int hq, cudaStream_t stream) 
     case 3:
         if constexpr (D == 128) {
 #if defined(QLLM_SM90A)
+            /* two heads of a KV group per CTA (prefill; QLLM_ATTN_HEADS=1: one) */
+            if constexpr (!DYN)
+                if (attn_pair_heads() && !attn_packs(E, a.group) && a.group % 2 == 0)
+                    return launch_attention_v<T, D, 1, 8, DYN, true>(a, E, hq, stream);
             return launch_attention_v<T, D, 1, 4, DYN, true>(a, E, hq, stream);
 #else
             return set_error(QLLM_CUDA_ERR_ARG,
@@ -1847,12 +1871,13 @@ int tscore_variant() {
 }
 
 #if defined(QLLM_SM90A)
-/* Q stages of the wgmma token scores: QLLM_TSCORE_STAGES=1 or 2 (default). */
+/* Q stages of the wgmma token scores: 1 (the default: 6 CTAs per SM, measured
+ * 1% faster per layer at 32K and 128K on the H100) or QLLM_TSCORE_STAGES=2. */
 int tscore_stages() {
     static int s = 0;
     if (s == 0) {
         const char *e = getenv("QLLM_TSCORE_STAGES");
-        s = (e != nullptr && e[0] == '1') ? 1 : 2;
+        s = (e != nullptr && e[0] == '2') ? 2 : 1;
     }
     return s;
 }
@@ -1926,12 +1951,16 @@ using namespace qllm_cuda;
 extern "C" int qllm_cuda_attention_rows(void) { return attn_variant() == 1 || attn_variant() == 2 ? 128 : 64; }
 
 extern "C" const char *qllm_cuda_attention_kernel(int head_dim) {
+    (void)head_dim; /* unused without sm_90a */
     switch (attn_variant()) {
     case 1: return "mma.sync, 4 warps x 32 rows (QLLM_ATTN_MI=2)";
     case 2: return "mma.sync, 8 warps x 16 rows (QLLM_ATTN_WARPS=8)";
     case 3:
 #if defined(QLLM_SM90A)
-        if (head_dim == 128) return "wgmma, 1 warpgroup x 64 rows, pipelined (sm_90a)";
+        if (head_dim == 128)
+            return attn_pair_heads() ? "wgmma, 1 warpgroup x 64 rows per head, 2 heads per CTA in prefill "
+                                       "(even KV groups), pipelined (sm_90a)"
+                                     : "wgmma, 1 warpgroup x 64 rows, pipelined (sm_90a)";
         return "mma.sync, 4 warps x 16 rows (wgmma needs head dim 128)";
 #else
         return "none: QLLM_ATTN_WGMMA=1 needs an sm_90a build";
