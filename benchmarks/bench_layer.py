@@ -28,7 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import attention_kernel  # noqa: E402
+from common import attention_kernel, qllm_env  # noqa: E402
 from qllm.attention import RopeTable  # noqa: E402
 from qllm.config import QLLMConfig  # noqa: E402
 from qllm.gpu import CudaDecodeStep, CudaLayerMemory, attend_cuda  # noqa: E402
@@ -352,6 +352,7 @@ def main() -> None:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "attention_kernel": attention_kernel(D),
+        "qllm_env": qllm_env(),
         "config": {"hidden": HIDDEN, "q_heads": HQ, "kv_heads": HKV, "head_dim": D, "dtype": "bfloat16",
                    "chunk": CHUNK, "n_init": cfg.n_init, "n_local": cfg.n_local, "block_size": cfg.block_size,
                    "topk": cfg.topk, "repr_topk": cfg.repr_topk, "exc_block_size": cfg.exc_block_size,

@@ -37,14 +37,18 @@ def machine_info() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["attention_kernel"] = attention_kernel()
-    # kernel choices made through the environment (QLLM_ATTN_*, QLLM_TSCORE_*, ...)
-    info["qllm_env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("QLLM_")}
+    info["qllm_env"] = qllm_env()
     try:
         info["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                      cwd=os.path.dirname(__file__)).stdout.strip()
     except OSError:
         pass
     return info
+
+
+def qllm_env() -> dict:
+    """Kernel choices made through the environment (QLLM_ATTN_*, QLLM_TSCORE_*, ...)."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("QLLM_")}
 
 
 def attention_kernel(head_dim: int = 128) -> str | None:

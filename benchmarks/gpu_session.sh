@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call = build + CUDA tests + layer benchmark (see benchmarks/NOTES_gpu.md).
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [heads] [ncu] [profile] [e2e] [e2eg]
+# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [ncu] [profile] [e2e] [e2eg]
 # Logs and results go to $OUT (default: /tmp/qllm_out).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -106,14 +106,14 @@ if [[ " $stages " == *" tsab "* ]]; then
       --out "$OUT/layer_ts_${cfg##*=}.json" 2>&1 | grep "prefill\|rror"
   done
 fi
-if [[ " $stages " == *" heads "* ]]; then
-  # wgmma attention with one query head per CTA (QLLM_ATTN_HEADS=1) against two (the default)
-  stamp "attend / decode tests with QLLM_ATTN_HEADS=1"
-  QLLM_ATTN_HEADS=1 timeout 200 python3 -m pytest -q -x -p no:cacheprovider -k "attend_cuda or decode_step or names_the_kernel" tests/test_cuda.py 2>&1 | tail -5
-  for cfg in "QLLM_ATTN_HEADS=1" "QLLM_ATTN_HEADS=2"; do
+if [[ " $stages " == *" tsorder "* ]]; then
+  # token-score CTAs heaviest key tile first (the default) against key order (QLLM_TSCORE_ORDER=0)
+  stamp "attend tests with QLLM_TSCORE_ORDER=0"
+  QLLM_TSCORE_ORDER=0 timeout 200 python3 -m pytest -q -x -p no:cacheprovider -k "attend_cuda" tests/test_cuda.py 2>&1 | tail -2
+  for cfg in "QLLM_TSCORE_ORDER=0" "QLLM_TSCORE_ORDER=1"; do
     stamp "layer benchmark with $cfg"
     env $cfg timeout 200 python3 benchmarks/bench_layer.py --prefill 32768 131072 --decode-at \
-      --out "$OUT/layer_heads${cfg##*=}.json" 2>&1 | grep "prefill\|rror"
+      --out "$OUT/layer_order${cfg##*=}.json" 2>&1 | grep "prefill\|rror"
   done
 fi
 if [[ " $stages " == *" ncu "* ]]; then

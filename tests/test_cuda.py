@@ -761,13 +761,9 @@ def test_cuda_attention_kernel_names_the_kernel_that_runs():
     n128 = torch.ops.qllm.cuda_attention_kernel(128)
     n64 = torch.ops.qllm.cuda_attention_kernel(64)
     plain = "mma.sync, 4 warps x 16 rows"
-    wg1 = "wgmma, 1 warpgroup x 64 rows, pipelined (sm_90a)"
-    wg2 = ("wgmma, 1 warpgroup x 64 rows per head, 2 heads per CTA in prefill (even KV groups), "
-           "pipelined (sm_90a)")
     if not env:
-        assert (n128, n64) in {(wg2, plain + " (wgmma needs head dim 128)"), (plain, plain)}, (n128, n64)
-    elif env == {"QLLM_ATTN_HEADS": "1"}:
-        assert (n128, n64) in {(wg1, plain + " (wgmma needs head dim 128)"), (plain, plain)}, (n128, n64)
+        wg = "wgmma, 1 warpgroup x 64 rows, pipelined (sm_90a)"
+        assert (n128, n64) in {(wg, plain + " (wgmma needs head dim 128)"), (plain, plain)}, (n128, n64)
     elif env == {"QLLM_ATTN_WGMMA": "0"}:
         assert (n128, n64) == (plain, plain)
     with pytest.raises(RuntimeError):

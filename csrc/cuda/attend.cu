@@ -711,22 +711,18 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
     constexpr int CH = D / 8;     /* 16-byte chunks per row */
     constexpr int NDT = D / 8;    /* 8-wide n-tiles of the output */
     constexpr int NT = NW * 32;   /* threads */
-    /* query heads per CTA: WG with 8 warps = two warpgroups, one head each,
-     * sharing every K / V tile (the heads of a KV group see the same keys) */
-    constexpr int HP = (WG && NW == 8) ? 2 : 1;
-    constexpr int NWH = NW / HP;      /* warps per head */
-    constexpr int BM = NWH * 16 * MI; /* rows (positions) per CTA: NWH warps x MI 16-row groups */
+    constexpr int BM = NW * 16 * MI; /* rows per CTA: NW warps x MI 16-row groups */
     static_assert(NT % CH == 0 && (BN * CH) % NT == 0, "tile loads: whole rows per pass");
-    static_assert(!WG || (MI == 1 && NWH == 4 && D == 128 && BN == 64), "wgmma variant: 64 x 128 tiles");
+    static_assert(!WG || (MI == 1 && NW == 4 && D == 128 && BN == 64), "wgmma variant: 64 x 128 tiles");
     constexpr int TILE_B = WG ? 64 * D * 2 : 0;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     unsigned char *smem = WG ? reinterpret_cast<unsigned char *>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
                                                                ~static_cast<uintptr_t>(1023))
                              : smem_raw;
-    /* WG: (QsF, QsL) per head, K[2], V[2] tiles of TILE_B; else Q, K[2], V[2] in padded rows */
+    /* WG: QsF, QsL, K[2], V[2] tiles of TILE_B; else Q, K[2], V[2] in padded rows */
     T *Qs = reinterpret_cast<T *>(smem);
-    T *Ks = WG ? reinterpret_cast<T *>(smem + 2 * HP * TILE_B) : Qs + BM * LD;
-    T *Vs = WG ? reinterpret_cast<T *>(smem + (2 * HP + 2) * TILE_B) : Ks + 2 * BN * LD;
+    T *Ks = WG ? reinterpret_cast<T *>(smem + 2 * TILE_B) : Qs + BM * LD;
+    T *Vs = WG ? reinterpret_cast<T *>(smem + 4 * TILE_B) : Ks + 2 * BN * LD;
     auto kstage = [&](int s) -> T * {
         return WG ? reinterpret_cast<T *>(reinterpret_cast<unsigned char *>(Ks) + s * TILE_B) : Ks + s * BN * LD;
     };
@@ -741,16 +737,14 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
             return tile + row * LD + col;
     };
 
-    const int tid = threadIdx.x, lane = tid & 31, g = lane >> 2, tq = lane & 3;
-    /* head slot; warp within the head's rows */
-    const int wh = HP == 1 ? 0 : (tid >> 5) / NWH, warp = HP == 1 ? tid >> 5 : (tid >> 5) % NWH;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
     const int qt = blockIdx.x, split = blockIdx.z;
     /* Packed (a.pack, one query: E = 1): the CTA's rows are the a.group query
      * heads of KV head blockIdx.y, all at the same position, so each K/V tile
      * is read once per KV head.  Otherwise the rows are positions of head h. */
     const bool packed = a.pack != 0;
-    const int h = packed ? blockIdx.y * a.group : blockIdx.y * HP + wh;
-    const int hk = packed ? blockIdx.y : h / a.group; /* HP = 2: a.group is even, one KV head */
+    const int h = packed ? blockIdx.y * a.group : blockIdx.y;
+    const int hk = packed ? blockIdx.y : h / a.group;
     const int r0 = qt * BM;
     const int rows_valid = packed ? a.group : min(BM, a.E - r0);
     const int npos = packed ? 1 : rows_valid; /* distinct positions among the rows */
@@ -786,8 +780,8 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
 
     const T *qf = static_cast<const T *>(a.qfix) + (static_cast<int64_t>(h) * a.E + r0) * D;
     const T *ql = static_cast<const T *>(a.qloc) + (static_cast<int64_t>(h) * a.E + r0) * D;
-    auto load_q = [&](T *dst, const T *src) { /* the threads of this head's warps */
-        for (int c = tid % (NT / HP); c < BM * CH; c += NT / HP) {
+    auto load_q = [&](T *dst, const T *src) {
+        for (int c = tid; c < BM * CH; c += NT) {
             const int row = c / CH, ch = c % CH;
             const bool v = row < rows_valid;
             cp_async16(qdst(dst, row, ch * 8), src + (v ? row * D + ch * 8 : 0), v);
@@ -993,7 +987,7 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
         float S[1][8][4];
         float(&Sf)[32] = *reinterpret_cast<float(*)[32]>(&S[0][0][0]);
         float(&Of)[NDT * 4] = *reinterpret_cast<float(*)[NDT * 4]>(&O[0][0][0]);
-        unsigned char *QsF = smem + 2 * wh * TILE_B, *QsL = QsF + TILE_B; /* this head's queries */
+        const unsigned char *QsF = smem, *QsL = smem + TILE_B;
         auto stage_of = [&](int t) { return (t - t_begin) & 1; };
         /* S = Q K_t^T, issued and committed (not waited) */
         auto issue_s = [&](int t) {
@@ -1035,8 +1029,8 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
         };
         if (t_begin < t_end) {
             /* prologue: both queries, K and V of the first tile, K of the second; S of the first */
-            if (t_begin < n_mt) load_q(reinterpret_cast<T *>(QsF), qf);
-            if (t_end > n_mt) load_q(reinterpret_cast<T *>(QsL), ql);
+            if (t_begin < n_mt) load_q(reinterpret_cast<T *>(smem), qf);
+            if (t_end > n_mt) load_q(reinterpret_cast<T *>(smem + TILE_B), ql);
             const TileSrc s0 = tile_src(t_begin);
             load_rows(t_begin, s0, kstage(0), vstage(0));
             TileSrc src_next{-1, false}; /* of tile t+1 (its V is loaded one step after its K) */
@@ -1270,7 +1264,8 @@ struct TsArgs {
     int64_t ring, P0, T0;
     int E, L, n_init, n_local, group;
     float sl2;
-    int pack; /* columns are the query heads of one KV head (E = 1; set by the launcher) */
+    int pack;  /* columns are the query heads of one KV head (E = 1; set by the launcher) */
+    int order; /* heavy key tiles first: grid (heads, key tiles by rank), see ts_tile_of_rank */
 };
 
 /* Which (key, query) pairs of one token-score CTA are LOCAL: its 64 keys
@@ -1280,14 +1275,41 @@ struct TsGeom {
     bool packed;
 };
 
-__device__ __forceinline__ TsGeom ts_geom(const TsArgs &a) {
+/* The key tile of rank k (0 = first dispatched) of n, middle out from tile
+ * c: c, c+1, c-1, c+2, c-2, ..., then the rest of the longer side.  A key
+ * tile's work (query tiles qa .. qb) rises from the oldest keys to a plateau
+ * and falls over the execution block's own keys, so from the plateau's middle
+ * outwards is heaviest first: the light tiles fill the end of the grid. */
+__device__ __forceinline__ int ts_tile_of_rank(int k, int n, int c) {
+    const int left = c, right = n - 1 - c, m = min(left, right);
+    if (k <= 2 * m) return k == 0 ? c : (k & 1) ? c + (k + 1) / 2 : c - k / 2;
+    const int j = k - 2 * m;
+    return right > left ? c + m + j : c - m - j;
+}
+
+/* This CTA's (key tile, head column): blockIdx (x, y), or with a.order
+ * (not packed) grid (heads, key tiles by rank). */
+__device__ __forceinline__ int2 ts_block(const TsArgs &a) {
+    if (!a.order) return make_int2(blockIdx.x, blockIdx.y);
+    /* the plateau: from the first tile whose queries reach row E-1 to the
+     * first whose queries start after row 0 */
+    const int n = gridDim.y, off = static_cast<int>(a.P0 - a.T0);
+    const int t_full = max(0, (a.E - 1 - (TS_KEYS - 1) - (a.n_local - 1) + off + TS_KEYS - 1) / TS_KEYS);
+    const int t_late = (off + TS_KEYS - 1) / TS_KEYS;
+    const int c = min(n - 1, (min(t_full, n - 1) + min(t_late, n - 1)) / 2);
+    return make_int2(ts_tile_of_rank(blockIdx.y, n, c), blockIdx.x);
+}
+
+/* blk = (key tile, head column) from ts_block */
+__device__ __forceinline__ TsGeom ts_geom(const TsArgs &a, int2 blk) {
     TsGeom G;
-    const int64_t s0 = static_cast<int64_t>(blockIdx.x) * TS_KEYS;
     /* Packed (a.pack, E = 1): the query columns are the a.group heads of KV head
-     * blockIdx.y, each key's score for each head is one element of S: no sum. */
+     * blk.y, each key's score for each head is one element of S: no sum. */
     G.packed = a.pack != 0;
-    G.h = G.packed ? blockIdx.y * a.group : blockIdx.y;
-    G.hk = G.packed ? blockIdx.y : G.h / a.group;
+    const int tile = blk.x, hy = blk.y;
+    const int64_t s0 = static_cast<int64_t>(tile) * TS_KEYS;
+    G.h = G.packed ? hy * a.group : hy;
+    G.hk = G.packed ? hy : G.h / a.group;
     G.n_cols = G.packed ? a.group : a.E; /* query columns (rows of qloc from h on) */
     const int64_t dense_lim = static_cast<int64_t>(a.n_init) + a.n_local;
     /* query rows that see a key of this tile as LOCAL */
@@ -1381,7 +1403,7 @@ __device__ __forceinline__ void ts_store(const TsArgs &a, const TsGeom &G, float
  * the keys as MMA rows, so the sum over queries is a row sum.  The query
  * tiles are visited in order: the result does not depend on scheduling. */
 template <typename T, int D>
-__device__ __forceinline__ void tscore_body(const TsArgs &a) {
+__device__ __forceinline__ void tscore_body(const TsArgs &a, int2 blk) {
     constexpr int LD = D + 8, CH = D / 8;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T *Ks = reinterpret_cast<T *>(smem_raw);
@@ -1389,7 +1411,7 @@ __device__ __forceinline__ void tscore_body(const TsArgs &a) {
     float *Ls = reinterpret_cast<float *>(Qs + 2 * TS_Q * LD); /* [2][TS_Q] */
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const TsGeom G = ts_geom(a);
+    const TsGeom G = ts_geom(a, blk);
     const T *krot = static_cast<const T *>(a.krot) + static_cast<int64_t>(G.hk) * a.L * D;
     const T *qloc = static_cast<const T *>(a.qloc) + static_cast<int64_t>(G.h) * a.E * D;
     const float *lse = a.lse + static_cast<int64_t>(G.h) * a.E;
@@ -1468,7 +1490,7 @@ __device__ __forceinline__ void tscore_body(const TsArgs &a) {
  * during the sums (34 KB, 6 CTAs per SM: one wave at 128K).  Same tiles,
  * same order, same accumulator layout as tscore_body. */
 template <typename T, int D, int QST>
-__device__ __forceinline__ void tscore_wg_body(const TsArgs &a) {
+__device__ __forceinline__ void tscore_wg_body(const TsArgs &a, int2 blk) {
     static_assert(D == 128 && TS_KEYS == 64 && TS_Q == 64 && TS_THREADS == 128, "wgmma token scores: 64 x 64 x 128");
     static_assert(QST == 1 || QST == 2, "one or two Q stages");
     constexpr int CH = D / 8, TILE_B = 64 * D * 2;
@@ -1479,7 +1501,7 @@ __device__ __forceinline__ void tscore_wg_body(const TsArgs &a) {
     float *Ls = reinterpret_cast<float *>(smem + (1 + QST) * TILE_B); /* [2][TS_Q] */
 
     const int tid = threadIdx.x;
-    const TsGeom G = ts_geom(a);
+    const TsGeom G = ts_geom(a, blk);
     const T *krot = static_cast<const T *>(a.krot) + static_cast<int64_t>(G.hk) * a.L * D;
     const T *qloc = static_cast<const T *>(a.qloc) + static_cast<int64_t>(G.h) * a.E * D;
     const float *lse = a.lse + static_cast<int64_t>(G.h) * a.E;
@@ -1543,12 +1565,12 @@ __device__ __forceinline__ void tscore_wg_body(const TsArgs &a) {
 
 template <typename T, int D>
 __global__ void __launch_bounds__(TS_THREADS) tscore_kernel(const TsArgs a) {
-    tscore_body<T, D>(a);
+    tscore_body<T, D>(a, ts_block(a));
 }
 
 template <typename T, int D, int QST>
 __global__ void __launch_bounds__(TS_THREADS) tscore_wg_kernel(const TsArgs a) {
-    tscore_wg_body<T, D, QST>(a);
+    tscore_wg_body<T, D, QST>(a, ts_block(a));
 }
 
 /* Decode step: sizes from the device row; grid sized for the longest
@@ -1560,7 +1582,7 @@ __global__ void __launch_bounds__(TS_THREADS) tscore_dyn_kernel(const TsArgs a0,
     a.T0 = dyn[QLLM_DYN_T0];
     a.L = static_cast<int>(dyn[QLLM_DYN_L]);
     if (static_cast<int64_t>(blockIdx.x) * TS_KEYS >= a.L) return;
-    tscore_body<T, D>(a);
+    tscore_body<T, D>(a, make_int2(blockIdx.x, blockIdx.y)); /* a.order = 0 */
 }
 
 /* Decode step: the new token's K/V into the store at position P0. */
@@ -1784,26 +1806,12 @@ int attn_variant() {
     return v;
 }
 
-#if defined(QLLM_SM90A)
-/* The wgmma kernel with two query heads per CTA (attn_body HP = 2) for
- * prefill when the KV groups have an even size: QLLM_ATTN_HEADS=1 turns it off. */
-bool attn_pair_heads() {
-    static int v = -1;
-    if (v < 0) {
-        const char *e = getenv("QLLM_ATTN_HEADS");
-        v = (e != nullptr && e[0] == '1') ? 0 : 1;
-    }
-    return v == 1;
-}
-#endif
-
 /* Packed rows (attn_body): one query (E = 1) whose heads share KV heads. */
 bool attn_packs(int64_t E, int group) { return E == 1 && group > 1 && group <= 16; }
 
 template <typename T, int D, int MI, int NW, bool DYN, bool WG = false>
 int launch_attention_v(const AttnArgs &a0, int E, int hq, cudaStream_t stream) {
-    constexpr int BMr = NW * 16 * MI;            /* query rows of a CTA, all heads */
-    constexpr int HP = (WG && NW == 8) ? 2 : 1; /* heads per CTA (attn_body) */
+    constexpr int BMr = NW * 16 * MI;
     /* WG: 1024 bytes of slack to align the swizzled tiles */
     const size_t smem = WG ? static_cast<size_t>(2 * BMr + 4 * BN) * D * sizeof(T) + 1024
                            : static_cast<size_t>(BMr + 4 * BN) * (D + 8) * sizeof(T);
@@ -1816,7 +1824,7 @@ int launch_attention_v(const AttnArgs &a0, int E, int hq, cudaStream_t stream) {
     }
     AttnArgs a = a0;
     a.pack = attn_packs(E, a.group) ? 1 : 0;
-    dim3 grid(a.pack ? 1 : (E + BMr / HP - 1) / (BMr / HP), a.pack ? hq / a.group : hq / HP, a.n_split);
+    dim3 grid(a.pack ? 1 : (E + BMr - 1) / BMr, a.pack ? hq / a.group : hq, a.n_split);
     if (DYN)
         attn_dyn_kernel<T, D, MI, NW, WG><<<grid, NW * 32, smem, stream>>>(a);
     else
@@ -1832,10 +1840,6 @@ int launch_attention_dyn(const AttnArgs &a, int E, int hq, cudaStream_t stream) 
     case 3:
         if constexpr (D == 128) {
 #if defined(QLLM_SM90A)
-            /* two heads of a KV group per CTA (prefill; QLLM_ATTN_HEADS=1: one) */
-            if constexpr (!DYN)
-                if (attn_pair_heads() && !attn_packs(E, a.group) && a.group % 2 == 0)
-                    return launch_attention_v<T, D, 1, 8, DYN, true>(a, E, hq, stream);
             return launch_attention_v<T, D, 1, 4, DYN, true>(a, E, hq, stream);
 #else
             return set_error(QLLM_CUDA_ERR_ARG,
@@ -1871,8 +1875,9 @@ int tscore_variant() {
 }
 
 #if defined(QLLM_SM90A)
-/* Q stages of the wgmma token scores: 1 (the default: 6 CTAs per SM, measured
- * 1% faster per layer at 32K and 128K on the H100) or QLLM_TSCORE_STAGES=2. */
+/* Q stages of the wgmma token scores: 1 (the default: 6 CTAs per SM; on the
+ * H100 the kernel takes 32.7 us per 128K execution block against 35.1 us with
+ * two stages, and 36 us on mma.sync) or QLLM_TSCORE_STAGES=2. */
 int tscore_stages() {
     static int s = 0;
     if (s == 0) {
@@ -1882,6 +1887,17 @@ int tscore_stages() {
     return s;
 }
 #endif
+
+/* Token-score CTAs of a prefill execution block dispatched heaviest key tile
+ * first (ts_geom, ts_tile_of_rank); QLLM_TSCORE_ORDER=0: in key order. */
+bool tscore_ordered() {
+    static int v = -1;
+    if (v < 0) {
+        const char *e = getenv("QLLM_TSCORE_ORDER");
+        v = (e != nullptr && e[0] == '0') ? 0 : 1;
+    }
+    return v == 1;
+}
 
 /* dyn != NULL: decode step, a.L is the longest segment (grid), sizes from dyn. */
 template <typename T, int D>
@@ -1897,10 +1913,15 @@ int launch_tscore(const TsArgs &a, int hq, cudaStream_t stream, const int64_t *d
     }
     TsArgs t = a;
     t.pack = attn_packs(a.E, a.group) ? 1 : 0; /* the decode step: E = 1 */
+    t.order = 0;
     dim3 grid((a.L + TS_KEYS - 1) / TS_KEYS, t.pack ? hq / a.group : hq);
     if (dyn != nullptr) {
         tscore_dyn_kernel<T, D><<<grid, TS_THREADS, smem, stream>>>(t, dyn);
         return check_launch("tscore_dyn_kernel");
+    }
+    if (!t.pack && tscore_ordered()) { /* heavy key tiles first (ts_geom) */
+        t.order = 1;
+        grid = dim3(hq, (a.L + TS_KEYS - 1) / TS_KEYS);
     }
     const int tv = tscore_variant();
     if (tv == 2)
@@ -1957,10 +1978,7 @@ extern "C" const char *qllm_cuda_attention_kernel(int head_dim) {
     case 2: return "mma.sync, 8 warps x 16 rows (QLLM_ATTN_WARPS=8)";
     case 3:
 #if defined(QLLM_SM90A)
-        if (head_dim == 128)
-            return attn_pair_heads() ? "wgmma, 1 warpgroup x 64 rows per head, 2 heads per CTA in prefill "
-                                       "(even KV groups), pipelined (sm_90a)"
-                                     : "wgmma, 1 warpgroup x 64 rows, pipelined (sm_90a)";
+        if (head_dim == 128) return "wgmma, 1 warpgroup x 64 rows, pipelined (sm_90a)";
         return "mma.sync, 4 warps x 16 rows (wgmma needs head dim 128)";
 #else
         return "none: QLLM_ATTN_WGMMA=1 needs an sm_90a build";
