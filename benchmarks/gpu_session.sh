@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call = build + CUDA tests + layer benchmark (see benchmarks/NOTES_gpu.md).
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [ncu] [profile] [e2e] [e2eg]
+# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [ncu] [ncuts] [profile] [e2e] [e2eg]
 # Logs and results go to $OUT (default: /tmp/qllm_out).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -129,6 +129,17 @@ if [[ " $stages " == *" ncu "* ]]; then
       > "$OUT/ncu_wg$v.txt" 2>&1
     grep -i "duration\|throughput\|stall\|warp cycles per issued\|issued ipc\|achieved occ\|registers\|L2 Hit\|==PROF==\|error" "$OUT/ncu_wg$v.txt" | head -40
   done
+fi
+if [[ " $stages " == *" ncuts "* ]]; then
+  # counters of one wgmma token-score launch (32K prefill, 21st execution block of the warm-up)
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  stamp "ncu, tscore_wg_kernel"
+  timeout 200 "$NCU" --clock-control none -k "regex:tscore_wg_kernel" --launch-skip 20 --launch-count 1 \
+    --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis --section Occupancy \
+    --section LaunchStats --section SchedulerStats --section ComputeWorkloadAnalysis --section InstructionStats \
+    python3 benchmarks/bench_layer.py --prefill 32768 --decode-at --repeats 1 --out /tmp/ncu_layer.json \
+    > "$OUT/ncu_tscore.txt" 2>&1
+  grep -i "duration\|throughput\|stall\|warp cycles per issued\|issued ipc\|achieved occ\|registers\|waves\|grid size\|==PROF==\|error" "$OUT/ncu_tscore.txt" | head -40
 fi
 if [[ " $stages " == *" diag "* ]]; then
   stamp "diag: mixed CUDA/CPU arguments under cuda-gdb"

@@ -251,8 +251,18 @@ def _ref_block_scores(mem: LayerMemory, q_blk: torch.Tensor, rope: RopeTable) ->
     return ops.retrieval_score(mem.block_reprs(), qbar, question, float(cfg.question_weight))
 
 
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous CUDA copy of t whose data starts 4 bytes past a 16-byte boundary."""
+    buf = torch.empty(t.numel() + 4, dtype=t.dtype, device=DEV)
+    base = (-buf.data_ptr() // t.element_size()) % 4  # elements to the first 16-byte boundary
+    v = buf[base + 1: base + 1 + t.numel()].view(t.shape)
+    v.copy_(t)
+    assert v.is_contiguous() and v.data_ptr() % 16 == 4
+    return v
+
+
 def _run_pair(cfg, *, hq=8, hkv=2, D=64, dtype=torch.bfloat16, segments=(400,), seed=0,
-              question=False, mscale=1.0, tol=None):
+              question=False, mscale=1.0, tol=None, misaligned_rope=False):
     """Feed the same text to LayerMemory+attend (CPU f32) and CudaLayerMemory+attend_cuda.
 
     Returns per-segment (rel. output error) and checks retrieval per execution block."""
@@ -261,6 +271,8 @@ def _run_pair(cfg, *, hq=8, hkv=2, D=64, dtype=torch.bfloat16, segments=(400,), 
     T = sum(segments)
     q, k, v = _inputs(seed, hq, hkv, D, T, dtype)
     rope = _rope(cfg.max_rel_position + 1, D, mscale=mscale)
+    # misaligned_rope: the GPU reads tables that are not 16-byte aligned (scalar loads in prep)
+    rope_gpu = RopeTable(_misaligned(rope.cos), _misaligned(rope.sin)) if misaligned_rope else rope
     scaling = D ** -0.5
     ref = LayerMemory(cfg, hq, hkv, D, torch.float32, torch.device("cpu"))
     gpu = CudaLayerMemory(cfg, hq, hkv, D, dtype, torch.device(DEV))
@@ -282,7 +294,7 @@ def _run_pair(cfg, *, hq=8, hkv=2, D=64, dtype=torch.bfloat16, segments=(400,), 
             outs.append(attend(ref, q[:, a:b].float(), k[:, a:b].float(), v[:, a:b].float(), rope, scaling))
             ref_ret.append([] if ref.last_retrieved is None else sorted(ref.last_retrieved.tolist()))
         out_ref = torch.cat(outs, dim=1)
-        out_gpu = attend_cuda(gpu, q[:, sl].to(DEV), k[:, sl].to(DEV), v[:, sl].to(DEV), rope, scaling)
+        out_gpu = attend_cuda(gpu, q[:, sl].to(DEV), k[:, sl].to(DEV), v[:, sl].to(DEV), rope_gpu, scaling)
         assert out_gpu.shape == out_ref.shape and out_gpu.dtype == dtype
         assert bool(torch.isfinite(out_gpu).all())
         err = _rel(out_gpu.cpu(), out_ref)
@@ -340,6 +352,13 @@ def test_attend_cuda_short_text_is_causal_attention():
     """Shorter than n_init + n_local: ordinary causal attention."""
     errs, gpu, _ = _run_pair(SMALL_SEL, D=128, segments=(50, 1, 20), question=True)
     assert gpu.n_blocks == 0 and not gpu.init_done
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_attend_cuda_misaligned_rope_tables(D):
+    """cos / sin tables that do not start on 16 bytes (prep's scalar loads) give
+    the reference's values too."""
+    _run_pair(SMALL_SEL, D=D, segments=(300, 1, 1), mscale=1.2, question=True, misaligned_rope=True)
 
 
 def test_attend_cuda_attention_scaling_in_cos0():

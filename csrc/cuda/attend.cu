@@ -47,19 +47,44 @@ __device__ __forceinline__ int64_t kv_row(int64_t pos, int n_init, int64_t wmask
     return pos < n_init ? pos : n_init + ((pos - n_init) & wmask);
 }
 
+/* p[0..7] of a cos / sin table row: two 16-byte loads when VEC (the launcher
+ * checked the tables' alignment), else eight scalar ones. */
+template <bool VEC>
+__device__ __forceinline__ void ld8f(const float *p, float (&x)[8]) {
+    if constexpr (VEC) {
+        const float4 u = __ldg(reinterpret_cast<const float4 *>(p));
+        const float4 w = __ldg(reinterpret_cast<const float4 *>(p) + 1);
+        x[0] = u.x; x[1] = u.y; x[2] = u.z; x[3] = u.w;
+        x[4] = w.x; x[5] = w.y; x[6] = w.z; x[7] = w.w;
+    } else {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) x[j] = p[j];
+    }
+}
+
 /* x1 = dims d0..d0+7 (first half), x2 = partner dims d0+H2..; rotated with rows
  * c/s of the cos/sin table (and an optional per-dim factor f) -> y1, y2. */
+template <bool VEC>
 __device__ __forceinline__ void rope8(const float (&x1)[8], const float (&x2)[8], const float *c,
                                       const float *s, int d0, int H2, const float *f, float (&y1)[8],
                                       float (&y2)[8]) {
+    float c1[8], s1[8], c2[8], s2[8];
+    ld8f<VEC>(c + d0, c1);
+    ld8f<VEC>(s + d0, s1);
+    ld8f<VEC>(c + d0 + H2, c2);
+    ld8f<VEC>(s + d0 + H2, s2);
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-        const int d = d0 + j;
-        y1[j] = x1[j] * c[d] - x2[j] * s[d];
-        y2[j] = x2[j] * c[d + H2] + x1[j] * s[d + H2];
-        if (f != nullptr) {
-            y1[j] *= f[d];
-            y2[j] *= f[d + H2];
+        y1[j] = x1[j] * c1[j] - x2[j] * s1[j];
+        y2[j] = x2[j] * c2[j] + x1[j] * s2[j];
+    }
+    if (f != nullptr) {
+        ld8f<VEC>(f + d0, c1);
+        ld8f<VEC>(f + d0 + H2, c2);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            y1[j] *= c1[j];
+            y2[j] *= c2[j];
         }
     }
 }
@@ -80,8 +105,9 @@ __device__ __forceinline__ void store8(T *p, const float (&x)[8]) {
 }
 
 /* Rotations of one execution block; one thread per (row, 8 dims of the first half).
- * q rows need q_ts, q_hs multiples of 8 (checked by the launcher). */
-template <typename T>
+ * q rows need q_ts, q_hs multiples of 8 (checked by the launcher); VEC: the
+ * cos / sin tables are 16-byte aligned (prep_vec). */
+template <typename T, bool VEC>
 __global__ void prep_kernel(qllm_gpu_layer ly, qllm_gpu_exec ex, const T *__restrict__ q,
                             int64_t q_hs, int64_t q_ts, T *__restrict__ qfix,
                             T *__restrict__ qloc, T *__restrict__ krot,
@@ -112,10 +138,10 @@ __global__ void prep_kernel(qllm_gpu_layer ly, qllm_gpu_exec ex, const T *__rest
             load8(src + d0, x1);
             load8(src + d0 + H2, x2);
             const int64_t o = (h * ex.E + r) * D;
-            rope8(x1, x2, ly.cos + (off + r) * D, ly.sin + (off + r) * D, d0, H2, nullptr, y1, y2);
+            rope8<VEC>(x1, x2, ly.cos + (off + r) * D, ly.sin + (off + r) * D, d0, H2, nullptr, y1, y2);
             store8(qloc + o + d0, y1);
             store8(qloc + o + d0 + H2, y2);
-            rope8(x1, x2, cf, sf, d0, H2, ly.cos, y1, y2);
+            rope8<VEC>(x1, x2, cf, sf, d0, H2, ly.cos, y1, y2);
             store8(qfix + o + d0, y1);
             store8(qfix + o + d0 + H2, y2);
         } else {
@@ -126,7 +152,7 @@ __global__ void prep_kernel(qllm_gpu_layer ly, qllm_gpu_exec ex, const T *__rest
             const T *src = kst + (hk * ly.cap + kv_row(ex.T0 + s, ly.n_init, ly.wmask)) * D;
             load8(src + d0, x1);
             load8(src + d0 + H2, x2);
-            rope8(x1, x2, ly.cos + s * D, ly.sin + s * D, d0, H2, nullptr, y1, y2);
+            rope8<VEC>(x1, x2, ly.cos + s * D, ly.sin + s * D, d0, H2, nullptr, y1, y2);
             const int64_t o = (hk * ex.L + s) * D;
             store8(krot + o + d0, y1);
             store8(krot + o + d0 + H2, y2);
@@ -1759,6 +1785,20 @@ int grid_for(int64_t work, int threads) {
     return static_cast<int>(b);
 }
 
+/* prep_kernel with 16-byte loads of the cos / sin rows when the tables allow
+ * them (aligned bases, head dim a multiple of 8: every row and 8-dim group
+ * then starts on 16 bytes), else scalar loads: the same values either way. */
+template <typename T>
+void launch_prep(const qllm_gpu_layer &ly, const qllm_gpu_exec &ex, const T *q, int64_t q_hs, int64_t q_ts,
+                 T *qfix, T *qloc, T *krot, const int64_t *dyn, int grid, cudaStream_t stream) {
+    const bool vec = ((reinterpret_cast<uintptr_t>(ly.cos) | reinterpret_cast<uintptr_t>(ly.sin)) & 15u) == 0 &&
+                     ly.head_dim % 8 == 0;
+    if (vec)
+        prep_kernel<T, true><<<grid, 256, 0, stream>>>(ly, ex, q, q_hs, q_ts, qfix, qloc, krot, dyn);
+    else
+        prep_kernel<T, false><<<grid, 256, 0, stream>>>(ly, ex, q, q_hs, q_ts, qfix, qloc, krot, dyn);
+}
+
 int check_layer(const qllm_gpu_layer *ly, const char *what) {
     if (ly->dtype != QLLM_DTYPE_F16 && ly->dtype != QLLM_DTYPE_BF16)
         return set_error(QLLM_CUDA_ERR_ARG, "%s: dtype must be f16 or bf16", what);
@@ -2002,10 +2042,9 @@ extern "C" int qllm_cuda_exec_prep(const qllm_gpu_layer *ly, const qllm_gpu_exec
                          (long long)q_hs, (long long)q_ts);
     const int64_t work = (static_cast<int64_t>(ly->hq) * ex->E + static_cast<int64_t>(ly->hkv) * ex->L) *
                          (ly->head_dim / 16);
-    QLLM_DISPATCH_T(ly->dtype,
-                    prep_kernel<T><<<grid_for(work, 256), 256, 0, stream>>>(
-                        *ly, *ex, static_cast<const T *>(q), q_hs, q_ts, static_cast<T *>(qfix),
-                        static_cast<T *>(qloc), static_cast<T *>(krot), nullptr));
+    QLLM_DISPATCH_T(ly->dtype, launch_prep<T>(*ly, *ex, static_cast<const T *>(q), q_hs, q_ts, static_cast<T *>(qfix),
+                                              static_cast<T *>(qloc), static_cast<T *>(krot), nullptr,
+                                              grid_for(work, 256), stream));
     return check_launch("prep_kernel");
 }
 
@@ -2311,10 +2350,9 @@ extern "C" int qllm_cuda_decode_step(const qllm_gpu_layer *ly, const qllm_gpu_de
         ex.n_ret = 0;
         ex.m = 0;
         const int64_t work = (static_cast<int64_t>(ly->hq) + static_cast<int64_t>(ly->hkv) * dc->L_max) * (D / 16);
-        QLLM_DISPATCH_T(ly->dtype, prep_kernel<T><<<grid_for(work, 256), 256, 0, prep_stream>>>(
-                                       *ly, ex, static_cast<const T *>(dc->q), dc->q_hs, dc->q_hs,
-                                       static_cast<T *>(dc->qfix), static_cast<T *>(dc->qloc),
-                                       static_cast<T *>(dc->krot), dyn));
+        QLLM_DISPATCH_T(ly->dtype, launch_prep<T>(*ly, ex, static_cast<const T *>(dc->q), dc->q_hs, dc->q_hs,
+                                                  static_cast<T *>(dc->qfix), static_cast<T *>(dc->qloc),
+                                                  static_cast<T *>(dc->krot), dyn, grid_for(work, 256), prep_stream));
         st = check_launch("prep_kernel");
         if (st) return st;
     }
