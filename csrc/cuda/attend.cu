@@ -855,6 +855,15 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
      * tid / CH + i * NT / CH.  The common case (consecutive rows: base >= 0)
      * is unrolled; the per-key case stays a compact loop, so the main loop's
      * code stays small (instruction cache). */
+    /* this thread's chunk of row tid / CH + i * (NT / CH) of a tile sits cd0 + i * CDI
+     * bytes in (swizzled: a row step of a multiple of 8 keeps the chunk order) */
+    static_assert(!WG || (NT / CH) % 8 == 0, "tile loads: row steps of 8");
+    constexpr uint32_t CDI = WG ? (NT / CH) * 128 : (NT / CH) * LD * sizeof(T);
+    const uint32_t cd0 = WG ? qllm_swz_off(tid / CH, (tid % CH) * 8)
+                            : static_cast<uint32_t>(((tid / CH) * LD + (tid % CH) * 8) * sizeof(T));
+    auto cdst = [&](T *tile, int i) -> T * {
+        return reinterpret_cast<T *>(reinterpret_cast<unsigned char *>(tile) + cd0 + i * CDI);
+    };
     auto load_rows = [&](int t, const TileSrc &s, T *kdst, T *vdst) {
         const int ch = tid % CH;
         if (s.base >= 0) {
@@ -875,8 +884,8 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
                 const int kr = tid / CH + i * (NT / CH);
                 const bool v = kr < lim;
                 const int o = v ? kr * D + ch * 8 : 0;
-                if (kdst != nullptr) cp_async16(qdst(kdst, kr, ch * 8), kb + o, v);
-                if (vdst != nullptr) cp_async16(qdst(vdst, kr, ch * 8), vb + o, v);
+                if (kdst != nullptr) cp_async16(cdst(kdst, i), kb + o, v);
+                if (vdst != nullptr) cp_async16(cdst(vdst, i), vb + o, v);
             }
         } else {
 #pragma unroll 1
@@ -884,8 +893,8 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
                 const int kr = tid / CH + i * (NT / CH);
                 const T *ksrc, *vsrc;
                 const bool v = row_src(t, s, kr, ksrc, vsrc);
-                if (kdst != nullptr) cp_async16(qdst(kdst, kr, ch * 8), ksrc + ch * 8, v);
-                if (vdst != nullptr) cp_async16(qdst(vdst, kr, ch * 8), vsrc + ch * 8, v);
+                if (kdst != nullptr) cp_async16(cdst(kdst, i), ksrc + ch * 8, v);
+                if (vdst != nullptr) cp_async16(cdst(vdst, i), vsrc + ch * 8, v);
             }
         }
     };
@@ -1017,23 +1026,22 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
         auto stage_of = [&](int t) { return (t - t_begin) & 1; };
         /* S = Q K_t^T, issued and committed (not waited) */
         auto issue_s = [&](int t) {
-            const unsigned char *qb = t < n_mt ? QsF : QsL;
-            const unsigned char *kb = reinterpret_cast<const unsigned char *>(kstage(stage_of(t)));
+            const uint64_t dq = qllm_sdesc(t < n_mt ? QsF : QsL, QLLM_WG_KMAJ_LBO, QLLM_WG_KMAJ_SBO);
+            const uint64_t dk = qllm_sdesc(kstage(stage_of(t)), QLLM_WG_KMAJ_LBO, QLLM_WG_KMAJ_SBO);
 #pragma unroll
             for (int kk = 0; kk < D / 16; ++kk) {
                 const int o = (kk / 4) * 8192 + (kk % 4) * 32; /* 16 columns = 32 bytes; blocks of 64 */
-                wgmma_m64n64k16_ss<T>(Sf, qllm_sdesc(qb + o, QLLM_WG_KMAJ_LBO, QLLM_WG_KMAJ_SBO),
-                                      qllm_sdesc(kb + o, QLLM_WG_KMAJ_LBO, QLLM_WG_KMAJ_SBO), kk > 0);
+                wgmma_m64n64k16_ss<T>(Sf, qllm_sdesc_add(dq, o), qllm_sdesc_add(dk, o), kk > 0);
             }
             wg_commit();
         };
         uint32_t pa[BN / 16][4];
         /* O += P V_t from the registers pa */
         auto issue_pv = [&](int t) {
-            const unsigned char *vb = reinterpret_cast<const unsigned char *>(vstage(stage_of(t)));
+            const uint64_t dv = qllm_sdesc(vstage(stage_of(t)), QLLM_WG_MNMAJ_LBO, QLLM_WG_MNMAJ_SBO);
 #pragma unroll
             for (int kk = 0; kk < BN / 16; ++kk) /* 16 keys = 16 rows of 128 bytes */
-                wgmma_m64n128k16_rs<T>(Of, pa[kk], qllm_sdesc(vb + kk * 16 * 128, QLLM_WG_MNMAJ_LBO, QLLM_WG_MNMAJ_SBO));
+                wgmma_m64n128k16_rs<T>(Of, pa[kk], qllm_sdesc_add(dv, kk * 16 * 128));
             wg_commit();
         };
         /* mask and softmax of tile t (overlapping P V of tile t-1), then O
@@ -1374,13 +1382,35 @@ __device__ __forceinline__ void ts_packed(const TsArgs &a, const TsGeom &G, cons
         }
 }
 
+/* The query rows [lo, lo + n) that see each of the thread's two keys as
+ * LOCAL: row r sees key s iff s < L, r < E, s <= off + r (causal) and
+ * (off + r - s < n_local, or r < r_dense_end: dense rows). */
+struct TsRows {
+    int lo[2], n[2];
+};
+
+__device__ __forceinline__ TsRows ts_rows(const TsArgs &a, const TsGeom &G) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2;
+    TsRows R;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int s = G.s0 + warp * 16 + g + 8 * i;
+        const int lo = max(0, s - G.off);
+        const int hi = min(a.E, max(s - G.off + a.n_local, G.r_dense_end));
+        R.lo[i] = lo;
+        R.n[i] = s < a.L ? max(0, hi - lo) : 0;
+    }
+    return R;
+}
+
 /* Tile S of keys x queries in the m16n8 accumulator layout (this warp's 16
  * keys, query columns rq0 .. rq0+63), ls = the columns' lse: adds each visible
- * probability into the thread's two keys (acc).  Kept apart from ts_packed:
- * one function with both (an early return) cost ptxas ~45 more registers. */
-__device__ __forceinline__ void ts_accum(const TsArgs &a, const TsGeom &G, const float (&S)[8][4],
+ * probability into the thread's two keys (acc); R from ts_rows.  Kept apart
+ * from ts_packed: one function with both (an early return) cost ptxas ~45
+ * more registers. */
+__device__ __forceinline__ void ts_accum(const TsArgs &a, const TsGeom &G, const TsRows &R, const float (&S)[8][4],
                                          const float *ls, int rq0, float (&acc)[2]) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
+    const int tq = threadIdx.x & 3;
     const bool full = rq0 + TS_Q - 1 < a.E && G.s0 + TS_KEYS - 1 < a.L && G.s0 + TS_KEYS - 1 <= G.off + rq0 &&
                       (G.off + rq0 + TS_Q - 1 - G.s0 < a.n_local || rq0 + TS_Q - 1 < G.r_dense_end);
     if (full) {
@@ -1390,16 +1420,15 @@ __device__ __forceinline__ void ts_accum(const TsArgs &a, const TsGeom &G, const
             for (int e = 0; e < 4; ++e)
                 acc[e >> 1] += fast_exp2(fmaf(S[nt][e], a.sl2, -ls[nt * 8 + tq * 2 + (e & 1)]));
     } else {
+        /* column c is visible to key i iff c - (lo_i - rq0) in [0, n_i) */
+        const int c0[2] = {R.lo[0] - rq0 - tq * 2, R.lo[1] - rq0 - tq * 2};
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const int col = nt * 8 + tq * 2 + (e & 1);
-                const int r = rq0 + col;
-                const int s = G.s0 + warp * 16 + g + 8 * (e >> 1);
-                const int pr = G.off + r;
-                const bool vis = r < a.E && s < a.L && s <= pr && (pr - s < a.n_local || r < G.r_dense_end);
-                if (vis) acc[e >> 1] += fast_exp2(fmaf(S[nt][e], a.sl2, -ls[col]));
+                const int i = e >> 1, cc = nt * 8 + (e & 1); /* column - tq * 2 */
+                const float p = fast_exp2(fmaf(S[nt][e], a.sl2, -ls[nt * 8 + tq * 2 + (e & 1)]));
+                acc[i] += static_cast<unsigned>(cc - c0[i]) < static_cast<unsigned>(R.n[i]) ? p : 0.0f;
             }
     }
 }
@@ -1438,6 +1467,7 @@ __device__ __forceinline__ void tscore_body(const TsArgs &a, int2 blk) {
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const TsGeom G = ts_geom(a, blk);
+    const TsRows R = ts_rows(a, G);
     const T *krot = static_cast<const T *>(a.krot) + static_cast<int64_t>(G.hk) * a.L * D;
     const T *qloc = static_cast<const T *>(a.qloc) + static_cast<int64_t>(G.h) * a.E * D;
     const float *lse = a.lse + static_cast<int64_t>(G.h) * a.E;
@@ -1502,7 +1532,7 @@ __device__ __forceinline__ void tscore_body(const TsArgs &a, int2 blk) {
             ts_packed(a, G, S, Ls + st * TS_Q);
             break; /* a single query tile */
         }
-        ts_accum(a, G, S, Ls + st * TS_Q, qt * TS_Q, acc);
+        ts_accum(a, G, R, S, Ls + st * TS_Q, qt * TS_Q, acc);
         __syncthreads();
     }
     cp_async_wait<0>();
@@ -1537,15 +1567,23 @@ __device__ __forceinline__ void tscore_wg_body(const TsArgs &a, int2 blk) {
         const bool v = G.s0 + kr < a.L;
         cp_async16(Kb + qllm_swz_off(kr, ch * 8), krot + (v ? static_cast<int64_t>(G.s0 + kr) * D + ch * 8 : 0), v);
     }
+    /* This thread's chunks of a query tile: column chunk tid % CH of rows
+     * tid / CH + 8 i; in the swizzled tile row r + 8 keeps its chunk
+     * permutation, so the chunk of row tid / CH + 8 i sits 1024 i bytes on. */
+    constexpr int QROWS = TS_THREADS / CH; /* rows per pass */
+    const int qr0 = tid / CH, qch = tid % CH;
+    const uint32_t qsw = qllm_swz_off(qr0, qch * 8);
+    static_assert(QROWS == 8, "row step of 8 keeps the swizzle");
     /* query tile qt into Q stage qs and lse stage ls (both of its parity; one Q stage if QST = 1) */
     auto load_q = [&](int qt) {
         const int st = (qt - G.qa) & 1;
-        unsigned char *qs = Qb + (QST == 2 ? st : 0) * TILE_B;
-        for (int c = tid; c < TS_Q * CH; c += TS_THREADS) {
-            const int qr = c / CH, ch = c % CH;
-            const int64_t r = static_cast<int64_t>(qt) * TS_Q + qr;
-            const bool v = r < G.n_cols;
-            cp_async16(qs + qllm_swz_off(qr, ch * 8), qloc + (v ? r * D + ch * 8 : 0), v);
+        unsigned char *qs = Qb + (QST == 2 ? st : 0) * TILE_B + qsw;
+        const int r0 = qt * TS_Q + qr0;
+        const T *src = qloc + static_cast<int64_t>(r0) * D + qch * 8;
+#pragma unroll
+        for (int i = 0; i < TS_Q / QROWS; ++i) {
+            const bool v = r0 + QROWS * i < G.n_cols;
+            cp_async16(qs + i * QROWS * 128, v ? src + i * QROWS * D : qloc, v);
         }
         if (tid < TS_Q) {
             const int64_t r = static_cast<int64_t>(qt) * TS_Q + tid;
@@ -1554,6 +1592,9 @@ __device__ __forceinline__ void tscore_wg_body(const TsArgs &a, int2 blk) {
     };
     if (G.qa <= G.qb) load_q(G.qa);
     cp_async_commit();
+    const uint64_t dk = qllm_sdesc(Kb, QLLM_WG_KMAJ_LBO, QLLM_WG_KMAJ_SBO);
+    const uint64_t dq0 = qllm_sdesc(Qb, QLLM_WG_KMAJ_LBO, QLLM_WG_KMAJ_SBO);
+    const TsRows R = ts_rows(a, G);
 
     float acc[2] = {0.0f, 0.0f};
     float S[8][4];
@@ -1563,13 +1604,12 @@ __device__ __forceinline__ void tscore_wg_body(const TsArgs &a, int2 blk) {
         cp_async_wait<0>(); /* K and Q of qt */
         fence_async_smem();
         __syncthreads(); /* every warp is past the sums of qt - 1 (the other lse stage) */
-        const unsigned char *qs = Qb + (QST == 2 ? st : 0) * TILE_B;
+        const uint64_t dq = qllm_sdesc_add(dq0, (QST == 2 ? st : 0) * TILE_B);
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
             const int o = (kk / 4) * 8192 + (kk % 4) * 32; /* 16 columns = 32 bytes; blocks of 64 */
-            wgmma_m64n64k16_ss<T>(Sf, qllm_sdesc(Kb + o, QLLM_WG_KMAJ_LBO, QLLM_WG_KMAJ_SBO),
-                                  qllm_sdesc(qs + o, QLLM_WG_KMAJ_LBO, QLLM_WG_KMAJ_SBO), kk > 0);
+            wgmma_m64n64k16_ss<T>(Sf, qllm_sdesc_add(dk, o), qllm_sdesc_add(dq, o), kk > 0);
         }
         wg_commit();
         if constexpr (QST == 2) {
@@ -1583,7 +1623,7 @@ __device__ __forceinline__ void tscore_wg_body(const TsArgs &a, int2 blk) {
             if (qt + 1 <= G.qb) load_q(qt + 1);
             cp_async_commit();
         }
-        ts_accum(a, G, S, Ls + st * TS_Q, qt * TS_Q, acc);
+        ts_accum(a, G, R, S, Ls + st * TS_Q, qt * TS_Q, acc);
     }
     cp_async_wait<0>();
     ts_store(a, G, acc);

@@ -54,6 +54,14 @@ __device__ __forceinline__ uint64_t qllm_sdesc(const void *p, uint32_t lbo, uint
            (static_cast<uint64_t>((sbo >> 4) & 0x3FFFu) << 32) | (1ull << 62); /* 128-byte swizzle */
 }
 
+/* The descriptor of the address off bytes past that of d (off a multiple of
+ * 16): the start address is the field (address >> 4) in bits 0-13, and shared
+ * addresses stay below 256 KB, so the sum never carries out of it.  Lets a
+ * loop build one descriptor per tile and add constants per k step. */
+__device__ __forceinline__ uint64_t qllm_sdesc_add(uint64_t d, uint32_t off) {
+    return d + static_cast<uint64_t>(off >> 4);
+}
+
 __device__ __forceinline__ void wg_fence() {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
