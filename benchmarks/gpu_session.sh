@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call = build + CUDA tests + layer benchmark (see benchmarks/NOTES_gpu.md).
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [ncu] [ncuts] [profile] [e2e] [e2eg]
+# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [waitlate] [ncu] [ncuts] [profile] [e2e] [e2eg]
 # Logs and results go to $OUT (default: /tmp/qllm_out).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -114,6 +114,17 @@ if [[ " $stages " == *" tsorder "* ]]; then
     stamp "layer benchmark with $cfg"
     env $cfg timeout 200 python3 benchmarks/bench_layer.py --prefill 32768 131072 --decode-at \
       --out "$OUT/layer_order${cfg##*=}.json" 2>&1 | grep "prefill\|rror"
+  done
+fi
+if [[ " $stages " == *" waitlate "* ]]; then
+  # the wgmma attention with the wait for P V of tile t-1 after the softmax of tile t in the SASS
+  # (QLLM_ATTN_WAIT_LATE=1) against the default, where ptxas hoists the wait above the softmax
+  stamp "attend / decode tests with QLLM_ATTN_WAIT_LATE=1"
+  QLLM_ATTN_WAIT_LATE=1 timeout 200 python3 -m pytest -q -x -p no:cacheprovider -k "attend_cuda or decode_step or names_the_kernel" tests/test_cuda.py 2>&1 | tail -2
+  for cfg in "QLLM_ATTN_WAIT_LATE=0" "QLLM_ATTN_WAIT_LATE=1"; do
+    stamp "layer benchmark with $cfg"
+    env $cfg timeout 200 python3 benchmarks/bench_layer.py --prefill 32768 131072 --decode-at 131072 \
+      --out "$OUT/layer_waitlate${cfg##*=}.json" 2>&1 | grep "prefill\|decode\|rror"
   done
 fi
 if [[ " $stages " == *" ncu "* ]]; then

@@ -57,6 +57,9 @@ def test_wgmma_only_in_the_sm90a_build(tmp_path):
     assert "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16" in a
     assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in a
     assert "wgmma.wait_group.sync.aligned 1;" in a
+    # the attention on wgmma with the wait for P V after the softmax (QLLM_ATTN_WAIT_LATE=1) and without
+    for wl in (0, 1):
+        assert f"attn_kernelI13__nv_bfloat16Li128ELi1ELi4ELb1ELb{wl}E" in a
     # the token scores on wgmma: one and two Q stages, both dtypes
     for dt in ("13__nv_bfloat16", "6__half"):
         for qst in (1, 2):
