@@ -9,6 +9,8 @@ PIP := $(PY) -m pip --disable-pip-version-check
 CC ?= gcc
 TORCH_PIN := torch==2.13.0
 DEPS := numpy pytest "transformers>=5.17" gguf accelerate tqdm setuptools wheel
+# machine-code checks of the CUDA kernels (tests/test_cuda_build.py): cuobjdump and the nvdisasm it runs
+DEPS += nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm
 NATIVE_SRC := $(wildcard csrc/include/qllm/*.h csrc/src/*.c csrc/src/*.h csrc/python/*.c \
                 csrc/torch/*.cpp csrc/torch/*.h csrc/cuda/*.cu csrc/cuda/*.cuh) setup.py pyproject.toml
 CORE_SRC := $(wildcard csrc/src/*.c)
