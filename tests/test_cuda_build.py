@@ -13,11 +13,9 @@ pipelined kernel waits.  Skipped without nvcc.
 from __future__ import annotations
 
 import glob
-import importlib.util
 import os
-import re
-import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -75,50 +73,10 @@ def test_wgmma_only_in_the_sm90a_build(tmp_path):
 
 # ------------------------------------------------------- machine code (SASS)
 
-def _find_cuobjdump() -> str | None:
-    """cuobjdump beside nvcc, on the PATH, or from the nvidia-cuda-cuobjdump wheel (the Makefile
-    installs it and nvidia-cuda-nvdisasm, which it runs, into .venv)."""
-    if NVCC is not None and os.path.exists(os.path.join(os.path.dirname(NVCC), "cuobjdump")):
-        return os.path.join(os.path.dirname(NVCC), "cuobjdump")
-    p = shutil.which("cuobjdump")
-    if p:
-        return p
-    spec = importlib.util.find_spec("nvidia")
-    for base in (spec.submodule_search_locations or []) if spec is not None else []:
-        hits = sorted(glob.glob(os.path.join(base, "cu*", "bin", "cuobjdump")))
-        if hits:
-            return hits[-1]
-    return None
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import sass_report  # noqa: E402  (benchmarks/sass_report.py: nvcc -cubin, cuobjdump, parsers)
 
-
-CUOBJDUMP = _find_cuobjdump()
-
-
-def _sass_functions(sass: str) -> dict[str, list[tuple[int, str]]]:
-    """{mangled kernel name: [(address, instruction), ...]} of a cuobjdump --dump-sass listing."""
-    funcs: dict[str, list[tuple[int, str]]] = {}
-    cur = None
-    for line in sass.splitlines():
-        m = re.search(r"Function : (\S+)", line)
-        if m:
-            cur = m.group(1)
-            funcs[cur] = []
-            continue
-        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
-        if m and cur is not None:
-            funcs[cur].append((int(m.group(1), 16), m.group(2)))
-    return funcs
-
-
-def _main_loop(ins: list[tuple[int, str]]) -> list[str]:
-    """The instructions of the longest loop (the span of the longest backward branch)."""
-    best = None
-    for a, t in ins:
-        m = re.search(r"\bBRA (0x[0-9a-f]+)", t)
-        if m and int(m.group(1), 16) < a and (best is None or a - int(m.group(1), 16) > best[1] - best[0]):
-            best = (int(m.group(1), 16), a)
-    assert best is not None, "no loop"
-    return [t for a, t in ins if best[0] <= a <= best[1]]
+CUOBJDUMP = sass_report.find_cuobjdump(NVCC)
 
 
 @pytest.mark.skipif(CUOBJDUMP is None, reason="cuobjdump not found")
@@ -127,29 +85,35 @@ def test_wgmma_wait_after_softmax_in_machine_code(tmp_path):
     is on the tensor cores.  ptxas hoists the wait for P V above the softmax when the two sit in
     straight-line code (the default kernel, WL = false: recorded, not asserted); the
     QLLM_ATTN_WAIT_LATE kernel (WL = true) must keep all 32 exponentials of the tile before the
-    wait, with the loop's 12 wgmma (8 for S, 4 for P V) and the wait for S of tile t+1 only."""
+    wait, with the loop's 12 wgmma (8 for S, 4 for P V) and the wait for S of tile t+1."""
     cubin = str(tmp_path / "attend.cubin")
-    cmd = [NVCC, "-cubin", "-O3", "-std=c++20", "-gencode=arch=compute_90a,code=sm_90a",
-           "--expt-relaxed-constexpr", "-DQLLM_SM90A=1", "-I" + os.path.join(ROOT, "csrc", "include"),
-           os.path.join(ROOT, "csrc", "cuda", "attend.cu"), "-o", cubin]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-4000:]
-    env = dict(os.environ, PATH=os.path.dirname(CUOBJDUMP) + os.pathsep + os.environ.get("PATH", ""))  # nvdisasm
-    r = subprocess.run([CUOBJDUMP, "--dump-sass", cubin], capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
-    funcs = _sass_functions(r.stdout)
+    sass_report.compile_cubin(os.path.join(ROOT, "csrc", "cuda", "attend.cu"), cubin, "90a", nvcc=NVCC)
+    funcs = sass_report.sass_functions(sass_report.dump_sass(cubin, CUOBJDUMP))
     for dt in ("13__nv_bfloat16", "6__half"):
         report = {}
         for wl in (0, 1):
             names = [n for n in funcs if f"attn_kernelI{dt}Li128ELi1ELi4ELb1ELb{wl}E" in n]
             assert len(names) == 1, names
-            loop = _main_loop(funcs[names[0]])
-            waits = [i for i, t in enumerate(loop) if "WARPGROUP.DEPBAR.LE gsb0, 0x0" in t]
-            assert waits, f"{dt} WL={wl}: no wait for P V in the main loop"
-            exps_before = sum("MUFU.EX2" in t for t in loop[:waits[0]])
+            loop = sass_report.main_loop(funcs[names[0]])
+            exps_before = sass_report.wait_position(loop)
+            assert exps_before is not None, f"{dt} WL={wl}: no wait for P V in the main loop"
             report[wl] = exps_before
             if wl == 1:
                 assert sum("HGMMA" in t for t in loop) == 12
                 assert any("WARPGROUP.DEPBAR.LE gsb0, 0x1" in t for t in loop)
                 assert exps_before >= 32, f"{dt}: only {exps_before} exponentials before the wait for P V"
         print(f"{dt}: exponentials before the wait for P V: default {report[0]}, QLLM_ATTN_WAIT_LATE {report[1]}")
+
+
+def test_sass_report_names():
+    """The report's short kernel names (no tools needed)."""
+    n = "_ZN9qllm_cuda41_GLOBAL__N__a405865b_9_attend_cu_f1a1dc7111attn_kernelI13__nv_bfloat16Li128ELi1ELi4ELb1ELb0EEEvNS0_8AttnArgsE"
+    assert sass_report.short(n) == "attn_kernel<bf16,128,1,4,1,0>"
+    n = "_ZN9qllm_cuda41_GLOBAL__N__a405865b_9_attend_cu_f1a1dc7116tscore_wg_kernelI6__halfLi128ELi1EEEvNS0_6TsArgsE"
+    assert sass_report.short(n) == "tscore_wg_kernel<f16,128,1>"
+    loop = ["MUFU.EX2 R1, R1", "WARPGROUP.DEPBAR.LE gsb0, 0x0", "MUFU.EX2 R2, R2"]
+    assert sass_report.wait_position(loop) == 1 and sass_report.wait_position(loop[:1]) is None
+    ins = [(0x10, "IMAD R1, R2, R3, R4"), (0x20, "@P0 BRA 0x10"), (0x30, "BRA 0x0"), (0x40, "EXIT")]
+    # the longest backward branch (0x30 -> 0x0), not the inner one (0x20 -> 0x10)
+    assert sass_report.main_loop(ins) == ["IMAD R1, R2, R3, R4", "@P0 BRA 0x10", "BRA 0x0"]
+    assert sass_report.main_loop(ins[:1]) == []
