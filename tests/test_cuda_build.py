@@ -84,25 +84,27 @@ def test_wgmma_wait_after_softmax_in_machine_code(tmp_path):
     """The point of the pipelined wgmma attention: the softmax of tile t runs while P V of tile t-1
     is on the tensor cores.  ptxas hoists the wait for P V above the softmax when the two sit in
     straight-line code (the default kernel, WL = false: recorded, not asserted); the
-    QLLM_ATTN_WAIT_LATE kernel (WL = true) must keep all 32 exponentials of the tile before the
-    wait, with the loop's 12 wgmma (8 for S, 4 for P V) and the wait for S of tile t+1."""
+    QLLM_ATTN_WAIT_LATE kernels (WL = true; prefill and the decode step's) must keep all 32
+    exponentials of the tile before the wait, with the loop's 12 wgmma (8 for S, 4 for P V) and
+    the wait for S of tile t+1."""
     cubin = str(tmp_path / "attend.cubin")
     sass_report.compile_cubin(os.path.join(ROOT, "csrc", "cuda", "attend.cu"), cubin, "90a", nvcc=NVCC)
     funcs = sass_report.sass_functions(sass_report.dump_sass(cubin, CUOBJDUMP))
-    for dt in ("13__nv_bfloat16", "6__half"):
+    for kern, dt in [(k, d) for k in ("attn_kernel", "attn_dyn_kernel") for d in ("13__nv_bfloat16", "6__half")]:
         report = {}
         for wl in (0, 1):
-            names = [n for n in funcs if f"attn_kernelI{dt}Li128ELi1ELi4ELb1ELb{wl}E" in n]
+            names = [n for n in funcs if f"{len(kern)}{kern}I{dt}Li128ELi1ELi4ELb1ELb{wl}E" in n]
             assert len(names) == 1, names
             loop = sass_report.main_loop(funcs[names[0]])
             exps_before = sass_report.wait_position(loop)
-            assert exps_before is not None, f"{dt} WL={wl}: no wait for P V in the main loop"
+            assert exps_before is not None, f"{kern} {dt} WL={wl}: no wait for P V in the main loop"
             report[wl] = exps_before
             if wl == 1:
                 assert sum("HGMMA" in t for t in loop) == 12
                 assert any("WARPGROUP.DEPBAR.LE gsb0, 0x1" in t for t in loop)
-                assert exps_before >= 32, f"{dt}: only {exps_before} exponentials before the wait for P V"
-        print(f"{dt}: exponentials before the wait for P V: default {report[0]}, QLLM_ATTN_WAIT_LATE {report[1]}")
+                assert exps_before >= 32, f"{kern} {dt}: only {exps_before} exponentials before the wait for P V"
+        print(f"{kern} {dt}: exponentials before the wait for P V: default {report[0]}, "
+              f"QLLM_ATTN_WAIT_LATE {report[1]}")
 
 
 def test_sass_report_names():

@@ -1002,10 +1002,7 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
                     rs[e >> 1] += p;
                 }
 #pragma unroll
-            for (int i = 0; i < 2; ++i) {
-                lrow[mi][i] = lrow[mi][i] * alpha[mi][i] + rs[i];
-                rescale |= lrow[mi][i] != lrow[mi][i]; /* NaN (then rescaling is harmless): ties the vote to the sums */
-            }
+            for (int i = 0; i < 2; ++i) lrow[mi][i] = lrow[mi][i] * alpha[mi][i] + rs[i];
         }
         return __any_sync(0xffffffffu, rescale);
     };
@@ -1054,18 +1051,18 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
             float alpha[1][2];
             const bool rescale = softmax_tile(S, alpha);
             if constexpr (WL) {
-                /* The wait sits in both arms of a branch on the warp's vote, which
-                 * softmax_tile takes after the row sums: ptxas cannot hoist it
-                 * above the exponentials (it does so from straight-line code,
-                 * and P V of tile t-1 then no longer overlaps the softmax). */
-                if (rescale) {
+                /* ptxas hoists the wait above the exponentials when the two sit in
+                 * straight-line code (then P V of tile t-1 no longer overlaps the
+                 * softmax).  Here the wait sits in both arms of a branch, which it
+                 * does not cross.  The condition must be the same for the whole
+                 * warpgroup (wgmma.wait_group is .aligned): a kernel argument,
+                 * always true (n_split >= 1); the other arm never runs. */
+                if (a.n_split > 0)
                     wg_wait<0>();
-                    wg_fence_operand(Of);
-                    rescale_o(alpha);
-                } else {
+                else
                     wg_wait_else<0>();
-                    wg_fence_operand(Of);
-                }
+                wg_fence_operand(Of);
+                if (rescale) rescale_o(alpha);
             } else {
                 wg_wait<0>();
                 wg_fence_operand(Of);
@@ -1906,8 +1903,9 @@ int attn_variant() {
 
 #if defined(QLLM_SM90A)
 /* The wgmma kernel with the wait for P V of tile t-1 after the softmax of
- * tile t in the machine code too (attn_body WL): QLLM_ATTN_WAIT_LATE=1.  Off
- * by default until measured on the GPU. */
+ * tile t in the machine code too (attn_body WL; tests/test_cuda_build.py
+ * checks the SASS): QLLM_ATTN_WAIT_LATE=1.  Off by default until measured on
+ * the GPU. */
 bool attn_wait_late() {
     static int v = -1;
     if (v < 0) {

@@ -79,8 +79,8 @@ __device__ __forceinline__ void wg_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 #endif
 }
-/* The same wait under another spelling: in the other arm of a branch, where
- * the compiler would otherwise merge the two and hoist the one above it. */
+/* The same wait under another spelling, for the other arm of a branch around
+ * a wait (attend.cu, attn_body WL): identical arms would be merged. */
 template <int N>
 __device__ __forceinline__ void wg_wait_else() {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
