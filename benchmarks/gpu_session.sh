@@ -95,37 +95,36 @@ if [[ " $stages " == *" mma "* ]]; then
   QLLM_ATTN_WGMMA=0 timeout 240 python3 benchmarks/bench_layer.py --prefill 32768 131072 524288 --decode-at 131072 \
     --out "$OUT/layer_mma.json" 2>&1 | tee "$OUT/bench_mma.log" | grep "prefill\|decode\|rror"
 fi
-if [[ " $stages " == *" tsab "* ]]; then
-  # token-score kernels: attend tests with two Q stages, then prefill 32K / 128K for mma.sync
-  # (QLLM_TSCORE_WGMMA=0), wgmma with two Q stages and with one (the default)
-  stamp "attend tests with QLLM_TSCORE_STAGES=2"
-  QLLM_TSCORE_STAGES=2 timeout 200 python3 -m pytest -q -x -p no:cacheprovider -k "attend_cuda" tests/test_cuda.py 2>&1 | tail -5
-  for cfg in "QLLM_TSCORE_WGMMA=0" "QLLM_TSCORE_STAGES=2" "QLLM_TSCORE_STAGES=1"; do
+# A/B of kernel knobs in one call: the CUDA tests selected by PYTEST_K under TEST_ENV, then the
+# layer benchmark once per VAR=VALUE argument ($OUT/layer_VAR_VALUE.json).
+#   knob_ab TEST_ENV PYTEST_K "BENCH ARGS" VAR=VALUE...
+knob_ab() {
+  local test_env=$1 k=$2 bench_args=$3 cfg
+  shift 3
+  stamp "CUDA tests ($k) with $test_env"
+  env "$test_env" timeout 200 python3 -m pytest -q -x -p no:cacheprovider -k "$k" tests/test_cuda.py 2>&1 | tail -2
+  for cfg in "$@"; do
     stamp "layer benchmark with $cfg"
-    env $cfg timeout 200 python3 benchmarks/bench_layer.py --prefill 32768 131072 --decode-at \
-      --out "$OUT/layer_ts_${cfg##*=}.json" 2>&1 | grep "prefill\|rror"
+    # shellcheck disable=SC2086  # bench_args: several arguments
+    env "$cfg" timeout 200 python3 benchmarks/bench_layer.py $bench_args \
+      --out "$OUT/layer_${cfg//=/_}.json" 2>&1 | grep "prefill\|decode\|rror"
   done
+}
+if [[ " $stages " == *" tsab "* ]]; then
+  # token-score kernels: mma.sync, wgmma with two Q stages, with one (the default)
+  knob_ab QLLM_TSCORE_STAGES=2 attend_cuda "--prefill 32768 131072 --decode-at" \
+    QLLM_TSCORE_WGMMA=0 QLLM_TSCORE_STAGES=2 QLLM_TSCORE_STAGES=1
 fi
 if [[ " $stages " == *" tsorder "* ]]; then
-  # token-score CTAs heaviest key tile first (the default) against key order (QLLM_TSCORE_ORDER=0)
-  stamp "attend tests with QLLM_TSCORE_ORDER=0"
-  QLLM_TSCORE_ORDER=0 timeout 200 python3 -m pytest -q -x -p no:cacheprovider -k "attend_cuda" tests/test_cuda.py 2>&1 | tail -2
-  for cfg in "QLLM_TSCORE_ORDER=0" "QLLM_TSCORE_ORDER=1"; do
-    stamp "layer benchmark with $cfg"
-    env $cfg timeout 200 python3 benchmarks/bench_layer.py --prefill 32768 131072 --decode-at \
-      --out "$OUT/layer_order${cfg##*=}.json" 2>&1 | grep "prefill\|rror"
-  done
+  # token-score CTAs heaviest key tile first (the default) against key order
+  knob_ab QLLM_TSCORE_ORDER=0 attend_cuda "--prefill 32768 131072 --decode-at" \
+    QLLM_TSCORE_ORDER=0 QLLM_TSCORE_ORDER=1
 fi
 if [[ " $stages " == *" waitlate "* ]]; then
   # the wgmma attention with the wait for P V of tile t-1 after the softmax of tile t in the SASS
   # (QLLM_ATTN_WAIT_LATE=1) against the default, where ptxas hoists the wait above the softmax
-  stamp "attend / decode tests with QLLM_ATTN_WAIT_LATE=1"
-  QLLM_ATTN_WAIT_LATE=1 timeout 200 python3 -m pytest -q -x -p no:cacheprovider -k "attend_cuda or decode_step or names_the_kernel" tests/test_cuda.py 2>&1 | tail -2
-  for cfg in "QLLM_ATTN_WAIT_LATE=0" "QLLM_ATTN_WAIT_LATE=1"; do
-    stamp "layer benchmark with $cfg"
-    env $cfg timeout 200 python3 benchmarks/bench_layer.py --prefill 32768 131072 --decode-at 131072 \
-      --out "$OUT/layer_waitlate${cfg##*=}.json" 2>&1 | grep "prefill\|decode\|rror"
-  done
+  knob_ab QLLM_ATTN_WAIT_LATE=1 "attend_cuda or decode_step or names_the_kernel" \
+    "--prefill 32768 131072 --decode-at 131072" QLLM_ATTN_WAIT_LATE=0 QLLM_ATTN_WAIT_LATE=1
 fi
 if [[ " $stages " == *" ncu "* ]]; then
   # hardware counters of one attention and one token-score launch (32K prefill, 20th execution

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import os
-import shutil
+import sys
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def find_nvcc() -> str | None:
-    """nvcc from CUDA_HOME / CUDA_PATH, the PATH, or /usr/local/cuda (as setup.py looks)."""
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-        return os.path.join(home, "bin", "nvcc")
-    return shutil.which("nvcc") or (
-        "/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
+# the nvcc lookup (CUDA_HOME / CUDA_PATH, the PATH, /usr/local/cuda, as setup.py looks) lives
+# beside the machine-code report that also needs it
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from sass_report import find_nvcc  # noqa: E402,F401
 
 
 class DecodeStepRunner:

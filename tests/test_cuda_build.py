@@ -15,7 +15,6 @@ from __future__ import annotations
 import glob
 import os
 import subprocess
-import sys
 
 import pytest
 
@@ -73,8 +72,7 @@ def test_wgmma_only_in_the_sm90a_build(tmp_path):
 
 # ------------------------------------------------------- machine code (SASS)
 
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import sass_report  # noqa: E402  (benchmarks/sass_report.py: nvcc -cubin, cuobjdump, parsers)
+import sass_report  # noqa: E402  (benchmarks/sass_report.py, on the path via _cuda_helpers)
 
 CUOBJDUMP = sass_report.find_cuobjdump(NVCC)
 

@@ -1469,6 +1469,19 @@ __device__ __forceinline__ void ts_store(const TsArgs &a, const TsGeom &G, float
     }
 }
 
+/* The CTA's 64 keys of the recent segment (rotated, its KV head) into shared
+ * memory, zero past L: columns c .. c+7 of key row kr go to dst(kr, c). */
+template <typename T, int D, typename Dst>
+__device__ __forceinline__ void ts_load_keys(const TsArgs &a, const TsGeom &G, Dst dst) {
+    constexpr int CH = D / 8;
+    const T *krot = static_cast<const T *>(a.krot) + static_cast<int64_t>(G.hk) * a.L * D;
+    for (int c = threadIdx.x; c < TS_KEYS * CH; c += TS_THREADS) {
+        const int kr = c / CH, ch = c % CH;
+        const bool v = G.s0 + kr < a.L;
+        cp_async16(dst(kr, ch * 8), krot + (v ? static_cast<int64_t>(G.s0 + kr) * D + ch * 8 : 0), v);
+    }
+}
+
 /* One CTA per (64 keys of the recent segment, query head).  S^T = K Q^T with
  * the keys as MMA rows, so the sum over queries is a row sum.  The query
  * tiles are visited in order: the result does not depend on scheduling. */
@@ -1483,15 +1496,9 @@ __device__ __forceinline__ void tscore_body(const TsArgs &a, int2 blk) {
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const TsGeom G = ts_geom(a, blk);
     const TsRows R = ts_rows(a, G);
-    const T *krot = static_cast<const T *>(a.krot) + static_cast<int64_t>(G.hk) * a.L * D;
     const T *qloc = static_cast<const T *>(a.qloc) + static_cast<int64_t>(G.h) * a.E * D;
     const float *lse = a.lse + static_cast<int64_t>(G.h) * a.E;
-
-    for (int c = tid; c < TS_KEYS * CH; c += TS_THREADS) {
-        const int kr = c / CH, ch = c % CH;
-        const bool v = G.s0 + kr < a.L;
-        cp_async16(Ks + kr * LD + ch * 8, krot + (v ? static_cast<int64_t>(G.s0 + kr) * D + ch * 8 : 0), v);
-    }
+    ts_load_keys<T, D>(a, G, [&](int kr, int c) { return Ks + kr * LD + c; });
     auto load_q = [&](int qt, int stage) {
         T *qs = Qs + stage * TS_Q * LD;
         for (int c = tid; c < TS_Q * CH; c += TS_THREADS) {
@@ -1573,15 +1580,9 @@ __device__ __forceinline__ void tscore_wg_body(const TsArgs &a, int2 blk) {
 
     const int tid = threadIdx.x;
     const TsGeom G = ts_geom(a, blk);
-    const T *krot = static_cast<const T *>(a.krot) + static_cast<int64_t>(G.hk) * a.L * D;
     const T *qloc = static_cast<const T *>(a.qloc) + static_cast<int64_t>(G.h) * a.E * D;
     const float *lse = a.lse + static_cast<int64_t>(G.h) * a.E;
-
-    for (int c = tid; c < TS_KEYS * CH; c += TS_THREADS) {
-        const int kr = c / CH, ch = c % CH;
-        const bool v = G.s0 + kr < a.L;
-        cp_async16(Kb + qllm_swz_off(kr, ch * 8), krot + (v ? static_cast<int64_t>(G.s0 + kr) * D + ch * 8 : 0), v);
-    }
+    ts_load_keys<T, D>(a, G, [&](int kr, int c) { return Kb + qllm_swz_off(kr, c); });
     /* This thread's chunks of a query tile: column chunk tid % CH of rows
      * tid / CH + 8 i; in the swizzled tile row r + 8 keeps its chunk
      * permutation, so the chunk of row tid / CH + 8 i sits 1024 i bytes on. */
@@ -1833,6 +1834,13 @@ __global__ void __launch_bounds__(256) tier_copy_kernel(qllm_gpu_layer ly, int64
 
 /* ------------------------------------------------------------ launch utils */
 
+/* Whether environment variable name is set and starts with c (the kernel
+ * choices below read theirs once per process, into function-local statics). */
+bool env_is(const char *name, char c) {
+    const char *e = getenv(name);
+    return e != nullptr && e[0] == c;
+}
+
 int grid_for(int64_t work, int threads) {
     int64_t b = (work + threads - 1) / threads;
     if (b < 1) b = 1;
@@ -1885,19 +1893,13 @@ int ensure_smem(Kern k, size_t bytes, const char *what) {
  *      (QLLM_CUDA_ARCH=90a, setup.py's default), or QLLM_ATTN_WGMMA=1.
  * benchmarks/NOTES_gpu.md has the measurements behind the default. */
 int attn_variant() {
-    static int v = -1;
-    if (v < 0) {
-        const char *mi = getenv("QLLM_ATTN_MI");
-        const char *nw = getenv("QLLM_ATTN_WARPS");
-        const char *wg = getenv("QLLM_ATTN_WGMMA");
 #if defined(QLLM_SM90A)
-        const int dflt = 3;
+    constexpr int dflt = 3;
 #else
-        const int dflt = 0;
+    constexpr int dflt = 0;
 #endif
-        v = (mi != nullptr && mi[0] == '2') ? 1 : (nw != nullptr && nw[0] == '8') ? 2
-            : (wg != nullptr && wg[0] == '1') ? 3 : (wg != nullptr && wg[0] == '0') ? 0 : dflt;
-    }
+    static const int v = env_is("QLLM_ATTN_MI", '2') ? 1 : env_is("QLLM_ATTN_WARPS", '8') ? 2
+                         : env_is("QLLM_ATTN_WGMMA", '1') ? 3 : env_is("QLLM_ATTN_WGMMA", '0') ? 0 : dflt;
     return v;
 }
 
@@ -1907,12 +1909,8 @@ int attn_variant() {
  * checks the SASS): QLLM_ATTN_WAIT_LATE=1.  Off by default until measured on
  * the GPU. */
 bool attn_wait_late() {
-    static int v = -1;
-    if (v < 0) {
-        const char *e = getenv("QLLM_ATTN_WAIT_LATE");
-        v = (e != nullptr && e[0] == '1') ? 1 : 0;
-    }
-    return v == 1;
+    static const bool v = env_is("QLLM_ATTN_WAIT_LATE", '1');
+    return v;
 }
 #endif
 
@@ -1973,15 +1971,11 @@ int launch_attention(const AttnArgs &a, int E, int hq, cudaStream_t stream) {
  * 0 = mma.sync, the default elsewhere and with QLLM_TSCORE_WGMMA=0;
  * 2 = QLLM_TSCORE_WGMMA=1 in a build without sm_90a (an error at launch). */
 int tscore_variant() {
-    static int v = -1;
-    if (v < 0) {
-        const char *e = getenv("QLLM_TSCORE_WGMMA");
 #if defined(QLLM_SM90A)
-        v = (e != nullptr && e[0] == '0') ? 0 : 1;
+    static const int v = env_is("QLLM_TSCORE_WGMMA", '0') ? 0 : 1;
 #else
-        v = (e != nullptr && e[0] == '1') ? 2 : 0;
+    static const int v = env_is("QLLM_TSCORE_WGMMA", '1') ? 2 : 0;
 #endif
-    }
     return v;
 }
 
@@ -1990,24 +1984,16 @@ int tscore_variant() {
  * H100 the kernel takes 32.7 us per 128K execution block against 35.1 us with
  * two stages, and 36 us on mma.sync) or QLLM_TSCORE_STAGES=2. */
 int tscore_stages() {
-    static int s = 0;
-    if (s == 0) {
-        const char *e = getenv("QLLM_TSCORE_STAGES");
-        s = (e != nullptr && e[0] == '2') ? 2 : 1;
-    }
-    return s;
+    static const int v = env_is("QLLM_TSCORE_STAGES", '2') ? 2 : 1;
+    return v;
 }
 #endif
 
 /* Token-score CTAs of a prefill execution block dispatched heaviest key tile
  * first (ts_geom, ts_tile_of_rank); QLLM_TSCORE_ORDER=0: in key order. */
 bool tscore_ordered() {
-    static int v = -1;
-    if (v < 0) {
-        const char *e = getenv("QLLM_TSCORE_ORDER");
-        v = (e != nullptr && e[0] == '0') ? 0 : 1;
-    }
-    return v == 1;
+    static const bool v = !env_is("QLLM_TSCORE_ORDER", '0');
+    return v;
 }
 
 /* dyn != NULL: decode step, a.L is the longest segment (grid), sizes from dyn. */
