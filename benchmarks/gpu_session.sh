@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call = build + CUDA tests + layer benchmark (see benchmarks/NOTES_gpu.md).
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [waitlate] [ncu] [ncuts] [profile] [e2e] [e2eg]
+# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [waitlate] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
 # Logs and results go to $OUT (default: /tmp/qllm_out).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -150,6 +150,19 @@ if [[ " $stages " == *" ncuts "* ]]; then
     python3 benchmarks/bench_layer.py --prefill 32768 --decode-at --repeats 1 --out /tmp/ncu_layer.json \
     > "$OUT/ncu_tscore.txt" 2>&1
   grep -i "duration\|throughput\|stall\|warp cycles per issued\|issued ipc\|achieved occ\|registers\|waves\|grid size\|==PROF==\|error" "$OUT/ncu_tscore.txt" | head -40
+fi
+if [[ " $stages " == *" ncuattn "* ]]; then
+  # counters of one wgmma attention launch (32K prefill, 41st execution block of the warm-up) and
+  # its per-instruction source page (executed counts, stall samples) as gzipped CSV
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  stamp "ncu, attn_kernel"
+  timeout 200 "$NCU" --clock-control none -k "regex:attn_kernel" --launch-skip 40 --launch-count 1 \
+    --section SpeedOfLight --section WarpStateStats --section SourceCounters --section InstructionStats \
+    --section SchedulerStats --section Occupancy -o /tmp/ncu_attn -f \
+    python3 benchmarks/bench_layer.py --prefill 32768 --decode-at --repeats 1 --out /tmp/ncu_layer.json > /tmp/ncu_attn.log 2>&1
+  "$NCU" -i /tmp/ncu_attn.ncu-rep --print-details all > "$OUT/ncu_attn.txt" 2>&1
+  "$NCU" -i /tmp/ncu_attn.ncu-rep --page source --csv --print-source sass 2>/dev/null | gzip -c > "$OUT/ncu_attn_src.csv.gz"
+  grep -i "duration\|issued instructions  \|issued warp\|registers\|warp cycles per issued\|==PROF==\|error" "$OUT/ncu_attn.txt" | head -20
 fi
 if [[ " $stages " == *" diag "* ]]; then
   stamp "diag: mixed CUDA/CPU arguments under cuda-gdb"

@@ -124,6 +124,12 @@ def wait_position(loop: list[str]) -> int | None:
     return None if not waits else sum("MUFU.EX2" in t for t in loop[:waits[0]])
 
 
+def local_accesses(ins: list[str]) -> int:
+    """Loads and stores of thread-local memory (LDL/STL: spills, or arrays the compiler could not
+    keep in registers)."""
+    return sum(opcode(t) in ("LDL", "STL") for t in ins)
+
+
 def registers(ptxas_log: str) -> dict[str, int]:
     regs, cur = {}, None
     for line in ptxas_log.splitlines():
@@ -165,11 +171,12 @@ def main(argv: list[str] | None = None) -> int:
         log = compile_cubin(args.src, cubin, args.arch, tuple("-D" + d for d in args.defines))
         funcs = sass_functions(dump_sass(cubin, cuobjdump))
     regs = registers(log)
-    print(f"{'kernel':58s} {'regs':>4s} {'instrs':>6s}" + ("  loop: total int fp mma mem bra  exps<wait" if args.loop else ""))
+    print(f"{'kernel':58s} {'regs':>4s} {'instrs':>6s} {'lmem':>4s}" + ("  loop: total int fp mma mem bra  exps<wait" if args.loop else ""))
     for name in sorted(funcs, key=short):
         if args.filter not in name and args.filter not in short(name):
             continue
-        line = f"{short(name)[:58]:58s} {regs.get(name, 0):4d} {len(funcs[name]):6d}"
+        line = (f"{short(name)[:58]:58s} {regs.get(name, 0):4d} {len(funcs[name]):6d}"
+                f" {local_accesses([t for _, t in funcs[name]]):4d}")
         if args.loop:
             loop = main_loop(funcs[name])
             m = mix(loop)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import subprocess
 
 import pytest
@@ -77,17 +78,38 @@ import sass_report  # noqa: E402  (benchmarks/sass_report.py, on the path via _c
 CUOBJDUMP = sass_report.find_cuobjdump(NVCC)
 
 
-@pytest.mark.skipif(CUOBJDUMP is None, reason="cuobjdump not found")
-def test_wgmma_wait_after_softmax_in_machine_code(tmp_path):
+@pytest.fixture(scope="module")
+def sm90a_sass(tmp_path_factory):
+    """{mangled kernel name: [(address, instruction), ...]} of attend.cu built for sm_90a."""
+    if CUOBJDUMP is None:
+        pytest.skip("cuobjdump not found")
+    cubin = str(tmp_path_factory.mktemp("sass") / "attend.cubin")
+    sass_report.compile_cubin(os.path.join(ROOT, "csrc", "cuda", "attend.cu"), cubin, "90a", nvcc=NVCC)
+    return sass_report.sass_functions(sass_report.dump_sass(cubin, CUOBJDUMP))
+
+
+def test_no_local_memory_in_the_default_kernels(sm90a_sass):
+    """The kernels the default build runs keep their arrays in registers: no LDL/STL (a softmax
+    reduction tree whose loops were not unrolled once put its array in local memory and made the
+    attention 2.6x slower on the H100)."""
+    default = [r"attn(_dyn)?_kernelI\w+Li(64|128)ELi1ELi4ELb[01]ELb[01]E", r"tscore(_wg|_dyn)?_kernelI",
+               r"\d(prep|qcomb|qrec|cut|combine|tier_copy|store_kv)_kernelI", r"\d(select|qsel|bscore|bscore_pairs)_kernel"]
+    checked = {}
+    for name, ins in sm90a_sass.items():
+        if any(re.search(p, name) for p in default):
+            checked[sass_report.short(name)] = sass_report.local_accesses([t for _, t in ins])
+    assert len(checked) >= 30, sorted(checked)
+    assert not {k: v for k, v in checked.items() if v}, {k: v for k, v in checked.items() if v}
+
+
+def test_wgmma_wait_after_softmax_in_machine_code(sm90a_sass):
     """The point of the pipelined wgmma attention: the softmax of tile t runs while P V of tile t-1
     is on the tensor cores.  ptxas hoists the wait for P V above the softmax when the two sit in
     straight-line code (the default kernel, WL = false: recorded, not asserted); the
     QLLM_ATTN_WAIT_LATE kernels (WL = true; prefill and the decode step's) must keep all 32
     exponentials of the tile before the wait, with the loop's 12 wgmma (8 for S, 4 for P V) and
     the wait for S of tile t+1."""
-    cubin = str(tmp_path / "attend.cubin")
-    sass_report.compile_cubin(os.path.join(ROOT, "csrc", "cuda", "attend.cu"), cubin, "90a", nvcc=NVCC)
-    funcs = sass_report.sass_functions(sass_report.dump_sass(cubin, CUOBJDUMP))
+    funcs = sm90a_sass
     for kern, dt in [(k, d) for k in ("attn_kernel", "attn_dyn_kernel") for d in ("13__nv_bfloat16", "6__half")]:
         report = {}
         for wl in (0, 1):

@@ -721,6 +721,31 @@ __device__ __forceinline__ int64_t mem_tile_base(const AttnArgs &a, int hk, int6
     return (static_cast<int64_t>(hk) * a.cap + w0) * D;
 }
 
+/* op over 16 values as a tree of depth 4 (every index a constant: registers) */
+template <typename Op>
+__device__ __forceinline__ float tree16(float (&v)[16], Op op) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = op(v[j], v[j + 8]);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) v[j] = op(v[j], v[j + 4]);
+    v[0] = op(v[0], v[2]);
+    v[1] = op(v[1], v[3]);
+    return op(v[0], v[1]);
+}
+
+/* Attention tile table (attn_body): entries of the first ATT_TAB tiles of a
+ * CTA, after the Q/K/V tiles in shared memory. */
+constexpr int ATT_TAB = 96;
+/* Online softmax: the running max of a row moves only when a tile raises it
+ * by more than this (log2 units), so most tiles skip the rescale of O. */
+constexpr float ATT_SLACK = 8.0f;
+constexpr int ATT_ENT_B = 24;
+template <typename T, int D, int MI, int NW, bool WG>
+__host__ __device__ constexpr size_t attn_tab_off() {
+    return WG ? static_cast<size_t>(2 * NW * 16 * MI + 4 * BN) * D * sizeof(T)
+              : static_cast<size_t>(NW * 16 * MI + 4 * BN) * (D + 8) * sizeof(T);
+}
+
 /* One CTA = BM = 64*MI query rows of one head (NW warps x 16*MI rows; with
  * MI = 2 each K/V fragment feeds the MMAs of two 16-row groups).  Tiles: memory tiles (fixed-position
  * queries, un-rotated keys) first, then local tiles; the queries switch from
@@ -864,30 +889,37 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
     auto cdst = [&](T *tile, int i) -> T * {
         return reinterpret_cast<T *>(reinterpret_cast<unsigned char *>(tile) + cd0 + i * CDI);
     };
-    auto load_rows = [&](int t, const TileSrc &s, T *kdst, T *vdst) {
+    struct TileEnt {
+        const T *k, *v; /* first key / value row when consecutive rows, else null (per key) */
+        int lim;        /* live rows (>= BN: the whole tile) */
+        int kind;       /* classify */
+    };
+    static_assert(sizeof(TileEnt) == ATT_ENT_B, "tile table entries");
+    /* Copies of tile t's keys into kdst and/or its values into vdst (either
+     * may be null), from the tile's table entry (e.k null: per key). */
+    auto load_rows = [&](int t, const TileEnt &e, T *kdst, T *vdst) {
         const int ch = tid % CH;
-        if (s.base >= 0) {
-            const T *kb, *vb;
-            int lim; /* live rows */
-            if (t < n_mt) {
-                kb = (s.cached ? kc : kst) + s.base;
-                vb = (s.cached ? vc : vst) + s.base;
-                lim = M_total - t * BN;
-            } else {
-                const int s0 = (lt0 + t - n_mt) * BN;
-                kb = krot + (static_cast<int64_t>(hk) * a.L + s0) * D;
-                vb = vst + s.base;
-                lim = a.L - s0;
-            }
+        if (e.k != nullptr) {
+            const T *kb = e.k + ch * 8, *vb = e.v + ch * 8;
+            if (e.lim >= BN) { /* every row live: no predicates */
 #pragma unroll
-            for (int i = 0; i < BN * CH / NT; ++i) {
-                const int kr = tid / CH + i * (NT / CH);
-                const bool v = kr < lim;
-                const int o = v ? kr * D + ch * 8 : 0;
-                if (kdst != nullptr) cp_async16(cdst(kdst, i), kb + o, v);
-                if (vdst != nullptr) cp_async16(cdst(vdst, i), vb + o, v);
+                for (int i = 0; i < BN * CH / NT; ++i) {
+                    const int o = (tid / CH + i * (NT / CH)) * D;
+                    if (kdst != nullptr) cp_async16_all(cdst(kdst, i), kb + o);
+                    if (vdst != nullptr) cp_async16_all(cdst(vdst, i), vb + o);
+                }
+            } else {
+#pragma unroll
+                for (int i = 0; i < BN * CH / NT; ++i) {
+                    const int kr = tid / CH + i * (NT / CH);
+                    const bool v = kr < e.lim;
+                    const int o = v ? kr * D : 0;
+                    if (kdst != nullptr) cp_async16(cdst(kdst, i), kb + o, v);
+                    if (vdst != nullptr) cp_async16(cdst(vdst, i), vb + o, v);
+                }
             }
         } else {
+            const TileSrc s{-1, false};
 #pragma unroll 1
             for (int i = 0; i < BN * CH / NT; ++i) {
                 const int kr = tid / CH + i * (NT / CH);
@@ -932,12 +964,46 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
                           (all_dense || s0 >= pr_last - a.n_local + 1);
         return full ? 0 : 2;
     };
+    /* Per-CTA tile table in shared memory, filled once: where each tile's keys
+     * and values start, its live rows and its mask kind (tiles past ATT_TAB
+     * compute theirs on the fly).  The loop then reads 32 bytes per tile
+     * instead of redoing mem_tile_base and classify (a division and a dozen
+     * branches, in every thread, for every tile: a fifth of the loop's
+     * instructions). */
+    auto make_ent = [&](int t) -> TileEnt {
+        TileEnt e{nullptr, nullptr, 0, classify(t)};
+        const TileSrc s = tile_src(t);
+        if (t < n_mt) {
+            e.lim = M_total - t * BN;
+            if (s.base >= 0) {
+                e.k = (s.cached ? kc : kst) + s.base;
+                e.v = (s.cached ? vc : vst) + s.base;
+            }
+        } else {
+            const int s0 = (lt0 + t - n_mt) * BN;
+            e.lim = a.L - s0;
+            if (s.base >= 0) {
+                e.k = krot + (static_cast<int64_t>(hk) * a.L + s0) * D;
+                e.v = vst + s.base;
+            }
+        }
+        return e;
+    };
+    TileEnt *tab = reinterpret_cast<TileEnt *>(smem + attn_tab_off<T, D, MI, NW, WG>());
+    auto ent = [&](int t) -> TileEnt {
+        const int i = t - t_begin;
+        if (__builtin_expect(i < ATT_TAB, 1)) return tab[i];
+        return make_ent(t);
+    };
+    for (int i = tid; i < ATT_TAB && t_begin + i < t_end; i += NT) tab[i] = make_ent(t_begin + i);
+    __syncthreads();
     /* raw scores of tile t: -inf where the key is not visible (boundary tiles
      * only).  Each row sees the tile's columns [lo, hi): memory tiles every key
      * before fixed_end plus the tail keys its position allows, local tiles the
      * causal window. */
     auto mask_tile = [&](float(&S)[MI][8][4], int t) {
-        const int kind = classify(t);
+        const int i = t - t_begin;
+        const int kind = i < ATT_TAB ? tab[i].kind : classify(t);
         if (kind == 0) return;
         int lo[MI][2], hi[MI][2];
 #pragma unroll
@@ -976,33 +1042,46 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
         bool rescale = false;
 #pragma unroll
         for (int mi = 0; mi < MI; ++mi) {
-            float mx[2] = {-INFINITY, -INFINITY};
+            float mx[2];
 #pragma unroll
-            for (int nt = 0; nt < 8; ++nt)
+            for (int i = 0; i < 2; ++i) { /* a tree: 4 dependent steps, not 16 */
+                float v[16];
 #pragma unroll
-                for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], S[mi][nt][e]);
+                for (int nt = 0; nt < 8; ++nt) {
+                    v[2 * nt] = S[mi][nt][2 * i];
+                    v[2 * nt + 1] = S[mi][nt][2 * i + 1];
+                }
+                mx[i] = tree16(v, [](float x, float y) { return fmaxf(x, y); });
+            }
             float ref[2];
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
                 mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
                 mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-                const float mn = fmaxf(mrow[mi][i], mx[i] * a.sl2);
+                /* The running max moves only when the tile raises it by more than
+                 * ATT_SLACK (log2 units): P stays below 2^ATT_SLACK, and O is
+                 * rescaled on those tiles only (the first tile of a row always). */
+                const float cand = mx[i] * a.sl2;
+                const bool up = cand > mrow[mi][i] + ATT_SLACK;
+                const float mn = up ? cand : mrow[mi][i];
                 ref[i] = mn == -INFINITY ? 0.0f : mn;
-                alpha[mi][i] = fast_exp2(mrow[mi][i] - ref[i]);
-                rescale |= alpha[mi][i] != 1.0f;
+                alpha[mi][i] = up ? fast_exp2(mrow[mi][i] - ref[i]) : 1.0f;
+                rescale |= up;
                 mrow[mi][i] = mn;
             }
-            float rs[2] = {0.0f, 0.0f};
 #pragma unroll
-            for (int nt = 0; nt < 8; ++nt)
+            for (int i = 0; i < 2; ++i) {
+                float v[16];
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const float p = fast_exp2(fmaf(S[mi][nt][e], a.sl2, -ref[e >> 1]));
-                    S[mi][nt][e] = p;
-                    rs[e >> 1] += p;
-                }
+                for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-            for (int i = 0; i < 2; ++i) lrow[mi][i] = lrow[mi][i] * alpha[mi][i] + rs[i];
+                    for (int c = 0; c < 2; ++c) {
+                        const float p = fast_exp2(fmaf(S[mi][nt][2 * i + c], a.sl2, -ref[i]));
+                        S[mi][nt][2 * i + c] = p;
+                        v[2 * nt + c] = p;
+                    }
+                lrow[mi][i] = lrow[mi][i] * alpha[mi][i] + tree16(v, [](float x, float y) { return x + y; });
+            }
         }
         return __any_sync(0xffffffffu, rescale);
     };
@@ -1080,13 +1159,8 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
             /* prologue: both queries, K and V of the first tile, K of the second; S of the first */
             if (t_begin < n_mt) load_q(reinterpret_cast<T *>(smem), qf);
             if (t_end > n_mt) load_q(reinterpret_cast<T *>(smem + TILE_B), ql);
-            const TileSrc s0 = tile_src(t_begin);
-            load_rows(t_begin, s0, kstage(0), vstage(0));
-            TileSrc src_next{-1, false}; /* of tile t+1 (its V is loaded one step after its K) */
-            if (t_begin + 1 < t_end) {
-                src_next = tile_src(t_begin + 1);
-                load_rows(t_begin + 1, src_next, kstage(1), nullptr);
-            }
+            load_rows(t_begin, ent(t_begin), kstage(0), vstage(0));
+            if (t_begin + 1 < t_end) load_rows(t_begin + 1, ent(t_begin + 1), kstage(1), nullptr);
             cp_async_commit();
             cp_async_wait<0>();
             fence_async_smem();
@@ -1104,11 +1178,8 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
                 cp_async_wait<0>(); /* K_{t+1}, V_t */
                 fence_async_smem();
                 __syncthreads(); /* every warp is past S_t (K stage of t) and P V_{t-1} (V stage of t-1) */
-                load_rows(t + 1, src_next, nullptr, vstage(stage_of(t + 1)));
-                if (t + 2 < t_end) {
-                    src_next = tile_src(t + 2);
-                    load_rows(t + 2, src_next, kstage(stage_of(t)), nullptr);
-                }
+                load_rows(t + 1, ent(t + 1), nullptr, vstage(stage_of(t + 1)));
+                if (t + 2 < t_end) load_rows(t + 2, ent(t + 2), kstage(stage_of(t)), nullptr);
                 cp_async_commit();
                 wg_fence();
                 issue_s(t + 1);
@@ -1128,8 +1199,7 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
     } else {
         if (t_begin < t_end) {
             load_q(Qs, t_begin < n_mt ? qf : ql);
-            const TileSrc s0 = tile_src(t_begin);
-            load_rows(t_begin, s0, kstage(0), vstage(0));
+            load_rows(t_begin, ent(t_begin), kstage(0), vstage(0));
         }
         cp_async_commit();
 
@@ -1137,9 +1207,8 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
             const int st = (t - t_begin) & 1;
             const bool more = t + 1 < t_end;
             if (more) {
-                const TileSrc s1 = tile_src(t + 1);
                 if (t == n_mt && t > t_begin) load_q(Qs, ql); /* first local tile: every warp is past the last one */
-                load_rows(t + 1, s1, kstage(st ^ 1), vstage(st ^ 1));
+                load_rows(t + 1, ent(t + 1), kstage(st ^ 1), vstage(st ^ 1));
             } else if (t == n_mt && t > t_begin) {
                 load_q(Qs, ql);
             }
@@ -1920,9 +1989,8 @@ bool attn_packs(int64_t E, int group) { return E == 1 && group > 1 && group <= 1
 template <typename T, int D, int MI, int NW, bool DYN, bool WG = false, bool WL = false>
 int launch_attention_v(const AttnArgs &a0, int E, int hq, cudaStream_t stream) {
     constexpr int BMr = NW * 16 * MI;
-    /* WG: 1024 bytes of slack to align the swizzled tiles */
-    const size_t smem = WG ? static_cast<size_t>(2 * BMr + 4 * BN) * D * sizeof(T) + 1024
-                           : static_cast<size_t>(BMr + 4 * BN) * (D + 8) * sizeof(T);
+    /* tiles, then the tile table; WG: 1024 bytes of slack to align the swizzled tiles */
+    const size_t smem = attn_tab_off<T, D, MI, NW, WG>() + ATT_TAB * ATT_ENT_B + (WG ? 1024 : 0);
     static bool ready = false;
     if (!ready) {
         const int st = DYN ? ensure_smem(attn_dyn_kernel<T, D, MI, NW, WG, WL>, smem, "attn_dyn_kernel")
