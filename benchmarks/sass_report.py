@@ -124,6 +124,21 @@ def wait_position(loop: list[str]) -> int | None:
     return None if not waits else sum("MUFU.EX2" in t for t in loop[:waits[0]])
 
 
+def exps_under_s(loop: list[str]) -> list[int]:
+    """For each S = Q K^T group of the loop (the m64n64k16 wgmma that closes a group, gsb0): the
+    exponentials (MUFU.EX2) issued before the next wgmma wait, i.e. while that S runs."""
+    out, n = [], None
+    for t in loop:
+        if "HGMMA.64x64x16" in t and "gsb0" in t:
+            n = 0
+        elif n is not None and "MUFU.EX2" in t:
+            n += 1
+        elif n is not None and "WARPGROUP.DEPBAR" in t:
+            out.append(n)
+            n = None
+    return out
+
+
 def local_accesses(ins: list[str]) -> int:
     """Loads and stores of thread-local memory (LDL/STL: spills, or arrays the compiler could not
     keep in registers)."""
@@ -171,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         log = compile_cubin(args.src, cubin, args.arch, tuple("-D" + d for d in args.defines))
         funcs = sass_functions(dump_sass(cubin, cuobjdump))
     regs = registers(log)
-    print(f"{'kernel':58s} {'regs':>4s} {'instrs':>6s} {'lmem':>4s}" + ("  loop: total int fp mma mem bra  exps<wait" if args.loop else ""))
+    print(f"{'kernel':58s} {'regs':>4s} {'instrs':>6s} {'lmem':>4s}" + ("  loop: total int fp mma mem bra  exps<wait exps|S" if args.loop else ""))
     for name in sorted(funcs, key=short):
         if args.filter not in name and args.filter not in short(name):
             continue
@@ -181,8 +196,9 @@ def main(argv: list[str] | None = None) -> int:
             loop = main_loop(funcs[name])
             m = mix(loop)
             w = wait_position(loop)
+            es = exps_under_s(loop)
             line += (f"  {m['total']:5d} {m['int']:4d} {m['fp']:3d} {m['mma']:3d} {m['mem']:3d} {m['branch']:3d}"
-                     f"  {'-' if w is None else w}")
+                     f"  {'-' if w is None else w:>9} {min(es) if es else '-':>5}")
         print(line)
     return 0
 

@@ -785,8 +785,5 @@ def test_cuda_attention_kernel_names_the_kernel_that_runs():
         assert (n128, n64) in {(wg, plain + " (wgmma needs head dim 128)"), (plain, plain)}, (n128, n64)
     elif env == {"QLLM_ATTN_WGMMA": "0"}:
         assert (n128, n64) == (plain, plain)
-    elif env == {"QLLM_ATTN_WAIT_LATE": "1"}:
-        wl = "wgmma, 1 warpgroup x 64 rows, pipelined, wait after the softmax (sm_90a)"
-        assert (n128, n64) == (wl, plain + " (wgmma needs head dim 128)"), (n128, n64)
     with pytest.raises(RuntimeError):
         torch.ops.qllm.cuda_attention_kernel("128")

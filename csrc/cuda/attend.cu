@@ -756,7 +756,7 @@ __host__ __device__ constexpr size_t attn_tab_off() {
  * boundary: fixed Q, local Q, two K stages, two V stages, 16 KB each), and a
  * software pipeline: the softmax of tile t runs while P V of tile t-1 is on
  * the tensor cores, and S of tile t+1 is issued before P V of tile t. */
-template <typename T, int D, int MI, int NW, bool WG, bool WL = false>
+template <typename T, int D, int MI, int NW, bool WG>
 __device__ __forceinline__ void attn_body(const AttnArgs &a) {
     constexpr int LD = D + 8;     /* padded smem row (elements): ldmatrix without conflicts */
     constexpr int CH = D / 8;     /* 16-byte chunks per row */
@@ -1124,29 +1124,16 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
             wg_commit();
         };
         /* mask and softmax of tile t (overlapping P V of tile t-1), then O
-         * rescaled and P packed once that P V is done */
+         * rescaled and P packed once that P V is done.  (ptxas places the wait
+         * above the exponentials; NOTES_gpu.md rounds 7-8: keeping it below
+         * them, or issuing S of tile t+1 before them, measured no faster.) */
         auto softmax_pack = [&](int t) {
             mask_tile(S, t);
             float alpha[1][2];
             const bool rescale = softmax_tile(S, alpha);
-            if constexpr (WL) {
-                /* ptxas hoists the wait above the exponentials when the two sit in
-                 * straight-line code (then P V of tile t-1 no longer overlaps the
-                 * softmax).  Here the wait sits in both arms of a branch, which it
-                 * does not cross.  The condition must be the same for the whole
-                 * warpgroup (wgmma.wait_group is .aligned): a kernel argument,
-                 * always true (n_split >= 1); the other arm never runs. */
-                if (a.n_split > 0)
-                    wg_wait<0>();
-                else
-                    wg_wait_else<0>();
-                wg_fence_operand(Of);
-                if (rescale) rescale_o(alpha);
-            } else {
-                wg_wait<0>();
-                wg_fence_operand(Of);
-                if (rescale) rescale_o(alpha);
-            }
+            wg_wait<0>();
+            wg_fence_operand(Of);
+            if (rescale) rescale_o(alpha);
 #pragma unroll
             for (int kk = 0; kk < BN / 16; ++kk) {
                 pa[kk][0] = Cvt<T>::pack(S[0][2 * kk][0], S[0][2 * kk][1]);
@@ -1312,15 +1299,15 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
         }
 }
 
-template <typename T, int D, int MI, int NW, bool WG, bool WL = false>
+template <typename T, int D, int MI, int NW, bool WG>
 __global__ void __launch_bounds__(NW * 32, 8 / NW) attn_kernel(const AttnArgs a) {
-    attn_body<T, D, MI, NW, WG, WL>(a);
+    attn_body<T, D, MI, NW, WG>(a);
 }
 
 /* Decode step (E = 1): the sizes come from the device row; the split count
  * actually used is the host's choice for these sizes (ops_cuda.cpp
  * choose_split), so the result is bitwise that of attn_kernel. */
-template <typename T, int D, int MI, int NW, bool WG, bool WL = false>
+template <typename T, int D, int MI, int NW, bool WG>
 __global__ void __launch_bounds__(NW * 32, 8 / NW) attn_dyn_kernel(const AttnArgs a0) {
     AttnArgs a = a0;
     a.P0 = a.dyn[QLLM_DYN_P0];
@@ -1336,7 +1323,7 @@ __global__ void __launch_bounds__(NW * 32, 8 / NW) attn_dyn_kernel(const AttnArg
         const int64_t tiles = (M + BN - 1) / BN + lw / BN + 1;
         a.n_split_eff = static_cast<int>(tiles < a.n_split ? tiles : a.n_split);
     }
-    attn_body<T, D, MI, NW, WG, WL>(a);
+    attn_body<T, D, MI, NW, WG>(a);
 }
 
 /* Merge n_split (<= QLLM_CUDA_MAX_SPLIT) partial results of each (head, row).
@@ -1972,29 +1959,18 @@ int attn_variant() {
     return v;
 }
 
-#if defined(QLLM_SM90A)
-/* The wgmma kernel with the wait for P V of tile t-1 after the softmax of
- * tile t in the machine code too (attn_body WL; tests/test_cuda_build.py
- * checks the SASS): QLLM_ATTN_WAIT_LATE=1.  Off by default until measured on
- * the GPU. */
-bool attn_wait_late() {
-    static const bool v = env_is("QLLM_ATTN_WAIT_LATE", '1');
-    return v;
-}
-#endif
-
 /* Packed rows (attn_body): one query (E = 1) whose heads share KV heads. */
 bool attn_packs(int64_t E, int group) { return E == 1 && group > 1 && group <= 16; }
 
-template <typename T, int D, int MI, int NW, bool DYN, bool WG = false, bool WL = false>
+template <typename T, int D, int MI, int NW, bool DYN, bool WG = false>
 int launch_attention_v(const AttnArgs &a0, int E, int hq, cudaStream_t stream) {
     constexpr int BMr = NW * 16 * MI;
     /* tiles, then the tile table; WG: 1024 bytes of slack to align the swizzled tiles */
     const size_t smem = attn_tab_off<T, D, MI, NW, WG>() + ATT_TAB * ATT_ENT_B + (WG ? 1024 : 0);
     static bool ready = false;
     if (!ready) {
-        const int st = DYN ? ensure_smem(attn_dyn_kernel<T, D, MI, NW, WG, WL>, smem, "attn_dyn_kernel")
-                           : ensure_smem(attn_kernel<T, D, MI, NW, WG, WL>, smem, "attn_kernel");
+        const int st = DYN ? ensure_smem(attn_dyn_kernel<T, D, MI, NW, WG>, smem, "attn_dyn_kernel")
+                           : ensure_smem(attn_kernel<T, D, MI, NW, WG>, smem, "attn_kernel");
         if (st != QLLM_CUDA_OK) return st;
         ready = true;
     }
@@ -2002,9 +1978,9 @@ int launch_attention_v(const AttnArgs &a0, int E, int hq, cudaStream_t stream) {
     a.pack = attn_packs(E, a.group) ? 1 : 0;
     dim3 grid(a.pack ? 1 : (E + BMr - 1) / BMr, a.pack ? hq / a.group : hq, a.n_split);
     if (DYN)
-        attn_dyn_kernel<T, D, MI, NW, WG, WL><<<grid, NW * 32, smem, stream>>>(a);
+        attn_dyn_kernel<T, D, MI, NW, WG><<<grid, NW * 32, smem, stream>>>(a);
     else
-        attn_kernel<T, D, MI, NW, WG, WL><<<grid, NW * 32, smem, stream>>>(a);
+        attn_kernel<T, D, MI, NW, WG><<<grid, NW * 32, smem, stream>>>(a);
     return check_launch("attn_kernel");
 }
 
@@ -2016,8 +1992,7 @@ int launch_attention_dyn(const AttnArgs &a, int E, int hq, cudaStream_t stream) 
     case 3:
         if constexpr (D == 128) {
 #if defined(QLLM_SM90A)
-            return attn_wait_late() ? launch_attention_v<T, D, 1, 4, DYN, true, true>(a, E, hq, stream)
-                                    : launch_attention_v<T, D, 1, 4, DYN, true>(a, E, hq, stream);
+            return launch_attention_v<T, D, 1, 4, DYN, true>(a, E, hq, stream);
 #else
             return set_error(QLLM_CUDA_ERR_ARG,
                              "QLLM_ATTN_WGMMA=1 needs the extension built for sm_90a (QLLM_CUDA_ARCH=90a)");
@@ -2144,8 +2119,7 @@ extern "C" const char *qllm_cuda_attention_kernel(int head_dim) {
     case 3:
 #if defined(QLLM_SM90A)
         if (head_dim == 128)
-            return attn_wait_late() ? "wgmma, 1 warpgroup x 64 rows, pipelined, wait after the softmax (sm_90a)"
-                                    : "wgmma, 1 warpgroup x 64 rows, pipelined (sm_90a)";
+            return "wgmma, 1 warpgroup x 64 rows, pipelined (sm_90a)";
         return "mma.sync, 4 warps x 16 rows (wgmma needs head dim 128)";
 #else
         return "none: QLLM_ATTN_WGMMA=1 needs an sm_90a build";

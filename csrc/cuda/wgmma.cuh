@@ -79,14 +79,6 @@ __device__ __forceinline__ void wg_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 #endif
 }
-/* The same wait under another spelling, for the other arm of a branch around
- * a wait (attend.cu, attn_body WL): identical arms would be merged. */
-template <int N>
-__device__ __forceinline__ void wg_wait_else() {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    asm volatile("wgmma.wait_group.sync.aligned %0; // else arm\n" ::"n"(N) : "memory");
-#endif
-}
 /* Pins the registers of a wgmma operand at this point of the program, so the
  * compiler neither reads them before the wait nor moves writes past the issue. */
 template <int N>
