@@ -162,7 +162,10 @@ __global__ void prep_kernel(qllm_gpu_layer ly, qllm_gpu_exec ex, const T *__rest
 
 /* ----------------------------------------------------------- qcomb / bscore */
 
-/* Mean fixed query of execution block i, head h: threads = (H2 dims) x (row groups). */
+/* Mean fixed query of execution block i, head h.  The rotation to the fixed
+ * position is linear and the same for every row, so the kernel sums the raw
+ * rows and rotates the sums once.  Threads = (8-dim chunks of the first half)
+ * x (row groups), 16-byte loads (q rows 16-byte aligned, as for prep). */
 constexpr int QC_THREADS = 256;
 
 template <typename T>
@@ -170,33 +173,47 @@ __global__ void __launch_bounds__(QC_THREADS) qcomb_kernel(qllm_gpu_layer ly, co
                                                            int64_t q_hs, int64_t q_ts, int64_t Tn, int exc,
                                                            const float *__restrict__ question, float weight,
                                                            float *__restrict__ qcomb) {
-    __shared__ float red[QC_THREADS * 2];
-    const int D = ly.head_dim, H2 = D / 2;
-    const int groups = QC_THREADS / H2;
+    __shared__ float red[QC_THREADS * 16];
+    const int D = ly.head_dim, H2 = D / 2, C = H2 / 8, G = QC_THREADS / C;
     const int i = blockIdx.x, h = blockIdx.y;
-    const int d = threadIdx.x % H2, grp = threadIdx.x / H2;
-    const float *cf = ly.cos + static_cast<int64_t>(ly.n_local - 1) * D;
-    const float *sf = ly.sin + static_cast<int64_t>(ly.n_local - 1) * D;
-    const float *c0 = ly.cos;
+    const int c = threadIdx.x % C, grp = threadIdx.x / C;
     const int64_t r0 = static_cast<int64_t>(i) * exc;
     const int64_t r1 = r0 + exc < Tn ? r0 + exc : Tn;
-    float s1 = 0.0f, s2 = 0.0f;
-    for (int64_t r = r0 + grp; r < r1; r += groups) {
-        const T *src = q + h * q_hs + r * q_ts;
-        const float x1 = Cvt<T>::to_f(src[d]), x2 = Cvt<T>::to_f(src[d + H2]);
-        s1 += (x1 * cf[d] - x2 * sf[d]) * c0[d];
-        s2 += (x2 * cf[d + H2] + x1 * sf[d + H2]) * c0[d + H2];
-    }
-    red[threadIdx.x] = s1;
-    red[QC_THREADS + threadIdx.x] = s2;
-    __syncthreads();
-    if (grp == 0) {
-        for (int g2 = 1; g2 < groups; ++g2) {
-            s1 += red[g2 * H2 + d];
-            s2 += red[QC_THREADS + g2 * H2 + d];
+    float s1[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    float s2[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    if (grp < G) {
+#pragma unroll 4
+        for (int64_t r = r0 + grp; r < r1; r += G) {
+            const T *src = q + h * q_hs + r * q_ts + c * 8;
+            float x1[8], x2[8];
+            load8(src, x1);
+            load8(src + H2, x2);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                s1[j] += x1[j];
+                s2[j] += x2[j];
+            }
         }
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        red[threadIdx.x * 16 + j] = s1[j];
+        red[threadIdx.x * 16 + 8 + j] = s2[j];
+    }
+    __syncthreads();
+    if (threadIdx.x < H2) {
+        const int d = threadIdx.x, cc = d / 8, j = d % 8;
+        float S1 = 0.0f, S2 = 0.0f;
+        for (int g2 = 0; g2 < G; ++g2) { /* fixed order: deterministic */
+            S1 += red[(g2 * C + cc) * 16 + j];
+            S2 += red[(g2 * C + cc) * 16 + 8 + j];
+        }
+        const float *cf = ly.cos + static_cast<int64_t>(ly.n_local - 1) * D;
+        const float *sf = ly.sin + static_cast<int64_t>(ly.n_local - 1) * D;
+        const float *c0 = ly.cos;
         const float n = static_cast<float>(r1 - r0);
-        float m1 = s1 / n, m2 = s2 / n;
+        float m1 = (S1 * cf[d] - S2 * sf[d]) * c0[d] / n;
+        float m2 = (S2 * cf[d + H2] + S1 * sf[d + H2]) * c0[d + H2] / n;
         if (question != nullptr) {
             m1 += weight * question[h * D + d];
             m2 += weight * question[h * D + d + H2];
@@ -2157,6 +2174,11 @@ extern "C" int qllm_cuda_query_comb(const qllm_gpu_layer *ly, const void *q, int
     if (st) return st;
     if (n_exec < 1 || exc < 1 || n_rows < 1 || ly->hq > 65535)
         return set_error(QLLM_CUDA_ERR_ARG, "query_comb: bad sizes");
+    if (ly->head_dim % 16 != 0 || ly->head_dim / 16 > QC_THREADS)
+        return set_error(QLLM_CUDA_ERR_ARG, "query_comb: head_dim %d", ly->head_dim);
+    if (q_hs % 8 != 0 || q_ts % 8 != 0 || (reinterpret_cast<uintptr_t>(q) & 15) != 0)
+        return set_error(QLLM_CUDA_ERR_ARG, "query_comb: q rows must be 16-byte aligned (strides %lld, %lld)",
+                         (long long)q_hs, (long long)q_ts);
     dim3 grid(n_exec, ly->hq);
     QLLM_DISPATCH_T(ly->dtype, qcomb_kernel<T><<<grid, QC_THREADS, 0, stream>>>(
                                    *ly, static_cast<const T *>(q), q_hs, q_ts, n_rows, exc, question,
