@@ -2149,7 +2149,7 @@ extern "C" int qllm_cuda_attention_packs(int64_t E, int group) { return attn_pac
 
 extern "C" int qllm_cuda_exec_prep(const qllm_gpu_layer *ly, const qllm_gpu_exec *ex,
                                    const void *q, int64_t q_hs, int64_t q_ts, void *qfix,
-                                   void *qloc, void *krot, cudaStream_t stream) {
+                                   void *qloc, void *krot, int max_ctas, cudaStream_t stream) {
     int st = check_layer(ly, "exec_prep");
     if (st) return st;
     if (ex->E < 1 || ex->L < ex->E || ex->L > ly->rope_len)
@@ -2162,7 +2162,9 @@ extern "C" int qllm_cuda_exec_prep(const qllm_gpu_layer *ly, const qllm_gpu_exec
                          (ly->head_dim / 16);
     QLLM_DISPATCH_T(ly->dtype, launch_prep<T>(*ly, *ex, static_cast<const T *>(q), q_hs, q_ts, static_cast<T *>(qfix),
                                               static_cast<T *>(qloc), static_cast<T *>(krot), nullptr,
-                                              grid_for(work, 256), stream));
+                                              max_ctas > 0 ? std::min(grid_for(work, 256), max_ctas)
+                                                           : grid_for(work, 256),
+                                              stream));
     return check_launch("prep_kernel");
 }
 

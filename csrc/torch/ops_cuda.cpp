@@ -467,13 +467,17 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
         ex.m = static_cast<int>(r.m);
         return ex;
     };
+    /* beside the loop's kernels, the rotations take a quarter of the SMs' slots
+     * at most: unthrottled they slowed the attention they overlapped */
+    const int prep_ctas = std::max(1, sms / 4);
     auto prep = [&](int64_t i, cudaStream_t s) {
         const ExecRow r = read_row(sched, i);
         const qllm_gpu_exec ex = exec_of(r);
         const int j = static_cast<int>(i % n_sets);
         check_cuda(op, qllm_cuda_exec_prep(&ly, &ex, qbase + r.t0 * q.stride(1) * esz, q.stride(0),
                                            q.stride(1), qfix_s[j].mutable_data_ptr(),
-                                           qloc_s[j].mutable_data_ptr(), krot_s[j].mutable_data_ptr(), s));
+                                           qloc_s[j].mutable_data_ptr(), krot_s[j].mutable_data_ptr(),
+                                           s == st ? 0 : prep_ctas, s));
     };
     /* side stream events: 0 start / join, 1 + j ready (set j prepared), 3 + j
      * freed (set j read for the last time) */
@@ -503,7 +507,10 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
             prep(i + 1, sd->s);
             C10_CUDA_CHECK(cudaEventRecord(sd->ev[1 + nx], sd->s));
         }
-        if (overlap && i >= 1) C10_CUDA_CHECK(cudaStreamWaitEvent(st, sd->ev[1 + set], 0));
+        if (overlap && i >= 1)
+            C10_CUDA_CHECK(cudaStreamWaitEvent(st, sd->ev[1 + set], 0));
+        else if (!overlap && i >= 1)
+            prep(i, st);
         int32_t *ids = retrieved.mutable_data_ptr<int32_t>() + i * kk;
         if (r.n_ret > 0 && qh_sel > 0)
             check_cuda(op, qllm_cuda_select_blocks_qheads(bscore.mutable_data_ptr<float>() + i * bscore.size(1),
