@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call = build + CUDA tests + layer benchmark (see benchmarks/NOTES_gpu.md).
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [prepab] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
+# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
 # Logs and results go to $OUT (default: /tmp/qllm_out).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -119,11 +119,6 @@ if [[ " $stages " == *" tsorder "* ]]; then
   # token-score CTAs heaviest key tile first (the default) against key order
   knob_ab QLLM_TSCORE_ORDER=0 attend_cuda "--prefill 32768 131072 --decode-at" \
     QLLM_TSCORE_ORDER=0 QLLM_TSCORE_ORDER=1
-fi
-if [[ " $stages " == *" prepab "* ]]; then
-  # rotations of the next execution block on a side stream (the default) against in line
-  knob_ab QLLM_PREP_OVERLAP=0 "attend_cuda or decode_step" \
-    "--prefill 32768 131072 --decode-at 131072" QLLM_PREP_OVERLAP=0 QLLM_PREP_OVERLAP=1
 fi
 if [[ " $stages " == *" ncu "* ]]; then
   # hardware counters of one attention and one token-score launch (32K prefill, 20th execution

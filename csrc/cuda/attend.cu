@@ -181,7 +181,7 @@ __global__ void __launch_bounds__(QC_THREADS) qcomb_kernel(qllm_gpu_layer ly, co
     const int64_t r1 = r0 + exc < Tn ? r0 + exc : Tn;
     float s1[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
     float s2[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-    if (grp < G) {
+    if (grp < G) { /* (head_dim 64 or 128, check_layer: every thread has a group) */
 #pragma unroll 4
         for (int64_t r = r0 + grp; r < r1; r += G) {
             const T *src = q + h * q_hs + r * q_ts + c * 8;
@@ -2149,7 +2149,7 @@ extern "C" int qllm_cuda_attention_packs(int64_t E, int group) { return attn_pac
 
 extern "C" int qllm_cuda_exec_prep(const qllm_gpu_layer *ly, const qllm_gpu_exec *ex,
                                    const void *q, int64_t q_hs, int64_t q_ts, void *qfix,
-                                   void *qloc, void *krot, int max_ctas, cudaStream_t stream) {
+                                   void *qloc, void *krot, cudaStream_t stream) {
     int st = check_layer(ly, "exec_prep");
     if (st) return st;
     if (ex->E < 1 || ex->L < ex->E || ex->L > ly->rope_len)
@@ -2162,9 +2162,7 @@ extern "C" int qllm_cuda_exec_prep(const qllm_gpu_layer *ly, const qllm_gpu_exec
                          (ly->head_dim / 16);
     QLLM_DISPATCH_T(ly->dtype, launch_prep<T>(*ly, *ex, static_cast<const T *>(q), q_hs, q_ts, static_cast<T *>(qfix),
                                               static_cast<T *>(qloc), static_cast<T *>(krot), nullptr,
-                                              max_ctas > 0 ? std::min(grid_for(work, 256), max_ctas)
-                                                           : grid_for(work, 256),
-                                              stream));
+                                              grid_for(work, 256), stream));
     return check_launch("prep_kernel");
 }
 
@@ -2176,8 +2174,6 @@ extern "C" int qllm_cuda_query_comb(const qllm_gpu_layer *ly, const void *q, int
     if (st) return st;
     if (n_exec < 1 || exc < 1 || n_rows < 1 || ly->hq > 65535)
         return set_error(QLLM_CUDA_ERR_ARG, "query_comb: bad sizes");
-    if (ly->head_dim % 16 != 0 || ly->head_dim / 16 > QC_THREADS)
-        return set_error(QLLM_CUDA_ERR_ARG, "query_comb: head_dim %d", ly->head_dim);
     if (q_hs % 8 != 0 || q_ts % 8 != 0 || (reinterpret_cast<uintptr_t>(q) & 15) != 0)
         return set_error(QLLM_CUDA_ERR_ARG, "query_comb: q rows must be 16-byte aligned (strides %lld, %lld)",
                          (long long)q_hs, (long long)q_ts);

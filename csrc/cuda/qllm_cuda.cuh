@@ -125,11 +125,10 @@ typedef struct {
 } qllm_gpu_exec;
 
 /* Rotate: qfix/qloc [hq, E, D] from q rows (q + t0*q_ts), krot [hkv, L, D]
- * from k_store positions T0 .. T0+L-1.  max_ctas > 0 caps the grid (a launch
- * that overlaps other work takes a few SMs' slots, not the whole GPU). */
+ * from k_store positions T0 .. T0+L-1. */
 int qllm_cuda_exec_prep(const qllm_gpu_layer *ly, const qllm_gpu_exec *ex, const void *q,
                         int64_t q_hs, int64_t q_ts, void *qfix, void *qloc, void *krot,
-                        int max_ctas, cudaStream_t stream);
+                        cudaStream_t stream);
 
 /* Mean fixed-position query per execution block plus weight * question:
  * qcomb[i, h, :] for the blocks i = 0 .. n_exec-1 of a call of T rows of q

@@ -23,7 +23,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <tuple>
 #include <vector>
 
@@ -49,48 +48,35 @@ void check_cuda(const char *op, int st) {
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-/* Side streams with their events, per host thread, device and use: a
- * dedicated pool stream, so the work never queues behind unrelated work, and
- * events no other thread records.  SIDE_DECODE: the decode step's rotations
- * (qllm_gpu_decode.side; high priority; events fork, join).  SIDE_PREP: the
- * rotations of the next prefill execution block (attend_run; events
- * start / join, ready[2], freed[2]). */
-enum SideUse { SIDE_DECODE = 0, SIDE_PREP = 1, SIDE_USES = 2 };
-constexpr int SIDE_EVENTS = 5; /* the most a use needs */
-struct Side {
-    cudaStream_t s = nullptr;
-    cudaEvent_t ev[SIDE_EVENTS] = {};
+/* The decode step's side stream and fork / join events, per host thread and
+ * device (qllm_gpu_decode.side): a dedicated pool stream, so the rotations
+ * never queue behind unrelated work, and events no other thread records. */
+struct DecodeFork {
+    cudaStream_t side = nullptr;
+    cudaEvent_t fork = nullptr, join = nullptr;
 };
 
-struct Sides {
-    std::vector<Side> dev; /* device * SIDE_USES + use */
-    ~Sides() {
-        for (auto &f : dev) /* at thread exit; errors (CUDA shut down) are moot */
-            for (cudaEvent_t e : f.ev)
-                if (e != nullptr) (void)cudaEventDestroy(e);
+struct DecodeForks {
+    std::vector<DecodeFork> dev;
+    ~DecodeForks() {
+        for (auto &f : dev) { /* at thread exit; errors (CUDA shut down) are moot */
+            if (f.fork != nullptr) (void)cudaEventDestroy(f.fork);
+            if (f.join != nullptr) (void)cudaEventDestroy(f.join);
+        }
     }
 };
 
-const Side &side_stream(c10::DeviceIndex device, SideUse use) {
-    thread_local Sides sides;
-    const size_t i = static_cast<size_t>(device) * SIDE_USES + use;
-    if (sides.dev.size() <= i) sides.dev.resize(i + 1);
-    Side &f = sides.dev[i];
-    if (f.s == nullptr) {
-        for (cudaEvent_t &e : f.ev) C10_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
-        f.s = c10::cuda::getStreamFromPool(/*isHighPriority=*/use == SIDE_DECODE, device).stream();
+const DecodeFork &decode_fork(c10::DeviceIndex device) {
+    thread_local DecodeForks forks;
+    const size_t i = static_cast<size_t>(device);
+    if (forks.dev.size() <= i) forks.dev.resize(i + 1);
+    DecodeFork &f = forks.dev[i];
+    if (f.side == nullptr) {
+        C10_CUDA_CHECK(cudaEventCreateWithFlags(&f.fork, cudaEventDisableTiming));
+        C10_CUDA_CHECK(cudaEventCreateWithFlags(&f.join, cudaEventDisableTiming));
+        f.side = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device).stream();
     }
     return f;
-}
-
-/* QLLM_PREP_OVERLAP=0: every prefill execution block's rotations on the
- * caller's stream, in line (no side stream). */
-bool prep_overlap() {
-    static const bool v = [] {
-        const char *e = std::getenv("QLLM_PREP_OVERLAP");
-        return !(e != nullptr && e[0] == '0' && e[1] == '\0');
-    }();
-    return v;
 }
 
 /* Thread blocks of one attention launch over E queries, before key splits:
@@ -397,19 +383,9 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
     /* workspace (caching allocator: no synchronisation) */
     const auto opt_t = q.options();
     const auto opt_f = q.options().dtype(at::kFloat);
-    /* Rotations (prep) of execution block i+1 run on a side stream while block
-     * i attends: they read only q and the store, both final before the loop.
-     * Two workspace sets, block i in set i % 2; the side stream waits for the
-     * token scores of block i-1 (the last reader of set (i+1) % 2) before it
-     * overwrites that set, and the attention of block i waits for its prep. */
-    const bool overlap = prep_overlap() && n_exec > 1;
-    const int n_sets = overlap ? 2 : 1;
-    at::Tensor qfix_s[2], qloc_s[2], krot_s[2];
-    for (int j = 0; j < n_sets; ++j) {
-        qfix_s[j] = at::empty({hq, e_max, D}, opt_t);
-        qloc_s[j] = at::empty({hq, e_max, D}, opt_t);
-        krot_s[j] = at::empty({hkv, l_max, D}, opt_t);
-    }
+    at::Tensor qfix = at::empty({hq, e_max, D}, opt_t);
+    at::Tensor qloc = at::empty({hq, e_max, D}, opt_t);
+    at::Tensor krot = at::empty({hkv, l_max, D}, opt_t);
     at::Tensor lse = at::empty({hq, e_max}, opt_f);
     const int sms = multiprocessors();
     const int64_t bm = qllm_cuda_attention_rows();
@@ -456,7 +432,8 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
                                               bscore.mutable_data_ptr<float>(), bscore.size(1), st));
     }
 
-    auto exec_of = [](const ExecRow &r) {
+    for (int64_t i = 0; i < n_exec; ++i) {
+        const ExecRow r = read_row(sched, i);
         qllm_gpu_exec ex;
         ex.P0 = r.P0;
         ex.T0 = r.T0;
@@ -465,52 +442,9 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
         ex.init_len = static_cast<int>(r.init_len);
         ex.n_ret = static_cast<int>(r.n_ret);
         ex.m = static_cast<int>(r.m);
-        return ex;
-    };
-    /* beside the loop's kernels, the rotations take a quarter of the SMs' slots
-     * at most: unthrottled they slowed the attention they overlapped */
-    const int prep_ctas = std::max(1, sms / 4);
-    auto prep = [&](int64_t i, cudaStream_t s) {
-        const ExecRow r = read_row(sched, i);
-        const qllm_gpu_exec ex = exec_of(r);
-        const int j = static_cast<int>(i % n_sets);
         check_cuda(op, qllm_cuda_exec_prep(&ly, &ex, qbase + r.t0 * q.stride(1) * esz, q.stride(0),
-                                           q.stride(1), qfix_s[j].mutable_data_ptr(),
-                                           qloc_s[j].mutable_data_ptr(), krot_s[j].mutable_data_ptr(),
-                                           s == st ? 0 : prep_ctas, s));
-    };
-    /* side stream events: 0 start / join, 1 + j ready (set j prepared), 3 + j
-     * freed (set j read for the last time) */
-    const Side *sd = overlap ? &side_stream(q.device().index(), SIDE_PREP) : nullptr;
-    struct JoinSide { /* the caller's stream waits for the side stream, also on an error exit */
-        const Side *sd;
-        cudaStream_t st;
-        ~JoinSide() {
-            if (sd != nullptr && cudaEventRecord(sd->ev[0], sd->s) == cudaSuccess)
-                (void)cudaStreamWaitEvent(st, sd->ev[0], 0);
-        }
-    } join{sd, st};
-    if (overlap) { /* the side stream starts after everything before the call */
-        C10_CUDA_CHECK(cudaEventRecord(sd->ev[0], st));
-        C10_CUDA_CHECK(cudaStreamWaitEvent(sd->s, sd->ev[0], 0));
-    }
-    prep(0, st);
-
-    for (int64_t i = 0; i < n_exec; ++i) {
-        const ExecRow r = read_row(sched, i);
-        const qllm_gpu_exec ex = exec_of(r);
-        const int set = static_cast<int>(i % n_sets);
-        const at::Tensor &qfix = qfix_s[set], &qloc = qloc_s[set], &krot = krot_s[set];
-        if (overlap && i + 1 < n_exec) {
-            const int nx = static_cast<int>((i + 1) % 2);
-            if (i >= 1) C10_CUDA_CHECK(cudaStreamWaitEvent(sd->s, sd->ev[3 + nx], 0));
-            prep(i + 1, sd->s);
-            C10_CUDA_CHECK(cudaEventRecord(sd->ev[1 + nx], sd->s));
-        }
-        if (overlap && i >= 1)
-            C10_CUDA_CHECK(cudaStreamWaitEvent(st, sd->ev[1 + set], 0));
-        else if (!overlap && i >= 1)
-            prep(i, st);
+                                           q.stride(1), qfix.mutable_data_ptr(),
+                                           qloc.mutable_data_ptr(), krot.mutable_data_ptr(), st));
         int32_t *ids = retrieved.mutable_data_ptr<int32_t>() + i * kk;
         if (r.n_ret > 0 && qh_sel > 0)
             check_cuda(op, qllm_cuda_select_blocks_qheads(bscore.mutable_data_ptr<float>() + i * bscore.size(1),
@@ -532,7 +466,6 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
         check_cuda(op, qllm_cuda_exec_token_scores(&ly, &ex, qloc.const_data_ptr(),
                                                    krot.const_data_ptr(), lse.const_data_ptr<float>(),
                                                    static_cast<float>(scaling), st));
-        if (overlap) C10_CUDA_CHECK(cudaEventRecord(sd->ev[3 + set], st)); /* set read for the last time */
         if (r.cut_n > 0) {
             check_cuda(op, qllm_cuda_cut_blocks(&ly, r.cut_b0, r.cut_n, static_cast<int>(repr_topk), st));
             if (tiered) /* new blocks enter the device cache (LRU) */
@@ -649,10 +582,10 @@ void attend_decode_cuda(const at::Tensor &q, const at::Tensor &k, const at::Tens
     dc.qh_cols = qh_sel;
     dc.qh_raw = qh_sel > 0 ? qh_raw->const_data_ptr<float>() : nullptr;
     dc.qh_ld = qh_sel > 0 ? qh_raw->size(1) : 0;
-    const Side &fk = side_stream(q.device().index(), SIDE_DECODE);
-    dc.side = fk.s;
-    dc.ev_fork = fk.ev[0];
-    dc.ev_join = fk.ev[1];
+    const DecodeFork &fk = decode_fork(q.device().index());
+    dc.side = fk.side;
+    dc.ev_fork = fk.fork;
+    dc.ev_join = fk.join;
     check_cuda(op, qllm_cuda_decode_step(&ly, &dc, st));
 }
 
