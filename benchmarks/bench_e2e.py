@@ -70,7 +70,8 @@ GIB = 1024 ** 3
 TARGET_PREFILL_128K_S = 3.5
 HBM_BYTES_S = 3.35e12  # H100 SXM HBM3, datasheet
 TIERED_NOTE = ("tiered memory (QLLMConfig.device_blocks: blocks beyond a device budget kept in host memory) "
-               "is not implemented: every block stays on the GPU, so GPU memory grows with the prompt")
+               "is off in this row (--tiered turns it on): every block stays on the GPU, so GPU memory grows "
+               "with the prompt")
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
