@@ -335,6 +335,19 @@ def test_attend_cuda_all_blocks_retrieved(dtype, D, segments):
     _run_pair(SMALL_ALL, D=D, dtype=dtype, segments=segments, question=True)
 
 
+@pytest.mark.parametrize("question", [False, True])
+def test_attend_cuda_retrieval_many_block_pairs(question):
+    """The second call starts with ~180 blocks and has 64 execution blocks: more than 8192
+    (execution block, block) pairs, so its block scores take the tiled kernel (bscore_kernel), not
+    the warp-per-pair one; retrieval and outputs must still match the reference."""
+    cfg = SMALL_SEL
+    first, second = 3000, 2048
+    blocks = (first - cfg.n_init - cfg.n_local) // cfg.block_size - 1
+    assert blocks * (second // cfg.exc_block_size) > 8192
+    _, gpu, _ = _run_pair(cfg, D=64, segments=(first, second), question=question, seed=7)
+    assert gpu.n_blocks >= blocks
+
+
 @pytest.mark.parametrize("strategy", ["qllm", "infllm", "streaming"])
 @pytest.mark.parametrize("question", [False, True])
 @pytest.mark.parametrize("segments", [(500,), (200, 1, 1, 1, 3, 150, 1)], ids=str)

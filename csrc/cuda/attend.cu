@@ -224,39 +224,56 @@ __global__ void __launch_bounds__(QC_THREADS) qcomb_kernel(qllm_gpu_layer ly, co
     }
 }
 
-constexpr int BS_B = 32, BS_I = 8, BS_X = 256;
+/* Scores of many (execution block, block) pairs (the blocks that exist at the
+ * start of a prefill call against all its execution blocks): a CTA takes
+ * BS_W blocks (a warp each) x BS_I execution blocks.  The execution blocks'
+ * combined queries are staged in shared memory BS_XC floats at a time; each
+ * lane reads its block's representatives as float4 and keeps BS_I partial
+ * dot products; a butterfly sums the lanes (fixed order: deterministic). */
+constexpr int BS_W = 8, BS_I = 16, BS_XC = 512;
 
-__global__ void __launch_bounds__(256) bscore_kernel(const float *__restrict__ reprs, int64_t X,
-                                                     const float *__restrict__ qcomb, int i0,
-                                                     int i1, int64_t b0, int64_t b1,
-                                                     float *__restrict__ out, int64_t ld) {
-    __shared__ float Rs[BS_B][BS_X + 1];
-    __shared__ float Qs[BS_I][BS_X];
-    const int tid = threadIdx.x;
-    const int bb = tid & 31, ii = tid >> 5;
-    const int64_t bt = b0 + static_cast<int64_t>(blockIdx.x) * BS_B;
-    const int it = i0 + blockIdx.y * BS_I;
-    float acc = 0.0f;
-    for (int64_t x0 = 0; x0 < X; x0 += BS_X) {
-        for (int e = tid; e < BS_B * BS_X; e += 256) {
-            const int row = e / BS_X, col = e % BS_X;
-            const int64_t b = bt + row;
-            Rs[row][col] = (b < b1 && x0 + col < X) ? reprs[b * X + x0 + col] : 0.0f;
-        }
-        for (int e = tid; e < BS_I * BS_X; e += 256) {
-            const int row = e / BS_X, col = e % BS_X;
-            const int i = it + row;
-            Qs[row][col] = (i < i1 && x0 + col < X) ? qcomb[static_cast<int64_t>(i) * X + x0 + col]
-                                                     : 0.0f;
+__global__ void __launch_bounds__(BS_W * 32) bscore_kernel(const float *__restrict__ reprs, int64_t X,
+                                                          const float *__restrict__ qcomb, int i0,
+                                                          int i1, int64_t b0, int64_t b1,
+                                                          float *__restrict__ out, int64_t ld) {
+    constexpr int C4 = BS_XC / 4;
+    __shared__ float4 Qs[BS_I][C4];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int64_t b = b0 + static_cast<int64_t>(blockIdx.x) * BS_W + warp;
+    const int it = i0 + static_cast<int>(blockIdx.y) * BS_I;
+    const int ni = min(BS_I, i1 - it);
+    const bool live = b < b1;
+    const float4 *r = reinterpret_cast<const float4 *>(reprs + (live ? b : b0) * X);
+    const int64_t X4 = X / 4;
+    float acc[BS_I];
+#pragma unroll
+    for (int ii = 0; ii < BS_I; ++ii) acc[ii] = 0.0f;
+    for (int64_t c0 = 0; c0 < X4; c0 += C4) {
+        const int cn = static_cast<int>(X4 - c0 < C4 ? X4 - c0 : C4);
+        __syncthreads(); /* every warp is done with the previous chunk */
+        for (int e = threadIdx.x; e < BS_I * C4; e += BS_W * 32) {
+            const int row = e / C4, col = e % C4;
+            Qs[row][col] = row < ni && col < cn
+                               ? reinterpret_cast<const float4 *>(qcomb + static_cast<int64_t>(it + row) * X)[c0 + col]
+                               : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         }
         __syncthreads();
-#pragma unroll 8
-        for (int c = 0; c < BS_X; ++c) acc += Rs[bb][c] * Qs[ii][c];
-        __syncthreads();
+#pragma unroll 4
+        for (int col = lane; col < cn; col += 32) {
+            const float4 u = r[c0 + col];
+#pragma unroll
+            for (int ii = 0; ii < BS_I; ++ii) {
+                const float4 c = Qs[ii][col];
+                acc[ii] += u.x * c.x + u.y * c.y + u.z * c.z + u.w * c.w;
+            }
+        }
     }
-    const int64_t b = bt + bb;
-    const int i = it + ii;
-    if (b < b1 && i < i1) out[static_cast<int64_t>(i) * ld + b] = acc;
+#pragma unroll
+    for (int ii = 0; ii < BS_I; ++ii) {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) acc[ii] += __shfl_xor_sync(0xffffffffu, acc[ii], o);
+        if (live && lane == ii && ii < ni) out[static_cast<int64_t>(it + ii) * ld + b] = acc[ii];
+    }
 }
 
 /* Few (exec block, block) pairs: one warp per pair, 16-byte loads. */
@@ -2196,12 +2213,12 @@ extern "C" int qllm_cuda_block_scores(const qllm_gpu_layer *ly, const float *qco
                                                                           b0, n_pairs, bscore, ld, nullptr);
         return check_launch("bscore_pairs_kernel");
     }
-    const int64_t nbx = (b1 - b0 + BS_B - 1) / BS_B;
+    if (X % 4 != 0) return set_error(QLLM_CUDA_ERR_ARG, "block_scores: hq * head_dim = %lld", (long long)X);
+    const int64_t nbx = (b1 - b0 + BS_W - 1) / BS_W;
     const int nby = (i1 - i0 + BS_I - 1) / BS_I;
     if (nbx > 2147483647 || nby > 65535) return set_error(QLLM_CUDA_ERR_ARG, "block_scores: grid too large");
     dim3 grid(static_cast<unsigned>(nbx), nby);
-    bscore_kernel<<<grid, 256, 0, stream>>>(ly->reprs, static_cast<int64_t>(ly->hq) * ly->head_dim,
-                                            qcomb, i0, i1, b0, b1, bscore, ld);
+    bscore_kernel<<<grid, BS_W * 32, 0, stream>>>(ly->reprs, X, qcomb, i0, i1, b0, b1, bscore, ld);
     return check_launch("bscore_kernel");
 }
 
