@@ -139,6 +139,12 @@ def exps_under_s(loop: list[str]) -> list[int]:
     return out
 
 
+def generic_accesses(ins: list[str]) -> int:
+    """Loads and stores through generic addresses (LD/ST): the compiler could not tell shared
+    from global memory, e.g. for a pointer rebuilt from an integer."""
+    return sum(opcode(t) in ("LD", "ST") for t in ins)
+
+
 def local_accesses(ins: list[str]) -> int:
     """Loads and stores of thread-local memory (LDL/STL: spills, or arrays the compiler could not
     keep in registers)."""

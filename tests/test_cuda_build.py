@@ -101,6 +101,16 @@ def test_no_local_memory_in_the_default_kernels(sm90a_sass):
     assert not {k: v for k, v in checked.items() if v}, {k: v for k, v in checked.items() if v}
 
 
+def test_no_generic_memory_accesses(sm90a_sass):
+    """Every load and store in attend.cu's kernels names its memory space (LDS/STS, LDG/STG):
+    none is generic (LD/ST).  A shared-memory pointer rebuilt from a rounded integer, or one
+    that may point to shared or global memory, made the attention's tile table, the token
+    scores' lse reads and the top-k's score reads generic loads."""
+    bad = {sass_report.short(n): sass_report.generic_accesses([t for _, t in ins]) for n, ins in sm90a_sass.items()}
+    assert len(bad) >= 30
+    assert not {k: v for k, v in bad.items() if v}, {k: v for k, v in bad.items() if v}
+
+
 def test_wgmma_pipeline_in_machine_code(sm90a_sass):
     """The main loop of the wgmma attention (prefill and decode step) issues S of tile t+1 and
     P V of tile t (8 + 4 wgmma) and waits for S only (wait_group 1: P V keeps running), and it

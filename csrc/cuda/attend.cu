@@ -539,7 +539,12 @@ __global__ void __launch_bounds__(SEL_THREADS) select_kernel(const float *__rest
     if (staged)
         for (int i = threadIdx.x; i < n; i += SEL_THREADS) sc[i] = s[i];
     __syncthreads();
-    topk_ascending(staged ? sc : s, n, k, ids);
+    /* two call sites, so that each knows its memory space: one pointer that may
+     * be shared or global would make every score read a generic load */
+    if (staged)
+        topk_ascending(sc, n, k, ids);
+    else
+        topk_ascending(s, n, k, ids);
 }
 
 /* Selection with the question-head term (qllm_cuda_select_blocks_qheads).
@@ -567,7 +572,7 @@ __global__ void __launch_bounds__(SEL_THREADS) qsel_kernel(float *bscore, int n,
     if (n < 1 || k < 1) return; /* uniform: every thread exits */
     const int S = n_cols + 1;
     float *mu = sel_smem, *sd = sel_smem + S;
-    float *sc = staged ? sel_smem + 2 * S : bscore;
+    float *sc_shared = sel_smem + 2 * S; /* the combined scores when staged, else in bscore */
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const float fn = static_cast<float>(n);
     for (int c0 = 0; c0 < S; c0 += QS_CH) {
@@ -609,10 +614,17 @@ __global__ void __launch_bounds__(SEL_THREADS) qsel_kernel(float *bscore, int n,
     for (int b = threadIdx.x; b < n; b += SEL_THREADS) {
         float zq = 0.0f;
         for (int c = 1; c <= n_cols; ++c) zq += (raw[b * ld + (c - 1)] - mu[c]) / sd[c];
-        sc[b] = (bscore[b] - mu[0]) / sd[0] + weight * (zq / fc);
+        const float v = (bscore[b] - mu[0]) / sd[0] + weight * (zq / fc);
+        if (staged)
+            sc_shared[b] = v;
+        else
+            bscore[b] = v;
     }
     __syncthreads();
-    topk_ascending(sc, n, k, ids);
+    if (staged) /* two call sites: see select_kernel */
+        topk_ascending(sc_shared, n, k, ids);
+    else
+        topk_ascending(bscore, n, k, ids);
 }
 
 /* ------------------------------------------------------ question-head scores */
@@ -755,6 +767,15 @@ __device__ __forceinline__ int64_t mem_tile_base(const AttnArgs &a, int hk, int6
     return (static_cast<int64_t>(hk) * a.cap + w0) * D;
 }
 
+/* The first 1024-byte boundary in the dynamic shared memory, as smem_raw plus
+ * an offset: a pointer made from the rounded integer would be generic to the
+ * compiler, and every access through it a generic LD/ST (longer latency than
+ * LDS, and a long-scoreboard wait) instead of a shared-memory one. */
+__device__ __forceinline__ unsigned char *smem_aligned1024(unsigned char *smem_raw) {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(smem_raw);
+    return smem_raw + (((p + 1023) & ~static_cast<uintptr_t>(1023)) - p);
+}
+
 /* op over 16 values as a tree of depth 4 (every index a constant: registers) */
 template <typename Op>
 __device__ __forceinline__ float tree16(float (&v)[16], Op op) {
@@ -801,9 +822,7 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
     static_assert(!WG || (MI == 1 && NW == 4 && D == 128 && BN == 64), "wgmma variant: 64 x 128 tiles");
     constexpr int TILE_B = WG ? 64 * D * 2 : 0;
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    unsigned char *smem = WG ? reinterpret_cast<unsigned char *>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
-                                                               ~static_cast<uintptr_t>(1023))
-                             : smem_raw;
+    unsigned char *smem = WG ? smem_aligned1024(smem_raw) : smem_raw;
     /* WG: QsF, QsL, K[2], V[2] tiles of TILE_B; else Q, K[2], V[2] in padded rows */
     T *Qs = reinterpret_cast<T *>(smem);
     T *Ks = WG ? reinterpret_cast<T *>(smem + 2 * TILE_B) : Qs + BM * LD;
@@ -1663,8 +1682,7 @@ __device__ __forceinline__ void tscore_wg_body(const TsArgs &a, int2 blk) {
     static_assert(QST == 1 || QST == 2, "one or two Q stages");
     constexpr int CH = D / 8, TILE_B = 64 * D * 2;
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    unsigned char *smem = reinterpret_cast<unsigned char *>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
-                                                            ~static_cast<uintptr_t>(1023));
+    unsigned char *smem = smem_aligned1024(smem_raw);
     unsigned char *Kb = smem, *Qb = smem + TILE_B;                  /* Q: QST stages */
     float *Ls = reinterpret_cast<float *>(smem + (1 + QST) * TILE_B); /* [2][TS_Q] */
 
