@@ -809,8 +809,9 @@ __host__ __device__ constexpr size_t attn_tab_off() {
  * WG (sm_90a): the two products on wgmma, one warpgroup = the CTA's 64 rows,
  * tiles in the 128-byte-swizzled layout of wgmma.cuh (from a 1024-byte
  * boundary: fixed Q, local Q, two K stages, two V stages, 16 KB each), and a
- * software pipeline: the softmax of tile t runs while P V of tile t-1 is on
- * the tensor cores, and S of tile t+1 is issued before P V of tile t. */
+ * software pipeline: S of tile t+1 is issued before P V of tile t, and in the
+ * PTX the softmax of tile t precedes the wait for P V of tile t-1 (ptxas moves
+ * that wait above it: softmax_pack). */
 template <typename T, int D, int MI, int NW, bool WG>
 __device__ __forceinline__ void attn_body(const AttnArgs &a) {
     constexpr int LD = D + 8;     /* padded smem row (elements): ldmatrix without conflicts */
