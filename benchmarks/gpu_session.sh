@@ -95,6 +95,8 @@ if [[ " $stages " == *" mma "* ]]; then
   QLLM_ATTN_WGMMA=0 timeout 240 python3 benchmarks/bench_layer.py --prefill 32768 131072 524288 --decode-at 131072 \
     --out "$OUT/layer_mma.json" 2>&1 | tee "$OUT/bench_mma.log" | grep "prefill\|decode\|rror"
 fi
+# Nsight Compute on the PATH or in its default install folder
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 # A/B of kernel knobs in one call: the CUDA tests selected by PYTEST_K under TEST_ENV, then the
 # layer benchmark once per VAR=VALUE argument ($OUT/layer_VAR_VALUE.json).
 #   knob_ab TEST_ENV PYTEST_K "BENCH ARGS" VAR=VALUE...
@@ -123,7 +125,6 @@ fi
 if [[ " $stages " == *" ncu "* ]]; then
   # hardware counters of one attention and one token-score launch (32K prefill, 20th execution
   # block of the warm-up), for the mma.sync kernel and the wgmma one (needs the sm_90a build)
-  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
   for v in 0 1; do
     stamp "ncu, QLLM_ATTN_WGMMA=$v"
     QLLM_ATTN_WGMMA=$v timeout 200 "$NCU" --clock-control none -k "regex:attn_kernel|tscore_kernel" --launch-skip 40 \
@@ -136,7 +137,6 @@ if [[ " $stages " == *" ncu "* ]]; then
 fi
 if [[ " $stages " == *" ncuts "* ]]; then
   # counters of one wgmma token-score launch (32K prefill, 21st execution block of the warm-up)
-  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
   stamp "ncu, tscore_wg_kernel"
   timeout 200 "$NCU" --clock-control none -k "regex:tscore_wg_kernel" --launch-skip 20 --launch-count 1 \
     --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis --section Occupancy \
@@ -148,7 +148,6 @@ fi
 if [[ " $stages " == *" ncuattn "* ]]; then
   # counters of one wgmma attention launch (32K prefill, 41st execution block of the warm-up) and
   # its per-instruction source page (executed counts, stall samples) as gzipped CSV
-  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
   stamp "ncu, attn_kernel"
   timeout 200 "$NCU" --clock-control none -k "regex:attn_kernel" --launch-skip 40 --launch-count 1 \
     --section SpeedOfLight --section WarpStateStats --section SourceCounters --section InstructionStats \

@@ -910,13 +910,14 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
         }
         return s;
     };
-    /* sources of key row kr of tile t; false past the tile's live keys */
-    auto row_src = [&](int t, const TileSrc &s, int kr, const T *&ksrc, const T *&vsrc) -> bool {
+    /* sources of key row kr of tile t, a tile whose keys are not consecutive
+     * rows (the per-key path); false past the tile's live keys */
+    auto row_src = [&](int t, int kr, const T *&ksrc, const T *&vsrc) -> bool {
         if (t < n_mt) {
             const int64_t u = static_cast<int64_t>(t) * BN + kr;
             const bool v = u < M_total;
-            bool cached = s.cached;
-            const int64_t o = !v ? 0 : s.base >= 0 ? s.base + static_cast<int64_t>(kr) * D : mem_off<D>(a, hk, u, cached);
+            bool cached = false;
+            const int64_t o = v ? mem_off<D>(a, hk, u, cached) : 0;
             ksrc = (cached ? kc : kst) + o;
             vsrc = (cached ? vc : vst) + o;
             return v;
@@ -925,15 +926,9 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
         const bool v = sidx < a.L;
         const int64_t sv = v ? sidx : 0;
         ksrc = krot + (static_cast<int64_t>(hk) * a.L + sv) * D;
-        vsrc = vst + (!v ? 0 : s.base >= 0 ? s.base + static_cast<int64_t>(kr) * D
-                                           : (kv_head + kv_row(a.T0 + sv, a.n_init, a.wmask)) * D);
+        vsrc = vst + (v ? (kv_head + kv_row(a.T0 + sv, a.n_init, a.wmask)) * D : 0);
         return v;
     };
-    /* Copies of tile t's keys into kdst and/or its values into vdst (either
-     * may be null).  This thread's chunks: column chunk tid % CH of rows
-     * tid / CH + i * NT / CH.  The common case (consecutive rows: base >= 0)
-     * is unrolled; the per-key case stays a compact loop, so the main loop's
-     * code stays small (instruction cache). */
     /* this thread's chunk of row tid / CH + i * (NT / CH) of a tile sits cd0 + i * CDI
      * bytes in (swizzled: a row step of a multiple of 8 keeps the chunk order) */
     static_assert(!WG || (NT / CH) % 8 == 0, "tile loads: row steps of 8");
@@ -950,7 +945,10 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
     };
     static_assert(sizeof(TileEnt) == ATT_ENT_B, "tile table entries");
     /* Copies of tile t's keys into kdst and/or its values into vdst (either
-     * may be null), from the tile's table entry (e.k null: per key). */
+     * may be null), from the tile's table entry.  This thread's chunks: column
+     * chunk tid % CH of rows tid / CH + i * NT / CH.  Consecutive rows (e.k
+     * set, nearly always) are unrolled; the per-key case (e.k null) stays a
+     * compact loop, so the main loop's code stays small (instruction cache). */
     auto load_rows = [&](int t, const TileEnt &e, T *kdst, T *vdst) {
         const int ch = tid % CH;
         if (e.k != nullptr) {
@@ -973,12 +971,11 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
                 }
             }
         } else {
-            const TileSrc s{-1, false};
 #pragma unroll 1
             for (int i = 0; i < BN * CH / NT; ++i) {
                 const int kr = tid / CH + i * (NT / CH);
                 const T *ksrc, *vsrc;
-                const bool v = row_src(t, s, kr, ksrc, vsrc);
+                const bool v = row_src(t, kr, ksrc, vsrc);
                 if (kdst != nullptr) cp_async16(cdst(kdst, i), ksrc + ch * 8, v);
                 if (vdst != nullptr) cp_async16(cdst(vdst, i), vsrc + ch * 8, v);
             }
