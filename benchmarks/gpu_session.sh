@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call = build + CUDA tests + layer benchmark (see benchmarks/NOTES_gpu.md).
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
+# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [seamab] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
 # Logs and results go to $OUT (default: /tmp/qllm_out).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -121,6 +121,10 @@ if [[ " $stages " == *" tsorder "* ]]; then
   # token-score CTAs heaviest key tile first (the default) against key order
   knob_ab QLLM_TSCORE_ORDER=0 attend_cuda "--prefill 32768 131072 --decode-at" \
     QLLM_TSCORE_ORDER=0 QLLM_TSCORE_ORDER=1
+fi
+if [[ " $stages " == *" seamab "* ]]; then
+  # the seam kernel between execution blocks against its four kernels one by one
+  knob_ab QLLM_SEAM=0 attend_cuda "" QLLM_SEAM=0 QLLM_SEAM=1
 fi
 if [[ " $stages " == *" ncu "* ]]; then
   # hardware counters of one attention and one token-score launch (32K prefill, 20th execution

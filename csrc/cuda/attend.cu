@@ -108,10 +108,10 @@ __device__ __forceinline__ void store8(T *p, const float (&x)[8]) {
  * q rows need q_ts, q_hs multiples of 8 (checked by the launcher); VEC: the
  * cos / sin tables are 16-byte aligned (prep_vec). */
 template <typename T, bool VEC>
-__global__ void prep_kernel(qllm_gpu_layer ly, qllm_gpu_exec ex, const T *__restrict__ q,
-                            int64_t q_hs, int64_t q_ts, T *__restrict__ qfix,
-                            T *__restrict__ qloc, T *__restrict__ krot,
-                            const int64_t *__restrict__ dyn) {
+__device__ __forceinline__ void prep_body(const qllm_gpu_layer &ly, qllm_gpu_exec ex, const T *__restrict__ q,
+                                          int64_t q_hs, int64_t q_ts, T *__restrict__ qfix,
+                                          T *__restrict__ qloc, T *__restrict__ krot,
+                                          const int64_t *__restrict__ dyn, int64_t cta, int64_t n_ctas) {
     if (dyn != nullptr) { /* decode step: sizes from the device row (see qllm_gpu_decode) */
         ex.P0 = dyn[QLLM_DYN_P0];
         ex.T0 = dyn[QLLM_DYN_T0];
@@ -127,8 +127,7 @@ __global__ void prep_kernel(qllm_gpu_layer ly, qllm_gpu_exec ex, const T *__rest
     const float *cf = ly.cos + static_cast<int64_t>(ly.n_local - 1) * D;
     const float *sf = ly.sin + static_cast<int64_t>(ly.n_local - 1) * D;
     const T *kst = static_cast<const T *>(ly.k_store);
-    for (int64_t w = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; w < nq + nk;
-         w += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    for (int64_t w = cta * blockDim.x + threadIdx.x; w < nq + nk; w += n_ctas * blockDim.x) {
         float x1[8], x2[8], y1[8], y2[8];
         if (w < nq) {
             const int d0 = static_cast<int>(w % C) * 8;
@@ -158,6 +157,14 @@ __global__ void prep_kernel(qllm_gpu_layer ly, qllm_gpu_exec ex, const T *__rest
             store8(krot + o + d0 + H2, y2);
         }
     }
+}
+
+template <typename T, bool VEC>
+__global__ void prep_kernel(qllm_gpu_layer ly, qllm_gpu_exec ex, const T *__restrict__ q,
+                            int64_t q_hs, int64_t q_ts, T *__restrict__ qfix,
+                            T *__restrict__ qloc, T *__restrict__ krot,
+                            const int64_t *__restrict__ dyn) {
+    prep_body<T, VEC>(ly, ex, q, q_hs, q_ts, qfix, qloc, krot, dyn, blockIdx.x, gridDim.x);
 }
 
 /* ----------------------------------------------------------- qcomb / bscore */
@@ -1817,6 +1824,139 @@ __global__ void cut_kernel(qllm_gpu_layer ly, int64_t b0, int k) {
     }
 }
 
+/* ------------------------------------------------------------------ seam */
+
+/* The work between the token scores of execution block i and the attention
+ * of block i+1, in one launch (qllm_cuda_exec_seam), instead of cut_kernel,
+ * bscore_pairs_kernel, prep_kernel and select_kernel one after another:
+ *   cut CTAs     (block, head) of the blocks cut by block i: the head's part
+ *                of the representative (as cut_kernel), then its partial dot
+ *                with qcomb[i', head] for every later execution block i' into
+ *                pdot; the last of a block's head CTAs (a counter) sums the
+ *                partials over heads in head order into bscore[i', b];
+ *   select       the top-k of block i+1 (as select_kernel, scores staged in
+ *                shared memory): by the last block's summing CTA when block
+ *                i+1 ranks blocks just cut, else by a CTA of its own;
+ *   prep CTAs    block i+1's rotations (prep_body), independent of the rest.
+ * Counters cnt[0 .. cut_n] are zero on entry and left zero.  Nothing waits
+ * for another CTA: the last CTA to arrive does the dependent work. */
+struct SeamArgs {
+    qllm_gpu_exec ex; /* prep of the next execution block: prep_ctas > 0 */
+    const void *q;
+    int64_t q_hs, q_ts;
+    void *qfix, *qloc, *krot;
+    int prep_ctas;
+    int64_t cut_b0; /* cut: cut_n > 0 */
+    int cut_n, repr_k;
+    const float *qcomb; /* later execution blocks i0 .. i1-1 */
+    int i0, i1;
+    float *bscore;
+    int64_t ld;
+    float *pdot; /* [cut_n, i1 - i0, hq] */
+    int32_t *cnt;
+    const float *sel_scores; /* select: sel_k > 0 */
+    int sel_n, sel_k;
+    int32_t *sel_ids;
+    int sel_after_cut; /* the selection ranks blocks this launch cuts */
+};
+
+constexpr int SEAM_THREADS = SEL_THREADS;
+
+/* Top-k of scores written by other CTAs of this launch: staged through L2. */
+__device__ __forceinline__ void seam_select(const SeamArgs &a, float *smem) {
+    for (int i = threadIdx.x; i < a.sel_n; i += SEAM_THREADS) smem[i] = __ldcg(a.sel_scores + i);
+    __syncthreads();
+    topk_ascending(smem, a.sel_n, a.sel_k, a.sel_ids);
+}
+
+/* Whether this CTA is the last of `total` to arrive at *counter (after its
+ * writes); the last one resets the counter.  All threads call it. */
+__device__ __forceinline__ bool seam_arrive_last(int32_t *counter, int total) {
+    __shared__ int s_last;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        const int prev = atomicAdd(counter, 1);
+        s_last = prev == total - 1;
+        if (s_last) *counter = 0;
+    }
+    __syncthreads();
+    if (!s_last) return false;
+    __threadfence();
+    return true;
+}
+
+template <typename T>
+__device__ __forceinline__ void seam_cut(const qllm_gpu_layer &ly, const SeamArgs &a, int cta, float *smem) {
+    __shared__ float sh_s[32];
+    __shared__ int64_t sh_i[32];
+    const int hq = ly.hq, D = ly.head_dim, bs = ly.block_size, k = a.repr_k;
+    const int bl = cta / hq, h = cta % hq;
+    const int64_t b = a.cut_b0 + bl;
+    const int64_t pos0 = ly.n_init + b * bs;
+    int64_t *sel = reinterpret_cast<int64_t *>(smem);
+    float *rep = reinterpret_cast<float *>(sel + k);
+    const float *sc = ly.scores + static_cast<int64_t>(h) * ly.ring;
+    block_select_best([&](int64_t t) { return sc[(pos0 + t) & (ly.ring - 1)]; }, bs, k,
+                      [&](int64_t r, int64_t i) { sel[r] = i; }, sh_s, sh_i);
+    __syncthreads();
+    const T *keys = static_cast<const T *>(ly.k_store) + static_cast<int64_t>(h / (hq / ly.hkv)) * ly.cap * D;
+    float *out = ly.reprs + (b * hq + h) * D;
+    for (int d = threadIdx.x; d < D; d += SEAM_THREADS) {
+        float acc = 0.0f;
+        for (int r = 0; r < k; ++r) acc += Cvt<T>::to_f(keys[kv_row(pos0 + sel[r], ly.n_init, ly.wmask) * D + d]);
+        const float v = acc / static_cast<float>(k);
+        out[d] = v;
+        rep[d] = v;
+    }
+    const int ni = a.i1 - a.i0;
+    if (ni <= 0 && !a.sel_after_cut) return; /* uniform */
+    __syncthreads();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    constexpr int NWS = SEAM_THREADS / 32;
+    for (int j = warp; j < ni; j += NWS) {
+        const float *qc = a.qcomb + (static_cast<int64_t>(a.i0 + j) * hq + h) * D;
+        float acc = 0.0f;
+        for (int d = lane; d < D; d += 32) acc += rep[d] * qc[d];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        if (lane == 0) a.pdot[(static_cast<int64_t>(bl) * ni + j) * hq + h] = acc;
+    }
+    if (!seam_arrive_last(a.cnt + bl, hq)) return;
+    for (int j = warp; j < ni; j += NWS) { /* the block's scores: heads in order */
+        const float *p = a.pdot + (static_cast<int64_t>(bl) * ni + j) * hq;
+        float acc = 0.0f;
+        for (int hh = lane; hh < hq; hh += 32) acc += __ldcg(p + hh);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        if (lane == 0) a.bscore[static_cast<int64_t>(a.i0 + j) * a.ld + b] = acc;
+    }
+    if (!a.sel_after_cut || !seam_arrive_last(a.cnt + a.cut_n, a.cut_n)) return;
+    seam_select(a, smem);
+}
+
+/* Grid: [cut_n * hq cut CTAs | 1 select CTA when it runs alone | prep_ctas]. */
+template <typename T, bool VEC>
+__global__ void __launch_bounds__(SEAM_THREADS) seam_kernel(qllm_gpu_layer ly, SeamArgs a) {
+    extern __shared__ __align__(16) float seam_smem[];
+    int cta = static_cast<int>(blockIdx.x);
+    const int n_cut = a.cut_n * ly.hq;
+    if (cta < n_cut) {
+        seam_cut<T>(ly, a, cta, seam_smem);
+        return;
+    }
+    cta -= n_cut;
+    if (a.sel_k > 0 && !a.sel_after_cut) {
+        if (cta == 0) {
+            seam_select(a, seam_smem);
+            return;
+        }
+        cta -= 1;
+    }
+    prep_body<T, VEC>(ly, a.ex, static_cast<const T *>(a.q), a.q_hs, a.q_ts, static_cast<T *>(a.qfix),
+                      static_cast<T *>(a.qloc), static_cast<T *>(a.krot), nullptr, cta, a.prep_ctas);
+}
+
 /* ------------------------------------------------------------ tiered blocks */
 
 constexpr int TIER_THREADS = 256;
@@ -2419,6 +2559,84 @@ extern "C" int qllm_cuda_cut_blocks(const qllm_gpu_layer *ly, int64_t b0, int64_
     QLLM_DISPATCH_T(ly->dtype, cut_kernel<T><<<grid, 128, static_cast<size_t>(k) * sizeof(int64_t),
                                                stream>>>(*ly, b0, k));
     return check_launch("cut_kernel");
+}
+
+extern "C" int qllm_cuda_seam_enabled(void) {
+    static const int on = env_is("QLLM_SEAM", '0') ? 0 : 1;
+    return on;
+}
+
+extern "C" int qllm_cuda_exec_seam(const qllm_gpu_layer *ly, const qllm_gpu_seam *s, cudaStream_t stream) {
+    int st = check_layer(ly, "exec_seam");
+    if (st) return st;
+    const bool prep = s->next != nullptr, sel = s->sel_k > 0;
+    const int64_t cut_n = s->cut_n;
+    const int D = ly->head_dim;
+    int64_t prep_work = 0;
+    if (prep) {
+        const qllm_gpu_exec &ex = *s->next;
+        if (ex.E < 1 || ex.L < ex.E || ex.L > ly->rope_len)
+            return set_error(QLLM_CUDA_ERR_ARG, "exec_seam: E=%d L=%d rope_len=%lld", ex.E, ex.L,
+                             (long long)ly->rope_len);
+        if (s->q_hs % 8 != 0 || s->q_ts % 8 != 0 || (reinterpret_cast<uintptr_t>(s->q) & 15) != 0)
+            return set_error(QLLM_CUDA_ERR_ARG, "exec_seam: q rows must be 16-byte aligned (strides %lld, %lld)",
+                             (long long)s->q_hs, (long long)s->q_ts);
+        prep_work = (static_cast<int64_t>(ly->hq) * ex.E + static_cast<int64_t>(ly->hkv) * ex.L) * (D / 16);
+    }
+    const int ni = s->i1 - s->i0;
+    if (cut_n < 0 || (cut_n > 0 && (s->cut_b0 < 0 || s->cut_b0 + cut_n > ly->reprs_cap || s->repr_topk < 1 ||
+                                     cut_n > (1 << 20) || ni < 0 || (ni > 0 && (!s->qcomb || !s->bscore)) ||
+                                     !s->pdot || !s->cnt)))
+        return set_error(QLLM_CUDA_ERR_ARG, "exec_seam: cut of blocks %lld+%lld (of %lld), rows %d..%d",
+                         (long long)s->cut_b0, (long long)cut_n, (long long)ly->reprs_cap, s->i0, s->i1);
+    if (sel && (s->sel_k > s->sel_n || s->sel_k > 4096 || !s->sel_scores || !s->sel_ids))
+        return set_error(QLLM_CUDA_ERR_ARG, "exec_seam: select k=%d of n=%lld", s->sel_k, (long long)s->sel_n);
+    /* The selection stages its candidates in shared memory; when they do not
+     * fit it runs as select_kernel after the seam. */
+    const bool sel_in = sel && (s->sel_n + s->sel_k) * static_cast<int64_t>(sizeof(float)) <= SEL_DYN_SMEM;
+    SeamArgs a{};
+    if (prep) a.ex = *s->next;
+    a.q = s->q;
+    a.q_hs = s->q_hs;
+    a.q_ts = s->q_ts;
+    a.qfix = s->qfix;
+    a.qloc = s->qloc;
+    a.krot = s->krot;
+    a.prep_ctas = prep ? grid_for(prep_work, SEAM_THREADS) : 0;
+    a.cut_b0 = s->cut_b0;
+    a.cut_n = static_cast<int>(cut_n);
+    a.repr_k = s->repr_topk < ly->block_size ? s->repr_topk : ly->block_size;
+    a.qcomb = s->qcomb;
+    a.i0 = s->i0;
+    a.i1 = s->i1;
+    a.bscore = s->bscore;
+    a.ld = s->ld;
+    a.pdot = s->pdot;
+    a.cnt = s->cnt;
+    a.sel_scores = s->sel_scores;
+    a.sel_n = static_cast<int>(s->sel_n);
+    a.sel_k = sel_in ? s->sel_k : 0;
+    a.sel_ids = s->sel_ids;
+    /* block i+1 ranks a block cut now: its selection waits for the cut CTAs */
+    a.sel_after_cut = sel_in && cut_n > 0 && s->sel_n > s->cut_b0;
+    const int64_t grid = cut_n * ly->hq + (sel_in && !a.sel_after_cut ? 1 : 0) + a.prep_ctas;
+    if (grid > 0) {
+        const size_t cut_smem = cut_n > 0 ? static_cast<size_t>(a.repr_k) * sizeof(int64_t) + D * sizeof(float) : 0;
+        const size_t sel_smem = sel_in ? static_cast<size_t>(s->sel_n) * sizeof(float) : 0;
+        const size_t smem = cut_smem > sel_smem ? cut_smem : sel_smem;
+        const bool vec = ((reinterpret_cast<uintptr_t>(ly->cos) | reinterpret_cast<uintptr_t>(ly->sin)) & 15u) == 0 &&
+                         D % 8 == 0;
+        QLLM_DISPATCH_T(ly->dtype, {
+            if (vec)
+                seam_kernel<T, true><<<static_cast<unsigned>(grid), SEAM_THREADS, smem, stream>>>(*ly, a);
+            else
+                seam_kernel<T, false><<<static_cast<unsigned>(grid), SEAM_THREADS, smem, stream>>>(*ly, a);
+        });
+        st = check_launch("seam_kernel");
+        if (st) return st;
+    }
+    if (sel && !sel_in) return qllm_cuda_select_blocks(s->sel_scores, s->sel_n, s->sel_k, s->sel_ids, stream);
+    return QLLM_CUDA_OK;
 }
 
 extern "C" int qllm_cuda_tier_touch(const qllm_gpu_layer *ly, const int32_t *ids, int64_t b0, int n,

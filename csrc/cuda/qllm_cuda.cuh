@@ -172,6 +172,39 @@ int qllm_cuda_exec_token_scores(const qllm_gpu_layer *ly, const qllm_gpu_exec *e
 int qllm_cuda_cut_blocks(const qllm_gpu_layer *ly, int64_t b0, int64_t n, int repr_topk,
                          cudaStream_t stream);
 
+/* The work between the token scores of execution block i and the attention
+ * of block i+1 in one launch: the representatives of the blocks block i cut
+ * (qllm_cuda_cut_blocks) with their scores for the later blocks i0 .. i1-1
+ * (qllm_cuda_block_scores, summed over heads in order), the top-k of block
+ * i+1 (qllm_cuda_select_blocks; after the cut when it ranks a block cut now)
+ * and block i+1's rotations (qllm_cuda_exec_prep).  Each part is optional:
+ * next == NULL (no prep), cut_n == 0 (no cut), sel_k == 0 (no selection).
+ * Workspaces: pdot f32 [cut_n * (i1 - i0) * hq], cnt int32 [cut_n + 1], zero
+ * before the first call (each call leaves them zero). */
+typedef struct {
+    const qllm_gpu_exec *next;
+    const void *q;            /* block i+1's first q row, strides as exec_prep */
+    int64_t q_hs, q_ts;
+    void *qfix, *qloc, *krot;
+    int64_t cut_b0, cut_n;
+    int repr_topk;
+    const float *qcomb;
+    int i0, i1;
+    float *bscore;
+    int64_t ld;
+    float *pdot;
+    int32_t *cnt;
+    const float *sel_scores;  /* bscore row of block i+1 */
+    int64_t sel_n;
+    int sel_k;
+    int32_t *sel_ids;
+} qllm_gpu_seam;
+
+int qllm_cuda_exec_seam(const qllm_gpu_layer *ly, const qllm_gpu_seam *s, cudaStream_t stream);
+
+/* 0 when QLLM_SEAM=0 (attend_run then launches the four kernels one by one). */
+int qllm_cuda_seam_enabled(void);
+
 /* Tiered mode: make blocks resident in the device cache.  The blocks are
  * ids[0 .. n) (ids != NULL, e.g. the retrieved ones; with dyn != NULL, n is
  * dyn[QLLM_DYN_NRET]) or b0 .. b0+n-1 (ids ==

@@ -432,8 +432,7 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
                                               bscore.mutable_data_ptr<float>(), bscore.size(1), st));
     }
 
-    for (int64_t i = 0; i < n_exec; ++i) {
-        const ExecRow r = read_row(sched, i);
+    auto exec_of = [&](const ExecRow &r) {
         qllm_gpu_exec ex;
         ex.P0 = r.P0;
         ex.T0 = r.T0;
@@ -442,19 +441,10 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
         ex.init_len = static_cast<int>(r.init_len);
         ex.n_ret = static_cast<int>(r.n_ret);
         ex.m = static_cast<int>(r.m);
-        check_cuda(op, qllm_cuda_exec_prep(&ly, &ex, qbase + r.t0 * q.stride(1) * esz, q.stride(0),
-                                           q.stride(1), qfix.mutable_data_ptr(),
-                                           qloc.mutable_data_ptr(), krot.mutable_data_ptr(), st));
-        int32_t *ids = retrieved.mutable_data_ptr<int32_t>() + i * kk;
-        if (r.n_ret > 0 && qh_sel > 0)
-            check_cuda(op, qllm_cuda_select_blocks_qheads(bscore.mutable_data_ptr<float>() + i * bscore.size(1),
-                                                          r.n_blocks, static_cast<int>(r.n_ret), qh_raw_p, qh_ld,
-                                                          qh_sel, w, ids, st));
-        else if (r.n_ret > 0)
-            check_cuda(op, qllm_cuda_select_blocks(bscore.const_data_ptr<float>() + i * bscore.size(1),
-                                                   r.n_blocks, static_cast<int>(r.n_ret), ids, st));
-        if (r.n_ret > 0 && tiered) /* the retrieved blocks into the device cache */
-            check_cuda(op, qllm_cuda_tier_touch(&ly, ids, 0, static_cast<int>(r.n_ret), ring_lo, nullptr, st));
+        return ex;
+    };
+    auto ids_of = [&](int64_t i) { return retrieved.mutable_data_ptr<int32_t>() + i * kk; };
+    auto attend_and_score = [&](const ExecRow &r, const qllm_gpu_exec &ex, const int32_t *ids) {
         const int n_split = choose_split(r);
         check_cuda(op, qllm_cuda_exec_attention(
                            &ly, &ex, qfix.const_data_ptr(), qloc.const_data_ptr(),
@@ -466,6 +456,77 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
         check_cuda(op, qllm_cuda_exec_token_scores(&ly, &ex, qloc.const_data_ptr(),
                                                    krot.const_data_ptr(), lse.const_data_ptr<float>(),
                                                    static_cast<float>(scaling), st));
+    };
+
+    if (!tiered && qh_sel == 0 && qh_heads.empty() && qllm_cuda_seam_enabled()) {
+        /* One seam launch between execution blocks: block i's cut (with the
+         * later blocks' scores of the cut blocks), block i+1's top-k and
+         * rotations (qllm_cuda_exec_seam). */
+        int64_t cut_max = 0;
+        for (int64_t i = 0; i < n_exec; ++i) cut_max = std::max(cut_max, read_row(sched, i).cut_n);
+        at::Tensor pdot = at::empty({std::max<int64_t>(cut_max * n_exec * hq, 1)}, opt_f);
+        at::Tensor cnt = at::zeros({cut_max + 1}, q.options().dtype(at::kInt));
+        qllm_gpu_exec next{};
+        auto seam = [&](int64_t i) { /* cut of block i (i >= 0), prep and top-k of block i + 1 */
+            qllm_gpu_seam sm{};
+            if (i + 1 < n_exec) {
+                const ExecRow rn = read_row(sched, i + 1);
+                next = exec_of(rn);
+                sm.next = &next;
+                sm.q = qbase + rn.t0 * q.stride(1) * esz;
+                sm.q_hs = q.stride(0);
+                sm.q_ts = q.stride(1);
+                sm.qfix = qfix.mutable_data_ptr();
+                sm.qloc = qloc.mutable_data_ptr();
+                sm.krot = krot.mutable_data_ptr();
+                if (rn.n_ret > 0) {
+                    sm.sel_scores = bscore.const_data_ptr<float>() + (i + 1) * bscore.size(1);
+                    sm.sel_n = rn.n_blocks;
+                    sm.sel_k = static_cast<int>(rn.n_ret);
+                    sm.sel_ids = ids_of(i + 1);
+                }
+            }
+            if (i >= 0 && read_row(sched, i).cut_n > 0) {
+                const ExecRow r = read_row(sched, i);
+                sm.cut_b0 = r.cut_b0;
+                sm.cut_n = r.cut_n;
+                sm.repr_topk = static_cast<int>(repr_topk);
+                sm.qcomb = qcomb.const_data_ptr<float>();
+                sm.i0 = static_cast<int>(i + 1);
+                sm.i1 = static_cast<int>(n_exec);
+                sm.bscore = bscore.mutable_data_ptr<float>();
+                sm.ld = bscore.size(1);
+                sm.pdot = pdot.mutable_data_ptr<float>();
+                sm.cnt = cnt.mutable_data_ptr<int32_t>();
+            }
+            check_cuda(op, qllm_cuda_exec_seam(&ly, &sm, st));
+        };
+        seam(-1);
+        for (int64_t i = 0; i < n_exec; ++i) {
+            const ExecRow r = read_row(sched, i);
+            attend_and_score(r, exec_of(r), ids_of(i));
+            seam(i);
+        }
+        return;
+    }
+
+    for (int64_t i = 0; i < n_exec; ++i) {
+        const ExecRow r = read_row(sched, i);
+        const qllm_gpu_exec ex = exec_of(r);
+        check_cuda(op, qllm_cuda_exec_prep(&ly, &ex, qbase + r.t0 * q.stride(1) * esz, q.stride(0),
+                                           q.stride(1), qfix.mutable_data_ptr(),
+                                           qloc.mutable_data_ptr(), krot.mutable_data_ptr(), st));
+        int32_t *ids = ids_of(i);
+        if (r.n_ret > 0 && qh_sel > 0)
+            check_cuda(op, qllm_cuda_select_blocks_qheads(bscore.mutable_data_ptr<float>() + i * bscore.size(1),
+                                                          r.n_blocks, static_cast<int>(r.n_ret), qh_raw_p, qh_ld,
+                                                          qh_sel, w, ids, st));
+        else if (r.n_ret > 0)
+            check_cuda(op, qllm_cuda_select_blocks(bscore.const_data_ptr<float>() + i * bscore.size(1),
+                                                   r.n_blocks, static_cast<int>(r.n_ret), ids, st));
+        if (r.n_ret > 0 && tiered) /* the retrieved blocks into the device cache */
+            check_cuda(op, qllm_cuda_tier_touch(&ly, ids, 0, static_cast<int>(r.n_ret), ring_lo, nullptr, st));
+        attend_and_score(r, ex, ids);
         if (r.cut_n > 0) {
             check_cuda(op, qllm_cuda_cut_blocks(&ly, r.cut_b0, r.cut_n, static_cast<int>(repr_topk), st));
             if (tiered) /* new blocks enter the device cache (LRU) */
