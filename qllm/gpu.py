@@ -126,6 +126,25 @@ def _pow2_at_least(n: int) -> int:
     return p
 
 
+def _as_words(t: torch.Tensor) -> torch.Tensor | None:
+    """t's bits as int64 words along its last dim (unit stride, 8-byte aligned), else None."""
+    n = t.shape[-1] * t.element_size()
+    if t.stride(-1) != 1 or n % 8 or t.data_ptr() % 8 or any(s * t.element_size() % 8 for s in t.stride()[:-1]):
+        return None
+    return t.view(torch.int64)
+
+
+def _copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst.copy_(src); rows of the same dtype move as 8-byte words (a strided copy of 2-byte
+    elements runs at a fraction of the memory bandwidth)."""
+    if dst.dtype == src.dtype:
+        dw, sw = _as_words(dst), _as_words(src)
+        if dw is not None and sw is not None:
+            dw.copy_(sw)
+            return
+    dst.copy_(src)
+
+
 class CudaLayerMemory:
     """State of one attention layer for one sequence, on a CUDA device.
 
@@ -248,13 +267,13 @@ class CudaLayerMemory:
         """K/V of positions P0 .. P0+T-1 into the store (current stream)."""
         T = k.shape[1]
         if not self.tiered:
-            self.k_store[:, P0:P0 + T].copy_(k)
-            self.v_store[:, P0:P0 + T].copy_(v)
+            _copy_rows(self.k_store[:, P0:P0 + T], k)
+            _copy_rows(self.v_store[:, P0:P0 + T], v)
             return
         self._wait_write_back()
         for p, r, n in self._ring_pieces(P0, P0 + T):
-            self.k_store[:, r:r + n].copy_(k[:, p - P0:p - P0 + n])
-            self.v_store[:, r:r + n].copy_(v[:, p - P0:p - P0 + n])
+            _copy_rows(self.k_store[:, r:r + n], k[:, p - P0:p - P0 + n])
+            _copy_rows(self.v_store[:, r:r + n], v[:, p - P0:p - P0 + n])
         self.ring_lo = max(self.ring_lo, P0 + T - self.window)
 
     def _reserve_ring(self, lo: int, hi: int) -> None:

@@ -174,6 +174,7 @@ __global__ void prep_kernel(qllm_gpu_layer ly, qllm_gpu_exec ex, const T *__rest
  * rows and rotates the sums once.  Threads = (8-dim chunks of the first half)
  * x (row groups), 16-byte loads (q rows 16-byte aligned, as for prep). */
 constexpr int QC_THREADS = 256;
+constexpr int QC_U = 4; /* rows in flight per thread */
 
 template <typename T>
 __global__ void __launch_bounds__(QC_THREADS) qcomb_kernel(qllm_gpu_layer ly, const T *__restrict__ q,
@@ -189,16 +190,28 @@ __global__ void __launch_bounds__(QC_THREADS) qcomb_kernel(qllm_gpu_layer ly, co
     float s1[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
     float s2[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
     if (grp < G) { /* (head_dim 64 or 128, check_layer: every thread has a group) */
-#pragma unroll 4
-        for (int64_t r = r0 + grp; r < r1; r += G) {
-            const T *src = q + h * q_hs + r * q_ts + c * 8;
-            float x1[8], x2[8];
-            load8(src, x1);
-            load8(src + H2, x2);
+        /* QC_U rows per batch, all loads issued before the first add (a loop with
+         * an exit test per row keeps only one row's loads in flight) */
+        for (int64_t base = r0 + grp; base < r1; base += QC_U * G) {
+            Vec8<T> u1[QC_U], u2[QC_U];
 #pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                s1[j] += x1[j];
-                s2[j] += x2[j];
+            for (int u = 0; u < QC_U; ++u) {
+                const int64_t r = base + static_cast<int64_t>(u) * G;
+                if (r < r1) {
+                    const T *src = q + h * q_hs + r * q_ts + c * 8;
+                    u1[u] = *reinterpret_cast<const Vec8<T> *>(src);
+                    u2[u] = *reinterpret_cast<const Vec8<T> *>(src + H2);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < QC_U; ++u) {
+                if (base + static_cast<int64_t>(u) * G < r1) {
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) {
+                        s1[j] += Cvt<T>::to_f(u1[u].v[j]);
+                        s2[j] += Cvt<T>::to_f(u2[u].v[j]);
+                    }
+                }
             }
         }
     }
@@ -1830,16 +1843,18 @@ __global__ void cut_kernel(qllm_gpu_layer ly, int64_t b0, int k) {
  * of block i+1, in one launch (qllm_cuda_exec_seam), instead of cut_kernel,
  * bscore_pairs_kernel, prep_kernel and select_kernel one after another:
  *   cut CTAs     (block, head) of the blocks cut by block i: the head's part
- *                of the representative (as cut_kernel), then its partial dot
- *                with qcomb[i', head] for every later execution block i' into
- *                pdot; the last of a block's head CTAs (a counter) sums the
- *                partials over heads in head order into bscore[i', b];
- *   select       the top-k of block i+1 (as select_kernel, scores staged in
- *                shared memory): by the last block's summing CTA when block
- *                i+1 ranks blocks just cut, else by a CTA of its own;
+ *                of the representative (as cut_kernel: top repr_k token
+ *                scores, ties to the lower token, keys summed in that order),
+ *                then its partial dots with qcomb[i', head] for the later
+ *                execution blocks i' into pdot;
+ *   the last cut CTA to finish (a counter) sums the partials over heads in
+ *                head order into bscore[i', b] and, when block i+1 ranks the
+ *                blocks just cut, runs block i+1's top-k (as select_kernel);
+ *   select CTA   block i+1's top-k on its own when it ranks no block cut now;
  *   prep CTAs    block i+1's rotations (prep_body), independent of the rest.
- * Counters cnt[0 .. cut_n] are zero on entry and left zero.  Nothing waits
- * for another CTA: the last CTA to arrive does the dependent work. */
+ * The counter is zero on entry and left zero.  Nothing waits for another CTA:
+ * the last one to arrive does the dependent work.  Shared memory: see
+ * seam_smem_floats. */
 struct SeamArgs {
     qllm_gpu_exec ex; /* prep of the next execution block: prep_ctas > 0 */
     const void *q;
@@ -1854,6 +1869,7 @@ struct SeamArgs {
     int64_t ld;
     float *pdot; /* [cut_n, i1 - i0, hq] */
     int32_t *cnt;
+    int qc_smem, pd_smem; /* qcomb rows / partials staged in shared memory */
     const float *sel_scores; /* select: sel_k > 0 */
     int sel_n, sel_k;
     int32_t *sel_ids;
@@ -1861,12 +1877,17 @@ struct SeamArgs {
 };
 
 constexpr int SEAM_THREADS = SEL_THREADS;
+constexpr int SEAM_WARPS = SEAM_THREADS / 32;
 
-/* Top-k of scores written by other CTAs of this launch: staged through L2. */
-__device__ __forceinline__ void seam_select(const SeamArgs &a, float *smem) {
-    for (int i = threadIdx.x; i < a.sel_n; i += SEAM_THREADS) smem[i] = __ldcg(a.sel_scores + i);
-    __syncthreads();
-    topk_ascending(smem, a.sel_n, a.sel_k, a.sel_ids);
+/* Shared-memory floats of a cut CTA: top-k keys and ids (2k), the block's
+ * token scores (bs), the representative (D), qcomb rows (ni * D, staged); of
+ * the last cut CTA: the selection's scores (n), the partials (cut_n*ni*hq,
+ * staged).  The launcher stages what fits under SEL_DYN_SMEM. */
+__host__ __device__ inline int64_t seam_cut_floats(int k, int bs, int D, int ni, bool qc) {
+    return 2 * static_cast<int64_t>(k) + bs + D + (qc ? static_cast<int64_t>(ni) * D : 0);
+}
+__host__ __device__ inline int64_t seam_last_floats(int64_t sel_n, int cut_n, int ni, int hq, bool pd) {
+    return sel_n + (pd ? static_cast<int64_t>(cut_n) * ni * hq : 0);
 }
 
 /* Whether this CTA is the last of `total` to arrive at *counter (after its
@@ -1886,53 +1907,101 @@ __device__ __forceinline__ bool seam_arrive_last(int32_t *counter, int total) {
     return true;
 }
 
+/* The last cut CTA: bscore of every cut block for rows i0 .. i1-1 (partials
+ * of this launch read through L2), then block i+1's top-k when it ranks them:
+ * its scores staged in sel_s, the cut blocks' from the sums just made. */
+__device__ __forceinline__ void seam_finish(const qllm_gpu_layer &ly, const SeamArgs &a, float *smem) {
+    const int hq = ly.hq, ni = a.i1 - a.i0, np = a.cut_n * ni;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int64_t c0 = a.cut_b0, c1 = a.cut_b0 + a.cut_n;
+    float *sel_s = smem;
+    float *pd = smem + (a.sel_after_cut ? a.sel_n : 0);
+    if (a.pd_smem)
+        for (int e = threadIdx.x; e < np * hq; e += SEAM_THREADS) pd[e] = __ldcg(a.pdot + e);
+    if (a.sel_after_cut)
+        for (int i = threadIdx.x; i < a.sel_n; i += SEAM_THREADS)
+            if (i < c0 || i >= c1) sel_s[i] = __ldcg(a.sel_scores + i);
+    __syncthreads();
+    auto sum_pairs = [&](auto load) {
+        for (int p = warp; p < np; p += SEAM_WARPS) {
+            float acc = 0.0f;
+            for (int hh = lane; hh < hq; hh += 32) acc += load(static_cast<int64_t>(p) * hq + hh);
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+            if (lane == 0) {
+                const int bl = p / ni, j = p % ni;
+                a.bscore[static_cast<int64_t>(a.i0 + j) * a.ld + c0 + bl] = acc;
+                if (j == 0 && a.sel_after_cut && c0 + bl < a.sel_n) sel_s[c0 + bl] = acc;
+            }
+        }
+    };
+    if (a.pd_smem) /* two call sites: each load knows its memory space */
+        sum_pairs([&](int64_t e) { return pd[e]; });
+    else
+        sum_pairs([&](int64_t e) { return __ldcg(a.pdot + e); });
+    if (!a.sel_after_cut) return;
+    __syncthreads();
+    topk_ascending(sel_s, a.sel_n, a.sel_k, a.sel_ids);
+}
+
+/* Top-k of block i+1 alone (it ranks no block cut in this launch). */
+__device__ __forceinline__ void seam_select(const SeamArgs &a, float *smem) {
+    for (int i = threadIdx.x; i < a.sel_n; i += SEAM_THREADS) smem[i] = a.sel_scores[i];
+    __syncthreads();
+    topk_ascending(smem, a.sel_n, a.sel_k, a.sel_ids);
+}
+
 template <typename T>
 __device__ __forceinline__ void seam_cut(const qllm_gpu_layer &ly, const SeamArgs &a, int cta, float *smem) {
-    __shared__ float sh_s[32];
-    __shared__ int64_t sh_i[32];
-    const int hq = ly.hq, D = ly.head_dim, bs = ly.block_size, k = a.repr_k;
+    const int hq = ly.hq, D = ly.head_dim, bs = ly.block_size, k = a.repr_k, ni = a.i1 - a.i0;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int bl = cta / hq, h = cta % hq;
     const int64_t b = a.cut_b0 + bl;
     const int64_t pos0 = ly.n_init + b * bs;
-    int64_t *sel = reinterpret_cast<int64_t *>(smem);
-    float *rep = reinterpret_cast<float *>(sel + k);
-    const float *sc = ly.scores + static_cast<int64_t>(h) * ly.ring;
-    block_select_best([&](int64_t t) { return sc[(pos0 + t) & (ly.ring - 1)]; }, bs, k,
-                      [&](int64_t r, int64_t i) { sel[r] = i; }, sh_s, sh_i);
+    uint32_t *sk = reinterpret_cast<uint32_t *>(smem), *si = sk + k;
+    float *scs = smem + 2 * k, *rep = scs + bs, *qs = rep + D;
+    if (warp == 0) { /* the block's top-k tokens: one warp, no block barrier per round */
+        const float *sc = ly.scores + static_cast<int64_t>(h) * ly.ring;
+        for (int t = lane; t < bs; t += 32) scs[t] = sc[(pos0 + t) & (ly.ring - 1)];
+        __syncwarp();
+        const int cnt = lane < bs ? (bs - lane + 31) / 32 : 0;
+        warp_topk([&](int j, uint32_t &key, uint32_t &idx) {
+                      const int t = lane + 32 * j;
+                      key = score_key(scs[t]);
+                      idx = static_cast<uint32_t>(t);
+                  },
+                  cnt, k, sk, si, nullptr);
+    } else if (a.qc_smem) { /* meanwhile the other warps fetch the later blocks' qcomb rows */
+        for (int e = threadIdx.x - 32; e < ni * D; e += SEAM_THREADS - 32)
+            qs[e] = a.qcomb[(static_cast<int64_t>(a.i0 + e / D) * hq + h) * D + e % D];
+    }
     __syncthreads();
     const T *keys = static_cast<const T *>(ly.k_store) + static_cast<int64_t>(h / (hq / ly.hkv)) * ly.cap * D;
     float *out = ly.reprs + (b * hq + h) * D;
     for (int d = threadIdx.x; d < D; d += SEAM_THREADS) {
         float acc = 0.0f;
-        for (int r = 0; r < k; ++r) acc += Cvt<T>::to_f(keys[kv_row(pos0 + sel[r], ly.n_init, ly.wmask) * D + d]);
+        for (int r = 0; r < k; ++r)
+            acc += Cvt<T>::to_f(keys[kv_row(pos0 + static_cast<int64_t>(si[r]), ly.n_init, ly.wmask) * D + d]);
         const float v = acc / static_cast<float>(k);
         out[d] = v;
         rep[d] = v;
     }
-    const int ni = a.i1 - a.i0;
     if (ni <= 0 && !a.sel_after_cut) return; /* uniform */
     __syncthreads();
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    constexpr int NWS = SEAM_THREADS / 32;
-    for (int j = warp; j < ni; j += NWS) {
-        const float *qc = a.qcomb + (static_cast<int64_t>(a.i0 + j) * hq + h) * D;
-        float acc = 0.0f;
-        for (int d = lane; d < D; d += 32) acc += rep[d] * qc[d];
+    auto dots = [&](auto row) {
+        for (int j = warp; j < ni; j += SEAM_WARPS) {
+            float acc = 0.0f;
+            for (int d = lane; d < D; d += 32) acc += rep[d] * row(j, d);
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-        if (lane == 0) a.pdot[(static_cast<int64_t>(bl) * ni + j) * hq + h] = acc;
-    }
-    if (!seam_arrive_last(a.cnt + bl, hq)) return;
-    for (int j = warp; j < ni; j += NWS) { /* the block's scores: heads in order */
-        const float *p = a.pdot + (static_cast<int64_t>(bl) * ni + j) * hq;
-        float acc = 0.0f;
-        for (int hh = lane; hh < hq; hh += 32) acc += __ldcg(p + hh);
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-        if (lane == 0) a.bscore[static_cast<int64_t>(a.i0 + j) * a.ld + b] = acc;
-    }
-    if (!a.sel_after_cut || !seam_arrive_last(a.cnt + a.cut_n, a.cut_n)) return;
-    seam_select(a, smem);
+            for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+            if (lane == 0) a.pdot[(static_cast<int64_t>(bl) * ni + j) * hq + h] = acc;
+        }
+    };
+    if (a.qc_smem)
+        dots([&](int j, int d) { return qs[j * D + d]; });
+    else
+        dots([&](int j, int d) { return a.qcomb[(static_cast<int64_t>(a.i0 + j) * hq + h) * D + d]; });
+    if (seam_arrive_last(a.cnt, a.cut_n * hq)) seam_finish(ly, a, smem);
 }
 
 /* Grid: [cut_n * hq cut CTAs | 1 select CTA when it runs alone | prep_ctas]. */
@@ -2619,11 +2688,25 @@ extern "C" int qllm_cuda_exec_seam(const qllm_gpu_layer *ly, const qllm_gpu_seam
     a.sel_ids = s->sel_ids;
     /* block i+1 ranks a block cut now: its selection waits for the cut CTAs */
     a.sel_after_cut = sel_in && cut_n > 0 && s->sel_n > s->cut_b0;
+    const int64_t budget = SEL_DYN_SMEM / static_cast<int64_t>(sizeof(float));
+    int64_t floats = sel_in && !a.sel_after_cut ? s->sel_n : 0;
+    if (cut_n > 0) {
+        const int bs = ly->block_size, hq = ly->hq;
+        const int64_t cut_min = seam_cut_floats(a.repr_k, bs, D, ni, false);
+        if (cut_min > budget)
+            return set_error(QLLM_CUDA_ERR_ARG, "exec_seam: block_size %d, repr_topk %d need too much shared memory",
+                             bs, a.repr_k);
+        const int64_t sel_part = a.sel_after_cut ? s->sel_n : 0;
+        a.qc_smem = seam_cut_floats(a.repr_k, bs, D, ni, true) <= budget;
+        a.pd_smem = seam_last_floats(sel_part, a.cut_n, ni, hq, true) <= budget;
+        const int64_t cut_f = seam_cut_floats(a.repr_k, bs, D, ni, a.qc_smem);
+        const int64_t last_f = seam_last_floats(sel_part, a.cut_n, ni, hq, a.pd_smem);
+        floats = floats > cut_f ? floats : cut_f;
+        floats = floats > last_f ? floats : last_f;
+    }
     const int64_t grid = cut_n * ly->hq + (sel_in && !a.sel_after_cut ? 1 : 0) + a.prep_ctas;
     if (grid > 0) {
-        const size_t cut_smem = cut_n > 0 ? static_cast<size_t>(a.repr_k) * sizeof(int64_t) + D * sizeof(float) : 0;
-        const size_t sel_smem = sel_in ? static_cast<size_t>(s->sel_n) * sizeof(float) : 0;
-        const size_t smem = cut_smem > sel_smem ? cut_smem : sel_smem;
+        const size_t smem = static_cast<size_t>(floats) * sizeof(float);
         const bool vec = ((reinterpret_cast<uintptr_t>(ly->cos) | reinterpret_cast<uintptr_t>(ly->sin)) & 15u) == 0 &&
                          D % 8 == 0;
         QLLM_DISPATCH_T(ly->dtype, {
