@@ -193,39 +193,47 @@ def weight_bytes(cfg, layers: int, dtype: torch.dtype) -> int:
     return el * (2 * cfg.vocab_size * h + h + layers * per_layer)
 
 
-def profile_replays(graph, dev: torch.device, n: int = 5, top: int = 24) -> dict:
-    """GPU time per token by kernel over ``n`` back-to-back replays (torch.profiler / CUPTI):
-    kernel groups (GEMM/GEMV, qllm's kernels, the rest) and the ``top`` kernels, in µs per token."""
+def profile_kernels(fn, dev: torch.device, n: int, label: str, unit: str, top: int = 24) -> dict:
+    """GPU time by kernel of ``n`` calls of ``fn`` (torch.profiler / CUPTI), per call: kernel
+    groups (GEMM/GEMV, qllm's kernels, the rest) and the ``top`` kernels, in ``unit``
+    ("us" or "ms")."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    scale = 1.0 if unit == "us" else 1e-3
+    gpu = dev.type == "cuda"  # on the CPU (--tiny smoke test): self CPU time of each op
+    with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
         for _ in range(n):
-            graph.replay()
+            fn()
         sync(dev)
     per = {}
     for ev in prof.key_averages():
-        us = getattr(ev, "device_time_total", None)
+        us = getattr(ev, "device_time_total", None) if gpu else ev.self_cpu_time_total
         if us is None:
             us = getattr(ev, "cuda_time_total", 0.0)
         if us and ev.key not in ("", "cudaGraphLaunch"):
-            per[ev.key] = per.get(ev.key, 0.0) + us / n
+            per[ev.key] = per.get(ev.key, 0.0) + us * scale / n
     groups = {"gemm/gemv (cuBLAS)": 0.0, "qllm attention kernels": 0.0, "other": 0.0}
-    for name, us in per.items():
+    for name, t in per.items():
         low = name.lower()
-        if any(t in low for t in ("gemv", "gemm", "cutlass", "sm90_xmma", "splitk", "cublas", "nvjet")):
-            groups["gemm/gemv (cuBLAS)"] += us
-        elif "qllm" in low or any(t in low for t in ("attn", "select", "bscore", "tscore", "combine", "prep",
-                                                     "qcomb", "store_kv", "qsel", "dyn")):
-            groups["qllm attention kernels"] += us
+        if any(w in low for w in ("gemv", "gemm", "cutlass", "sm90_xmma", "splitk", "cublas", "nvjet")):
+            groups["gemm/gemv (cuBLAS)"] += t
+        elif "qllm" in low or any(w in low for w in ("attn", "select", "bscore", "tscore", "combine", "prep",
+                                                     "qcomb", "store_kv", "qsel", "dyn", "seam")):
+            groups["qllm attention kernels"] += t
         else:
-            groups["other"] += us
+            groups["other"] += t
     ranked = sorted(per.items(), key=lambda kv: -kv[1])
-    print(f"graph replay profile ({n} replays), us per token: total {sum(per.values()):.0f}; "
+    print(f"{label} ({n}x), {unit} per call: total {sum(per.values()):.0f}; "
           + ", ".join(f"{k} {v:.0f}" for k, v in groups.items()), flush=True)
-    for name, us in ranked[:top]:
-        print(f"  {us:9.1f}  {name[:110]}", flush=True)
-    return {"total": sum(per.values()), "groups": groups,
-            "top": [[name[:200], us] for name, us in ranked[:top]]}
+    for name, t in ranked[:top]:
+        print(f"  {t:9.1f}  {name[:110]}", flush=True)
+    return {"unit": unit, "total": sum(per.values()), "groups": groups,
+            "top": [[name[:200], t] for name, t in ranked[:top]]}
+
+
+def profile_replays(graph, dev: torch.device, n: int = 5, top: int = 24) -> dict:
+    """GPU time per token by kernel over ``n`` back-to-back graph replays (µs)."""
+    return profile_kernels(graph.replay, dev, n, "graph replay profile", "us", top)
 
 
 # --------------------------------------------------------------- one row
@@ -416,6 +424,36 @@ def print_table(rows) -> None:
     print()
 
 
+def profile_prefill(model, runner: "Runner", qcfg: qllm.QLLMConfig, ids: torch.Tensor, dev: torch.device,
+                    out: str | None, info: dict) -> None:
+    """GPU time by kernel of one qllm prefill of ``ids`` (the prompt call of Runner.run) and its
+    wall time without the profiler, to the JSON ``out``."""
+    qllm.patch(model, qcfg)
+
+    def prefill():
+        with torch.no_grad():
+            qllm.set_question(model, runner.question)
+            cache = runner.qllm_cache(ids.shape[1] + 8)
+            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+    sync(dev)
+    t0 = time.perf_counter()
+    prefill()
+    sync(dev)
+    wall = time.perf_counter() - t0
+    print(f"qllm prefill of {ids.shape[1]} tokens: {wall:.3f} s (no profiler)", flush=True)
+    prof = profile_kernels(prefill, dev, 1, f"qllm prefill {ids.shape[1]} tokens", "ms", top=40)
+    qllm.unpatch(model)
+    if out:
+        with open(out, "w") as f:
+            json.dump({"benchmark": "bench_e2e.py --profile-prefill", "gpu": info.get("gpu"), "machine": info,
+                       "tokens": int(ids.shape[1]), "prefill_s_no_profiler": wall,
+                       "qllm_config": {k: getattr(qcfg, k) for k in ("n_init", "n_local", "block_size", "topk",
+                                                                      "exc_block_size", "chunk_size")},
+                       "question_heads": str(getattr(qcfg, "question_heads", None)),
+                       "profile_ms": prof}, f, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=131072, help="prompt of the qllm-vs-dense rows")
@@ -437,6 +475,9 @@ def main() -> None:
                          "(qllm.gpu.GraphDecoder), same prompt, same process")
     ap.add_argument("--profile-graph", action="store_true",
                     help="with --cuda-graph: GPU time by kernel of the decode graph's replays (torch.profiler)")
+    ap.add_argument("--profile-prefill", action="store_true",
+                    help="after the warm-up: GPU time by kernel of one qllm prefill of --tokens (torch.profiler), "
+                         "written to --out, then exit")
     ap.add_argument("--tiered", action="store_true",
                     help="tiered rows: qllm at --tokens with QLLMConfig.device_blocks=--device-blocks beside the "
                          "untiered one, and the --million-tokens row tiered (layers: as many as the host holds)")
@@ -555,6 +596,9 @@ def main() -> None:
     if not args.skip_dense:
         runner.run("dense", w, 4)
     print(f"warm-up ({args.warmup_tokens} tokens, both paths): {time.perf_counter() - t0:.1f}s", flush=True)
+    if args.profile_prefill:
+        profile_prefill(model, runner, qcfg, ids_all[:, :args.tokens], dev, args.out, info)
+        return
 
     # ---- qllm vs dense at --tokens
     wb = weight_bytes(cfg, layers, dtype)

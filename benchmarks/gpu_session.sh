@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call = build + CUDA tests + layer benchmark (see benchmarks/NOTES_gpu.md).
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [seamab] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
+# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [seamab] [ncuseam] [e2eprof] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
 # Logs and results go to $OUT (default: /tmp/qllm_out).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -148,6 +148,28 @@ if [[ " $stages " == *" ncuts "* ]]; then
     python3 benchmarks/bench_layer.py --prefill 32768 --decode-at --repeats 1 --out /tmp/ncu_layer.json \
     > "$OUT/ncu_tscore.txt" 2>&1
   grep -i "duration\|throughput\|stall\|warp cycles per issued\|issued ipc\|achieved occ\|registers\|waves\|grid size\|==PROF==\|error" "$OUT/ncu_tscore.txt" | head -40
+fi
+if [[ " $stages " == *" ncuseam "* ]]; then
+  # counters of one seam launch (32K prefill, 41st of the warm-up) and of one qcomb launch
+  for kv in "seam_kernel 40" "qcomb_kernel 2"; do
+    set -- $kv
+    stamp "ncu, $1"
+    timeout 200 "$NCU" --clock-control none -k "regex:$1" --launch-skip "$2" --launch-count 1 \
+      --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis --section Occupancy \
+      --section LaunchStats --section SchedulerStats \
+      python3 benchmarks/bench_layer.py --prefill 32768 --decode-at --repeats 1 --out /tmp/ncu_layer.json \
+      > "$OUT/ncu_$1.txt" 2>&1
+    grep -i "duration\|throughput\|warp cycles per issued\|achieved occ\|registers\|theoretical occ\|block limit\|==PROF==\|error" \
+      "$OUT/ncu_$1.txt" | head -30
+  done
+fi
+if [[ " $stages " == *" e2eprof "* ]]; then
+  # one qllm prefill of the 8B-shaped model at 128K: wall time, then GPU time by kernel
+  stamp "e2e prefill profile"
+  timeout ${E2E_TIMEOUT:-300} python3 benchmarks/bench_e2e.py --profile-prefill --skip-dense --long-tokens 0 \
+    --million-tokens 0 --out "$OUT/e2e_prefill_profile.json" 2>&1 | grep -v "FutureWarning\|return forward_call" \
+    | tee "$OUT/e2e_prefill_profile.log" | tail -50
+  stamp "e2e prefill profile done"
 fi
 if [[ " $stages " == *" ncuattn "* ]]; then
   # counters of one wgmma attention launch (32K prefill, 41st execution block of the warm-up) and
