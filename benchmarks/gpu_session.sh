@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call = build + CUDA tests + layer benchmark (see benchmarks/NOTES_gpu.md).
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [seamab] [pdlab] [ncuseam] [e2eprof] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
+# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [seamab] [ncuseam] [e2eprof] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
 # Logs and results go to $OUT (default: /tmp/qllm_out).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -148,10 +148,6 @@ if [[ " $stages " == *" ncuts "* ]]; then
     python3 benchmarks/bench_layer.py --prefill 32768 --decode-at --repeats 1 --out /tmp/ncu_layer.json \
     > "$OUT/ncu_tscore.txt" 2>&1
   grep -i "duration\|throughput\|stall\|warp cycles per issued\|issued ipc\|achieved occ\|registers\|waves\|grid size\|==PROF==\|error" "$OUT/ncu_tscore.txt" | head -40
-fi
-if [[ " $stages " == *" pdlab "* ]]; then
-  # programmatic dependent launch in the execution-block loop (the default) against plain launches
-  knob_ab QLLM_PDL=1 "attend_cuda or decode_step" "" QLLM_PDL=1 QLLM_PDL=0
 fi
 if [[ " $stages " == *" ncuseam "* ]]; then
   # counters of one seam launch (32K prefill, 41st of the warm-up) and of one qcomb launch

@@ -1372,7 +1372,6 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
 
 template <typename T, int D, int MI, int NW, bool WG>
 __global__ void __launch_bounds__(NW * 32, 8 / NW) attn_kernel(const AttnArgs a) {
-    pdl_start();
     attn_body<T, D, MI, NW, WG>(a);
 }
 
@@ -1381,7 +1380,6 @@ __global__ void __launch_bounds__(NW * 32, 8 / NW) attn_kernel(const AttnArgs a)
  * choose_split), so the result is bitwise that of attn_kernel. */
 template <typename T, int D, int MI, int NW, bool WG>
 __global__ void __launch_bounds__(NW * 32, 8 / NW) attn_dyn_kernel(const AttnArgs a0) {
-    pdl_start();
     AttnArgs a = a0;
     a.P0 = a.dyn[QLLM_DYN_P0];
     a.T0 = a.dyn[QLLM_DYN_T0];
@@ -1775,13 +1773,11 @@ __device__ __forceinline__ void tscore_wg_body(const TsArgs &a, int2 blk) {
 
 template <typename T, int D>
 __global__ void __launch_bounds__(TS_THREADS) tscore_kernel(const TsArgs a) {
-    pdl_start();
     tscore_body<T, D>(a, ts_block(a));
 }
 
 template <typename T, int D, int QST>
 __global__ void __launch_bounds__(TS_THREADS) tscore_wg_kernel(const TsArgs a) {
-    pdl_start();
     tscore_wg_body<T, D, QST>(a, ts_block(a));
 }
 
@@ -2012,7 +2008,6 @@ __device__ __forceinline__ void seam_cut(const qllm_gpu_layer &ly, const SeamArg
 template <typename T, bool VEC>
 __global__ void __launch_bounds__(SEAM_THREADS) seam_kernel(qllm_gpu_layer ly, SeamArgs a) {
     extern __shared__ __align__(16) float seam_smem[];
-    pdl_start();
     int cta = static_cast<int>(blockIdx.x);
     const int n_cut = a.cut_n * ly.hq;
     if (cta < n_cut) {
@@ -2227,7 +2222,7 @@ int attn_variant() {
 bool attn_packs(int64_t E, int group) { return E == 1 && group > 1 && group <= 16; }
 
 template <typename T, int D, int MI, int NW, bool DYN, bool WG = false>
-int launch_attention_v(const AttnArgs &a0, int E, int hq, cudaStream_t stream, bool pdl) {
+int launch_attention_v(const AttnArgs &a0, int E, int hq, cudaStream_t stream) {
     constexpr int BMr = NW * 16 * MI;
     /* tiles, then the tile table; WG: 1024 bytes of slack to align the swizzled tiles */
     const size_t smem = attn_tab_off<T, D, MI, NW, WG>() + ATT_TAB * ATT_ENT_B + (WG ? 1024 : 0);
@@ -2242,33 +2237,35 @@ int launch_attention_v(const AttnArgs &a0, int E, int hq, cudaStream_t stream, b
     a.pack = attn_packs(E, a.group) ? 1 : 0;
     dim3 grid(a.pack ? 1 : (E + BMr - 1) / BMr, a.pack ? hq / a.group : hq, a.n_split);
     if (DYN)
-        return launch_k(attn_dyn_kernel<T, D, MI, NW, WG>, grid, dim3(NW * 32), smem, stream, pdl, "attn_dyn_kernel", a);
-    return launch_k(attn_kernel<T, D, MI, NW, WG>, grid, dim3(NW * 32), smem, stream, pdl, "attn_kernel", a);
+        attn_dyn_kernel<T, D, MI, NW, WG><<<grid, NW * 32, smem, stream>>>(a);
+    else
+        attn_kernel<T, D, MI, NW, WG><<<grid, NW * 32, smem, stream>>>(a);
+    return check_launch("attn_kernel");
 }
 
 template <typename T, int D, bool DYN>
-int launch_attention_dyn(const AttnArgs &a, int E, int hq, cudaStream_t stream, bool pdl) {
+int launch_attention_dyn(const AttnArgs &a, int E, int hq, cudaStream_t stream) {
     switch (attn_variant()) {
-    case 1: return launch_attention_v<T, D, 2, 4, DYN>(a, E, hq, stream, pdl);
-    case 2: return launch_attention_v<T, D, 1, 8, DYN>(a, E, hq, stream, pdl);
+    case 1: return launch_attention_v<T, D, 2, 4, DYN>(a, E, hq, stream);
+    case 2: return launch_attention_v<T, D, 1, 8, DYN>(a, E, hq, stream);
     case 3:
         if constexpr (D == 128) {
 #if defined(QLLM_SM90A)
-            return launch_attention_v<T, D, 1, 4, DYN, true>(a, E, hq, stream, pdl);
+            return launch_attention_v<T, D, 1, 4, DYN, true>(a, E, hq, stream);
 #else
             return set_error(QLLM_CUDA_ERR_ARG,
                              "QLLM_ATTN_WGMMA=1 needs the extension built for sm_90a (QLLM_CUDA_ARCH=90a)");
 #endif
         }
-        return launch_attention_v<T, D, 1, 4, DYN>(a, E, hq, stream, pdl);
-    default: return launch_attention_v<T, D, 1, 4, DYN>(a, E, hq, stream, pdl);
+        return launch_attention_v<T, D, 1, 4, DYN>(a, E, hq, stream);
+    default: return launch_attention_v<T, D, 1, 4, DYN>(a, E, hq, stream);
     }
 }
 
 template <typename T, int D>
-int launch_attention(const AttnArgs &a, int E, int hq, cudaStream_t stream, bool pdl = false) {
-    return a.dyn != nullptr ? launch_attention_dyn<T, D, true>(a, E, hq, stream, pdl)
-                            : launch_attention_dyn<T, D, false>(a, E, hq, stream, pdl);
+int launch_attention(const AttnArgs &a, int E, int hq, cudaStream_t stream) {
+    return a.dyn != nullptr ? launch_attention_dyn<T, D, true>(a, E, hq, stream)
+                            : launch_attention_dyn<T, D, false>(a, E, hq, stream);
 }
 
 /* Token-score kernel of a prefill execution block (decode steps, packed, keep
@@ -2303,7 +2300,7 @@ bool tscore_ordered() {
 
 /* dyn != NULL: decode step, a.L is the longest segment (grid), sizes from dyn. */
 template <typename T, int D>
-int launch_tscore(const TsArgs &a, int hq, cudaStream_t stream, const int64_t *dyn = nullptr, bool pdl = false) {
+int launch_tscore(const TsArgs &a, int hq, cudaStream_t stream, const int64_t *dyn = nullptr) {
     const size_t smem = static_cast<size_t>(TS_KEYS + 2 * TS_Q) * (D + 8) * sizeof(T) +
                         2 * TS_Q * sizeof(float);
     static bool ready = false;
@@ -2344,14 +2341,15 @@ int launch_tscore(const TsArgs &a, int hq, cudaStream_t stream, const int64_t *d
                 ready_wg = true;
             }
             if (qst == 1)
-                return launch_k(tscore_wg_kernel<T, D, 1>, grid, dim3(TS_THREADS), smem_wg, stream, pdl,
-                                "tscore_wg_kernel", t);
-            return launch_k(tscore_wg_kernel<T, D, 2>, grid, dim3(TS_THREADS), smem_wg, stream, pdl,
-                            "tscore_wg_kernel", t);
+                tscore_wg_kernel<T, D, 1><<<grid, TS_THREADS, smem_wg, stream>>>(t);
+            else
+                tscore_wg_kernel<T, D, 2><<<grid, TS_THREADS, smem_wg, stream>>>(t);
+            return check_launch("tscore_wg_kernel");
         }
     }
 #endif
-    return launch_k(tscore_kernel<T, D>, grid, dim3(TS_THREADS), smem, stream, pdl, "tscore_kernel", t);
+    tscore_kernel<T, D><<<grid, TS_THREADS, smem, stream>>>(t);
+    return check_launch("tscore_kernel");
 }
 
 }  // namespace
@@ -2583,8 +2581,8 @@ extern "C" int qllm_cuda_exec_attention(const qllm_gpu_layer *ly, const qllm_gpu
     a.dyn = nullptr;
     if (ly->hq > 65535) return set_error(QLLM_CUDA_ERR_ARG, "exec_attention: too many heads");
     QLLM_DISPATCH_T(ly->dtype, {
-        st = ly->head_dim == 64 ? launch_attention<T, 64>(a, ex->E, ly->hq, stream, ex->pdl != 0)
-                                : launch_attention<T, 128>(a, ex->E, ly->hq, stream, ex->pdl != 0);
+        st = ly->head_dim == 64 ? launch_attention<T, 64>(a, ex->E, ly->hq, stream)
+                                : launch_attention<T, 128>(a, ex->E, ly->hq, stream);
     });
     if (st || n_split == 1) return st;
     dim3 grid(static_cast<unsigned>(ex->E), ly->hq);
@@ -2611,8 +2609,8 @@ extern "C" int qllm_cuda_exec_token_scores(const qllm_gpu_layer *ly, const qllm_
     a.E = ex->E;
     a.L = ex->L;
     QLLM_DISPATCH_T(ly->dtype, {
-        st = ly->head_dim == 64 ? launch_tscore<T, 64>(a, ly->hq, stream, nullptr, ex->pdl != 0)
-                                : launch_tscore<T, 128>(a, ly->hq, stream, nullptr, ex->pdl != 0);
+        st = ly->head_dim == 64 ? launch_tscore<T, 64>(a, ly->hq, stream)
+                                : launch_tscore<T, 128>(a, ly->hq, stream);
     });
     return st;
 }
@@ -2634,11 +2632,6 @@ extern "C" int qllm_cuda_cut_blocks(const qllm_gpu_layer *ly, int64_t b0, int64_
 
 extern "C" int qllm_cuda_seam_enabled(void) {
     static const int on = env_is("QLLM_SEAM", '0') ? 0 : 1;
-    return on;
-}
-
-extern "C" int qllm_cuda_pdl_enabled(void) {
-    static const int on = env_is("QLLM_PDL", '0') ? 0 : 1;
     return on;
 }
 
@@ -2716,13 +2709,13 @@ extern "C" int qllm_cuda_exec_seam(const qllm_gpu_layer *ly, const qllm_gpu_seam
         const size_t smem = static_cast<size_t>(floats) * sizeof(float);
         const bool vec = ((reinterpret_cast<uintptr_t>(ly->cos) | reinterpret_cast<uintptr_t>(ly->sin)) & 15u) == 0 &&
                          D % 8 == 0;
-        const dim3 g(static_cast<unsigned>(grid));
         QLLM_DISPATCH_T(ly->dtype, {
-            st = vec ? launch_k(seam_kernel<T, true>, g, dim3(SEAM_THREADS), smem, stream, s->pdl != 0,
-                                "seam_kernel", *ly, a)
-                     : launch_k(seam_kernel<T, false>, g, dim3(SEAM_THREADS), smem, stream, s->pdl != 0,
-                                "seam_kernel", *ly, a);
+            if (vec)
+                seam_kernel<T, true><<<static_cast<unsigned>(grid), SEAM_THREADS, smem, stream>>>(*ly, a);
+            else
+                seam_kernel<T, false><<<static_cast<unsigned>(grid), SEAM_THREADS, smem, stream>>>(*ly, a);
         });
+        st = check_launch("seam_kernel");
         if (st) return st;
     }
     if (sel && !sel_in) return qllm_cuda_select_blocks(s->sel_scores, s->sel_n, s->sel_k, s->sel_ids, stream);
@@ -2811,7 +2804,6 @@ extern "C" int qllm_cuda_decode_step(const qllm_gpu_layer *ly, const qllm_gpu_de
         ex.init_len = 0;
         ex.n_ret = 0;
         ex.m = 0;
-        ex.pdl = 0;
         const int64_t work = (static_cast<int64_t>(ly->hq) + static_cast<int64_t>(ly->hkv) * dc->L_max) * (D / 16);
         QLLM_DISPATCH_T(ly->dtype, launch_prep<T>(*ly, ex, static_cast<const T *>(dc->q), dc->q_hs, dc->q_hs,
                                                   static_cast<T *>(dc->qfix), static_cast<T *>(dc->qloc),

@@ -32,40 +32,6 @@ int set_error(int code, const char *fmt, ...);
 /* cudaGetLastError after a launch; names the kernel on failure. */
 int check_launch(const char *what);
 
-/* ------------------------------------------------- programmatic dependent launch
- * A kernel launched with launch_k(..., pdl = true) may have its thread blocks
- * scheduled while the previous kernel of the stream finishes its last wave:
- * the kernels of the execution-block loop call pdl_start() first, which lets
- * the next kernel's blocks launch once all of this one's have started, then
- * waits until the previous kernel has completed and its writes are visible.
- * Both instructions are no-ops for a kernel launched without the attribute
- * (the decode step, CUDA graphs). */
-__device__ __forceinline__ void pdl_start() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-/* kernel<<<grid, block, smem, stream>>>(args...), with programmatic stream
- * serialization when pdl; status as check_launch. */
-template <typename... KArgs, typename... Args>
-int launch_k(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, bool pdl,
-             const char *what, Args &&...args) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid;
-    cfg.blockDim = block;
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = pdl ? 1 : 0;
-    (void)cudaLaunchKernelEx(&cfg, kernel, static_cast<Args &&>(args)...);
-    return check_launch(what);
-}
-
 /* ------------------------------------------------------------ dtypes */
 
 __device__ __forceinline__ float load_f32(const void *p, int64_t i, int dtype) {

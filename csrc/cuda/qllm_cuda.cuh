@@ -122,9 +122,6 @@ typedef struct {
     int init_len;   /* init keys (positions 0 .. init_len-1) in memory */
     int n_ret;      /* retrieved blocks (ids from `ids`) */
     int m;          /* tail keys that may be memory (positions T0 .. T0+m-1) */
-    int pdl;        /* 1: attention / token scores launch with programmatic
-                     * dependent launch (their blocks may be scheduled while the
-                     * previous kernel finishes; they wait for it first) */
 } qllm_gpu_exec;
 
 /* Rotate: qfix/qloc [hq, E, D] from q rows (q + t0*q_ts), krot [hkv, L, D]
@@ -201,17 +198,12 @@ typedef struct {
     int64_t sel_n;
     int sel_k;
     int32_t *sel_ids;
-    int pdl;                  /* as qllm_gpu_exec.pdl */
 } qllm_gpu_seam;
 
 int qllm_cuda_exec_seam(const qllm_gpu_layer *ly, const qllm_gpu_seam *s, cudaStream_t stream);
 
 /* 0 when QLLM_SEAM=0 (attend_run then launches the four kernels one by one). */
 int qllm_cuda_seam_enabled(void);
-
-/* 0 when QLLM_PDL=0 (attend_run's seam loop then launches without
- * programmatic dependent launch). */
-int qllm_cuda_pdl_enabled(void);
 
 /* Tiered mode: make blocks resident in the device cache.  The blocks are
  * ids[0 .. n) (ids != NULL, e.g. the retrieved ones; with dyn != NULL, n is

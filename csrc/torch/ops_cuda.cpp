@@ -441,7 +441,6 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
         ex.init_len = static_cast<int>(r.init_len);
         ex.n_ret = static_cast<int>(r.n_ret);
         ex.m = static_cast<int>(r.m);
-        ex.pdl = 0;
         return ex;
     };
     auto ids_of = [&](int64_t i) { return retrieved.mutable_data_ptr<int32_t>() + i * kk; };
@@ -467,13 +466,9 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
         for (int64_t i = 0; i < n_exec; ++i) cut_max = std::max(cut_max, read_row(sched, i).cut_n);
         at::Tensor pdot = at::empty({std::max<int64_t>(cut_max * n_exec * hq, 1)}, opt_f);
         at::Tensor cnt = at::zeros({cut_max + 1}, q.options().dtype(at::kInt));
-        /* programmatic dependent launch: each kernel of the loop follows one of
-         * the loop's kernels (or one launched before it) on this stream */
-        const int pdl = qllm_cuda_pdl_enabled();
         qllm_gpu_exec next{};
         auto seam = [&](int64_t i) { /* cut of block i (i >= 0), prep and top-k of block i + 1 */
             qllm_gpu_seam sm{};
-            sm.pdl = pdl;
             if (i + 1 < n_exec) {
                 const ExecRow rn = read_row(sched, i + 1);
                 next = exec_of(rn);
@@ -509,9 +504,7 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
         seam(-1);
         for (int64_t i = 0; i < n_exec; ++i) {
             const ExecRow r = read_row(sched, i);
-            qllm_gpu_exec ex = exec_of(r);
-            ex.pdl = pdl;
-            attend_and_score(r, ex, ids_of(i));
+            attend_and_score(r, exec_of(r), ids_of(i));
             seam(i);
         }
         return;
