@@ -5,6 +5,9 @@
  * by attn_kernel through the block table directly.
  *
  * Per execution block (E queries at text positions P0 .. P0+E-1):
+ *   seam_kernel     between blocks i and i+1 (attend_run's default), one
+ *                   launch for what follows: cut_kernel + bscore_pairs of
+ *                   block i's cut blocks, select_kernel and prep_kernel of i+1
  *   prep_kernel     rotate queries (local: index p - T0; fixed: n_local - 1,
  *                   times cos[0]) and the recent segment's keys (index j - T0)
  *   select_kernel   top-k block ids of precomputed block scores (ascending)
