@@ -348,6 +348,19 @@ def test_attend_cuda_retrieval_many_block_pairs(question):
     assert gpu.n_blocks >= blocks
 
 
+def test_attend_cuda_seam_without_staging():
+    """One call of 188 execution blocks with 32 query heads: the seam kernel's cut CTAs read the
+    later blocks' qcomb rows from global memory (they do not fit in shared memory) and its last
+    cut CTA sums the partials from global memory (2 cut blocks x 187 rows x 32 heads do not fit
+    beside the selection either); retrieval and outputs must still match the reference."""
+    cfg = SMALL_SEL
+    T = 6000
+    n_exec = -(-T // cfg.exc_block_size)
+    assert n_exec * 64 > 11008 and 2 * (n_exec - 1) * 32 > 11008  # attend.cu seam_cut/last_floats budget
+    _, gpu, _ = _run_pair(cfg, hq=32, hkv=8, D=64, segments=(T,), question=True, seed=11)
+    assert gpu.n_blocks > 300
+
+
 @pytest.mark.parametrize("strategy", ["qllm", "infllm", "streaming"])
 @pytest.mark.parametrize("question", [False, True])
 @pytest.mark.parametrize("segments", [(500,), (200, 1, 1, 1, 3, 150, 1)], ids=str)
