@@ -150,8 +150,10 @@ if [[ " $stages " == *" ncuts "* ]]; then
   grep -i "duration\|throughput\|stall\|warp cycles per issued\|issued ipc\|achieved occ\|registers\|waves\|grid size\|==PROF==\|error" "$OUT/ncu_tscore.txt" | head -40
 fi
 if [[ " $stages " == *" ncuseam "* ]]; then
-  # counters of one seam launch (32K prefill, 41st of the warm-up) and of one qcomb launch
-  for kv in "seam_kernel 40" "qcomb_kernel 2"; do
+  # counters of one seam launch with a cut and a top-k (the warm-up's 16K prefill and 4 decode
+  # steps launch 42 seams; the 63rd is in the second chunk of the 32K prefill) and of one qcomb
+  # launch over a whole 8192-row chunk (the 32K prefill's second call)
+  for kv in "seam_kernel 62" "qcomb_kernel 7"; do
     set -- $kv
     stamp "ncu, $1"
     timeout 200 "$NCU" --clock-control none -k "regex:$1" --launch-skip "$2" --launch-count 1 \
