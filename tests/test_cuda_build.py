@@ -7,7 +7,8 @@ traps that the host never launches, and every kernel runs mma.sync.  This
 test compiles csrc/cuda/*.cu for sm_90, and checks in the sm_90a object that
 the attention kernel really contains wgmma (HGMMA) instructions while the
 sm_90 one has none, and (with cuobjdump) where the machine code of the
-pipelined kernel waits.  Skipped without nvcc.
+pipelined kernel waits; the CUDA ops' bindings (csrc/torch/ops_cuda.cpp) pass a
+syntax check against the CPU torch's headers.  Skipped without nvcc.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import shutil
 import subprocess
 
 import pytest
@@ -150,3 +152,28 @@ def test_sass_report_names():
     # the longest backward branch (0x30 -> 0x0), not the inner one (0x20 -> 0x10)
     assert sass_report.main_loop(ins) == ["IMAD R1, R2, R3, R4", "@P0 BRA 0x10", "BRA 0x0"]
     assert sass_report.main_loop(ins[:1]) == []
+
+
+def test_ops_cuda_bindings_compile(tmp_path):
+    """csrc/torch/ops_cuda.cpp (the CUDA ops' bindings) builds only against a CUDA torch, so the
+    extension build here skips it.  A syntax check against this CPU torch's headers -- they ship
+    c10/cuda except one CMake-generated header, an empty stub here -- and nvcc's CUDA headers
+    catches its errors before the GPU machine does."""
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("g++ not found")
+    torch_ext = pytest.importorskip("torch.utils.cpp_extension")
+    dry = subprocess.run([NVCC, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                         capture_output=True, text=True, timeout=120)
+    m = re.search(r'INCLUDES="(-I[^"]+)"', dry.stdout + dry.stderr)
+    assert m, "nvcc --dryrun printed no include path:\n" + (dry.stdout + dry.stderr)[-2000:]
+    stub = tmp_path / "stub" / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
+    # the extension's C++ flags (setup.py CXX_FLAGS): torch's headers as system headers, -Werror
+    cmd = [gxx, "-std=c++20", "-fsyntax-only", "-DQLLM_WITH_CUDA", "-Wall", "-Wextra", "-Werror",
+           "-Wno-unused-parameter", *(f for p in torch_ext.include_paths() for f in ("-isystem", p)),
+           "-isystem", str(tmp_path / "stub"), *m.group(1).replace("-I", "-isystem ").split(),
+           "-I" + os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc", "torch", "ops_cuda.cpp")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
