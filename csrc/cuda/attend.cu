@@ -550,6 +550,14 @@ __device__ __forceinline__ void topk_ascending(const float *src, int n, int k, i
         topk_radix(src, n, k, ids);
 }
 
+/* Top-k of scores s[0..n) from an earlier launch, staged in shared memory sc[n]. */
+__device__ __forceinline__ void topk_staged(const float *__restrict__ s, int n, int k, int32_t *__restrict__ ids,
+                                            float *sc) {
+    for (int i = threadIdx.x; i < n; i += SEL_THREADS) sc[i] = s[i];
+    __syncthreads();
+    topk_ascending(sc, n, k, ids);
+}
+
 __global__ void __launch_bounds__(SEL_THREADS) select_kernel(const float *__restrict__ s, int n, int k,
                                                              bool staged, int32_t *__restrict__ ids,
                                                              const int64_t *__restrict__ dyn) {
@@ -558,14 +566,10 @@ __global__ void __launch_bounds__(SEL_THREADS) select_kernel(const float *__rest
         k = static_cast<int>(dyn[QLLM_DYN_NRET]);
     }
     extern __shared__ float sel_smem[]; /* [n] scores when staged, then k ints */
-    float *sc = sel_smem;
-    if (staged)
-        for (int i = threadIdx.x; i < n; i += SEL_THREADS) sc[i] = s[i];
-    __syncthreads();
     /* two call sites, so that each knows its memory space: one pointer that may
      * be shared or global would make every score read a generic load */
     if (staged)
-        topk_ascending(sc, n, k, ids);
+        topk_staged(s, n, k, ids, sel_smem);
     else
         topk_ascending(s, n, k, ids);
 }
@@ -1819,6 +1823,20 @@ __global__ void dyn_set_kernel(DynVals vals, int64_t *dyn) {
 
 /* ------------------------------------------------------------ cut blocks */
 
+/* Representative of block b, head h: the mean of the un-rotated keys of the
+ * block's tokens tok(0..k-1), summed in that order; emit(d, value) per dim. */
+template <typename T, typename Tok, typename Emit>
+__device__ __forceinline__ void repr_of_head(const qllm_gpu_layer &ly, int64_t b, int h, int k, Tok tok, Emit emit) {
+    const int D = ly.head_dim;
+    const int64_t pos0 = ly.n_init + b * ly.block_size;
+    const T *keys = static_cast<const T *>(ly.k_store) + static_cast<int64_t>(h / (ly.hq / ly.hkv)) * ly.cap * D;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float acc = 0.0f;
+        for (int r = 0; r < k; ++r) acc += Cvt<T>::to_f(keys[kv_row(pos0 + tok(r), ly.n_init, ly.wmask) * D + d]);
+        emit(d, acc / static_cast<float>(k));
+    }
+}
+
 template <typename T>
 __global__ void cut_kernel(qllm_gpu_layer ly, int64_t b0, int k) {
     extern __shared__ int64_t sel[];
@@ -1831,13 +1849,8 @@ __global__ void cut_kernel(qllm_gpu_layer ly, int64_t b0, int k) {
     block_select_best([&](int64_t t) { return sc[(pos0 + t) & (ly.ring - 1)]; }, bs, k,
                       [&](int64_t r, int64_t i) { sel[r] = i; }, sh_s, sh_i);
     __syncthreads();
-    const T *keys = static_cast<const T *>(ly.k_store) + static_cast<int64_t>(h / (ly.hq / ly.hkv)) * ly.cap * D;
     float *out = ly.reprs + (b * ly.hq + h) * D;
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
-        float acc = 0.0f;
-        for (int r = 0; r < k; ++r) acc += Cvt<T>::to_f(keys[kv_row(pos0 + sel[r], ly.n_init, ly.wmask) * D + d]);
-        out[d] = acc / static_cast<float>(k);
-    }
+    repr_of_head<T>(ly, b, h, k, [&](int r) { return sel[r]; }, [&](int d, float v) { out[d] = v; });
 }
 
 /* ------------------------------------------------------------------ seam */
@@ -1947,13 +1960,6 @@ __device__ __forceinline__ void seam_finish(const qllm_gpu_layer &ly, const Seam
     topk_ascending(sel_s, a.sel_n, a.sel_k, a.sel_ids);
 }
 
-/* Top-k of block i+1 alone (it ranks no block cut in this launch). */
-__device__ __forceinline__ void seam_select(const SeamArgs &a, float *smem) {
-    for (int i = threadIdx.x; i < a.sel_n; i += SEAM_THREADS) smem[i] = a.sel_scores[i];
-    __syncthreads();
-    topk_ascending(smem, a.sel_n, a.sel_k, a.sel_ids);
-}
-
 template <typename T>
 __device__ __forceinline__ void seam_cut(const qllm_gpu_layer &ly, const SeamArgs &a, int cta, float *smem) {
     const int hq = ly.hq, D = ly.head_dim, bs = ly.block_size, k = a.repr_k, ni = a.i1 - a.i0;
@@ -1979,16 +1985,11 @@ __device__ __forceinline__ void seam_cut(const qllm_gpu_layer &ly, const SeamArg
             qs[e] = a.qcomb[(static_cast<int64_t>(a.i0 + e / D) * hq + h) * D + e % D];
     }
     __syncthreads();
-    const T *keys = static_cast<const T *>(ly.k_store) + static_cast<int64_t>(h / (hq / ly.hkv)) * ly.cap * D;
     float *out = ly.reprs + (b * hq + h) * D;
-    for (int d = threadIdx.x; d < D; d += SEAM_THREADS) {
-        float acc = 0.0f;
-        for (int r = 0; r < k; ++r)
-            acc += Cvt<T>::to_f(keys[kv_row(pos0 + static_cast<int64_t>(si[r]), ly.n_init, ly.wmask) * D + d]);
-        const float v = acc / static_cast<float>(k);
+    repr_of_head<T>(ly, b, h, k, [&](int r) { return static_cast<int64_t>(si[r]); }, [&](int d, float v) {
         out[d] = v;
         rep[d] = v;
-    }
+    });
     if (ni <= 0 && !a.sel_after_cut) return; /* uniform */
     __syncthreads();
     auto dots = [&](auto row) {
@@ -2020,7 +2021,7 @@ __global__ void __launch_bounds__(SEAM_THREADS) seam_kernel(qllm_gpu_layer ly, S
     cta -= n_cut;
     if (a.sel_k > 0 && !a.sel_after_cut) {
         if (cta == 0) {
-            seam_select(a, seam_smem);
+            topk_staged(a.sel_scores, a.sel_n, a.sel_k, a.sel_ids, seam_smem); /* ranks no block cut now */
             return;
         }
         cta -= 1;
@@ -2169,12 +2170,29 @@ int grid_for(int64_t work, int threads) {
 /* prep_kernel with 16-byte loads of the cos / sin rows when the tables allow
  * them (aligned bases, head dim a multiple of 8: every row and 8-dim group
  * then starts on 16 bytes), else scalar loads: the same values either way. */
+bool prep_vec(const qllm_gpu_layer &ly) {
+    return ((reinterpret_cast<uintptr_t>(ly.cos) | reinterpret_cast<uintptr_t>(ly.sin)) & 15u) == 0 &&
+           ly.head_dim % 8 == 0;
+}
+
+/* Arguments of one execution block's rotations (exec_prep, exec_seam); *work:
+ * the (row, 8-dim) items of prep_body. */
+int check_prep(const qllm_gpu_layer *ly, const qllm_gpu_exec &ex, const void *q, int64_t q_hs, int64_t q_ts,
+               const char *what, int64_t *work) {
+    if (ex.E < 1 || ex.L < ex.E || ex.L > ly->rope_len)
+        return set_error(QLLM_CUDA_ERR_ARG, "%s: E=%d L=%d rope_len=%lld", what, ex.E, ex.L,
+                         (long long)ly->rope_len);
+    if (q_hs % 8 != 0 || q_ts % 8 != 0 || (reinterpret_cast<uintptr_t>(q) & 15) != 0)
+        return set_error(QLLM_CUDA_ERR_ARG, "%s: q rows must be 16-byte aligned (strides %lld, %lld)", what,
+                         (long long)q_hs, (long long)q_ts);
+    *work = (static_cast<int64_t>(ly->hq) * ex.E + static_cast<int64_t>(ly->hkv) * ex.L) * (ly->head_dim / 16);
+    return QLLM_CUDA_OK;
+}
+
 template <typename T>
 void launch_prep(const qllm_gpu_layer &ly, const qllm_gpu_exec &ex, const T *q, int64_t q_hs, int64_t q_ts,
                  T *qfix, T *qloc, T *krot, const int64_t *dyn, int grid, cudaStream_t stream) {
-    const bool vec = ((reinterpret_cast<uintptr_t>(ly.cos) | reinterpret_cast<uintptr_t>(ly.sin)) & 15u) == 0 &&
-                     ly.head_dim % 8 == 0;
-    if (vec)
+    if (prep_vec(ly))
         prep_kernel<T, true><<<grid, 256, 0, stream>>>(ly, ex, q, q_hs, q_ts, qfix, qloc, krot, dyn);
     else
         prep_kernel<T, false><<<grid, 256, 0, stream>>>(ly, ex, q, q_hs, q_ts, qfix, qloc, krot, dyn);
@@ -2397,14 +2415,9 @@ extern "C" int qllm_cuda_exec_prep(const qllm_gpu_layer *ly, const qllm_gpu_exec
                                    void *qloc, void *krot, cudaStream_t stream) {
     int st = check_layer(ly, "exec_prep");
     if (st) return st;
-    if (ex->E < 1 || ex->L < ex->E || ex->L > ly->rope_len)
-        return set_error(QLLM_CUDA_ERR_ARG, "exec_prep: E=%d L=%d rope_len=%lld", ex->E, ex->L,
-                         (long long)ly->rope_len);
-    if (q_hs % 8 != 0 || q_ts % 8 != 0 || (reinterpret_cast<uintptr_t>(q) & 15) != 0)
-        return set_error(QLLM_CUDA_ERR_ARG, "exec_prep: q rows must be 16-byte aligned (strides %lld, %lld)",
-                         (long long)q_hs, (long long)q_ts);
-    const int64_t work = (static_cast<int64_t>(ly->hq) * ex->E + static_cast<int64_t>(ly->hkv) * ex->L) *
-                         (ly->head_dim / 16);
+    int64_t work = 0;
+    st = check_prep(ly, *ex, q, q_hs, q_ts, "exec_prep", &work);
+    if (st) return st;
     QLLM_DISPATCH_T(ly->dtype, launch_prep<T>(*ly, *ex, static_cast<const T *>(q), q_hs, q_ts, static_cast<T *>(qfix),
                                               static_cast<T *>(qloc), static_cast<T *>(krot), nullptr,
                                               grid_for(work, 256), stream));
@@ -2645,16 +2658,7 @@ extern "C" int qllm_cuda_exec_seam(const qllm_gpu_layer *ly, const qllm_gpu_seam
     const int64_t cut_n = s->cut_n;
     const int D = ly->head_dim;
     int64_t prep_work = 0;
-    if (prep) {
-        const qllm_gpu_exec &ex = *s->next;
-        if (ex.E < 1 || ex.L < ex.E || ex.L > ly->rope_len)
-            return set_error(QLLM_CUDA_ERR_ARG, "exec_seam: E=%d L=%d rope_len=%lld", ex.E, ex.L,
-                             (long long)ly->rope_len);
-        if (s->q_hs % 8 != 0 || s->q_ts % 8 != 0 || (reinterpret_cast<uintptr_t>(s->q) & 15) != 0)
-            return set_error(QLLM_CUDA_ERR_ARG, "exec_seam: q rows must be 16-byte aligned (strides %lld, %lld)",
-                             (long long)s->q_hs, (long long)s->q_ts);
-        prep_work = (static_cast<int64_t>(ly->hq) * ex.E + static_cast<int64_t>(ly->hkv) * ex.L) * (D / 16);
-    }
+    if (prep && (st = check_prep(ly, *s->next, s->q, s->q_hs, s->q_ts, "exec_seam", &prep_work)) != 0) return st;
     const int ni = s->i1 - s->i0;
     if (cut_n < 0 || (cut_n > 0 && (s->cut_b0 < 0 || s->cut_b0 + cut_n > ly->reprs_cap || s->repr_topk < 1 ||
                                      cut_n > (1 << 20) || ni < 0 || (ni > 0 && (!s->qcomb || !s->bscore)) ||
@@ -2710,8 +2714,7 @@ extern "C" int qllm_cuda_exec_seam(const qllm_gpu_layer *ly, const qllm_gpu_seam
     const int64_t grid = cut_n * ly->hq + (sel_in && !a.sel_after_cut ? 1 : 0) + a.prep_ctas;
     if (grid > 0) {
         const size_t smem = static_cast<size_t>(floats) * sizeof(float);
-        const bool vec = ((reinterpret_cast<uintptr_t>(ly->cos) | reinterpret_cast<uintptr_t>(ly->sin)) & 15u) == 0 &&
-                         D % 8 == 0;
+        const bool vec = prep_vec(*ly);
         QLLM_DISPATCH_T(ly->dtype, {
             if (vec)
                 seam_kernel<T, true><<<static_cast<unsigned>(grid), SEAM_THREADS, smem, stream>>>(*ly, a);

@@ -486,8 +486,8 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
                     sm.sel_ids = ids_of(i + 1);
                 }
             }
-            if (i >= 0 && read_row(sched, i).cut_n > 0) {
-                const ExecRow r = read_row(sched, i);
+            const ExecRow r = i >= 0 ? read_row(sched, i) : ExecRow{};
+            if (r.cut_n > 0) {
                 sm.cut_b0 = r.cut_b0;
                 sm.cut_n = r.cut_n;
                 sm.repr_topk = static_cast<int>(repr_topk);
