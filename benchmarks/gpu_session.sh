@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call = build + CUDA tests + layer benchmark (see benchmarks/NOTES_gpu.md).
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [seamab] [ncuseam] [e2eprof] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
+# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [prepab] [microsel] [seamab] [ncuseam] [e2eprof] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
 # Logs and results go to $OUT (default: /tmp/qllm_out).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -121,6 +121,24 @@ if [[ " $stages " == *" tsorder "* ]]; then
   # token-score CTAs heaviest key tile first (the default) against key order
   knob_ab QLLM_TSCORE_ORDER=0 attend_cuda "--prefill 32768 131072 --decode-at" \
     QLLM_TSCORE_ORDER=0 QLLM_TSCORE_ORDER=1
+fi
+if [[ " $stages " == *" prepab "* ]]; then
+  # rotations of up to 16 execution blocks in one launch against each block's in its seam
+  knob_ab QLLM_PREP_BATCH=0 attend_cuda "" QLLM_PREP_BATCH=0 QLLM_PREP_BATCH=1
+fi
+if [[ " $stages " == *" microsel "* ]]; then
+  # select_kernel / combine_kernel micro-benchmark, this tree against the one in .base/ (carried: a
+  # copy of an earlier commit's csrc/ with this tree's benchmark source), built side by side
+  stamp "micro select: build"
+  mflags="-O3 -std=c++20 -arch=sm_90 -Icsrc/include -Icsrc"
+  nvcc $mflags benchmarks/micro/select_combine.cu -o /tmp/msel_new > "$OUT/micro_build.log" 2>&1 &
+  if [[ -d .base ]]; then (cd .base && nvcc $mflags benchmarks/micro/select_combine.cu -o /tmp/msel_base) >> "$OUT/micro_build.log" 2>&1; fi
+  wait
+  for v in base new; do
+    [[ -x /tmp/msel_$v ]] || continue
+    stamp "micro select: $v"
+    timeout 120 /tmp/msel_$v 2>&1 | tee "$OUT/micro_select_$v.txt"
+  done
 fi
 if [[ " $stages " == *" seamab "* ]]; then
   # the seam kernel between execution blocks against its four kernels one by one

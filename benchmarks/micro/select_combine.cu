@@ -55,7 +55,7 @@ int main() {
         cudaMalloc(&d_ids, 4096 * sizeof(int32_t));
         unsigned rng = 12345u;
         for (int n : {1, 7, 64, 255, 256, 257, 1000, 1024, 5000, 12000}) {
-            for (int k : {1, 2, 8, 31, 32, 33, 100, 4096}) {
+            for (int k : {1, 2, 3, 7, 8, 9, 31, 32, 33, 100, 4096}) {
                 if (k > n) continue;
                 for (int levels : {3, 50, 1 << 30}) {
                     std::vector<float> h(n);
@@ -98,7 +98,7 @@ int main() {
     std::vector<float> h(65536);
     for (size_t i = 0; i < h.size(); ++i) h[i] = static_cast<float>((i * 2654435761u) % 100003) / 100003.0f;
     cudaMemcpy(sc, h.data(), h.size() * sizeof(float), cudaMemcpyHostToDevice);
-    for (int n : {64, 1024, 4096, 8192}) {
+    for (int n : {64, 512, 1024, 2048, 4096, 8192}) {
         for (int k : {1, 8, 32, 100}) {
             const bool staged = (n + k) * 4 <= SEL_DYN_SMEM;
             const size_t smem = (staged ? n * 4 : 0) + k * 4;

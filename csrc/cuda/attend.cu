@@ -170,6 +170,28 @@ __global__ void prep_kernel(qllm_gpu_layer ly, qllm_gpu_exec ex, const T *__rest
     prep_body<T, VEC>(ly, ex, q, q_hs, q_ts, qfix, qloc, krot, dyn, blockIdx.x, gridDim.x);
 }
 
+/* Rotations of up to QLLM_CUDA_PREP_BATCH execution blocks in one launch
+ * (qllm_cuda_exec_prep_batch): blockIdx.y is the block, whose q rows start at
+ * q + t0[j] * q_ts and whose outputs sit j * q_step / k_step elements in.
+ * __grid_constant__: ex[j] is read in place (a dynamic index into a by-value
+ * parameter would otherwise copy it to local memory). */
+struct PrepBatch {
+    qllm_gpu_exec ex[QLLM_CUDA_PREP_BATCH];
+    int64_t t0[QLLM_CUDA_PREP_BATCH];
+    const void *q;
+    int64_t q_hs, q_ts;
+    void *qfix, *qloc, *krot;
+    int64_t q_step, k_step;
+};
+
+template <typename T, bool VEC>
+__global__ void prep_batch_kernel(qllm_gpu_layer ly, const __grid_constant__ PrepBatch b) {
+    const int64_t j = blockIdx.y;
+    prep_body<T, VEC>(ly, b.ex[j], static_cast<const T *>(b.q) + b.t0[j] * b.q_ts, b.q_hs, b.q_ts,
+                      static_cast<T *>(b.qfix) + j * b.q_step, static_cast<T *>(b.qloc) + j * b.q_step,
+                      static_cast<T *>(b.krot) + j * b.k_step, nullptr, blockIdx.x, gridDim.x);
+}
+
 /* ----------------------------------------------------------- qcomb / bscore */
 
 /* Mean fixed query of execution block i, head h.  The rotation to the fixed
@@ -356,14 +378,13 @@ __device__ __forceinline__ uint32_t score_key(float v) {
 /* Exact top-k of src[0..n) (descending score, ties toward the lower index),
  * written to ids[0..k) in ascending block order.  All SEL_THREADS threads of
  * the block call it.  k > n: ids[n..k) = -1.
- * k <= SEL_KFAST (topk_rounds): each warp takes the top k of its stripes in k
- * rounds of two warp reductions (key max, then index min), where only the
- * winning lane rescans its own elements; warp 0 then does the same over the
- * warps' candidates.  Larger k (topk_radix): a radix select, whose cost does
- * not grow with k.  Measured on an H100 (benchmarks/micro/select_combine.cu,
- * benchmarks/NOTES_gpu.md): k = 8 rounds 6.5 / 12.1 / 19.7 us at n = 1024 /
- * 4096 / 8192 against radix 6.6 / 17.0 / 30.3; k = 32 rounds 29.2 us against
- * radix 6.8 at n = 1024; so rounds up to k = 8.
+ * k <= SEL_KFAST (topk_lists): every thread keeps a sorted list of the best
+ * SEL_KFAST (key, index) pairs of the elements it reads (one coalesced pass,
+ * each element read once, so src may stay in global memory); each warp then
+ * takes its top k in k rounds of two warp reductions over the lists' heads
+ * (key max, then index min; the winning lane pops its head), and warp 0 does
+ * the same over the warps' candidates.  Larger k (topk_radix): a radix
+ * select, whose cost does not grow with k.
  * Radix select:
  * 1. Radix select over the 32-bit keys, 8 bits per pass: each pass histograms
  *    the keys that match the digits chosen so far (warp-aggregated shared
@@ -371,8 +392,9 @@ __device__ __forceinline__ uint32_t score_key(float v) {
  *    After 4 passes the k-th best key T is known, and `need` says how many of
  *    the keys equal to T belong to the top k.
  * 2. One ordered pass takes every key > T and the first `need` keys == T,
- *    placing them by block-wide ballot scans: ids come out ascending. */
-constexpr int SEL_KFAST = 8; /* rounds up to this k, radix above */
+ *    placing them by block-wide ballot scans: ids come out ascending.
+ * Measured: benchmarks/micro/select_combine.cu, benchmarks/NOTES_gpu.md. */
+constexpr int SEL_KFAST = 8; /* lists up to this k, radix above */
 
 /* Best (key, index) of one lane's elements get(j), j < cnt, strictly worse
  * than (tk, ti) when bounded; none = (0, UINT_MAX), which every element beats. */
@@ -413,37 +435,90 @@ __device__ __forceinline__ void warp_topk(Get get, int cnt, int k, uint32_t *out
     }
 }
 
-__device__ __forceinline__ void topk_rounds(const float *src, int n, int k, int32_t *__restrict__ ids) {
-    constexpr int NWS = SEL_THREADS / 32;
-    __shared__ uint32_t cand_k[NWS * SEL_KFAST], cand_i[NWS * SEL_KFAST];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    /* warp w owns the 32-wide stripes w, w + NWS, ...: element i = w*32 + lane + j*SEL_THREADS */
-    const int first = warp * 32 + lane;
-    const int cnt = first < n ? (n - first + SEL_THREADS - 1) / SEL_THREADS : 0;
-    warp_topk([&](int j, uint32_t &key, uint32_t &idx) {
-                  const int i = first + j * SEL_THREADS;
-                  key = score_key(src[i]);
-                  idx = static_cast<uint32_t>(i);
-              },
-              cnt, k, cand_k + warp * k, cand_i + warp * k, nullptr);
-    __syncthreads();
-    if (warp == 0) {
-        const int nc = NWS * k;
-        const int ccnt = lane < nc ? (nc - lane + 31) / 32 : 0;
-        uint32_t w = 0xffffffffu;
-        warp_topk([&](int j, uint32_t &key, uint32_t &idx) {
-                      key = cand_k[lane + 32 * j];
-                      idx = cand_i[lane + 32 * j];
-                  },
-                  ccnt, k, nullptr, nullptr, &w);
-        /* ascending block order: rank among the k winners (none = UINT_MAX last) */
-        int rank = 0;
-        for (int j = 0; j < k; ++j) {
-            const uint32_t v = __shfl_sync(0xffffffffu, w, j);
-            rank += (v < w || (v == w && j < lane)) ? 1 : 0;
+/* (ka, ia) ranks before (kb, ib): larger key, then lower index. */
+__device__ __forceinline__ bool key_before(uint32_t ka, uint32_t ia, uint32_t kb, uint32_t ib) {
+    return ka > kb || (ka == kb && ia < ib);
+}
+
+/* One thread's sorted list of its best K pairs; none = (0, UINT_MAX), which
+ * every element ranks before. */
+template <int K>
+struct TopList {
+    uint32_t key[K], idx[K];
+
+    __device__ __forceinline__ TopList() {
+#pragma unroll
+        for (int r = 0; r < K; ++r) {
+            key[r] = 0u;
+            idx[r] = 0xffffffffu;
         }
-        if (lane < k) ids[rank] = w == 0xffffffffu ? -1 : static_cast<int32_t>(w);
     }
+    __device__ __forceinline__ void insert(uint32_t k, uint32_t i) {
+        if (!key_before(k, i, key[K - 1], idx[K - 1])) return;
+#pragma unroll
+        for (int r = 0; r < K; ++r) { /* the new pair sinks to its place, the rest move down */
+            const bool b = key_before(k, i, key[r], idx[r]);
+            const uint32_t tk = b ? key[r] : k, ti = b ? idx[r] : i;
+            key[r] = b ? k : key[r];
+            idx[r] = b ? i : idx[r];
+            k = tk;
+            i = ti;
+        }
+    }
+    /* k rounds over the warp's lists: lane r gets round r's winner in
+     * (wk, wi) (none: wi = UINT_MAX); the winner's lane pops its head. */
+    __device__ __forceinline__ void rounds(int k, uint32_t &wk, uint32_t &wi) {
+        const int lane = threadIdx.x & 31;
+        wk = 0u;
+        wi = 0xffffffffu;
+        for (int r = 0; r < k; ++r) {
+            const uint32_t kmax = __reduce_max_sync(0xffffffffu, key[0]);
+            const uint32_t imin = __reduce_min_sync(0xffffffffu, key[0] == kmax ? idx[0] : 0xffffffffu);
+            if (lane == r) {
+                wk = kmax;
+                wi = imin;
+            }
+            const bool pop = key[0] == kmax && idx[0] == imin;
+#pragma unroll
+            for (int j = 0; j + 1 < K; ++j) {
+                key[j] = pop ? key[j + 1] : key[j];
+                idx[j] = pop ? idx[j + 1] : idx[j];
+            }
+            if (pop) {
+                key[K - 1] = 0u;
+                idx[K - 1] = 0xffffffffu;
+            }
+        }
+    }
+};
+
+__device__ __forceinline__ void topk_lists(const float *src, int n, int k, int32_t *__restrict__ ids) {
+    constexpr int NWS = SEL_THREADS / 32, K = SEL_KFAST;
+    __shared__ uint32_t cand_k[NWS * K], cand_i[NWS * K];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    uint32_t wk, wi;
+    {
+        TopList<K> l;
+        for (int i = threadIdx.x; i < n; i += SEL_THREADS) l.insert(score_key(src[i]), static_cast<uint32_t>(i));
+        l.rounds(k, wk, wi);
+    }
+    if (lane < k) {
+        cand_k[warp * K + lane] = wk;
+        cand_i[warp * K + lane] = wi;
+    }
+    __syncthreads();
+    if (warp != 0) return;
+    TopList<K> l;
+    for (int c = lane; c < NWS * K; c += 32)
+        if (c % K < k) l.insert(cand_k[c], cand_i[c]);
+    l.rounds(k, wk, wi);
+    /* ascending block order: rank among the k winners (none = UINT_MAX last) */
+    int rank = 0;
+    for (int j = 0; j < k; ++j) {
+        const uint32_t v = __shfl_sync(0xffffffffu, wi, j);
+        rank += (v < wi || (v == wi && j < lane)) ? 1 : 0;
+    }
+    if (lane < k) ids[rank] = wi == 0xffffffffu ? -1 : static_cast<int32_t>(wi);
 }
 
 /* Block-wide exclusive count of `flag` over the threads before this one (in
@@ -545,14 +620,20 @@ __device__ __forceinline__ void topk_radix(const float *src, int n, int k, int32
 
 __device__ __forceinline__ void topk_ascending(const float *src, int n, int k, int32_t *__restrict__ ids) {
     if (k <= SEL_KFAST)
-        topk_rounds(src, n, k, ids);
+        topk_lists(src, n, k, ids);
     else
         topk_radix(src, n, k, ids);
 }
 
-/* Top-k of scores s[0..n) from an earlier launch, staged in shared memory sc[n]. */
+/* Top-k of scores s[0..n) from an earlier launch: the lists read s once in
+ * place; the radix select, which reads it 5 times, stages it in shared memory
+ * sc[n] first. */
 __device__ __forceinline__ void topk_staged(const float *__restrict__ s, int n, int k, int32_t *__restrict__ ids,
                                             float *sc) {
+    if (k <= SEL_KFAST) {
+        topk_lists(s, n, k, ids);
+        return;
+    }
     for (int i = threadIdx.x; i < n; i += SEL_THREADS) sc[i] = s[i];
     __syncthreads();
     topk_ascending(sc, n, k, ids);
@@ -2422,6 +2503,55 @@ extern "C" int qllm_cuda_exec_prep(const qllm_gpu_layer *ly, const qllm_gpu_exec
                                               static_cast<T *>(qloc), static_cast<T *>(krot), nullptr,
                                               grid_for(work, 256), stream));
     return check_launch("prep_kernel");
+}
+
+extern "C" int qllm_cuda_exec_prep_batch(const qllm_gpu_layer *ly, const qllm_gpu_exec *ex, const int64_t *t0,
+                                         int n, const void *q, int64_t q_hs, int64_t q_ts, void *qfix,
+                                         void *qloc, int64_t q_step, void *krot, int64_t k_step,
+                                         cudaStream_t stream) {
+    int st = check_layer(ly, "exec_prep_batch");
+    if (st) return st;
+    if (n < 1 || n > QLLM_CUDA_PREP_BATCH || q_step < 0 || k_step < 0)
+        return set_error(QLLM_CUDA_ERR_ARG, "exec_prep_batch: %d blocks (1..%d), steps %lld, %lld", n,
+                         QLLM_CUDA_PREP_BATCH, (long long)q_step, (long long)k_step);
+    PrepBatch b{};
+    int64_t work = 0;
+    const int64_t D = ly->head_dim;
+    const size_t esz = 2; /* f16 / bf16 (check_layer) */
+    for (int j = 0; j < n; ++j) {
+        int64_t w = 0;
+        st = check_prep(ly, ex[j], static_cast<const char *>(q) + t0[j] * q_ts * esz, q_hs, q_ts,
+                        "exec_prep_batch", &w);
+        if (st) return st;
+        if (t0[j] < 0 || ly->hq * ex[j].E * D > q_step || ly->hkv * ex[j].L * D > k_step)
+            return set_error(QLLM_CUDA_ERR_ARG, "exec_prep_batch: block %d (t0 %lld, E %d, L %d) exceeds its slot", j,
+                             (long long)t0[j], ex[j].E, ex[j].L);
+        b.ex[j] = ex[j];
+        b.t0[j] = t0[j];
+        work = w > work ? w : work;
+    }
+    b.q = q;
+    b.q_hs = q_hs;
+    b.q_ts = q_ts;
+    b.qfix = qfix;
+    b.qloc = qloc;
+    b.krot = krot;
+    b.q_step = q_step;
+    b.k_step = k_step;
+    const dim3 grid(static_cast<unsigned>(grid_for(work, 256)), static_cast<unsigned>(n));
+    const bool vec = prep_vec(*ly);
+    QLLM_DISPATCH_T(ly->dtype, {
+        if (vec)
+            prep_batch_kernel<T, true><<<grid, 256, 0, stream>>>(*ly, b);
+        else
+            prep_batch_kernel<T, false><<<grid, 256, 0, stream>>>(*ly, b);
+    });
+    return check_launch("prep_batch_kernel");
+}
+
+extern "C" int qllm_cuda_prep_batch_enabled(void) {
+    static const int on = env_is("QLLM_PREP_BATCH", '0') ? 0 : 1;
+    return on;
 }
 
 extern "C" int qllm_cuda_query_comb(const qllm_gpu_layer *ly, const void *q, int64_t q_hs,
