@@ -7,8 +7,9 @@ traps that the host never launches, and every kernel runs mma.sync.  This
 test compiles csrc/cuda/*.cu for sm_90, and checks in the sm_90a object that
 the attention kernel really contains wgmma (HGMMA) instructions while the
 sm_90 one has none, and (with cuobjdump) where the machine code of the
-pipelined kernel waits; the CUDA ops' bindings (csrc/torch/ops_cuda.cpp) pass a
-syntax check against the CPU torch's headers.  Skipped without nvcc.
+pipelined kernel waits; fused.cu's kernels keep to registers and 16-byte accesses; the CUDA
+ops' bindings (csrc/torch/ops_cuda.cpp, ops_fused_cuda.cpp) pass a syntax check against the CPU
+torch's headers.  Skipped without nvcc.
 """
 
 from __future__ import annotations
@@ -113,6 +114,40 @@ def test_no_generic_memory_accesses(sm90a_sass):
     assert not {k: v for k, v in bad.items() if v}, {k: v for k, v in bad.items() if v}
 
 
+@pytest.fixture(scope="module")
+def fused_sass(tmp_path_factory):
+    """{short kernel name: [instruction, ...]} of fused.cu built for sm_90a."""
+    if CUOBJDUMP is None:
+        pytest.skip("cuobjdump not found")
+    cubin = str(tmp_path_factory.mktemp("sass") / "fused.cubin")
+    sass_report.compile_cubin(os.path.join(ROOT, "csrc", "cuda", "fused.cu"), cubin, "90a", nvcc=NVCC)
+    funcs = sass_report.sass_functions(sass_report.dump_sass(cubin, CUOBJDUMP))
+    return {sass_report.short(n): [t for _, t in ins] for n, ins in funcs.items()}
+
+
+def test_fused_kernels_machine_code(fused_sass):
+    """fused.cu (RMSNorm, SiLU-gate product): no local memory and no generic accesses in any kernel;
+    the vector paths move 16 bytes per access -- the RMSNorm keeping NJ vectors of x (and of the
+    weight) per thread reads each with one LDG.E.128 and writes with one STG.E.128, the silu_mul
+    reads gate and up with one each -- and every RMSNorm takes rsqrtf (MUFU.RSQ) as torch.rsqrt does."""
+    k = fused_sass
+    assert len(k) == 2 * (2 * 8 + 2 + 2), sorted(k)  # dtypes x (vec: 2 row shapes x NJ 1..8, any: 2, silu: 2)
+    assert not {n: v for n, ins in k.items() if (v := sass_report.local_accesses(ins))}
+    assert not {n: v for n, ins in k.items() if (v := sass_report.generic_accesses(ins))}
+    count = lambda n, s: sum(s in t for t in k[n])  # noqa: E731
+    for dt in ("bf16", "f16"):
+        for tpr in (32, 256):
+            for nj in range(1, 9):
+                n = f"rms_norm_vec_kernel<{dt},{tpr},{nj}>"
+                assert (count(n, "LDG.E.128"), count(n, "STG.E.128")) == (2 * nj, nj), n
+                assert count(n, "MUFU.RSQ") == 1, n
+            assert count(f"rms_norm_any_kernel<{dt},{tpr}>", "LDG.E.128") == 0
+            assert count(f"rms_norm_any_kernel<{dt},{tpr}>", "MUFU.RSQ") == 1
+        n = f"silu_mul_kernel<{dt},1>"
+        assert (count(n, "LDG.E.128"), count(n, "STG.E.128")) == (2, 1), n
+        assert count(f"silu_mul_kernel<{dt},0>", "LDG.E.128") == 0
+
+
 def test_wgmma_pipeline_in_machine_code(sm90a_sass):
     """The main loop of the wgmma attention (prefill and decode step) issues S of tile t+1 and
     P V of tile t (8 + 4 wgmma) and waits for S only (wait_group 1: P V keeps running), and it
@@ -154,11 +189,14 @@ def test_sass_report_names():
     assert sass_report.main_loop(ins[:1]) == []
 
 
-def test_ops_cuda_bindings_compile(tmp_path):
-    """csrc/torch/ops_cuda.cpp (the CUDA ops' bindings) builds only against a CUDA torch, so the
-    extension build here skips it.  A syntax check against this CPU torch's headers -- they ship
-    c10/cuda except one CMake-generated header, an empty stub here -- and nvcc's CUDA headers
-    catches its errors before the GPU machine does."""
+@pytest.mark.parametrize("name", ["ops_cuda.cpp", "ops_fused_cuda.cpp"])
+def test_ops_cuda_bindings_compile(name, tmp_path):
+    """The CUDA ops' bindings (csrc/torch/ops_cuda.cpp, ops_fused_cuda.cpp) build only against a
+    CUDA torch, so the extension build here skips them.  A syntax check against this CPU torch's
+    headers -- they ship c10/cuda except one CMake-generated header, an empty stub here -- and
+    nvcc's CUDA headers catches their errors before the GPU machine does.  The same check of a
+    copy with an error injected inside the file's ``#ifdef QLLM_WITH_CUDA`` body must fail (the
+    body is really compiled)."""
     gxx = shutil.which("g++")
     if gxx is None:
         pytest.skip("g++ not found")
@@ -171,9 +209,18 @@ def test_ops_cuda_bindings_compile(tmp_path):
     stub.mkdir(parents=True)
     (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
     # the extension's C++ flags (setup.py CXX_FLAGS): torch's headers as system headers, -Werror
+    torch_dir = os.path.join(ROOT, "csrc", "torch")
     cmd = [gxx, "-std=c++20", "-fsyntax-only", "-DQLLM_WITH_CUDA", "-Wall", "-Wextra", "-Werror",
            "-Wno-unused-parameter", *(f for p in torch_ext.include_paths() for f in ("-isystem", p)),
            "-isystem", str(tmp_path / "stub"), *m.group(1).replace("-I", "-isystem ").split(),
-           "-I" + os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc", "torch", "ops_cuda.cpp")]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+           "-I" + os.path.join(ROOT, "csrc", "include"), "-I" + torch_dir]
+    src = os.path.join(torch_dir, name)
+    r = subprocess.run(cmd + [src], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
+    with open(src) as f:
+        text = f.read()
+    end = text.rindex("#endif")  # the end of the QLLM_WITH_CUDA body
+    bad = tmp_path / name  # its includes resolve through -I csrc/torch
+    bad.write_text(text[:end] + 'int qllm_injected_error = "not an int";\n' + text[end:])
+    r = subprocess.run(cmd + [str(bad)], capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "qllm_injected_error" in r.stderr, r.stderr[-2000:]

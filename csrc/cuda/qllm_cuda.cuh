@@ -330,6 +330,26 @@ const char *qllm_cuda_attention_kernel(int head_dim);
  * KV head in one CTA (E = 1, 1 < group <= 16); the CTA count is then hkv. */
 int qllm_cuda_attention_packs(int64_t E, int group);
 
+/* ====================================================== fused model kernels */
+/* csrc/cuda/fused.cu: the model's elementwise steps around the attention,
+ * with the rounding steps of the Hugging Face / torch code they replace
+ * (qllm/fused.py).  dtype: f16 (1) or bf16 (2); x / gate / up are rows of a
+ * row-major matrix, last dim contiguous, rows at a stride (elements, >= 0);
+ * out is contiguous [rows, H] / [rows, cols] and overlaps no input.
+ * 16-byte vectors when every row of every operand starts 16-byte aligned,
+ * element-wise otherwise. */
+
+/* Llama RMSNorm: out = dtype(w * dtype(x * rsqrt(mean(x^2) + eps))), f32
+ * arithmetic, the mean as torch's (sum * (rows / (rows*H)) in f32); only
+ * the order of the sum of squares differs from torch.  weight [H]. */
+int qllm_cuda_rms_norm(int dtype, const void *x, int64_t x_rs, const void *weight, float eps,
+                       void *out, int64_t rows, int64_t H, cudaStream_t stream);
+
+/* out = dtype(dtype(silu(gate)) * up), silu(g) = g / (1 + expf(-g)) in f32:
+ * torch's F.silu(gate) * up, bitwise. */
+int qllm_cuda_silu_mul(int dtype, const void *gate, int64_t g_rs, const void *up, int64_t u_rs,
+                       void *out, int64_t rows, int64_t cols, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,0 +1,367 @@
+"""torch.ops.qllm.rms_norm / silu_mul (csrc/cuda/fused.cu) against the Hugging Face / torch code
+they replace, on the same GPU, and qllm.fused on a tiny Llama.  Skipped without CUDA.
+
+* rms_norm: on inputs whose sum of squares is exact in f32 in any order (multiples of 1/8) the
+  output is bitwise HF's LlamaRMSNorm -- that checks every rounding step but the order of the sum;
+  on random inputs >= 99.9% of the elements are bitwise equal and none is more than 3 ulps off
+  (a sum rounded differently moves rsqrt by an f32 ulp; the output rounds across at most one
+  bf16/f16 boundary, which the weight's multiply can widen to 3 ulps);
+* silu_mul: bitwise F.silu(gate) * up;
+* both over f16 / bf16, hidden sizes 1, 7, 576, 4096, 5123 (vector path with a scalar tail for one
+  row, element-wise path otherwise) and larger ones, 1 / 3 / 1000 rows, strided / misaligned /
+  transposed / expanded inputs, empty tensors; bad inputs raise; opcheck; CUDA-graph capture;
+* a tiny random Llama in bf16 / f16: fused logits vs unfused within a fraction of the model's own
+  low-precision error, the ops seen in the profile, unfuse bitwise back to the model's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qllm  # noqa: F401  (registers torch.ops.qllm)
+import qllm.fused as fused
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+
+DEV = "cuda"
+DTYPES = [torch.bfloat16, torch.float16]
+HIDDEN = [1, 7, 576, 4096, 5123]
+ROWS = [1, 3, 1000]
+EPS = 1e-5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _need_ops():
+    if not hasattr(torch.ops.qllm, "rms_norm"):
+        pytest.fail("qllm was built without CUDA kernels (torch.ops.qllm.rms_norm missing) on a CUDA machine")
+
+
+def ops():
+    return torch.ops.qllm
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(g, *shape, dtype, scale=1.0):
+    return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEV)
+
+
+def _grid(g, *shape, dtype):
+    """Multiples of 1/8 in [-2, 2]: exact in f16 / bf16, their squares' sums exact in f32 in any
+    order for rows of up to 2^24 / 256 elements."""
+    return (torch.randint(-16, 17, shape, generator=g).float() / 8).to(dtype).to(DEV)
+
+
+def hf_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """Hugging Face's LlamaRMSNorm on x (the module itself, with weight w)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    m = LlamaRMSNorm(w.shape[0], eps=eps).to(device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        m.weight.copy_(w)
+        return m(x)
+
+
+def _ordered(t: torch.Tensor) -> torch.Tensor:
+    """f16/bf16 bits as integers in the order of the values (adjacent values differ by 1)."""
+    i = t.view(torch.int16).int()
+    return torch.where(i < 0, -(i & 0x7FFF), i)
+
+
+def ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    assert a.dtype == b.dtype and a.shape == b.shape
+    return (_ordered(a.contiguous()) - _ordered(b.contiguous())).abs()
+
+
+# ================================================================= rms_norm
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("H", HIDDEN)
+@pytest.mark.parametrize("rows", ROWS)
+def test_rms_norm_exact_sums_bitwise(dtype, H, rows):
+    g = _gen(H * 7 + rows)
+    x, w = _grid(g, rows, H, dtype=dtype), _randn(g, H, dtype=dtype)
+    got = ops().rms_norm(x, w, EPS)
+    want = hf_norm(x, w, EPS)
+    assert got.dtype == dtype and got.shape == x.shape and got.is_contiguous()
+    assert torch.equal(got, want), f"{int((got != want).sum())} of {got.numel()} differ"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("H", HIDDEN)
+@pytest.mark.parametrize("rows", ROWS)
+def test_rms_norm_random(dtype, H, rows):
+    g = _gen(H * 11 + rows)
+    scale = 30.0 if dtype == torch.bfloat16 else 3.0  # residual-stream-like magnitudes
+    x, w = _randn(g, rows, H, dtype=dtype, scale=scale), _randn(g, H, dtype=dtype)
+    got = ops().rms_norm(x, w, EPS)
+    want = hf_norm(x, w, EPS)
+    d = ulps(got, want)
+    assert int(d.max()) <= 3, f"max {int(d.max())} ulps"
+    assert float((d == 0).float().mean()) >= 0.999, f"{int((d > 0).sum())} of {d.numel()} differ"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("H", [2048, 2056, 16384, 16392])
+def test_rms_norm_wide_rows(dtype, H):
+    """Row shapes at the edges of the register-resident paths (one warp per row up to 2048 (+7),
+    one CTA per row up to 16384 (+7), then the element-wise kernel)."""
+    g = _gen(H)
+    x, w = _grid(g, 3, H, dtype=dtype), _randn(g, H, dtype=dtype)
+    assert torch.equal(ops().rms_norm(x, w, EPS), hf_norm(x, w, EPS))
+
+
+def _norm_layouts(g, rows, H, dtype):
+    """(name, x) with the values of a [rows, H] grid tensor in other memory layouts."""
+    base = _grid(g, rows, H, dtype=dtype)
+    wide = torch.zeros(rows, H + 8, dtype=dtype, device=DEV)
+    wide[:, :H] = base
+    yield "row stride H+8 (aligned rows)", wide[:, :H]
+    wide2 = torch.zeros(rows, H + 8, dtype=dtype, device=DEV)
+    wide2[:, 3:3 + H] = base
+    yield "row stride H+8, offset 3 (misaligned)", wide2[:, 3:3 + H]
+    flat = torch.zeros(rows * H + 1, dtype=dtype, device=DEV)
+    flat[1:] = base.flatten()
+    yield "storage offset 1 (misaligned)", flat[1:].view(rows, H)
+    yield "transposed (last dim strided)", base.t().contiguous().t()
+    x3 = base.reshape(1, rows, H).expand(2, rows, H).transpose(0, 1)  # [rows, 2, H], strides (H, 0, 1)
+    yield "expanded, leading dims not collapsible", x3
+    yield "3-D contiguous", base.reshape(rows, 1, H)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("H", [7, 576, 4096])
+def test_rms_norm_layouts(dtype, H):
+    g = _gen(H + 5)
+    w_full = _randn(g, 2 * H, dtype=dtype)
+    for w_name, w in (("contiguous weight", w_full[:H].clone()), ("strided weight", w_full[::2])):
+        for name, x in _norm_layouts(g, 5, H, dtype):
+            got = ops().rms_norm(x, w, EPS)
+            assert got.shape == x.shape and got.is_contiguous(), (name, w_name)
+            assert torch.equal(got, hf_norm(x, w, EPS)), (name, w_name)
+
+
+def test_rms_norm_expanded_rows_and_eps():
+    """Every row the same storage row (row stride 0); a large eps enters the result."""
+    g = _gen(3)
+    row = _grid(g, 1, 576, dtype=torch.bfloat16)
+    w = _randn(g, 576, dtype=torch.bfloat16)
+    x = row.expand(6, 576)
+    for eps in (1e-6, 0.5):
+        got = ops().rms_norm(x, w, eps)
+        assert torch.equal(got, hf_norm(x, w, eps))
+        assert torch.equal(got[0], got[5])
+    assert not torch.equal(ops().rms_norm(x, w, 1e-6), ops().rms_norm(x, w, 0.5))
+
+
+def test_rms_norm_empty():
+    w = torch.ones(64, dtype=torch.bfloat16, device=DEV)
+    out = ops().rms_norm(torch.empty(0, 64, dtype=torch.bfloat16, device=DEV), w, EPS)
+    assert out.shape == (0, 64)
+
+
+# ================================================================= silu_mul
+
+def torch_silu_mul(g, u):
+    return F.silu(g) * u
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("C", HIDDEN)
+@pytest.mark.parametrize("rows", ROWS)
+def test_silu_mul_bitwise(dtype, C, rows):
+    g = _gen(C * 13 + rows)
+    gate, up = _randn(g, rows, C, dtype=dtype, scale=4.0), _randn(g, rows, C, dtype=dtype)
+    got = ops().silu_mul(gate, up)
+    want = torch_silu_mul(gate, up)
+    assert got.dtype == dtype and got.shape == gate.shape
+    assert torch.equal(got, want), f"{int((got != want).sum())} of {got.numel()} differ"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_silu_mul_extremes(dtype):
+    """Large |gate| (exp overflows to inf: silu -> -0 or gate), zeros, tiny values."""
+    vals = torch.tensor([0.0, -0.0, 1e-3, -1e-3, 88.0, -88.0, 100.0, -100.0, 1e4, -1e4, 3.0, -3.0])
+    if dtype == torch.float16:
+        vals = vals.clamp(-6e4, 6e4)
+    gate = vals.repeat(37).to(dtype).to(DEV)
+    up = torch.linspace(-5, 5, gate.numel()).to(dtype).to(DEV)
+    assert torch.equal(ops().silu_mul(gate, up), torch_silu_mul(gate, up))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("C", [7, 576, 4096])
+def test_silu_mul_layouts(dtype, C):
+    g = _gen(C + 1)
+    rows = 5
+    gu = _randn(g, rows, 2 * C, dtype=dtype, scale=3.0)
+    cases = {
+        "halves of a fused gate_up (row stride 2C)": gu.chunk(2, dim=-1),
+        "misaligned halves": (gu[:, 1:1 + C], gu[:, C - 1:2 * C - 1]),
+        "transposed": (gu[:, :C].t().contiguous().t(), gu[:, C:].contiguous()),
+        "3-D, leading dims not collapsible": (gu[:, :C].reshape(rows, 1, C).expand(rows, 2, C).transpose(0, 1),
+                                              gu[:, C:].reshape(rows, 1, C).expand(rows, 2, C).transpose(0, 1)),
+        "one contiguous, one strided": (gu[:, :C].contiguous(), gu[:, C:]),
+    }
+    for name, (a, b) in cases.items():
+        got = ops().silu_mul(a, b)
+        assert got.shape == a.shape and got.is_contiguous(), name
+        assert torch.equal(got, torch_silu_mul(a, b)), name
+
+
+def test_silu_mul_empty():
+    e = torch.empty(3, 0, dtype=torch.float16, device=DEV)
+    assert ops().silu_mul(e, e).shape == (3, 0)
+
+
+# =============================================================== bad inputs
+
+def test_bad_inputs_raise():
+    bf = dict(dtype=torch.bfloat16, device=DEV)
+    x, w = torch.randn(4, 64, **bf), torch.ones(64, **bf)
+    cases = [
+        (TypeError, "x: expected dtype float16 or bfloat16", lambda: ops().rms_norm(x.float(), w.float(), EPS)),
+        (TypeError, "weight: expected dtype bfloat16", lambda: ops().rms_norm(x, w.float(), EPS)),
+        (TypeError, "weight: expected dtype bfloat16", lambda: ops().rms_norm(x, w.half(), EPS)),
+        (ValueError, "weight: expected shape", lambda: ops().rms_norm(x, torch.ones(63, **bf), EPS)),
+        (ValueError, "weight: expected shape", lambda: ops().rms_norm(x, torch.ones(1, 64, **bf), EPS)),
+        (ValueError, "x: expected at least 1 dim", lambda: ops().rms_norm(x[0, 0], w[:1], EPS)),
+        (ValueError, "x: expected hidden", lambda: ops().rms_norm(torch.ones(4, 0, **bf), torch.ones(0, **bf), EPS)),
+        (ValueError, "eps", lambda: ops().rms_norm(x, w, float("nan"))),
+        (ValueError, "eps", lambda: ops().rms_norm(x, w, -1.0)),
+        (ValueError, "weight: expected a tensor on cuda", lambda: ops().rms_norm(x, w.cpu(), EPS)),
+        (ValueError, "weight: expected a tensor on cpu", lambda: ops().rms_norm(x.cpu(), w, EPS)),
+        (NotImplementedError, "rms_norm", lambda: ops().rms_norm(x.cpu(), w.cpu(), EPS)),
+        (TypeError, "gate: expected dtype float16 or bfloat16", lambda: ops().silu_mul(x.float(), x.float())),
+        (TypeError, "up: expected dtype bfloat16", lambda: ops().silu_mul(x, x.half())),
+        (ValueError, "up: expected gate's shape", lambda: ops().silu_mul(x, x[:, :32])),
+        (ValueError, "up: expected gate's shape", lambda: ops().silu_mul(x, x.reshape(64, 4))),
+        (ValueError, "up: expected a tensor on cuda", lambda: ops().silu_mul(x, x.cpu())),
+        (NotImplementedError, "silu_mul", lambda: ops().silu_mul(x.cpu(), x.cpu())),
+    ]
+    for exc, msg, fn in cases:
+        with pytest.raises(exc, match=msg):
+            fn()
+
+
+def test_opcheck():
+    g = _gen(9)
+    x = _randn(g, 3, 5, 24, dtype=torch.bfloat16)
+    w = _randn(g, 24, dtype=torch.bfloat16)
+    torch.library.opcheck(ops().rms_norm.default, (x, w, 1e-6))
+    torch.library.opcheck(ops().rms_norm.default, (x[:, ::2].half(), w.half(), 1e-6))
+    torch.library.opcheck(ops().silu_mul.default, (x, x.flip(0)))
+
+
+# ============================================================ CUDA graphs
+
+def test_capture_in_a_cuda_graph():
+    """Both ops and the fused modules' forwards capture and replay (no host synchronisation)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, hidden_act="silu")
+    norm = LlamaRMSNorm(576, eps=1e-5).to(DEV, torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.normal_()
+    mlp = LlamaMLP(cfg).to(DEV, torch.bfloat16)
+    fused.fuse(norm)
+    fused.fuse(mlp)
+    g = _gen(4)
+    x = _randn(g, 64, 576, dtype=torch.bfloat16)
+    gate, up = _randn(g, 64, 1536, dtype=torch.bfloat16), _randn(g, 64, 1536, dtype=torch.bfloat16)
+    run = lambda: (ops().rms_norm(x, norm.weight, 1e-5), ops().silu_mul(gate, up), norm(x), mlp(x))  # noqa: E731
+    unfused_mlp = lambda: mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))  # noqa: E731
+    with torch.no_grad():
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):  # warm-up outside the graph
+            run()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = run()
+        for seed in (5, 6):  # new inputs in the captured buffers
+            g = _gen(seed)
+            x.copy_(_randn(g, 64, 576, dtype=torch.bfloat16))
+            gate.copy_(_randn(g, 64, 1536, dtype=torch.bfloat16))
+            up.copy_(_randn(g, 64, 1536, dtype=torch.bfloat16))
+            graph.replay()
+            want = run()
+            for a, b in zip(outs[:3], want[:3]):  # the fused kernels: bitwise
+                assert torch.equal(a, b)
+            assert torch.equal(outs[0], outs[2])  # the module's fused forward: the op
+            # the MLP's matmuls may pick other cuBLAS kernels inside a capture: close, not bitwise
+            torch.testing.assert_close(outs[3], want[3])
+            torch.testing.assert_close(outs[3], unfused_mlp())
+
+
+# ============================================================= tiny model
+
+def _tiny_llama(seed: int, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=64, vocab_size=256, max_position_embeddings=4096,
+                      attn_implementation="sdpa")
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # norm weights away from 1, so the weight multiply matters
+        for m in model.modules():
+            if type(m).__name__ == "LlamaRMSNorm":
+                m.weight.uniform_(0.5, 1.5)
+    ref = LlamaForCausalLM(cfg).eval()
+    model = model.to(DEV, dtype)
+    ref.load_state_dict({k: v.float().cpu() for k, v in model.state_dict().items()})
+    return model, ref  # ref: float32 on the CPU with the model's (rounded) weights
+
+
+def _op_counts(fn) -> dict:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    names = [e.name for e in prof.events()]
+    return {op: sum(n == f"qllm::{op}" for n in names) for op in ("rms_norm", "silu_mul")}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tiny_llama_fused(dtype):
+    model, ref = _tiny_llama(0, dtype)
+    ids = torch.randint(0, 256, (1, 300), generator=_gen(1))
+    with torch.no_grad():
+        want32 = ref(ids).logits
+        before = model(ids.to(DEV)).logits
+        assert _op_counts(lambda: model(ids.to(DEV))) == {"rms_norm": 0, "silu_mul": 0}
+        got_mods = fused.fuse(model)
+        assert len(got_mods) == 5 + 2
+        got = model(ids.to(DEV)).logits
+        assert _op_counts(lambda: model(ids.to(DEV))) == {"rms_norm": 5, "silu_mul": 2}
+    base = float((before.float().cpu() - want32).norm() / want32.norm())  # the model's own low-precision error
+    err = float((got.float() - before.float()).norm() / before.float().norm())
+    print(f"{dtype}: fused vs unfused {err:.3g}, unfused vs float32 {base:.3g}")
+    assert err <= min(0.25 * base, 5e-3), (err, base)
+    assert float((got.argmax(-1) == before.argmax(-1)).float().mean()) >= 0.98
+    assert fused.unfuse(model) == 7
+    with torch.no_grad():
+        assert torch.equal(model(ids.to(DEV)).logits, before)
+
+
+def test_patched_tiny_llama_uses_the_ops():
+    """qllm.patch fuses by default (fused_kernels=True) and unpatch undoes it; the ops run in the
+    patched model's forward on CUDA."""
+    model, _ = _tiny_llama(2, torch.bfloat16)
+    ids = torch.randint(0, 256, (1, 200), generator=_gen(3)).to(DEV)
+    cfg = qllm.QLLMConfig(n_init=16, n_local=64, block_size=16, topk=3, repr_topk=4, exc_block_size=32,
+                          chunk_size=128)
+    with torch.no_grad():
+        with qllm.patched(model, cfg):
+            assert len(model._qllm.fused) == 7
+            counts = _op_counts(lambda: model(ids))
+        assert counts["rms_norm"] >= 5 and counts["silu_mul"] >= 2
+        with qllm.patched(model, cfg.replace(fused_kernels=False)):
+            assert _op_counts(lambda: model(ids)) == {"rms_norm": 0, "silu_mul": 0}
+    assert not any(fused.is_fused(m) for m in model.modules())
