@@ -70,6 +70,10 @@ class QLLMConfig:
         activation memory for texts of any length).
     max_question_tokens : int or None
         Longest question accepted (default: ``n_local``).
+    fused_kernels : bool
+        ``True`` (default): ``patch`` also gives the model's Llama-style RMSNorms and SiLU MLPs
+        fused CUDA kernels (:mod:`qllm.fused`; they run for CUDA float16 / bfloat16 inputs,
+        elsewhere the modules' own forwards run, logged), for every strategy.
     """
 
     n_init: int = 128
@@ -84,6 +88,7 @@ class QLLMConfig:
     device_blocks: int | None = None
     chunk_size: int = 8192
     max_question_tokens: int | None = None
+    fused_kernels: bool = True
 
     def __post_init__(self) -> None:
         def _int(name: str, lo: int) -> None:
@@ -109,6 +114,8 @@ class QLLMConfig:
             if self.max_question_tokens > self.n_local:
                 raise ValueError(f"QLLMConfig.max_question_tokens: expected <= n_local ({self.n_local}): "
                                  f"the question is encoded inside one window, got {self.max_question_tokens}")
+        if not isinstance(self.fused_kernels, bool):
+            raise TypeError(f"QLLMConfig.fused_kernels: expected a bool, got {type(self.fused_kernels).__name__}")
         w = self.question_weight
         if isinstance(w, bool) or not isinstance(w, (int, float)):
             raise TypeError(f"QLLMConfig.question_weight: expected a float, got {type(w).__name__}")

@@ -13,7 +13,9 @@ of projections, q/k norms and everything else; it only
    (the name ``"qllm"``; unpatched layers are forwarded to the original
    implementation);
 3. wraps the decoder's ``forward`` to attach a :class:`QLLMCache`, encode the
-   question, and feed long prompts in chunks.
+   question, and feed long prompts in chunks;
+4. with ``QLLMConfig.fused_kernels`` (all strategies), gives the RMSNorms and
+   MLPs fused CUDA kernels (:mod:`qllm.fused`).
 
 ``unpatch`` removes all of it; importing qllm changes nothing.
 """
@@ -35,6 +37,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from .attention import RopeTable, _fixed_query, attend, encode_question
 from .cache import QLLMCache
 from .config import QLLMConfig
+from .fused import fuse, unfuse
 from .gpu import CudaLayerMemory, attend_cuda
 from .heads import resolve_question_heads
 from .retrieval import QuestionRelevance
@@ -68,6 +71,7 @@ class PatchHandle:
     rope_modules: list = field(default_factory=list)  # model modules whose apply_rotary_pos_emb is wrapped
     _rope: dict = field(default_factory=dict)
     _identity: dict = field(default_factory=dict)  # (shape, dtype, device) -> marked identity cos/sin
+    fused: list = field(default_factory=list)  # modules given fused kernels (qllm.fused)
 
     def identity_rope(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Identity cos/sin shaped like the model's (ones, zeros), made once per shape and
@@ -396,6 +400,8 @@ def patch(model: torch.nn.Module, config: QLLMConfig | None = None) -> torch.nn.
                          orig_attn_impl=text_config._attn_implementation, cache_kw=cache_kw,
                          rotary=rotary, rotary_layer_type=rotary_layer_type)
     handle.question_heads = resolve_question_heads(config, text_config, set(attn))
+    if config.fused_kernels:
+        handle.fused = fuse(model)
     model._qllm = handle
     if config.strategy == "full":
         log.info("qllm: strategy 'full': the model keeps its own dense attention")
@@ -418,6 +424,7 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     handle: PatchHandle | None = getattr(model, "_qllm", None)
     if handle is None:
         raise ValueError("qllm.unpatch: model is not patched")
+    unfuse(model, handle.fused)
     for h in handle.hooks:
         h.remove()
     for modname in handle.rope_modules:
