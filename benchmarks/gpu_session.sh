@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call = build + CUDA tests + layer benchmark (see benchmarks/NOTES_gpu.md).
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [prepab] [microsel] [seamab] [ncuseam] [e2eprof] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
+# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [tfused] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [prepab] [microsel] [seamab] [ncuseam] [e2eprof] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
 # Logs and results go to $OUT (default: /tmp/qllm_out).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -48,6 +48,13 @@ if [[ " $stages " == *" tmodel "* ]]; then
   timeout 300 python3 -m pytest -q -rs -p no:cacheprovider -s tests/test_cuda_model.py 2>&1 | tee "$OUT/test_cuda_model.log" \
     | grep -v "FutureWarning\|return forward_call\|^\s*$" | tail -40
   stamp "whole-model tests done"
+fi
+if [[ " $stages " == *" tfused "* ]]; then
+  stamp "fused RMSNorm / SiLU-gate kernels (tests/test_cuda_fused.py, benchmarks/bench_fused.py)"
+  timeout 300 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda_fused.py 2>&1 | tee "$OUT/test_cuda_fused.log" \
+    | grep -v "FutureWarning\|return forward_call\|^\s*$" | tail -40
+  timeout 200 python3 benchmarks/bench_fused.py --out "$OUT/bench_fused.json" 2>&1 | tee "$OUT/bench_fused.log" | tail -12
+  stamp "fused kernels done"
 fi
 if [[ " $stages " == *" tdecode "* ]]; then
   stamp "decode-step (CUDA graph) tests"
