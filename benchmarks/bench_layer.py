@@ -242,6 +242,8 @@ def main() -> None:
     ap.add_argument("--decode-steps", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dense-max-repeats", type=int, default=2, help="repeats of dense at > 128K")
+    ap.add_argument("--no-dense", action="store_true",
+                    help="prefill rows without the dense baseline (dense_ms null): for A/B runs of qllm knobs")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "layer_h100.json"))
     ap.add_argument("--profile", type=int, default=0, help="profile qllm prefill of N tokens (0: off)")
     ap.add_argument("--profile-decode", type=int, default=0, help="profile 32 qllm decode steps after N tokens")
@@ -276,16 +278,17 @@ def main() -> None:
             M = Qllm(layer, cfg, N + 64, rope, question, dev)
             tq.append(timed(lambda: prefill(M, x)))
             del M
-        reps = args.repeats if N <= 131072 else min(args.repeats, args.dense_max_repeats)
+        reps = 0 if args.no_dense else args.repeats if N <= 131072 else min(args.repeats, args.dense_max_repeats)
         td = []
         for _ in range(reps):
             M = Dense(layer, N + 64, dev)
             td.append(timed(lambda: prefill(M, x)))
             del M
-        row = {"mode": "prefill", "tokens": N, "qllm_ms": statistics.median(tq), "dense_ms": statistics.median(td),
-               "qllm_all_ms": tq, "dense_all_ms": td}
+        row = {"mode": "prefill", "tokens": N, "qllm_ms": statistics.median(tq),
+               "dense_ms": statistics.median(td) if td else None, "qllm_all_ms": tq, "dense_all_ms": td}
         rows.append(row)
-        print(f"prefill {N:>7}: qllm {row['qllm_ms']:9.2f} ms   dense {row['dense_ms']:9.2f} ms", flush=True)
+        dense_txt = f"{row['dense_ms']:9.2f} ms" if td else "(not run)"
+        print(f"prefill {N:>7}: qllm {row['qllm_ms']:9.2f} ms   dense {dense_txt}", flush=True)
         torch.cuda.empty_cache()
 
     S = args.decode_steps

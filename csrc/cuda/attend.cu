@@ -362,6 +362,27 @@ __global__ void __launch_bounds__(256) bscore_pairs_kernel(const float *__restri
 
 /* ------------------------------------------------------------------ top-k */
 
+/* put(e, get(e)) for e = first, first + step, ... < n with U loads issued
+ * before their uses: a loop of one load and its use per iteration waits a
+ * whole memory round trip per element (in-order issue).  Latency-bound
+ * staging of a few values per thread then takes one round trip per U. */
+template <int U, typename Get, typename Put>
+__device__ __forceinline__ void batched(int first, int n, int step, Get get, Put put) {
+    for (int e0 = first; e0 < n; e0 += U * step) {
+        float v[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int e = e0 + u * step;
+            v[u] = e < n ? get(e) : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int e = e0 + u * step;
+            if (e < n) put(e, v[u]);
+        }
+    }
+}
+
 constexpr int SEL_THREADS = 256;
 /* Dynamic shared memory the selection kernels may take: 48 KB (no opt-in) less
  * room for their static arrays (the top-k histogram, the qsel partials). */
@@ -499,7 +520,8 @@ __device__ __forceinline__ void topk_lists(const float *src, int n, int k, int32
     uint32_t wk, wi;
     {
         TopList<K> l;
-        for (int i = threadIdx.x; i < n; i += SEL_THREADS) l.insert(score_key(src[i]), static_cast<uint32_t>(i));
+        batched<8>(threadIdx.x, n, SEL_THREADS, [&](int i) { return src[i]; },
+                   [&](int i, float v) { l.insert(score_key(v), static_cast<uint32_t>(i)); });
         l.rounds(k, wk, wi);
     }
     if (lane < k) {
@@ -1912,8 +1934,9 @@ __device__ __forceinline__ void repr_of_head(const qllm_gpu_layer &ly, int64_t b
     const int64_t pos0 = ly.n_init + b * ly.block_size;
     const T *keys = static_cast<const T *>(ly.k_store) + static_cast<int64_t>(h / (ly.hq / ly.hkv)) * ly.cap * D;
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
-        float acc = 0.0f;
-        for (int r = 0; r < k; ++r) acc += Cvt<T>::to_f(keys[kv_row(pos0 + tok(r), ly.n_init, ly.wmask) * D + d]);
+        float acc = 0.0f; /* rows added in order r = 0, 1, ...; 4 loads in flight */
+        batched<4>(0, k, 1, [&](int r) { return Cvt<T>::to_f(keys[kv_row(pos0 + tok(r), ly.n_init, ly.wmask) * D + d]); },
+                   [&](int, float v) { acc += v; });
         emit(d, acc / static_cast<float>(k));
     }
 }
@@ -2013,11 +2036,22 @@ __device__ __forceinline__ void seam_finish(const qllm_gpu_layer &ly, const Seam
     const int64_t c0 = a.cut_b0, c1 = a.cut_b0 + a.cut_n;
     float *sel_s = smem;
     float *pd = smem + (a.sel_after_cut ? a.sel_n : 0);
-    if (a.pd_smem)
-        for (int e = threadIdx.x; e < np * hq; e += SEAM_THREADS) pd[e] = __ldcg(a.pdot + e);
-    if (a.sel_after_cut)
-        for (int i = threadIdx.x; i < a.sel_n; i += SEAM_THREADS)
-            if (i < c0 || i >= c1) sel_s[i] = __ldcg(a.sel_scores + i);
+    /* one pass stages the partials [0, n_pd) and the other blocks' scores after them */
+    const int n_pd = a.pd_smem ? np * hq : 0;
+    const int n_sel = a.sel_after_cut ? a.sel_n : 0;
+    batched<8>(
+        threadIdx.x, n_pd + n_sel, SEAM_THREADS,
+        [&](int e) {
+            if (e < n_pd) return __ldcg(a.pdot + e);
+            const int i = e - n_pd;
+            return i < c0 || i >= c1 ? __ldcg(a.sel_scores + i) : 0.0f;
+        },
+        [&](int e, float v) {
+            if (e < n_pd)
+                pd[e] = v;
+            else if (e - n_pd < c0 || e - n_pd >= c1)
+                sel_s[e - n_pd] = v;
+        });
     __syncthreads();
     auto sum_pairs = [&](auto load) {
         for (int p = warp; p < np; p += SEAM_WARPS) {
@@ -2052,7 +2086,8 @@ __device__ __forceinline__ void seam_cut(const qllm_gpu_layer &ly, const SeamArg
     float *scs = smem + 2 * k, *rep = scs + bs, *qs = rep + D;
     if (warp == 0) { /* the block's top-k tokens: one warp, no block barrier per round */
         const float *sc = ly.scores + static_cast<int64_t>(h) * ly.ring;
-        for (int t = lane; t < bs; t += 32) scs[t] = sc[(pos0 + t) & (ly.ring - 1)];
+        batched<4>(lane, bs, 32, [&](int t) { return sc[(pos0 + t) & (ly.ring - 1)]; },
+                   [&](int t, float v) { scs[t] = v; });
         __syncwarp();
         const int cnt = lane < bs ? (bs - lane + 31) / 32 : 0;
         warp_topk([&](int j, uint32_t &key, uint32_t &idx) {
@@ -2062,8 +2097,10 @@ __device__ __forceinline__ void seam_cut(const qllm_gpu_layer &ly, const SeamArg
                   },
                   cnt, k, sk, si, nullptr);
     } else if (a.qc_smem) { /* meanwhile the other warps fetch the later blocks' qcomb rows */
-        for (int e = threadIdx.x - 32; e < ni * D; e += SEAM_THREADS - 32)
-            qs[e] = a.qcomb[(static_cast<int64_t>(a.i0 + e / D) * hq + h) * D + e % D];
+        batched<8>(
+            threadIdx.x - 32, ni * D, SEAM_THREADS - 32,
+            [&](int e) { return a.qcomb[(static_cast<int64_t>(a.i0 + e / D) * hq + h) * D + e % D]; },
+            [&](int e, float v) { qs[e] = v; });
     }
     __syncthreads();
     float *out = ly.reprs + (b * hq + h) * D;
