@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call = build + CUDA tests + layer benchmark (see benchmarks/NOTES_gpu.md).
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [tfused] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [prepab] [microsel] [seamab] [ncuseam] [e2eprof] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
+# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [tfused] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [microsel] [seamab] [ncuseam] [e2eprof] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
 # Logs and results go to $OUT (default: /tmp/qllm_out).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -128,19 +128,6 @@ if [[ " $stages " == *" tsorder "* ]]; then
   # token-score CTAs heaviest key tile first (the default) against key order
   knob_ab QLLM_TSCORE_ORDER=0 attend_cuda "--prefill 32768 131072 --decode-at" \
     QLLM_TSCORE_ORDER=0 QLLM_TSCORE_ORDER=1
-fi
-if [[ " $stages " == *" prepab "* ]]; then
-  # rotations of up to 16 execution blocks in one launch against each block's in its seam
-  # (qllm rows only, 5 repeats, the two settings alternating twice: $OUT/layer_QLLM_PREP_BATCH_*_{1,2}.json)
-  stamp "CUDA tests (attend_cuda) with QLLM_PREP_BATCH=0"
-  QLLM_PREP_BATCH=0 timeout 200 python3 -m pytest -q -x -p no:cacheprovider -k attend_cuda tests/test_cuda.py 2>&1 | tail -2
-  for rep in 1 2; do
-    for v in 0 1; do
-      stamp "layer benchmark with QLLM_PREP_BATCH=$v (round $rep)"
-      QLLM_PREP_BATCH=$v timeout 120 python3 benchmarks/bench_layer.py --prefill 131072 524288 --decode-at \
-        --no-dense --repeats 5 --out "$OUT/layer_QLLM_PREP_BATCH_${v}_$rep.json" 2>&1 | grep "prefill\|rror"
-    done
-  done
 fi
 if [[ " $stages " == *" microsel "* ]]; then
   # select_kernel / combine_kernel micro-benchmark, this tree against the one in .base/ (carried: a

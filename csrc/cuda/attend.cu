@@ -170,28 +170,6 @@ __global__ void prep_kernel(qllm_gpu_layer ly, qllm_gpu_exec ex, const T *__rest
     prep_body<T, VEC>(ly, ex, q, q_hs, q_ts, qfix, qloc, krot, dyn, blockIdx.x, gridDim.x);
 }
 
-/* Rotations of up to QLLM_CUDA_PREP_BATCH execution blocks in one launch
- * (qllm_cuda_exec_prep_batch): blockIdx.y is the block, whose q rows start at
- * q + t0[j] * q_ts and whose outputs sit j * q_step / k_step elements in.
- * __grid_constant__: ex[j] is read in place (a dynamic index into a by-value
- * parameter would otherwise copy it to local memory). */
-struct PrepBatch {
-    qllm_gpu_exec ex[QLLM_CUDA_PREP_BATCH];
-    int64_t t0[QLLM_CUDA_PREP_BATCH];
-    const void *q;
-    int64_t q_hs, q_ts;
-    void *qfix, *qloc, *krot;
-    int64_t q_step, k_step;
-};
-
-template <typename T, bool VEC>
-__global__ void prep_batch_kernel(qllm_gpu_layer ly, const __grid_constant__ PrepBatch b) {
-    const int64_t j = blockIdx.y;
-    prep_body<T, VEC>(ly, b.ex[j], static_cast<const T *>(b.q) + b.t0[j] * b.q_ts, b.q_hs, b.q_ts,
-                      static_cast<T *>(b.qfix) + j * b.q_step, static_cast<T *>(b.qloc) + j * b.q_step,
-                      static_cast<T *>(b.krot) + j * b.k_step, nullptr, blockIdx.x, gridDim.x);
-}
-
 /* ----------------------------------------------------------- qcomb / bscore */
 
 /* Mean fixed query of execution block i, head h.  The rotation to the fixed
@@ -2540,55 +2518,6 @@ extern "C" int qllm_cuda_exec_prep(const qllm_gpu_layer *ly, const qllm_gpu_exec
                                               static_cast<T *>(qloc), static_cast<T *>(krot), nullptr,
                                               grid_for(work, 256), stream));
     return check_launch("prep_kernel");
-}
-
-extern "C" int qllm_cuda_exec_prep_batch(const qllm_gpu_layer *ly, const qllm_gpu_exec *ex, const int64_t *t0,
-                                         int n, const void *q, int64_t q_hs, int64_t q_ts, void *qfix,
-                                         void *qloc, int64_t q_step, void *krot, int64_t k_step,
-                                         cudaStream_t stream) {
-    int st = check_layer(ly, "exec_prep_batch");
-    if (st) return st;
-    if (n < 1 || n > QLLM_CUDA_PREP_BATCH || q_step < 0 || k_step < 0)
-        return set_error(QLLM_CUDA_ERR_ARG, "exec_prep_batch: %d blocks (1..%d), steps %lld, %lld", n,
-                         QLLM_CUDA_PREP_BATCH, (long long)q_step, (long long)k_step);
-    PrepBatch b{};
-    int64_t work = 0;
-    const int64_t D = ly->head_dim;
-    const size_t esz = 2; /* f16 / bf16 (check_layer) */
-    for (int j = 0; j < n; ++j) {
-        int64_t w = 0;
-        st = check_prep(ly, ex[j], static_cast<const char *>(q) + t0[j] * q_ts * esz, q_hs, q_ts,
-                        "exec_prep_batch", &w);
-        if (st) return st;
-        if (t0[j] < 0 || ly->hq * ex[j].E * D > q_step || ly->hkv * ex[j].L * D > k_step)
-            return set_error(QLLM_CUDA_ERR_ARG, "exec_prep_batch: block %d (t0 %lld, E %d, L %d) exceeds its slot", j,
-                             (long long)t0[j], ex[j].E, ex[j].L);
-        b.ex[j] = ex[j];
-        b.t0[j] = t0[j];
-        work = w > work ? w : work;
-    }
-    b.q = q;
-    b.q_hs = q_hs;
-    b.q_ts = q_ts;
-    b.qfix = qfix;
-    b.qloc = qloc;
-    b.krot = krot;
-    b.q_step = q_step;
-    b.k_step = k_step;
-    const dim3 grid(static_cast<unsigned>(grid_for(work, 256)), static_cast<unsigned>(n));
-    const bool vec = prep_vec(*ly);
-    QLLM_DISPATCH_T(ly->dtype, {
-        if (vec)
-            prep_batch_kernel<T, true><<<grid, 256, 0, stream>>>(*ly, b);
-        else
-            prep_batch_kernel<T, false><<<grid, 256, 0, stream>>>(*ly, b);
-    });
-    return check_launch("prep_batch_kernel");
-}
-
-extern "C" int qllm_cuda_prep_batch_enabled(void) {
-    static const int on = env_is("QLLM_PREP_BATCH", '0') ? 0 : 1;
-    return on;
 }
 
 extern "C" int qllm_cuda_query_comb(const qllm_gpu_layer *ly, const void *q, int64_t q_hs,

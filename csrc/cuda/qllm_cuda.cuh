@@ -167,22 +167,6 @@ int qllm_cuda_exec_token_scores(const qllm_gpu_layer *ly, const qllm_gpu_exec *e
                                 const void *qloc, const void *krot, const float *lse,
                                 float scaling, cudaStream_t stream);
 
-/* Most execution blocks one exec_prep_batch launch rotates. */
-#define QLLM_CUDA_PREP_BATCH 16
-
-/* exec_prep for the n <= QLLM_CUDA_PREP_BATCH blocks ex[0..n) in one launch:
- * block j's q rows start at row t0[j] of q, its qfix / qloc at j * q_step
- * elements, its krot at j * k_step elements (q_step >= hq*E*D, k_step >=
- * hkv*L*D).  One launch keeps the memory system busy where one block's
- * rotations leave most of it idle (benchmarks/NOTES_gpu.md, round 10). */
-int qllm_cuda_exec_prep_batch(const qllm_gpu_layer *ly, const qllm_gpu_exec *ex, const int64_t *t0, int n,
-                              const void *q, int64_t q_hs, int64_t q_ts, void *qfix, void *qloc, int64_t q_step,
-                              void *krot, int64_t k_step, cudaStream_t stream);
-
-/* 0 when QLLM_PREP_BATCH=0 (attend_run then rotates each block in the seam
- * before it). */
-int qllm_cuda_prep_batch_enabled(void);
-
 /* Representatives of blocks b0 .. b0+n-1 (positions n_init + b*block_size ..)
  * from the k store and the score ring. */
 int qllm_cuda_cut_blocks(const qllm_gpu_layer *ly, int64_t b0, int64_t n, int repr_topk,

@@ -380,24 +380,12 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
     qllm_gpu_layer ly = describe_layer(q, k_store, v_store, scores, reprs, cos, sin, cfg);
     describe_tiers(ly, k_cache, v_cache, tier, host_tab, tier_cfg);
 
-    /* The seam path: one launch between execution blocks (qllm_cuda_exec_seam);
-     * with batched rotations, up to QLLM_CUDA_PREP_BATCH blocks' qfix / qloc /
-     * krot are made by one launch into slots of their own. */
-    const bool seam_path = !tiered && qh_sel == 0 && qh_heads.empty() && qllm_cuda_seam_enabled();
-    const bool batch = seam_path && qllm_cuda_prep_batch_enabled();
-    const int64_t slots = batch ? std::min<int64_t>(n_exec, QLLM_CUDA_PREP_BATCH) : 1;
-
     /* workspace (caching allocator: no synchronisation) */
     const auto opt_t = q.options();
     const auto opt_f = q.options().dtype(at::kFloat);
-    at::Tensor qfix = at::empty({slots, hq, e_max, D}, opt_t);
-    at::Tensor qloc = at::empty({slots, hq, e_max, D}, opt_t);
-    at::Tensor krot = at::empty({slots, hkv, l_max, D}, opt_t);
-    const int64_t q_step = hq * e_max * D, k_step = hkv * l_max * D;
-    /* execution block i's rotations: slot i % slots (slot 0 without batching) */
-    auto slot = [&](const at::Tensor &t, int64_t i, int64_t step) {
-        return static_cast<char *>(t.mutable_data_ptr()) + (i % slots) * step * t.element_size();
-    };
+    at::Tensor qfix = at::empty({hq, e_max, D}, opt_t);
+    at::Tensor qloc = at::empty({hq, e_max, D}, opt_t);
+    at::Tensor krot = at::empty({hkv, l_max, D}, opt_t);
     at::Tensor lse = at::empty({hq, e_max}, opt_f);
     const int sms = multiprocessors();
     const int64_t bm = qllm_cuda_attention_rows();
@@ -456,23 +444,24 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
         return ex;
     };
     auto ids_of = [&](int64_t i) { return retrieved.mutable_data_ptr<int32_t>() + i * kk; };
-    auto attend_and_score = [&](int64_t i, const ExecRow &r, const qllm_gpu_exec &ex, const int32_t *ids) {
+    auto attend_and_score = [&](const ExecRow &r, const qllm_gpu_exec &ex, const int32_t *ids) {
         const int n_split = choose_split(r);
-        const void *qf = slot(qfix, i, q_step), *ql = slot(qloc, i, q_step), *kr = slot(krot, i, k_step);
         check_cuda(op, qllm_cuda_exec_attention(
-                           &ly, &ex, qf, ql, kr, ids, static_cast<float>(scaling),
+                           &ly, &ex, qfix.const_data_ptr(), qloc.const_data_ptr(),
+                           krot.const_data_ptr(), ids, static_cast<float>(scaling),
                            obase + r.t0 * out.stride(1) * esz, out.stride(0), out.stride(1),
                            lse.mutable_data_ptr<float>(), n_split,
                            n_split > 1 ? part_o.mutable_data_ptr<float>() : nullptr,
                            n_split > 1 ? part_lse.mutable_data_ptr<float>() : nullptr, st));
-        check_cuda(op, qllm_cuda_exec_token_scores(&ly, &ex, ql, kr, lse.const_data_ptr<float>(),
+        check_cuda(op, qllm_cuda_exec_token_scores(&ly, &ex, qloc.const_data_ptr(),
+                                                   krot.const_data_ptr(), lse.const_data_ptr<float>(),
                                                    static_cast<float>(scaling), st));
     };
 
-    if (seam_path) {
+    if (!tiered && qh_sel == 0 && qh_heads.empty() && qllm_cuda_seam_enabled()) {
         /* One seam launch between execution blocks: block i's cut (with the
-         * later blocks' scores of the cut blocks), block i+1's top-k and,
-         * unless batched, its rotations (qllm_cuda_exec_seam). */
+         * later blocks' scores of the cut blocks), block i+1's top-k and
+         * rotations (qllm_cuda_exec_seam). */
         int64_t cut_max = 0;
         for (int64_t i = 0; i < n_exec; ++i) cut_max = std::max(cut_max, read_row(sched, i).cut_n);
         at::Tensor pdot = at::empty({std::max<int64_t>(cut_max * n_exec * hq, 1)}, opt_f);
@@ -482,16 +471,14 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
             qllm_gpu_seam sm{};
             if (i + 1 < n_exec) {
                 const ExecRow rn = read_row(sched, i + 1);
-                if (!batch) {
-                    next = exec_of(rn);
-                    sm.next = &next;
-                    sm.q = qbase + rn.t0 * q.stride(1) * esz;
-                    sm.q_hs = q.stride(0);
-                    sm.q_ts = q.stride(1);
-                    sm.qfix = qfix.mutable_data_ptr();
-                    sm.qloc = qloc.mutable_data_ptr();
-                    sm.krot = krot.mutable_data_ptr();
-                }
+                next = exec_of(rn);
+                sm.next = &next;
+                sm.q = qbase + rn.t0 * q.stride(1) * esz;
+                sm.q_hs = q.stride(0);
+                sm.q_ts = q.stride(1);
+                sm.qfix = qfix.mutable_data_ptr();
+                sm.qloc = qloc.mutable_data_ptr();
+                sm.krot = krot.mutable_data_ptr();
                 if (rn.n_ret > 0) {
                     sm.sel_scores = bscore.const_data_ptr<float>() + (i + 1) * bscore.size(1);
                     sm.sel_n = rn.n_blocks;
@@ -514,29 +501,10 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
             }
             check_cuda(op, qllm_cuda_exec_seam(&ly, &sm, st));
         };
-        /* rotations of blocks i0 .. i0+slots-1 (their slots are free: the
-         * blocks that used them came earlier in the stream) */
-        auto prep_batch = [&](int64_t i0) {
-            const int n = static_cast<int>(std::min<int64_t>(slots, n_exec - i0));
-            qllm_gpu_exec ex[QLLM_CUDA_PREP_BATCH];
-            int64_t t0[QLLM_CUDA_PREP_BATCH];
-            for (int j = 0; j < n; ++j) {
-                const ExecRow r = read_row(sched, i0 + j);
-                ex[j] = exec_of(r);
-                t0[j] = r.t0;
-            }
-            check_cuda(op, qllm_cuda_exec_prep_batch(&ly, ex, t0, n, qbase, q.stride(0), q.stride(1),
-                                                     qfix.mutable_data_ptr(), qloc.mutable_data_ptr(), q_step,
-                                                     krot.mutable_data_ptr(), k_step, st));
-        };
-        if (!batch) seam(-1);
+        seam(-1);
         for (int64_t i = 0; i < n_exec; ++i) {
-            if (batch && i % slots == 0) {
-                prep_batch(i);
-                if (i == 0) seam(-1);
-            }
             const ExecRow r = read_row(sched, i);
-            attend_and_score(i, r, exec_of(r), ids_of(i));
+            attend_and_score(r, exec_of(r), ids_of(i));
             seam(i);
         }
         return;
@@ -546,8 +514,8 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
         const ExecRow r = read_row(sched, i);
         const qllm_gpu_exec ex = exec_of(r);
         check_cuda(op, qllm_cuda_exec_prep(&ly, &ex, qbase + r.t0 * q.stride(1) * esz, q.stride(0),
-                                           q.stride(1), slot(qfix, i, q_step), slot(qloc, i, q_step),
-                                           slot(krot, i, k_step), st));
+                                           q.stride(1), qfix.mutable_data_ptr(),
+                                           qloc.mutable_data_ptr(), krot.mutable_data_ptr(), st));
         int32_t *ids = ids_of(i);
         if (r.n_ret > 0 && qh_sel > 0)
             check_cuda(op, qllm_cuda_select_blocks_qheads(bscore.mutable_data_ptr<float>() + i * bscore.size(1),
@@ -558,7 +526,7 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
                                                    r.n_blocks, static_cast<int>(r.n_ret), ids, st));
         if (r.n_ret > 0 && tiered) /* the retrieved blocks into the device cache */
             check_cuda(op, qllm_cuda_tier_touch(&ly, ids, 0, static_cast<int>(r.n_ret), ring_lo, nullptr, st));
-        attend_and_score(i, r, ex, ids);
+        attend_and_score(r, ex, ids);
         if (r.cut_n > 0) {
             check_cuda(op, qllm_cuda_cut_blocks(&ly, r.cut_b0, r.cut_n, static_cast<int>(repr_topk), st));
             if (tiered) /* new blocks enter the device cache (LRU) */
