@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call = build + CUDA tests + layer benchmark (see benchmarks/NOTES_gpu.md).
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [tfused] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [microsel] [seamab] [ncuseam] [e2eprof] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
+# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [tfused] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [microsel] [microseam] [seamab] [ncuseam] [e2eprof] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
 # Logs and results go to $OUT (default: /tmp/qllm_out).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -142,6 +142,12 @@ if [[ " $stages " == *" microsel "* ]]; then
     stamp "micro select: $v"
     timeout 120 /tmp/msel_$v 2>&1 | tee "$OUT/micro_select_$v.txt"
   done
+fi
+if [[ " $stages " == *" microseam "* ]]; then
+  # the seam launch by phase: per-launch time of five variants and a %globaltimer trace of each
+  stamp "micro seam: build"
+  nvcc -O3 -std=c++20 -arch=sm_90 -Icsrc/include -Icsrc benchmarks/micro/seam_trace.cu -o /tmp/mseam \
+    > "$OUT/micro_seam_build.log" 2>&1 && timeout 120 /tmp/mseam 2>&1 | tee "$OUT/micro_seam.txt"
 fi
 if [[ " $stages " == *" seamab "* ]]; then
   # the seam kernel between execution blocks against its four kernels one by one

@@ -224,3 +224,11 @@ def test_ops_cuda_bindings_compile(name, tmp_path):
     bad.write_text(text[:end] + 'int qllm_injected_error = "not an int";\n' + text[end:])
     r = subprocess.run(cmd + [str(bad)], capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and "qllm_injected_error" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["seam_trace.cu", "select_combine.cu"])
+def test_micro_benchmarks_compile(name, tmp_path):
+    """The micro-benchmarks include attend.cu (seam_trace.cu with its QLLM_SEAM_TRACE phase
+    stamps): they must keep compiling as the kernels change, or a GPU call is spent on it."""
+    src = os.path.join(ROOT, "benchmarks", "micro", name)
+    _compile(src, "90", str(tmp_path / "m.o"), ("-c", "-I" + os.path.join(ROOT, "csrc")))

@@ -1975,6 +1975,33 @@ struct SeamArgs {
 };
 
 constexpr int SEAM_THREADS = SEL_THREADS;
+
+/* Phase stamps of the seam's CTAs for benchmarks/micro/seam_trace.cu, which
+ * defines QLLM_SEAM_TRACE and points g_seam_trace at [grid][SEAM_PHASES]
+ * %globaltimer values (thread 0 writes; nanoseconds).  Compiled out otherwise. */
+enum {
+    SEAM_T_START,  /* CTA entry */
+    SEAM_T_TOPK,   /* cut: token top-k and qcomb prefetch done */
+    SEAM_T_REPR,   /* cut: representative written */
+    SEAM_T_DOTS,   /* cut: partial dots written */
+    SEAM_T_LAST,   /* the last cut CTA: arrival counted */
+    SEAM_T_STAGED, /* last: partials and scores staged */
+    SEAM_T_SUMS,   /* last: block scores summed */
+    SEAM_T_END,    /* CTA exit */
+    SEAM_PHASES
+};
+#ifdef QLLM_SEAM_TRACE
+__device__ unsigned long long *g_seam_trace;
+__device__ __forceinline__ void seam_stamp(int phase) {
+    if (threadIdx.x == 0 && g_seam_trace != nullptr) {
+        unsigned long long t;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+        g_seam_trace[static_cast<int64_t>(blockIdx.x) * SEAM_PHASES + phase] = t;
+    }
+}
+#else
+__device__ __forceinline__ void seam_stamp(int) {}
+#endif
 constexpr int SEAM_WARPS = SEAM_THREADS / 32;
 
 /* Shared-memory floats of a cut CTA: top-k keys and ids (2k), the block's
@@ -2031,6 +2058,7 @@ __device__ __forceinline__ void seam_finish(const qllm_gpu_layer &ly, const Seam
                 sel_s[e - n_pd] = v;
         });
     __syncthreads();
+    seam_stamp(SEAM_T_STAGED);
     auto sum_pairs = [&](auto load) {
         for (int p = warp; p < np; p += SEAM_WARPS) {
             float acc = 0.0f;
@@ -2048,6 +2076,7 @@ __device__ __forceinline__ void seam_finish(const qllm_gpu_layer &ly, const Seam
         sum_pairs([&](int64_t e) { return pd[e]; });
     else
         sum_pairs([&](int64_t e) { return __ldcg(a.pdot + e); });
+    seam_stamp(SEAM_T_SUMS);
     if (!a.sel_after_cut) return;
     __syncthreads();
     topk_ascending(sel_s, a.sel_n, a.sel_k, a.sel_ids);
@@ -2081,6 +2110,7 @@ __device__ __forceinline__ void seam_cut(const qllm_gpu_layer &ly, const SeamArg
             [&](int e, float v) { qs[e] = v; });
     }
     __syncthreads();
+    seam_stamp(SEAM_T_TOPK);
     float *out = ly.reprs + (b * hq + h) * D;
     repr_of_head<T>(ly, b, h, k, [&](int r) { return static_cast<int64_t>(si[r]); }, [&](int d, float v) {
         out[d] = v;
@@ -2088,6 +2118,7 @@ __device__ __forceinline__ void seam_cut(const qllm_gpu_layer &ly, const SeamArg
     });
     if (ni <= 0 && !a.sel_after_cut) return; /* uniform */
     __syncthreads();
+    seam_stamp(SEAM_T_REPR);
     auto dots = [&](auto row) {
         for (int j = warp; j < ni; j += SEAM_WARPS) {
             float acc = 0.0f;
@@ -2101,7 +2132,11 @@ __device__ __forceinline__ void seam_cut(const qllm_gpu_layer &ly, const SeamArg
         dots([&](int j, int d) { return qs[j * D + d]; });
     else
         dots([&](int j, int d) { return a.qcomb[(static_cast<int64_t>(a.i0 + j) * hq + h) * D + d]; });
-    if (seam_arrive_last(a.cnt, a.cut_n * hq)) seam_finish(ly, a, smem);
+    seam_stamp(SEAM_T_DOTS);
+    if (seam_arrive_last(a.cnt, a.cut_n * hq)) {
+        seam_stamp(SEAM_T_LAST);
+        seam_finish(ly, a, smem);
+    }
 }
 
 /* Grid: [cut_n * hq cut CTAs | 1 select CTA when it runs alone | prep_ctas]. */
@@ -2110,20 +2145,17 @@ __global__ void __launch_bounds__(SEAM_THREADS) seam_kernel(qllm_gpu_layer ly, S
     extern __shared__ __align__(16) float seam_smem[];
     int cta = static_cast<int>(blockIdx.x);
     const int n_cut = a.cut_n * ly.hq;
+    seam_stamp(SEAM_T_START);
     if (cta < n_cut) {
         seam_cut<T>(ly, a, cta, seam_smem);
-        return;
+    } else if (cta -= n_cut; a.sel_k > 0 && !a.sel_after_cut && cta == 0) {
+        topk_staged(a.sel_scores, a.sel_n, a.sel_k, a.sel_ids, seam_smem); /* ranks no block cut now */
+    } else {
+        if (a.sel_k > 0 && !a.sel_after_cut) cta -= 1;
+        prep_body<T, VEC>(ly, a.ex, static_cast<const T *>(a.q), a.q_hs, a.q_ts, static_cast<T *>(a.qfix),
+                          static_cast<T *>(a.qloc), static_cast<T *>(a.krot), nullptr, cta, a.prep_ctas);
     }
-    cta -= n_cut;
-    if (a.sel_k > 0 && !a.sel_after_cut) {
-        if (cta == 0) {
-            topk_staged(a.sel_scores, a.sel_n, a.sel_k, a.sel_ids, seam_smem); /* ranks no block cut now */
-            return;
-        }
-        cta -= 1;
-    }
-    prep_body<T, VEC>(ly, a.ex, static_cast<const T *>(a.q), a.q_hs, a.q_ts, static_cast<T *>(a.qfix),
-                      static_cast<T *>(a.qloc), static_cast<T *>(a.krot), nullptr, cta, a.prep_ctas);
+    seam_stamp(SEAM_T_END);
 }
 
 /* ------------------------------------------------------------ tiered blocks */
