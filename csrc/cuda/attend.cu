@@ -26,6 +26,7 @@
  * Logits are kept in the log2 domain: x = q.k * scaling * log2(e).
  */
 #include "common.cuh"
+#include "topk_net.cuh"
 #include "wgmma.cuh"
 
 namespace qllm_cuda {
@@ -380,10 +381,9 @@ __device__ __forceinline__ uint32_t score_key(float v) {
  * k <= SEL_KFAST (topk_lists): every thread keeps a sorted list of the best
  * SEL_KFAST (key, index) pairs of the elements it reads (one coalesced pass,
  * each element read once, so src may stay in global memory); each warp then
- * takes its top k in k rounds of two warp reductions over the lists' heads
- * (key max, then index min; the winning lane pops its head), and warp 0 does
- * the same over the warps' candidates.  Larger k (topk_radix): a radix
- * select, whose cost does not grow with k.
+ * merges its lanes' lists in 5 butterfly steps (bitonic merges of two sorted
+ * lists, topk_net.cuh), and warp 0 merges the warps' lists in 3 more.
+ * Larger k (topk_radix): a radix select, whose cost does not grow with k.
  * Radix select:
  * 1. Radix select over the 32-bit keys, 8 bits per pass: each pass histograms
  *    the keys that match the digits chosen so far (warp-aggregated shared
@@ -434,84 +434,52 @@ __device__ __forceinline__ void warp_topk(Get get, int cnt, int k, uint32_t *out
     }
 }
 
-/* (ka, ia) ranks before (kb, ib): larger key, then lower index. */
-__device__ __forceinline__ bool key_before(uint32_t ka, uint32_t ia, uint32_t kb, uint32_t ib) {
-    return ka > kb || (ka == kb && ia < ib);
+/* Every lane of the lanes 0 .. 2^levels - 1 of each group ends with the best
+ * K pairs of the group's lists: butterfly exchanges (lane ^ 1, ^ 2, ...),
+ * each merging the partner's list into its own (the same set on both sides). */
+template <int K>
+__device__ __forceinline__ void warp_merge(qllm_topk::List<K> &l, int levels) {
+    for (int m = 1; m < (1 << levels); m <<= 1) {
+        qllm_topk::List<K> o;
+#pragma unroll
+        for (int j = 0; j < K; ++j) {
+            o.key[j] = __shfl_xor_sync(0xffffffffu, l.key[j], m);
+            o.idx[j] = __shfl_xor_sync(0xffffffffu, l.idx[j], m);
+        }
+        l.merge(o);
+    }
 }
 
-/* One thread's sorted list of its best K pairs; none = (0, UINT_MAX), which
- * every element ranks before. */
-template <int K>
-struct TopList {
-    uint32_t key[K], idx[K];
-
-    __device__ __forceinline__ TopList() {
-#pragma unroll
-        for (int r = 0; r < K; ++r) {
-            key[r] = 0u;
-            idx[r] = 0xffffffffu;
-        }
-    }
-    __device__ __forceinline__ void insert(uint32_t k, uint32_t i) {
-        if (!key_before(k, i, key[K - 1], idx[K - 1])) return;
-#pragma unroll
-        for (int r = 0; r < K; ++r) { /* the new pair sinks to its place, the rest move down */
-            const bool b = key_before(k, i, key[r], idx[r]);
-            const uint32_t tk = b ? key[r] : k, ti = b ? idx[r] : i;
-            key[r] = b ? k : key[r];
-            idx[r] = b ? i : idx[r];
-            k = tk;
-            i = ti;
-        }
-    }
-    /* k rounds over the warp's lists: lane r gets round r's winner in
-     * (wk, wi) (none: wi = UINT_MAX); the winner's lane pops its head. */
-    __device__ __forceinline__ void rounds(int k, uint32_t &wk, uint32_t &wi) {
-        const int lane = threadIdx.x & 31;
-        wk = 0u;
-        wi = 0xffffffffu;
-        for (int r = 0; r < k; ++r) {
-            const uint32_t kmax = __reduce_max_sync(0xffffffffu, key[0]);
-            const uint32_t imin = __reduce_min_sync(0xffffffffu, key[0] == kmax ? idx[0] : 0xffffffffu);
-            if (lane == r) {
-                wk = kmax;
-                wi = imin;
-            }
-            const bool pop = key[0] == kmax && idx[0] == imin;
-#pragma unroll
-            for (int j = 0; j + 1 < K; ++j) {
-                key[j] = pop ? key[j + 1] : key[j];
-                idx[j] = pop ? idx[j + 1] : idx[j];
-            }
-            if (pop) {
-                key[K - 1] = 0u;
-                idx[K - 1] = 0xffffffffu;
-            }
-        }
-    }
-};
-
 __device__ __forceinline__ void topk_lists(const float *src, int n, int k, int32_t *__restrict__ ids) {
-    constexpr int NWS = SEL_THREADS / 32, K = SEL_KFAST;
+    constexpr int NWS = SEL_THREADS / 32, K = SEL_KFAST, NWS_LOG = 3;
+    static_assert(NWS == 1 << NWS_LOG, "warps of the block: 2^NWS_LOG");
     __shared__ uint32_t cand_k[NWS * K], cand_i[NWS * K];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    uint32_t wk, wi;
-    {
-        TopList<K> l;
-        batched<8>(threadIdx.x, n, SEL_THREADS, [&](int i) { return src[i]; },
-                   [&](int i, float v) { l.insert(score_key(v), static_cast<uint32_t>(i)); });
-        l.rounds(k, wk, wi);
-    }
-    if (lane < k) {
-        cand_k[warp * K + lane] = wk;
-        cand_i[warp * K + lane] = wi;
+    qllm_topk::List<K> l;
+    l.clear();
+    batched<8>(threadIdx.x, n, SEL_THREADS, [&](int i) { return src[i]; },
+               [&](int i, float v) { l.insert(score_key(v), static_cast<uint32_t>(i)); });
+    warp_merge(l, 5);
+    if (lane == 0) {
+#pragma unroll
+        for (int j = 0; j < K; ++j) {
+            cand_k[warp * K + j] = l.key[j];
+            cand_i[warp * K + j] = l.idx[j];
+        }
     }
     __syncthreads();
     if (warp != 0) return;
-    TopList<K> l;
-    for (int c = lane; c < NWS * K; c += 32)
-        if (c % K < k) l.insert(cand_k[c], cand_i[c]);
-    l.rounds(k, wk, wi);
+    if (lane < NWS) {
+#pragma unroll
+        for (int j = 0; j < K; ++j) {
+            l.key[j] = cand_k[lane * K + j];
+            l.idx[j] = cand_i[lane * K + j];
+        }
+    } else {
+        l.clear();
+    }
+    warp_merge(l, NWS_LOG); /* lanes 0 .. NWS-1 (k <= K <= NWS of them) hold the block's best K */
+    const uint32_t wi = l.idx_at(lane < K ? lane : 0);
     /* ascending block order: rank among the k winners (none = UINT_MAX last) */
     int rank = 0;
     for (int j = 0; j < k; ++j) {
