@@ -131,7 +131,7 @@ if [[ " $stages " == *" tsorder "* ]]; then
 fi
 if [[ " $stages " == *" microsel "* ]]; then
   # select_kernel / combine_kernel micro-benchmark, this tree against the one in .base/ (carried: a
-  # copy of an earlier commit's csrc/ with this tree's benchmark source), built side by side
+  # copy of an earlier commit's csrc/ with this tree's benchmarks/micro/), built side by side
   stamp "micro select: build"
   mflags="-O3 -std=c++20 -arch=sm_90 -Icsrc/include -Icsrc"
   nvcc $mflags benchmarks/micro/select_combine.cu -o /tmp/msel_new > "$OUT/micro_build.log" 2>&1 &

@@ -80,14 +80,19 @@ import sass_report  # noqa: E402  (benchmarks/sass_report.py, on the path via _c
 CUOBJDUMP = sass_report.find_cuobjdump(NVCC)
 
 
-@pytest.fixture(scope="module")
-def sm90a_sass(tmp_path_factory):
-    """{mangled kernel name: [(address, instruction), ...]} of attend.cu built for sm_90a."""
+def _sm90a_functions(name: str, tmp_path_factory) -> dict:
+    """{mangled kernel name: [(address, instruction), ...]} of csrc/cuda/<name> built for sm_90a."""
     if CUOBJDUMP is None:
         pytest.skip("cuobjdump not found")
-    cubin = str(tmp_path_factory.mktemp("sass") / "attend.cubin")
-    sass_report.compile_cubin(os.path.join(ROOT, "csrc", "cuda", "attend.cu"), cubin, "90a", nvcc=NVCC)
+    cubin = str(tmp_path_factory.mktemp("sass") / (name + ".cubin"))
+    sass_report.compile_cubin(os.path.join(ROOT, "csrc", "cuda", name), cubin, "90a", nvcc=NVCC)
     return sass_report.sass_functions(sass_report.dump_sass(cubin, CUOBJDUMP))
+
+
+@pytest.fixture(scope="module")
+def sm90a_sass(tmp_path_factory):
+    """attend.cu's kernels built for sm_90a (_sm90a_functions)."""
+    return _sm90a_functions("attend.cu", tmp_path_factory)
 
 
 def test_no_local_memory_in_the_default_kernels(sm90a_sass):
@@ -117,11 +122,7 @@ def test_no_generic_memory_accesses(sm90a_sass):
 @pytest.fixture(scope="module")
 def fused_sass(tmp_path_factory):
     """{short kernel name: [instruction, ...]} of fused.cu built for sm_90a."""
-    if CUOBJDUMP is None:
-        pytest.skip("cuobjdump not found")
-    cubin = str(tmp_path_factory.mktemp("sass") / "fused.cubin")
-    sass_report.compile_cubin(os.path.join(ROOT, "csrc", "cuda", "fused.cu"), cubin, "90a", nvcc=NVCC)
-    funcs = sass_report.sass_functions(sass_report.dump_sass(cubin, CUOBJDUMP))
+    funcs = _sm90a_functions("fused.cu", tmp_path_factory)
     return {sass_report.short(n): [t for _, t in ins] for n, ins in funcs.items()}
 
 

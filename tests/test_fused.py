@@ -18,15 +18,7 @@ import qllm._log
 import qllm.fused as fused
 from qllm.fused import fuse, is_fused, unfuse
 
-from test_patch import CFG, ids_of, logits, make_model
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from test_patch import CFG, _one_thread, ids_of, logits, make_model  # noqa: F401  (_one_thread: autouse here too)
 
 
 def _expected(model):

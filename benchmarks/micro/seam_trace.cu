@@ -13,6 +13,7 @@
 #define QLLM_SEAM_TRACE 1
 #include "../../csrc/cuda/attend.cu"
 #include "../../csrc/cuda/ops_kernels.cu"
+#include "graph_timer.cuh"
 
 #include <algorithm>
 #include <cstdio>
@@ -22,20 +23,11 @@
 namespace micro {
 using qllm_cuda::SEAM_PHASES;
 
-#define CK(x)                                                                                  \
-    do {                                                                                       \
-        const cudaError_t e_ = (x);                                                            \
-        if (e_ != cudaSuccess) {                                                               \
-            std::printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); \
-            std::exit(1);                                                                      \
-        }                                                                                      \
-    } while (0)
-
 template <typename T>
 T *dev_alloc(size_t n) {
     T *p = nullptr;
-    CK(cudaMalloc(&p, n * sizeof(T)));
-    CK(cudaMemset(p, 0, n * sizeof(T)));
+    MICRO_CK(cudaMalloc(&p, n * sizeof(T)));
+    MICRO_CK(cudaMemset(p, 0, n * sizeof(T)));
     return p;
 }
 
@@ -46,7 +38,7 @@ void fill_f32(float *d, size_t n, unsigned seed, float scale) {
         seed = seed * 1664525u + 1013904223u;
         h[i] = scale * (static_cast<float>(seed >> 8) / 8388608.0f - 1.0f);
     }
-    CK(cudaMemcpy(d, h.data(), n * sizeof(float), cudaMemcpyHostToDevice));
+    MICRO_CK(cudaMemcpy(d, h.data(), n * sizeof(float), cudaMemcpyHostToDevice));
 }
 void fill_bf16(__nv_bfloat16 *d, size_t n, unsigned seed) {
     std::vector<__nv_bfloat16> h(n);
@@ -54,31 +46,7 @@ void fill_bf16(__nv_bfloat16 *d, size_t n, unsigned seed) {
         seed = seed * 1664525u + 1013904223u;
         h[i] = __float2bfloat16(static_cast<float>(seed >> 8) / 8388608.0f - 1.0f);
     }
-    CK(cudaMemcpy(d, h.data(), n * sizeof(__nv_bfloat16), cudaMemcpyHostToDevice));
-}
-
-template <typename F>
-float graph_us(F launch, int reps, cudaStream_t s) {
-    cudaGraph_t g;
-    cudaGraphExec_t ge;
-    CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
-    for (int i = 0; i < reps; ++i) launch();
-    CK(cudaStreamEndCapture(s, &g));
-    CK(cudaGraphInstantiate(&ge, g, 0));
-    CK(cudaGraphLaunch(ge, s));
-    CK(cudaStreamSynchronize(s));
-    cudaEvent_t a, b;
-    CK(cudaEventCreate(&a));
-    CK(cudaEventCreate(&b));
-    CK(cudaEventRecord(a, s));
-    for (int it = 0; it < 5; ++it) CK(cudaGraphLaunch(ge, s));
-    CK(cudaEventRecord(b, s));
-    CK(cudaEventSynchronize(b));
-    float ms = 0;
-    CK(cudaEventElapsedTime(&ms, a, b));
-    CK(cudaGraphExecDestroy(ge));
-    CK(cudaGraphDestroy(g));
-    return ms * 1000.0f / (5.0f * reps);
+    MICRO_CK(cudaMemcpy(d, h.data(), n * sizeof(__nv_bfloat16), cudaMemcpyHostToDevice));
 }
 
 /* min / median / max of v (empty: zeros) */
@@ -101,7 +69,7 @@ int main() {
     constexpr int N_EXEC = 16, I = 5; /* block i = 5 of the call's 16 */
     constexpr int64_t CUT_B0 = 770, CUT_N = 4, SEL_N = CUT_B0 + CUT_N;
     cudaStream_t s;
-    CK(cudaStreamCreate(&s));
+    MICRO_CK(cudaStreamCreate(&s));
 
     auto *k_store = dev_alloc<__nv_bfloat16>(static_cast<size_t>(HKV) * CAP * D);
     auto *v_store = dev_alloc<__nv_bfloat16>(static_cast<size_t>(HKV) * CAP * D);
@@ -208,20 +176,20 @@ int main() {
                 HQ, HKV, D, BS, (long long)CUT_N, (long long)SEL_N, E, next.L);
     for (const Variant &v : variants) {
         const qllm_gpu_seam sm = make(v);
-        CK(cudaMemcpyToSymbol(qllm_cuda::g_seam_trace, &none, sizeof(none)));
+        MICRO_CK(cudaMemcpyToSymbol(qllm_cuda::g_seam_trace, &none, sizeof(none)));
         if (qllm_cuda_exec_seam(&ly, &sm, s) != QLLM_CUDA_OK) {
             std::printf("%s: launcher error: %s\n", v.name, qllm_cuda_last_error());
             return 1;
         }
-        CK(cudaStreamSynchronize(s));
+        MICRO_CK(cudaStreamSynchronize(s));
         const float us = graph_us([&] { qllm_cuda_exec_seam(&ly, &sm, s); }, 100, s);
         /* one traced launch */
-        CK(cudaMemset(trace, 0, static_cast<size_t>(max_ctas) * SEAM_PHASES * sizeof(unsigned long long)));
-        CK(cudaMemcpyToSymbol(qllm_cuda::g_seam_trace, &trace, sizeof(trace)));
+        MICRO_CK(cudaMemset(trace, 0, static_cast<size_t>(max_ctas) * SEAM_PHASES * sizeof(unsigned long long)));
+        MICRO_CK(cudaMemcpyToSymbol(qllm_cuda::g_seam_trace, &trace, sizeof(trace)));
         qllm_cuda_exec_seam(&ly, &sm, s);
-        CK(cudaStreamSynchronize(s));
+        MICRO_CK(cudaStreamSynchronize(s));
         std::vector<unsigned long long> h(static_cast<size_t>(max_ctas) * SEAM_PHASES);
-        CK(cudaMemcpy(h.data(), trace, h.size() * sizeof(unsigned long long), cudaMemcpyDeviceToHost));
+        MICRO_CK(cudaMemcpy(h.data(), trace, h.size() * sizeof(unsigned long long), cudaMemcpyDeviceToHost));
         unsigned long long t0 = ~0ull, t_end = 0;
         int ctas = 0, last = -1;
         for (int c = 0; c < max_ctas; ++c) {

@@ -5,6 +5,7 @@
 // Build: nvcc -O3 -std=c++20 -arch=sm_90 -Icsrc/include -Icsrc benchmarks/micro/select_combine.cu -o /tmp/msel
 #include "../../csrc/cuda/attend.cu"
 #include "../../csrc/cuda/ops_kernels.cu"
+#include "graph_timer.cuh"
 
 #include <algorithm>
 #include <cmath>
@@ -15,30 +16,6 @@
 namespace micro {
 __global__ void empty_kernel(int *p) {
     if (p != nullptr && threadIdx.x == 1000) *p = 0;
-}
-
-template <typename F>
-float graph_us(F launch, int reps, cudaStream_t s) {
-    cudaGraph_t g;
-    cudaGraphExec_t ge;
-    cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal);
-    for (int i = 0; i < reps; ++i) launch();
-    cudaStreamEndCapture(s, &g);
-    cudaGraphInstantiate(&ge, g, 0);
-    cudaGraphLaunch(ge, s);
-    cudaStreamSynchronize(s);
-    cudaEvent_t a, b;
-    cudaEventCreate(&a);
-    cudaEventCreate(&b);
-    cudaEventRecord(a, s);
-    for (int it = 0; it < 5; ++it) cudaGraphLaunch(ge, s);
-    cudaEventRecord(b, s);
-    cudaEventSynchronize(b);
-    float ms = 0;
-    cudaEventElapsedTime(&ms, a, b);
-    cudaGraphExecDestroy(ge);
-    cudaGraphDestroy(g);
-    return ms * 1000.0f / (5.0f * reps);
 }
 }  // namespace micro
 
