@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call = build + CUDA tests + layer benchmark (see benchmarks/NOTES_gpu.md).
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [tfused] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [microsel] [microseam] [seamab] [ncuseam] [e2eprof] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
+# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [tfused] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [microsel] [gemm] [microseam] [mergeab] [seamab] [ncuseam] [e2eprof] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
 # Logs and results go to $OUT (default: /tmp/qllm_out).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -143,15 +143,38 @@ if [[ " $stages " == *" microsel "* ]]; then
     timeout 120 /tmp/msel_$v 2>&1 | tee "$OUT/micro_select_$v.txt"
   done
 fi
+if [[ " $stages " == *" gemm "* ]]; then
+  stamp "projection GEMMs one by one vs concatenated (benchmarks/micro/gemm_fuse.py)"
+  timeout 120 python3 benchmarks/micro/gemm_fuse.py --out "$OUT/gemm_fuse.json" 2>&1 | tee "$OUT/gemm_fuse.log" | tail -6
+fi
 if [[ " $stages " == *" microseam "* ]]; then
-  # the seam launch by phase: per-launch time of five variants and a %globaltimer trace of each
+  # the seam launch by phase: per-launch time of six variants and a %globaltimer trace of each,
+  # this tree against the one in .base/ (when carried), built side by side
   stamp "micro seam: build"
-  nvcc -O3 -std=c++20 -arch=sm_90 -Icsrc/include -Icsrc benchmarks/micro/seam_trace.cu -o /tmp/mseam \
-    > "$OUT/micro_seam_build.log" 2>&1 && timeout 120 /tmp/mseam 2>&1 | tee "$OUT/micro_seam.txt"
+  mflags="-O3 -std=c++20 -arch=sm_90 -Icsrc/include -Icsrc"
+  nvcc $mflags benchmarks/micro/seam_trace.cu -o /tmp/mseam_new > "$OUT/micro_seam_build.log" 2>&1 &
+  if [[ -d .base ]]; then (cd .base && nvcc $mflags benchmarks/micro/seam_trace.cu -o /tmp/mseam_base) >> "$OUT/micro_seam_build.log" 2>&1; fi
+  wait
+  for v in base new; do
+    [[ -x /tmp/mseam_$v ]] || continue
+    stamp "micro seam: $v"
+    timeout 120 /tmp/mseam_$v 2>&1 | tee "$OUT/micro_seam_$v.txt"
+  done
 fi
 if [[ " $stages " == *" seamab "* ]]; then
   # the seam kernel between execution blocks against its four kernels one by one
   knob_ab QLLM_SEAM=0 attend_cuda "" QLLM_SEAM=0 QLLM_SEAM=1
+fi
+if [[ " $stages " == *" mergeab "* ]]; then
+  # the seam's merged selection and staged keys (default) against QLLM_SEAM_MERGE=0 (round 10's
+  # seam): 128K and 512K prefill, the two settings alternating twice, each in its own process
+  for rep in 1 2; do
+    for v in 0 1; do
+      stamp "layer, QLLM_SEAM_MERGE=$v (round $rep)"
+      QLLM_SEAM_MERGE=$v timeout 150 python3 benchmarks/bench_layer.py --prefill 131072 524288 --decode-at \
+        --no-dense --repeats 5 --out "$OUT/ab_merge_${v}_$rep.json" 2>&1 | grep "prefill\|rror"
+    done
+  done
 fi
 if [[ " $stages " == *" ncu "* ]]; then
   # hardware counters of one attention and one token-score launch (32K prefill, 20th execution

@@ -1,11 +1,14 @@
-"""The block top-k's sorting network (csrc/cuda/topk_net.cuh), checked on the CPU.
+"""The block top-k's list code (csrc/cuda/topk_net.cuh), checked on the CPU.
 
 attend.cu's topk_lists (the device top-k of every selection with k <= 8) keeps a
-sorted list per thread and merges them with butterfly exchanges.
-tests/cuda_host/topk_net_check.cpp runs the same list and merge code with the
-threads and the warps' exchanges emulated, and compares the result with a plain
-sort on 512 tie-heavy cases (NaN, -0 / +0, -inf, n from 0 to 8192, k from 1 to 8).
-The CUDA tests check the kernels themselves on a GPU.
+sorted list per thread and takes the best k in rounds of warp reductions; the
+seam's select CTA ranks the blocks not cut now, and the last CTA merges that list
+with the cut blocks' scores.  tests/cuda_host/topk_net_check.cpp runs the same
+list code with the threads, the warps' reductions and the shuffles emulated, and
+compares both with a plain sort: 512 tie-heavy selections (NaN, -0 / +0, -inf, n
+from 0 to 8192, k from 1 to 8) and 2048 merges (cut ranges at the end, in the
+middle, past the end; the cut blocks winning or not).  The CUDA tests check the
+kernels themselves on a GPU.
 """
 
 from __future__ import annotations
@@ -30,4 +33,4 @@ def test_topk_network_matches_a_sort(tmp_path):
     assert build.returncode == 0, build.stderr[-3000:]
     run = subprocess.run([exe], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:]
-    assert run.stdout.strip() == "cases 512 wrong 0"
+    assert run.stdout.strip() == "cases 2560 wrong 0"

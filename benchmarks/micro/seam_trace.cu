@@ -1,17 +1,23 @@
 // Where the seam launch's time goes (qllm_cuda_exec_seam, csrc/cuda/attend.cu): the launch
 // between execution blocks i and i+1 at a 128K-like state (Llama-3-8B heads, 2K-budget config,
-// block i+1 ranks 774 blocks, 4 of them cut by block i), in five variants:
+// block i+1 ranks 774 blocks, 4 of them cut by block i), in six variants:
 //   full      cut of block i + block i+1's top-k + block i+1's rotations (what attend_run runs)
 //   no-prep   cut + top-k
 //   cut-only  cut (representatives, partial dots, block scores)
 //   cut+prep  cut + rotations
 //   prep-only rotations
+//   full-512K full, with block i+1 ranking 3974 blocks (a 512K-like state)
 // First the per-launch time of each in a CUDA graph of back-to-back launches, then one traced
 // launch of each: every CTA's thread 0 stamps %globaltimer at its phases (SEAM_T_* in attend.cu,
 // compiled in by QLLM_SEAM_TRACE), printed as microseconds after the first CTA's start.
+// In the last CTA's line, "staged" and "sums" are, with the merged selection (sel_merge), the
+// cut blocks' scores for block i+1 and block i+1's ids written.
 // Build: nvcc -O3 -std=c++20 -arch=sm_90 -Icsrc/include -Icsrc benchmarks/micro/seam_trace.cu -o /tmp/mseam
 #define QLLM_SEAM_TRACE 1
 #include "../../csrc/cuda/attend.cu"
+#ifndef QLLM_SEAM_CNT_INTS /* an older attend.cu: the counter alone */
+#define QLLM_SEAM_CNT_INTS 1
+#endif
 #include "../../csrc/cuda/ops_kernels.cu"
 #include "graph_timer.cuh"
 
@@ -65,9 +71,9 @@ void stats(std::vector<double> v, double out[3]) {
 int main() {
     using namespace micro;
     constexpr int D = 128, HQ = 32, HKV = 8, BS = 128, N_INIT = 128, N_LOCAL = 1024, E = 512;
-    constexpr int64_t CAP = 110000, RING = 4096, CAP_B = 1024, P = 2048, T_CHUNK = 8192;
+    constexpr int64_t CAP = 520000, RING = 4096, CAP_B = 4096, P = 2048, T_CHUNK = 8192;
     constexpr int N_EXEC = 16, I = 5; /* block i = 5 of the call's 16 */
-    constexpr int64_t CUT_B0 = 770, CUT_N = 4, SEL_N = CUT_B0 + CUT_N;
+    constexpr int64_t CUT_B0 = 770, CUT_N = 4, SEL_N = CUT_B0 + CUT_N, CUT_B0_512K = 3970;
     cudaStream_t s;
     MICRO_CK(cudaStreamCreate(&s));
 
@@ -84,7 +90,7 @@ int main() {
     auto *qcomb = dev_alloc<float>(static_cast<size_t>(N_EXEC) * HQ * D);
     auto *bscore = dev_alloc<float>(static_cast<size_t>(N_EXEC) * CAP_B);
     auto *pdot = dev_alloc<float>(static_cast<size_t>(CUT_N) * N_EXEC * HQ);
-    auto *cnt = dev_alloc<int32_t>(1);
+    auto *cnt = dev_alloc<int32_t>(QLLM_SEAM_CNT_INTS);
     auto *ids = dev_alloc<int32_t>(64);
     fill_bf16(k_store, static_cast<size_t>(HKV) * CAP * D, 1u);
     fill_f32(scores, static_cast<size_t>(HQ) * RING, 2u, 1.0f);
@@ -129,12 +135,14 @@ int main() {
     struct Variant {
         const char *name;
         bool cut, sel, prep;
+        int64_t cut_b0;
     };
-    const Variant variants[] = {{"full", true, true, true},
-                                {"no-prep", true, true, false},
-                                {"cut-only", true, false, false},
-                                {"cut+prep", true, false, true},
-                                {"prep-only", false, false, true}};
+    const Variant variants[] = {{"full", true, true, true, CUT_B0},
+                                {"no-prep", true, true, false, CUT_B0},
+                                {"cut-only", true, false, false, CUT_B0},
+                                {"cut+prep", true, false, true, CUT_B0},
+                                {"prep-only", false, false, true, CUT_B0},
+                                {"full-512K", true, true, true, CUT_B0_512K}};
     auto make = [&](const Variant &v) {
         qllm_gpu_seam sm;
         std::memset(&sm, 0, sizeof(sm));
@@ -148,7 +156,7 @@ int main() {
             sm.krot = krot;
         }
         if (v.cut) {
-            sm.cut_b0 = CUT_B0;
+            sm.cut_b0 = v.cut_b0;
             sm.cut_n = CUT_N;
             sm.repr_topk = 4;
             sm.qcomb = qcomb;
@@ -161,7 +169,7 @@ int main() {
         }
         if (v.sel) {
             sm.sel_scores = bscore + static_cast<int64_t>(I + 1) * CAP_B;
-            sm.sel_n = SEL_N;
+            sm.sel_n = v.cut_b0 + CUT_N;
             sm.sel_k = 8;
             sm.sel_ids = ids;
         }

@@ -381,8 +381,11 @@ __device__ __forceinline__ uint32_t score_key(float v) {
  * k <= SEL_KFAST (topk_lists): every thread keeps a sorted list of the best
  * SEL_KFAST (key, index) pairs of the elements it reads (one coalesced pass,
  * each element read once, so src may stay in global memory); each warp then
- * merges its lanes' lists in 5 butterfly steps (bitonic merges of two sorted
- * lists, topk_net.cuh), and warp 0 merges the warps' lists in 3 more.
+ * takes its top k in k rounds of two warp reductions over the lists' heads
+ * (key max, then index min; the winning lane pops its head), and warp 0 does
+ * the same over the warps' candidates (block_best; lists: topk_net.cuh).  A
+ * butterfly merge of the lists (bitonic merges) was slower: 3.9 against 3.3 us
+ * at n=1024, k=8 (benchmarks/NOTES_gpu.md, round 11).
  * Larger k (topk_radix): a radix select, whose cost does not grow with k.
  * Radix select:
  * 1. Radix select over the 32-bit keys, 8 bits per pass: each pass histograms
@@ -394,6 +397,7 @@ __device__ __forceinline__ uint32_t score_key(float v) {
  *    placing them by block-wide ballot scans: ids come out ascending.
  * Measured: benchmarks/micro/select_combine.cu, benchmarks/NOTES_gpu.md. */
 constexpr int SEL_KFAST = 8; /* lists up to this k, radix above */
+static_assert(QLLM_SEAM_CNT_INTS >= 1 + 2 * SEL_KFAST, "the seam's counter workspace holds a list of SEL_KFAST");
 
 /* Best (key, index) of one lane's elements get(j), j < cnt, strictly worse
  * than (tk, ti) when bounded; none = (0, UINT_MAX), which every element beats. */
@@ -434,59 +438,73 @@ __device__ __forceinline__ void warp_topk(Get get, int cnt, int k, uint32_t *out
     }
 }
 
-/* Every lane of the lanes 0 .. 2^levels - 1 of each group ends with the best
- * K pairs of the group's lists: butterfly exchanges (lane ^ 1, ^ 2, ...),
- * each merging the partner's list into its own (the same set on both sides). */
+/* k rounds over the warp's lists: lane r gets round r's winner in (wk, wi)
+ * (none = (0, UINT_MAX) past the last pair); the winner's list pops its head. */
 template <int K>
-__device__ __forceinline__ void warp_merge(qllm_topk::List<K> &l, int levels) {
-    for (int m = 1; m < (1 << levels); m <<= 1) {
-        qllm_topk::List<K> o;
-#pragma unroll
-        for (int j = 0; j < K; ++j) {
-            o.key[j] = __shfl_xor_sync(0xffffffffu, l.key[j], m);
-            o.idx[j] = __shfl_xor_sync(0xffffffffu, l.idx[j], m);
+__device__ __forceinline__ void warp_rounds(qllm_topk::List<K> &l, int k, uint32_t &wk, uint32_t &wi) {
+    const int lane = threadIdx.x & 31;
+    wk = 0u;
+    wi = 0xffffffffu;
+    for (int r = 0; r < k; ++r) {
+        const uint32_t kmax = __reduce_max_sync(0xffffffffu, l.key[0]);
+        const uint32_t imin = __reduce_min_sync(0xffffffffu, l.key[0] == kmax ? l.idx[0] : 0xffffffffu);
+        if (lane == r) {
+            wk = kmax;
+            wi = imin;
         }
-        l.merge(o);
+        l.pop_if(kmax, imin);
     }
 }
 
-__device__ __forceinline__ void topk_lists(const float *src, int n, int k, int32_t *__restrict__ ids) {
-    constexpr int NWS = SEL_THREADS / 32, K = SEL_KFAST, NWS_LOG = 3;
-    static_assert(NWS == 1 << NWS_LOG, "warps of the block: 2^NWS_LOG");
+/* The block's best k (k <= SEL_KFAST) of the pairs that fill(l) inserts into
+ * each thread's list l: on return lane r < k of warp 0 holds the r-th best in
+ * (wk, wi) (none past the last pair); the other warps' (wk, wi) mean nothing.
+ * All SEL_THREADS threads call it (one block barrier). */
+template <typename Fill>
+__device__ __forceinline__ void block_best(Fill fill, int k, uint32_t &wk, uint32_t &wi) {
+    constexpr int NWS = SEL_THREADS / 32, K = SEL_KFAST;
     __shared__ uint32_t cand_k[NWS * K], cand_i[NWS * K];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    qllm_topk::List<K> l;
-    l.clear();
-    batched<8>(threadIdx.x, n, SEL_THREADS, [&](int i) { return src[i]; },
-               [&](int i, float v) { l.insert(score_key(v), static_cast<uint32_t>(i)); });
-    warp_merge(l, 5);
-    if (lane == 0) {
-#pragma unroll
-        for (int j = 0; j < K; ++j) {
-            cand_k[warp * K + j] = l.key[j];
-            cand_i[warp * K + j] = l.idx[j];
-        }
+    {
+        qllm_topk::List<K> l;
+        l.clear();
+        fill(l);
+        warp_rounds(l, k, wk, wi);
+    }
+    if (lane < k) {
+        cand_k[warp * K + lane] = wk;
+        cand_i[warp * K + lane] = wi;
     }
     __syncthreads();
     if (warp != 0) return;
-    if (lane < NWS) {
-#pragma unroll
-        for (int j = 0; j < K; ++j) {
-            l.key[j] = cand_k[lane * K + j];
-            l.idx[j] = cand_i[lane * K + j];
-        }
-    } else {
-        l.clear();
-    }
-    warp_merge(l, NWS_LOG); /* lanes 0 .. NWS-1 (k <= K <= NWS of them) hold the block's best K */
-    const uint32_t wi = l.idx_at(lane < K ? lane : 0);
-    /* ascending block order: rank among the k winners (none = UINT_MAX last) */
+    qllm_topk::List<K> l;
+    l.clear();
+    for (int c = lane; c < NWS * K; c += 32)
+        if (c % K < k) l.insert(cand_k[c], cand_i[c]);
+    warp_rounds(l, k, wk, wi);
+}
+
+/* One warp: the winners wi of lanes 0 .. k-1 to ids[0..k) in ascending block
+ * order (none = UINT_MAX ranks last and is written as -1). */
+__device__ __forceinline__ void write_ascending(uint32_t wi, int k, int32_t *__restrict__ ids) {
+    const int lane = threadIdx.x & 31;
     int rank = 0;
     for (int j = 0; j < k; ++j) {
         const uint32_t v = __shfl_sync(0xffffffffu, wi, j);
         rank += (v < wi || (v == wi && j < lane)) ? 1 : 0;
     }
     if (lane < k) ids[rank] = wi == 0xffffffffu ? -1 : static_cast<int32_t>(wi);
+}
+
+__device__ __forceinline__ void topk_lists(const float *src, int n, int k, int32_t *__restrict__ ids) {
+    uint32_t wk, wi;
+    block_best(
+        [&](qllm_topk::List<SEL_KFAST> &l) {
+            batched<8>(threadIdx.x, n, SEL_THREADS, [&](int i) { return src[i]; },
+                       [&](int i, float v) { l.insert(score_key(v), static_cast<uint32_t>(i)); });
+        },
+        k, wk, wi);
+    if ((threadIdx.x >> 5) == 0) write_ascending(wi, k, ids);
 }
 
 /* Block-wide exclusive count of `flag` over the threads before this one (in
@@ -635,7 +653,7 @@ __global__ void __launch_bounds__(SEL_THREADS) select_kernel(const float *__rest
  * staged, then k ints (qsel_smem). */
 constexpr int QS_CH = 32;
 
-__global__ void __launch_bounds__(SEL_THREADS) qsel_kernel(float *bscore, int n, int k, bool staged,
+__global__ void __launch_bounds__(SEL_THREADS, 1) qsel_kernel(float *bscore, int n, int k, bool staged,
                                                            const float *__restrict__ raw, int64_t ld,
                                                            int n_cols, float weight, int32_t *__restrict__ ids,
                                                            const int64_t *__restrict__ dyn) {
@@ -1913,14 +1931,22 @@ __global__ void cut_kernel(qllm_gpu_layer ly, int64_t b0, int k) {
  *                scores, ties to the lower token, keys summed in that order),
  *                then its partial dots with qcomb[i', head] for the later
  *                execution blocks i' into pdot;
+ *                The warps that do not rank the tokens load the block's key
+ *                rows of the head's KV head into shared memory meanwhile
+ *                (kb_smem), so the representative reads no global memory;
  *   the last cut CTA to finish (a counter) sums the partials over heads in
  *                head order into bscore[i', b] and, when block i+1 ranks the
  *                blocks just cut, runs block i+1's top-k (as select_kernel);
  *   select CTA   block i+1's top-k on its own when it ranks no block cut now;
+ *                when it does and k <= SEL_KFAST (sel_merge), the best k of
+ *                the blocks not cut now, into sel_part; it then arrives like
+ *                a cut CTA, and the last to arrive merges that list with the
+ *                cut blocks' scores (seam_finish_merge) instead of ranking
+ *                all n blocks after the cut;
  *   prep CTAs    block i+1's rotations (prep_body), independent of the rest.
  * The counter is zero on entry and left zero.  Nothing waits for another CTA:
  * the last one to arrive does the dependent work.  Shared memory: see
- * seam_smem_floats. */
+ * seam_cut_floats. */
 struct SeamArgs {
     qllm_gpu_exec ex; /* prep of the next execution block: prep_ctas > 0 */
     const void *q;
@@ -1935,11 +1961,14 @@ struct SeamArgs {
     int64_t ld;
     float *pdot; /* [cut_n, i1 - i0, hq] */
     int32_t *cnt;
-    int qc_smem, pd_smem; /* qcomb rows / partials staged in shared memory */
+    uint32_t *sel_part; /* sel_merge: keys [SEL_KFAST], then indices [SEL_KFAST] */
+    int qc_smem, pd_smem, kb_smem; /* qcomb rows / partials / the block's keys staged in shared memory */
     const float *sel_scores; /* select: sel_k > 0 */
     int sel_n, sel_k;
     int32_t *sel_ids;
     int sel_after_cut; /* the selection ranks blocks this launch cuts */
+    int sel_merge;     /* ... and merges a list of the others made beside the cut */
+    int sel_cta;       /* the grid has a select CTA after the cut CTAs */
 };
 
 constexpr int SEAM_THREADS = SEL_THREADS;
@@ -1973,11 +2002,19 @@ __device__ __forceinline__ void seam_stamp(int) {}
 constexpr int SEAM_WARPS = SEAM_THREADS / 32;
 
 /* Shared-memory floats of a cut CTA: top-k keys and ids (2k), the block's
- * token scores (bs), the representative (D), qcomb rows (ni * D, staged); of
- * the last cut CTA: the selection's scores (n), the partials (cut_n*ni*hq,
- * staged).  The launcher stages what fits under SEL_DYN_SMEM. */
+ * token scores (bs), the representative (D), qcomb rows (ni * D, staged), from
+ * a 16-byte boundary the block's key rows (bs * D elements of esz bytes,
+ * staged); of the last cut CTA: the selection's scores (n), the partials
+ * (cut_n*ni*hq, staged), or with sel_merge the cut blocks' scores (cut_n).
+ * The launcher stages what fits under SEL_DYN_SMEM. */
 __host__ __device__ inline int64_t seam_cut_floats(int k, int bs, int D, int ni, bool qc) {
     return 2 * static_cast<int64_t>(k) + bs + D + (qc ? static_cast<int64_t>(ni) * D : 0);
+}
+__host__ __device__ inline int64_t seam_keys_at(int k, int bs, int D, int ni, bool qc) {
+    return (seam_cut_floats(k, bs, D, ni, qc) + 3) / 4 * 4;
+}
+__host__ __device__ inline int64_t seam_keys_floats(int k, int bs, int D, int ni, bool qc, int esz) {
+    return seam_keys_at(k, bs, D, ni, qc) + (static_cast<int64_t>(bs) * D * esz + 3) / 4;
 }
 __host__ __device__ inline int64_t seam_last_floats(int64_t sel_n, int cut_n, int ni, int hq, bool pd) {
     return sel_n + (pd ? static_cast<int64_t>(cut_n) * ni * hq : 0);
@@ -2050,6 +2087,110 @@ __device__ __forceinline__ void seam_finish(const qllm_gpu_layer &ly, const Seam
     topk_ascending(sel_s, a.sel_n, a.sel_k, a.sel_ids);
 }
 
+/* Sums over heads of the partials of pairs q = first, first + step, .. < nq
+ * (pair q's hq partials at pd + off(q)): per lane the heads lane, lane + 32,
+ * .. added in order, then a butterfly over the lanes, as seam_finish;
+ * emit(q, sum) on lane 0.  One warp; U pairs' loads in flight per lane. */
+template <int U, typename Off, typename Emit>
+__device__ __forceinline__ void warp_pair_sums(const float *pd, int hq, int first, int nq, int step, Off off,
+                                               Emit emit) {
+    const int lane = threadIdx.x & 31;
+    for (int q0 = first; q0 < nq; q0 += U * step) {
+        float acc[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) acc[u] = 0.0f;
+        for (int hh = lane; hh < hq; hh += 32) {
+            float v[U];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int q = q0 + u * step;
+                v[u] = q < nq ? __ldcg(pd + off(q) + hh) : 0.0f;
+            }
+#pragma unroll
+            for (int u = 0; u < U; ++u) acc[u] += v[u];
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) acc[u] += __shfl_xor_sync(0xffffffffu, acc[u], o);
+        }
+        if (lane == 0) {
+#pragma unroll
+            for (int u = 0; u < U; ++u)
+                if (q0 + u * step < nq) emit(q0 + u * step, acc[u]);
+        }
+    }
+}
+
+/* The last CTA to arrive with sel_merge: block i+1's scores of the cut blocks
+ * (row i0) first; then warp 0 merges them with the select CTA's list of the
+ * other blocks' best k into block i+1's ids, while the other warps sum the
+ * later rows' scores (i0+1 .. i1-1), which only later seams read. */
+__device__ __forceinline__ void seam_finish_merge(const qllm_gpu_layer &ly, const SeamArgs &a, float *smem) {
+    constexpr int K = SEL_KFAST;
+    const int hq = ly.hq, ni = a.i1 - a.i0, cut_n = a.cut_n, k = a.sel_k;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int64_t c0 = a.cut_b0;
+    float *news = smem; /* [cut_n] */
+    uint32_t pk = 0u, pi = 0xffffffffu; /* the select CTA's r-th best, lane r of warp 0 */
+    if (warp == 0 && lane < k) {
+        pk = __ldcg(a.sel_part + lane);
+        pi = __ldcg(a.sel_part + K + lane);
+    }
+    warp_pair_sums<1>(
+        a.pdot, hq, warp, cut_n, SEAM_WARPS, [&](int bl) { return static_cast<int64_t>(bl) * ni * hq; },
+        [&](int bl, float v) {
+            a.bscore[static_cast<int64_t>(a.i0) * a.ld + c0 + bl] = v;
+            news[bl] = v;
+        });
+    __syncthreads();
+    seam_stamp(SEAM_T_STAGED);
+    if (warp == 0) {
+        qllm_topk::List<K> l;
+        l.clear();
+        l.insert(pk, pi);
+        for (int j = lane; j < cut_n; j += 32)
+            if (c0 + j < a.sel_n) l.insert(score_key(news[j]), static_cast<uint32_t>(c0 + j));
+        uint32_t wk, wi;
+        warp_rounds(l, k, wk, wi);
+        write_ascending(wi, k, a.sel_ids);
+        seam_stamp(SEAM_T_SUMS);
+    } else if (ni > 1) {
+        const int nr = cut_n * (ni - 1); /* pair q: block q / (ni-1), row i0 + 1 + q % (ni-1) */
+        warp_pair_sums<8>(
+            a.pdot, hq, warp - 1, nr, SEAM_WARPS - 1,
+            [&](int q) { return (static_cast<int64_t>(q / (ni - 1)) * ni + 1 + q % (ni - 1)) * hq; },
+            [&](int q, float v) {
+                a.bscore[static_cast<int64_t>(a.i0 + 1 + q % (ni - 1)) * a.ld + c0 + q / (ni - 1)] = v;
+            });
+    }
+}
+
+/* The select CTA with sel_merge: the best k of block i+1's scores of the
+ * blocks not cut now (their scores exist before the launch) into sel_part,
+ * then the arrival of the cut CTAs. */
+__device__ __forceinline__ void seam_pre(const qllm_gpu_layer &ly, const SeamArgs &a, float *smem) {
+    const int64_t c0 = a.cut_b0, c1 = a.cut_b0 + a.cut_n;
+    uint32_t wk, wi;
+    block_best(
+        [&](qllm_topk::List<SEL_KFAST> &l) {
+            batched<8>(threadIdx.x, a.sel_n, SEAM_THREADS,
+                       [&](int i) { return i < c0 || i >= c1 ? a.sel_scores[i] : 0.0f; },
+                       [&](int i, float v) {
+                           if (i < c0 || i >= c1) l.insert(score_key(v), static_cast<uint32_t>(i));
+                       });
+        },
+        a.sel_k, wk, wi);
+    if (threadIdx.x < static_cast<unsigned>(a.sel_k)) { /* lanes of warp 0 */
+        a.sel_part[threadIdx.x] = wk;
+        a.sel_part[SEL_KFAST + threadIdx.x] = wi;
+    }
+    if (seam_arrive_last(a.cnt, a.cut_n * ly.hq + 1)) {
+        seam_stamp(SEAM_T_LAST);
+        seam_finish_merge(ly, a, smem);
+    }
+}
+
 template <typename T>
 __device__ __forceinline__ void seam_cut(const qllm_gpu_layer &ly, const SeamArgs &a, int cta, float *smem) {
     const int hq = ly.hq, D = ly.head_dim, bs = ly.block_size, k = a.repr_k, ni = a.i1 - a.i0;
@@ -2059,6 +2200,8 @@ __device__ __forceinline__ void seam_cut(const qllm_gpu_layer &ly, const SeamArg
     const int64_t pos0 = ly.n_init + b * bs;
     uint32_t *sk = reinterpret_cast<uint32_t *>(smem), *si = sk + k;
     float *scs = smem + 2 * k, *rep = scs + bs, *qs = rep + D;
+    T *kb = reinterpret_cast<T *>(smem + seam_keys_at(k, bs, D, ni, a.qc_smem)); /* [bs, D] */
+    const T *keys = static_cast<const T *>(ly.k_store) + static_cast<int64_t>(h / (ly.hq / ly.hkv)) * ly.cap * D;
     if (warp == 0) { /* the block's top-k tokens: one warp, no block barrier per round */
         const float *sc = ly.scores + static_cast<int64_t>(h) * ly.ring;
         batched<4>(lane, bs, 32, [&](int t) { return sc[(pos0 + t) & (ly.ring - 1)]; },
@@ -2071,19 +2214,40 @@ __device__ __forceinline__ void seam_cut(const qllm_gpu_layer &ly, const SeamArg
                       idx = static_cast<uint32_t>(t);
                   },
                   cnt, k, sk, si, nullptr);
-    } else if (a.qc_smem) { /* meanwhile the other warps fetch the later blocks' qcomb rows */
-        batched<8>(
-            threadIdx.x - 32, ni * D, SEAM_THREADS - 32,
-            [&](int e) { return a.qcomb[(static_cast<int64_t>(a.i0 + e / D) * hq + h) * D + e % D]; },
-            [&](int e, float v) { qs[e] = v; });
+    } else { /* meanwhile the other warps fetch the block's keys and the later blocks' qcomb rows */
+        if (a.kb_smem) {
+            const int cpr = D * static_cast<int>(sizeof(T)) / 16; /* 16-byte chunks per row */
+            for (int c = threadIdx.x - 32; c < bs * cpr; c += SEAM_THREADS - 32) {
+                const int t = c / cpr, ch = c % cpr;
+                cp_async16_all(kb + static_cast<int64_t>(t) * D + ch * (16 / sizeof(T)),
+                               keys + kv_row(pos0 + t, ly.n_init, ly.wmask) * D + ch * (16 / sizeof(T)));
+            }
+            cp_async_commit();
+        }
+        if (a.qc_smem)
+            batched<8>(
+                threadIdx.x - 32, ni * D, SEAM_THREADS - 32,
+                [&](int e) { return a.qcomb[(static_cast<int64_t>(a.i0 + e / D) * hq + h) * D + e % D]; },
+                [&](int e, float v) { qs[e] = v; });
+        if (a.kb_smem) cp_async_wait<0>();
     }
     __syncthreads();
     seam_stamp(SEAM_T_TOPK);
     float *out = ly.reprs + (b * hq + h) * D;
-    repr_of_head<T>(ly, b, h, k, [&](int r) { return static_cast<int64_t>(si[r]); }, [&](int d, float v) {
-        out[d] = v;
-        rep[d] = v;
-    });
+    if (a.kb_smem) { /* as repr_of_head: the k rows added in rank order, then the mean */
+        for (int d = threadIdx.x; d < D; d += SEAM_THREADS) {
+            float acc = 0.0f;
+            for (int r = 0; r < k; ++r) acc += Cvt<T>::to_f(kb[static_cast<int64_t>(si[r]) * D + d]);
+            const float v = acc / static_cast<float>(k);
+            out[d] = v;
+            rep[d] = v;
+        }
+    } else {
+        repr_of_head<T>(ly, b, h, k, [&](int r) { return static_cast<int64_t>(si[r]); }, [&](int d, float v) {
+            out[d] = v;
+            rep[d] = v;
+        });
+    }
     if (ni <= 0 && !a.sel_after_cut) return; /* uniform */
     __syncthreads();
     seam_stamp(SEAM_T_REPR);
@@ -2101,13 +2265,16 @@ __device__ __forceinline__ void seam_cut(const qllm_gpu_layer &ly, const SeamArg
     else
         dots([&](int j, int d) { return a.qcomb[(static_cast<int64_t>(a.i0 + j) * hq + h) * D + d]; });
     seam_stamp(SEAM_T_DOTS);
-    if (seam_arrive_last(a.cnt, a.cut_n * hq)) {
+    if (seam_arrive_last(a.cnt, a.cut_n * hq + (a.sel_merge ? 1 : 0))) {
         seam_stamp(SEAM_T_LAST);
-        seam_finish(ly, a, smem);
+        if (a.sel_merge)
+            seam_finish_merge(ly, a, smem);
+        else
+            seam_finish(ly, a, smem);
     }
 }
 
-/* Grid: [cut_n * hq cut CTAs | 1 select CTA when it runs alone | prep_ctas]. */
+/* Grid: [cut_n * hq cut CTAs | 1 select CTA (sel_cta) | prep_ctas]. */
 template <typename T, bool VEC>
 __global__ void __launch_bounds__(SEAM_THREADS) seam_kernel(qllm_gpu_layer ly, SeamArgs a) {
     extern __shared__ __align__(16) float seam_smem[];
@@ -2116,10 +2283,13 @@ __global__ void __launch_bounds__(SEAM_THREADS) seam_kernel(qllm_gpu_layer ly, S
     seam_stamp(SEAM_T_START);
     if (cta < n_cut) {
         seam_cut<T>(ly, a, cta, seam_smem);
-    } else if (cta -= n_cut; a.sel_k > 0 && !a.sel_after_cut && cta == 0) {
-        topk_staged(a.sel_scores, a.sel_n, a.sel_k, a.sel_ids, seam_smem); /* ranks no block cut now */
+    } else if (cta -= n_cut; a.sel_cta && cta == 0) {
+        if (a.sel_merge)
+            seam_pre(ly, a, seam_smem);
+        else
+            topk_staged(a.sel_scores, a.sel_n, a.sel_k, a.sel_ids, seam_smem); /* ranks no block cut now */
     } else {
-        if (a.sel_k > 0 && !a.sel_after_cut) cta -= 1;
+        if (a.sel_cta) cta -= 1;
         prep_body<T, VEC>(ly, a.ex, static_cast<const T *>(a.q), a.q_hs, a.q_ts, static_cast<T *>(a.qfix),
                           static_cast<T *>(a.qloc), static_cast<T *>(a.krot), nullptr, cta, a.prep_ctas);
     }
@@ -2747,6 +2917,13 @@ extern "C" int qllm_cuda_seam_enabled(void) {
     return on;
 }
 
+/* QLLM_SEAM_MERGE=0: the seam without the merged selection and without the
+ * block's keys in shared memory (the round-10 seam), for same-build A/B runs. */
+static bool seam_merge_enabled() {
+    static const bool on = !env_is("QLLM_SEAM_MERGE", '0');
+    return on;
+}
+
 extern "C" int qllm_cuda_exec_seam(const qllm_gpu_layer *ly, const qllm_gpu_seam *s, cudaStream_t stream) {
     int st = check_layer(ly, "exec_seam");
     if (st) return st;
@@ -2785,6 +2962,7 @@ extern "C" int qllm_cuda_exec_seam(const qllm_gpu_layer *ly, const qllm_gpu_seam
     a.ld = s->ld;
     a.pdot = s->pdot;
     a.cnt = s->cnt;
+    a.sel_part = s->cnt != nullptr ? reinterpret_cast<uint32_t *>(s->cnt + 1) : nullptr;
     a.sel_scores = s->sel_scores;
     a.sel_n = static_cast<int>(s->sel_n);
     a.sel_k = sel_in ? s->sel_k : 0;
@@ -2795,19 +2973,28 @@ extern "C" int qllm_cuda_exec_seam(const qllm_gpu_layer *ly, const qllm_gpu_seam
     int64_t floats = sel_in && !a.sel_after_cut ? s->sel_n : 0;
     if (cut_n > 0) {
         const int bs = ly->block_size, hq = ly->hq;
+        const int esz = 2; /* f16 / bf16 storage */
         const int64_t cut_min = seam_cut_floats(a.repr_k, bs, D, ni, false);
         if (cut_min > budget)
             return set_error(QLLM_CUDA_ERR_ARG, "exec_seam: block_size %d, repr_topk %d need too much shared memory",
                              bs, a.repr_k);
-        const int64_t sel_part = a.sel_after_cut ? s->sel_n : 0;
+        /* with k <= SEL_KFAST the selection after the cut merges the select
+         * CTA's list of the other blocks with the cut blocks' new scores */
+        const bool fast = seam_merge_enabled();
+        a.sel_merge = fast && a.sel_after_cut && s->sel_k <= SEL_KFAST && ni >= 1 && cut_n <= cut_min;
+        const int64_t sel_part = a.sel_after_cut && !a.sel_merge ? s->sel_n : 0;
         a.qc_smem = seam_cut_floats(a.repr_k, bs, D, ni, true) <= budget;
         a.pd_smem = seam_last_floats(sel_part, a.cut_n, ni, hq, true) <= budget;
-        const int64_t cut_f = seam_cut_floats(a.repr_k, bs, D, ni, a.qc_smem);
-        const int64_t last_f = seam_last_floats(sel_part, a.cut_n, ni, hq, a.pd_smem);
+        a.kb_smem = fast && seam_keys_floats(a.repr_k, bs, D, ni, a.qc_smem, esz) <= budget && (D * esz) % 16 == 0 &&
+                    reinterpret_cast<uintptr_t>(ly->k_store) % 16 == 0;
+        const int64_t cut_f = a.kb_smem ? seam_keys_floats(a.repr_k, bs, D, ni, a.qc_smem, esz)
+                                        : seam_cut_floats(a.repr_k, bs, D, ni, a.qc_smem);
+        const int64_t last_f = a.sel_merge ? cut_n : seam_last_floats(sel_part, a.cut_n, ni, hq, a.pd_smem);
         floats = floats > cut_f ? floats : cut_f;
         floats = floats > last_f ? floats : last_f;
     }
-    const int64_t grid = cut_n * ly->hq + (sel_in && !a.sel_after_cut ? 1 : 0) + a.prep_ctas;
+    a.sel_cta = sel_in && (!a.sel_after_cut || a.sel_merge);
+    const int64_t grid = cut_n * ly->hq + (a.sel_cta ? 1 : 0) + a.prep_ctas;
     if (grid > 0) {
         const size_t smem = static_cast<size_t>(floats) * sizeof(float);
         const bool vec = prep_vec(*ly);

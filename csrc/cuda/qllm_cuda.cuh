@@ -179,8 +179,10 @@ int qllm_cuda_cut_blocks(const qllm_gpu_layer *ly, int64_t b0, int64_t n, int re
  * i+1 (qllm_cuda_select_blocks; after the cut when it ranks a block cut now)
  * and block i+1's rotations (qllm_cuda_exec_prep).  Each part is optional:
  * next == NULL (no prep), cut_n == 0 (no cut), sel_k == 0 (no selection).
- * Workspaces: pdot f32 [cut_n * (i1 - i0) * hq]; cnt int32 [1], an arrival
- * counter, zero before the first call (each call leaves it zero). */
+ * Workspaces: pdot f32 [cut_n * (i1 - i0) * hq]; cnt int32
+ * [QLLM_SEAM_CNT_INTS]: an arrival counter, zero before the first call (each
+ * call leaves it zero), then room for the select CTA's list. */
+#define QLLM_SEAM_CNT_INTS 17
 typedef struct {
     const qllm_gpu_exec *next;
     const void *q;            /* block i+1's first q row, strides as exec_prep */

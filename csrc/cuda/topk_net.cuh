@@ -1,9 +1,9 @@
 /*
- * topk_net.cuh -- the sorting network of the block top-k (attend.cu topk_lists):
- * short sorted lists of (key, index) pairs, insertion, and the bitonic merge of
- * two lists into the best K of both.  Host-and-device code without CUDA
- * intrinsics, so that tests/test_topk_net.py checks the network on the CPU
- * (the lanes' exchanges emulated) against a plain sort.
+ * topk_net.cuh -- the lists of the block top-k (attend.cu topk_lists and the
+ * seam's merge): short sorted lists of (key, index) pairs, insertion, and the
+ * pop of one round of the warp rounds.  Host-and-device code without CUDA
+ * intrinsics, so that tests/test_topk_net.py checks the whole selection on the
+ * CPU (the lanes and the warps' reductions emulated) against a plain sort.
  *
  * Order: a larger key first, then the lower index (a strict total order, as
  * every index is distinct); none = (0, UINT32_MAX), which every pair ranks
@@ -61,29 +61,21 @@ QLLM_NET_UNROLL
         }
     }
 
-    /* this = the best K pairs of this and o (both sorted, disjoint): the
-     * better of this[j] and o[K-1-j] for every j is a bitonic sequence of
-     * exactly those pairs, which half-cleaners of strides K/2, ..., 1 sort. */
-    QLLM_NET_FN void merge(const List &o) {
+    /* One round of the warp rounds (attend.cu warp_rounds): (kmax, imin) is
+     * the best head among the warp's lists; the list whose head it is pops it
+     * (the pairs move up one, none enters last).  Returns whether it popped. */
+    QLLM_NET_FN bool pop_if(uint32_t kmax, uint32_t imin) {
+        const bool pop = key[0] == kmax && idx[0] == imin;
 QLLM_NET_UNROLL
-        for (int j = 0; j < K; ++j) {
-            const bool b = before(o.key[K - 1 - j], o.idx[K - 1 - j], key[j], idx[j]);
-            key[j] = b ? o.key[K - 1 - j] : key[j];
-            idx[j] = b ? o.idx[K - 1 - j] : idx[j];
+        for (int j = 0; j + 1 < K; ++j) {
+            key[j] = pop ? key[j + 1] : key[j];
+            idx[j] = pop ? idx[j + 1] : idx[j];
         }
-QLLM_NET_UNROLL
-        for (int s = K / 2; s >= 1; s /= 2) {
-QLLM_NET_UNROLL
-            for (int j = 0; j < K; ++j) {
-                if (j & s) continue;
-                const bool b = before(key[j + s], idx[j + s], key[j], idx[j]);
-                const uint32_t k0 = key[j], i0 = idx[j];
-                key[j] = b ? key[j + s] : k0;
-                idx[j] = b ? idx[j + s] : i0;
-                key[j + s] = b ? k0 : key[j + s];
-                idx[j + s] = b ? i0 : idx[j + s];
-            }
+        if (pop) {
+            key[K - 1] = 0u;
+            idx[K - 1] = 0xffffffffu;
         }
+        return pop;
     }
 
     /* The r-th pair's index (r < K) without a dynamic register index. */

@@ -465,7 +465,7 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
         int64_t cut_max = 0;
         for (int64_t i = 0; i < n_exec; ++i) cut_max = std::max(cut_max, read_row(sched, i).cut_n);
         at::Tensor pdot = at::empty({std::max<int64_t>(cut_max * n_exec * hq, 1)}, opt_f);
-        at::Tensor cnt = at::zeros({1}, q.options().dtype(at::kInt)); /* the seam's arrival counter */
+        at::Tensor cnt = at::zeros({QLLM_SEAM_CNT_INTS}, q.options().dtype(at::kInt)); /* arrival counter + list */
         qllm_gpu_exec next{};
         auto seam = [&](int64_t i) { /* cut of block i (i >= 0), prep and top-k of block i + 1 */
             qllm_gpu_seam sm{};
