@@ -152,10 +152,17 @@ if [[ " $stages " == *" microseam "* ]]; then
   # this tree against the one in .base/ (when carried), built side by side
   stamp "micro seam: build"
   mflags="-O3 -std=c++20 -arch=sm_90 -Icsrc/include -Icsrc"
-  nvcc $mflags benchmarks/micro/seam_trace.cu -o /tmp/mseam_new > "$OUT/micro_seam_build.log" 2>&1 &
+  # variants of this tree: MSEAM_VARIANTS="name=nvcc flags;..." (default: the defaults alone)
+  IFS=';' read -r -a mvars <<< "${MSEAM_VARIANTS:-new=}"
+  names=(base)
+  for nv in "${mvars[@]}"; do
+    n=${nv%%=*}; names+=("$n")
+    # shellcheck disable=SC2086  # flags: several arguments
+    nvcc $mflags ${nv#*=} benchmarks/micro/seam_trace.cu -o "/tmp/mseam_$n" > "$OUT/micro_seam_build_$n.log" 2>&1 &
+  done
   if [[ -d .base ]]; then (cd .base && nvcc $mflags benchmarks/micro/seam_trace.cu -o /tmp/mseam_base) >> "$OUT/micro_seam_build.log" 2>&1; fi
   wait
-  for v in base new; do
+  for v in "${names[@]}"; do
     [[ -x /tmp/mseam_$v ]] || continue
     stamp "micro seam: $v"
     timeout 120 /tmp/mseam_$v 2>&1 | tee "$OUT/micro_seam_$v.txt"

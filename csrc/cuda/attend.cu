@@ -1963,6 +1963,7 @@ struct SeamArgs {
     int32_t *cnt;
     uint32_t *sel_part; /* sel_merge: keys [SEL_KFAST], then indices [SEL_KFAST] */
     int qc_smem, pd_smem, kb_smem; /* qcomb rows / partials / the block's keys staged in shared memory */
+    int kb_l2;                     /* the block's keys prefetched into L2 */
     const float *sel_scores; /* select: sel_k > 0 */
     int sel_n, sel_k;
     int32_t *sel_ids;
@@ -2022,18 +2023,31 @@ __host__ __device__ inline int64_t seam_last_floats(int64_t sel_n, int cut_n, in
 
 /* Whether this CTA is the last of `total` to arrive at *counter (after its
  * writes); the last one resets the counter.  All threads call it. */
+#ifndef QLLM_SEAM_ACQREL /* 1: one acquire-release atomic; 0: fence + atomic + fence */
+#define QLLM_SEAM_ACQREL 1
+#endif
 __device__ __forceinline__ bool seam_arrive_last(int32_t *counter, int total) {
     __shared__ int s_last;
     __syncthreads();
     if (threadIdx.x == 0) {
+#if QLLM_SEAM_ACQREL
+        /* release: the CTA's writes (ordered before by the barrier); acquire:
+         * the others' writes for the last one, whose threads read after the
+         * next barrier */
+        int prev;
+        asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;\n" : "=r"(prev) : "l"(counter) : "memory");
+#else
         __threadfence();
         const int prev = atomicAdd(counter, 1);
+#endif
         s_last = prev == total - 1;
         if (s_last) *counter = 0;
     }
     __syncthreads();
     if (!s_last) return false;
+#if !QLLM_SEAM_ACQREL
     __threadfence();
+#endif
     return true;
 }
 
@@ -2229,6 +2243,12 @@ __device__ __forceinline__ void seam_cut(const qllm_gpu_layer &ly, const SeamArg
                 threadIdx.x - 32, ni * D, SEAM_THREADS - 32,
                 [&](int e) { return a.qcomb[(static_cast<int64_t>(a.i0 + e / D) * hq + h) * D + e % D]; },
                 [&](int e, float v) { qs[e] = v; });
+        if (a.kb_l2) /* every 128-byte line of the block's key rows, nothing waits for them */
+            for (int c = threadIdx.x - 32; c < bs * (D * static_cast<int>(sizeof(T)) / 128); c += SEAM_THREADS - 32) {
+                const int lpr = D * static_cast<int>(sizeof(T)) / 128, t = c / lpr;
+                const T *line = keys + kv_row(pos0 + t, ly.n_init, ly.wmask) * D + (c % lpr) * (128 / sizeof(T));
+                asm volatile("prefetch.global.L2 [%0];\n" ::"l"(line));
+            }
         if (a.kb_smem) cp_async_wait<0>();
     }
     __syncthreads();
@@ -2917,6 +2937,13 @@ extern "C" int qllm_cuda_seam_enabled(void) {
     return on;
 }
 
+/* The block's key rows for the cut CTAs' representatives: 0 read when needed,
+ * 1 staged in shared memory while the tokens are ranked, 2 prefetched into L2
+ * meanwhile.  benchmarks/micro/seam_trace.cu builds each. */
+#ifndef QLLM_SEAM_KB
+#define QLLM_SEAM_KB 2
+#endif
+
 /* QLLM_SEAM_MERGE=0: the seam without the merged selection and without the
  * block's keys in shared memory (the round-10 seam), for same-build A/B runs. */
 static bool seam_merge_enabled() {
@@ -2985,8 +3012,9 @@ extern "C" int qllm_cuda_exec_seam(const qllm_gpu_layer *ly, const qllm_gpu_seam
         const int64_t sel_part = a.sel_after_cut && !a.sel_merge ? s->sel_n : 0;
         a.qc_smem = seam_cut_floats(a.repr_k, bs, D, ni, true) <= budget;
         a.pd_smem = seam_last_floats(sel_part, a.cut_n, ni, hq, true) <= budget;
-        a.kb_smem = fast && seam_keys_floats(a.repr_k, bs, D, ni, a.qc_smem, esz) <= budget && (D * esz) % 16 == 0 &&
-                    reinterpret_cast<uintptr_t>(ly->k_store) % 16 == 0;
+        a.kb_smem = QLLM_SEAM_KB == 1 && fast && seam_keys_floats(a.repr_k, bs, D, ni, a.qc_smem, esz) <= budget &&
+                    (D * esz) % 16 == 0 && reinterpret_cast<uintptr_t>(ly->k_store) % 16 == 0;
+        a.kb_l2 = QLLM_SEAM_KB == 2 && fast && (D * esz) % 128 == 0;
         const int64_t cut_f = a.kb_smem ? seam_keys_floats(a.repr_k, bs, D, ni, a.qc_smem, esz)
                                         : seam_cut_floats(a.repr_k, bs, D, ni, a.qc_smem);
         const int64_t last_f = a.sel_merge ? cut_n : seam_last_floats(sel_part, a.cut_n, ni, hq, a.pd_smem);
