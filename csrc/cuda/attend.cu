@@ -1931,9 +1931,6 @@ __global__ void cut_kernel(qllm_gpu_layer ly, int64_t b0, int k) {
  *                scores, ties to the lower token, keys summed in that order),
  *                then its partial dots with qcomb[i', head] for the later
  *                execution blocks i' into pdot;
- *                The warps that do not rank the tokens load the block's key
- *                rows of the head's KV head into shared memory meanwhile
- *                (kb_smem), so the representative reads no global memory;
  *   the last cut CTA to finish (a counter) sums the partials over heads in
  *                head order into bscore[i', b] and, when block i+1 ranks the
  *                blocks just cut, runs block i+1's top-k (as select_kernel);
@@ -1962,8 +1959,7 @@ struct SeamArgs {
     float *pdot; /* [cut_n, i1 - i0, hq] */
     int32_t *cnt;
     uint32_t *sel_part; /* sel_merge: keys [SEL_KFAST], then indices [SEL_KFAST] */
-    int qc_smem, pd_smem, kb_smem; /* qcomb rows / partials / the block's keys staged in shared memory */
-    int kb_l2;                     /* the block's keys prefetched into L2 */
+    int qc_smem, pd_smem; /* qcomb rows / partials staged in shared memory */
     const float *sel_scores; /* select: sel_k > 0 */
     int sel_n, sel_k;
     int32_t *sel_ids;
@@ -2003,19 +1999,12 @@ __device__ __forceinline__ void seam_stamp(int) {}
 constexpr int SEAM_WARPS = SEAM_THREADS / 32;
 
 /* Shared-memory floats of a cut CTA: top-k keys and ids (2k), the block's
- * token scores (bs), the representative (D), qcomb rows (ni * D, staged), from
- * a 16-byte boundary the block's key rows (bs * D elements of esz bytes,
- * staged); of the last cut CTA: the selection's scores (n), the partials
- * (cut_n*ni*hq, staged), or with sel_merge the cut blocks' scores (cut_n).
- * The launcher stages what fits under SEL_DYN_SMEM. */
+ * token scores (bs), the representative (D), qcomb rows (ni * D, staged); of
+ * the last cut CTA: the selection's scores (n), the partials (cut_n*ni*hq,
+ * staged), or with sel_merge the cut blocks' scores (cut_n).  The launcher
+ * stages what fits under SEL_DYN_SMEM. */
 __host__ __device__ inline int64_t seam_cut_floats(int k, int bs, int D, int ni, bool qc) {
     return 2 * static_cast<int64_t>(k) + bs + D + (qc ? static_cast<int64_t>(ni) * D : 0);
-}
-__host__ __device__ inline int64_t seam_keys_at(int k, int bs, int D, int ni, bool qc) {
-    return (seam_cut_floats(k, bs, D, ni, qc) + 3) / 4 * 4;
-}
-__host__ __device__ inline int64_t seam_keys_floats(int k, int bs, int D, int ni, bool qc, int esz) {
-    return seam_keys_at(k, bs, D, ni, qc) + (static_cast<int64_t>(bs) * D * esz + 3) / 4;
 }
 __host__ __device__ inline int64_t seam_last_floats(int64_t sel_n, int cut_n, int ni, int hq, bool pd) {
     return sel_n + (pd ? static_cast<int64_t>(cut_n) * ni * hq : 0);
@@ -2214,8 +2203,6 @@ __device__ __forceinline__ void seam_cut(const qllm_gpu_layer &ly, const SeamArg
     const int64_t pos0 = ly.n_init + b * bs;
     uint32_t *sk = reinterpret_cast<uint32_t *>(smem), *si = sk + k;
     float *scs = smem + 2 * k, *rep = scs + bs, *qs = rep + D;
-    T *kb = reinterpret_cast<T *>(smem + seam_keys_at(k, bs, D, ni, a.qc_smem)); /* [bs, D] */
-    const T *keys = static_cast<const T *>(ly.k_store) + static_cast<int64_t>(h / (ly.hq / ly.hkv)) * ly.cap * D;
     if (warp == 0) { /* the block's top-k tokens: one warp, no block barrier per round */
         const float *sc = ly.scores + static_cast<int64_t>(h) * ly.ring;
         batched<4>(lane, bs, 32, [&](int t) { return sc[(pos0 + t) & (ly.ring - 1)]; },
@@ -2228,46 +2215,19 @@ __device__ __forceinline__ void seam_cut(const qllm_gpu_layer &ly, const SeamArg
                       idx = static_cast<uint32_t>(t);
                   },
                   cnt, k, sk, si, nullptr);
-    } else { /* meanwhile the other warps fetch the block's keys and the later blocks' qcomb rows */
-        if (a.kb_smem) {
-            const int cpr = D * static_cast<int>(sizeof(T)) / 16; /* 16-byte chunks per row */
-            for (int c = threadIdx.x - 32; c < bs * cpr; c += SEAM_THREADS - 32) {
-                const int t = c / cpr, ch = c % cpr;
-                cp_async16_all(kb + static_cast<int64_t>(t) * D + ch * (16 / sizeof(T)),
-                               keys + kv_row(pos0 + t, ly.n_init, ly.wmask) * D + ch * (16 / sizeof(T)));
-            }
-            cp_async_commit();
-        }
-        if (a.qc_smem)
-            batched<8>(
-                threadIdx.x - 32, ni * D, SEAM_THREADS - 32,
-                [&](int e) { return a.qcomb[(static_cast<int64_t>(a.i0 + e / D) * hq + h) * D + e % D]; },
-                [&](int e, float v) { qs[e] = v; });
-        if (a.kb_l2) /* every 128-byte line of the block's key rows, nothing waits for them */
-            for (int c = threadIdx.x - 32; c < bs * (D * static_cast<int>(sizeof(T)) / 128); c += SEAM_THREADS - 32) {
-                const int lpr = D * static_cast<int>(sizeof(T)) / 128, t = c / lpr;
-                const T *line = keys + kv_row(pos0 + t, ly.n_init, ly.wmask) * D + (c % lpr) * (128 / sizeof(T));
-                asm volatile("prefetch.global.L2 [%0];\n" ::"l"(line));
-            }
-        if (a.kb_smem) cp_async_wait<0>();
+    } else if (a.qc_smem) { /* meanwhile the other warps fetch the later blocks' qcomb rows */
+        batched<8>(
+            threadIdx.x - 32, ni * D, SEAM_THREADS - 32,
+            [&](int e) { return a.qcomb[(static_cast<int64_t>(a.i0 + e / D) * hq + h) * D + e % D]; },
+            [&](int e, float v) { qs[e] = v; });
     }
     __syncthreads();
     seam_stamp(SEAM_T_TOPK);
     float *out = ly.reprs + (b * hq + h) * D;
-    if (a.kb_smem) { /* as repr_of_head: the k rows added in rank order, then the mean */
-        for (int d = threadIdx.x; d < D; d += SEAM_THREADS) {
-            float acc = 0.0f;
-            for (int r = 0; r < k; ++r) acc += Cvt<T>::to_f(kb[static_cast<int64_t>(si[r]) * D + d]);
-            const float v = acc / static_cast<float>(k);
-            out[d] = v;
-            rep[d] = v;
-        }
-    } else {
-        repr_of_head<T>(ly, b, h, k, [&](int r) { return static_cast<int64_t>(si[r]); }, [&](int d, float v) {
-            out[d] = v;
-            rep[d] = v;
-        });
-    }
+    repr_of_head<T>(ly, b, h, k, [&](int r) { return static_cast<int64_t>(si[r]); }, [&](int d, float v) {
+        out[d] = v;
+        rep[d] = v;
+    });
     if (ni <= 0 && !a.sel_after_cut) return; /* uniform */
     __syncthreads();
     seam_stamp(SEAM_T_REPR);
@@ -2937,15 +2897,8 @@ extern "C" int qllm_cuda_seam_enabled(void) {
     return on;
 }
 
-/* The block's key rows for the cut CTAs' representatives: 0 read when needed,
- * 1 staged in shared memory while the tokens are ranked, 2 prefetched into L2
- * meanwhile.  benchmarks/micro/seam_trace.cu builds each. */
-#ifndef QLLM_SEAM_KB
-#define QLLM_SEAM_KB 2
-#endif
-
-/* QLLM_SEAM_MERGE=0: the seam without the merged selection and without the
- * block's keys in shared memory (the round-10 seam), for same-build A/B runs. */
+/* QLLM_SEAM_MERGE=0: the seam without the merged selection (the round-10
+ * seam but for the arrival atomic), for same-build A/B runs. */
 static bool seam_merge_enabled() {
     static const bool on = !env_is("QLLM_SEAM_MERGE", '0');
     return on;
@@ -3000,7 +2953,6 @@ extern "C" int qllm_cuda_exec_seam(const qllm_gpu_layer *ly, const qllm_gpu_seam
     int64_t floats = sel_in && !a.sel_after_cut ? s->sel_n : 0;
     if (cut_n > 0) {
         const int bs = ly->block_size, hq = ly->hq;
-        const int esz = 2; /* f16 / bf16 storage */
         const int64_t cut_min = seam_cut_floats(a.repr_k, bs, D, ni, false);
         if (cut_min > budget)
             return set_error(QLLM_CUDA_ERR_ARG, "exec_seam: block_size %d, repr_topk %d need too much shared memory",
@@ -3012,11 +2964,7 @@ extern "C" int qllm_cuda_exec_seam(const qllm_gpu_layer *ly, const qllm_gpu_seam
         const int64_t sel_part = a.sel_after_cut && !a.sel_merge ? s->sel_n : 0;
         a.qc_smem = seam_cut_floats(a.repr_k, bs, D, ni, true) <= budget;
         a.pd_smem = seam_last_floats(sel_part, a.cut_n, ni, hq, true) <= budget;
-        a.kb_smem = QLLM_SEAM_KB == 1 && fast && seam_keys_floats(a.repr_k, bs, D, ni, a.qc_smem, esz) <= budget &&
-                    (D * esz) % 16 == 0 && reinterpret_cast<uintptr_t>(ly->k_store) % 16 == 0;
-        a.kb_l2 = QLLM_SEAM_KB == 2 && fast && (D * esz) % 128 == 0;
-        const int64_t cut_f = a.kb_smem ? seam_keys_floats(a.repr_k, bs, D, ni, a.qc_smem, esz)
-                                        : seam_cut_floats(a.repr_k, bs, D, ni, a.qc_smem);
+        const int64_t cut_f = seam_cut_floats(a.repr_k, bs, D, ni, a.qc_smem);
         const int64_t last_f = a.sel_merge ? cut_n : seam_last_floats(sel_part, a.cut_n, ni, hq, a.pd_smem);
         floats = floats > cut_f ? floats : cut_f;
         floats = floats > last_f ? floats : last_f;
