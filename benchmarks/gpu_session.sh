@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call = build + CUDA tests + layer benchmark (see benchmarks/NOTES_gpu.md).
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [tfused] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [microsel] [gemm] [microseam] [mergeab] [seamab] [ncuseam] [e2eprof] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
+# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [tfused] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [microsel] [gemm] [microseam] [mergeab] [bench10] [seamab] [ncuseam] [e2eprof] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
 # Logs and results go to $OUT (default: /tmp/qllm_out).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -181,6 +181,15 @@ if [[ " $stages " == *" mergeab "* ]]; then
       QLLM_SEAM_MERGE=$v timeout 150 python3 benchmarks/bench_layer.py --prefill 131072 524288 --decode-at \
         --no-dense --repeats 5 --out "$OUT/ab_merge_${v}_$rep.json" 2>&1 | grep "prefill\|rror"
     done
+  done
+fi
+if [[ " $stages " == *" bench10 "* ]]; then
+  # the shipped path's 128K and 512K prefill in 10 processes of their own (3 repeats each, no dense):
+  # the layer table's qllm rows are the medians of these
+  for rep in $(seq 1 10); do
+    stamp "layer, process $rep of 10"
+    timeout 100 python3 benchmarks/bench_layer.py --prefill 131072 524288 --decode-at --no-dense --repeats 3 \
+      --out "$OUT/med_$rep.json" 2>&1 | grep "prefill\|rror"
   done
 fi
 if [[ " $stages " == *" ncu "* ]]; then
