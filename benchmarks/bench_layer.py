@@ -122,17 +122,18 @@ class Qllm:
 
 class QllmGraph:
     """qllm decode with the layer step (q/k/v projections + attend_decode + o
-    projection) captured once in a CUDA graph and replayed per token.  Per
-    token on the host: the input copy, CudaDecodeStep.prepare (bookkeeping +
-    one tiny kernel writing the step's sizes) and the replay.  Tokens that cut
-    a block (1 in block_size) run the ordinary path (Qllm.step)."""
+    projection) captured in CUDA graphs and replayed per token.  Per token on
+    the host: the input copy, CudaDecodeStep.prepare (bookkeeping + one tiny
+    kernel writing the step's sizes) and the replay.  Tokens that cut a block
+    (1 in block_size) replay a second graph whose step ends with the cut;
+    with cut_graph=False they run the ordinary path (Qllm.step)."""
 
-    def __init__(self, model: Qllm):
+    def __init__(self, model: Qllm, cut_graph: bool = True):
         self.m = model
         self.x = torch.zeros(1, HIDDEN, dtype=DT, device=model.mem.device)
         self.dstep = CudaDecodeStep(model.mem, model.rope, D ** -0.5)
-        self.g = None
-        self.y = None
+        self.allow_cut = cut_graph and self.dstep.can_cut
+        self.g = None  # {cuts: (graph, static output)}
         self.fallbacks = 0
 
     def _body(self):
@@ -142,18 +143,24 @@ class QllmGraph:
 
     def step(self, x):
         self.x.copy_(x)
-        if not self.dstep.prepare():
+        if not self.dstep.prepare(allow_cut=self.allow_cut):
             self.fallbacks += 1
             return self.m.step(x)
         if self.g is None:
             y = self._body()  # a real step; also the warm-up before capture
             torch.cuda.synchronize()
-            self.g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.g):
-                self.y = self._body()  # captured, not run
+            cuts = self.dstep.cuts
+            self.g = {}
+            for c in ([False, True] if self.allow_cut else [False]):
+                self.dstep.cuts = c
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    self.g[c] = (g, self._body())  # captured, not run
+            self.dstep.cuts = cuts
             return y
-        self.g.replay()
-        return self.y
+        g, y = self.g[self.dstep.cuts]
+        g.replay()
+        return y
 
 
 class DenseGraph:
@@ -321,7 +328,7 @@ def main() -> None:
                 res["qllm_graph_fallbacks"] = M.fallbacks
                 # GPU time of the graph alone: back-to-back replays, no host work
                 # between them (the memory does not advance: timing only)
-                res["qllm_graph_replay_only"] = timed(lambda: [M.g.replay() for _ in range(S)]) / S
+                res["qllm_graph_replay_only"] = timed(lambda: [M.g[False][0].replay() for _ in range(S)]) / S
             del M
             torch.cuda.empty_cache()
         rows.append({"mode": "decode", "tokens": N, "qllm_ms": res["qllm"], "dense_ms": res["dense"],
@@ -329,8 +336,9 @@ def main() -> None:
                      "qllm_graph_ordinary_steps": res["qllm_graph_fallbacks"],
                      "qllm_graph_replay_only_ms": res["qllm_graph_replay_only"],
                      "note": "qllm_ms / dense_ms: eager steps; *_graph_ms: one CUDA graph per layer step "
-                             "(qllm: block-cut tokens, 1 in block_size, run the eager path; dense: "
-                             "attention over a fixed N+1 keys)"})
+                             "(qllm: block-cut tokens, 1 in block_size, replay a second graph that ends with "
+                             "the cut; ordinary steps: tokens neither graph takes; dense: attention over a "
+                             "fixed N+1 keys)"})
         print(f"decode  {N:>7}: qllm {res['qllm']:9.4f} ms/token   dense {res['dense']:9.4f} ms/token   "
               f"graph: qllm {res['qllm_graph']:9.4f}  dense {res['dense_graph']:9.4f} ms/token "
               f"(qllm ordinary steps: {res['qllm_graph_fallbacks']}; replays alone "

@@ -704,7 +704,12 @@ class CudaDecodeStep:
                 out = attend_cuda(mem, q, k, v, rope, scaling)
 
     Steps that cut blocks stay on the ordinary path (``prepare`` returns False
-    and leaves the memory untouched).  The graph bakes in the memory's buffers:
+    and leaves the memory untouched), unless the caller keeps a second graph
+    for them: ``prepare(allow_cut=True)`` also accepts a token that cuts one
+    block (:attr:`can_cut`: blocks, no tiers, no question heads), sets
+    :attr:`cuts`, and ``launch`` then ends with that block's representatives
+    (captured with ``cuts`` True, that launch is the graph to replay whenever
+    ``prepare`` sets it).  The graph bakes in the memory's buffers:
     ``mem`` must have the capacity for every token decoded (pass ``capacity``
     to :class:`CudaLayerMemory`); if a store is reallocated (capacity grown),
     or the question appears / disappears, ``prepare`` returns False from then
@@ -736,7 +741,8 @@ class CudaDecodeStep:
         self._k_store, self._v_store, self._reprs = mem.k_store, mem.v_store, mem.reprs
         self._tier = (mem.tier, mem.host_tab) if mem.tiered else None
         self.nb_max = mem.reprs.shape[0]
-        self.dyn = torch.zeros(8, dtype=torch.int64, device=dev)
+        self.dyn = torch.zeros(9, dtype=torch.int64, device=dev)  # QLLM_DYN_FIELDS
+        self.cuts = False  # the prepared token cuts a block (launch runs the cut variant)
         self.retrieved = torch.full((1, max(cfg.topk, 1)), -1, dtype=torch.int32, device=dev)
         self._ret_views = [None] + [self.retrieved[-1, :n] for n in range(1, max(cfg.topk, 1) + 1)]
         self.out = torch.empty(1, mem.n_q_heads, mem.head_dim, dtype=mem.dtype, device=dev).permute(1, 0, 2)
@@ -756,10 +762,19 @@ class CudaDecodeStep:
                      0 if cfg.uses_blocks else 1]
         self._limits = [self.L_max, self.nb_max]
 
-    def prepare(self) -> bool:
+    @property
+    def can_cut(self) -> bool:
+        """Whether a token that cuts a block may run as this step (``prepare(allow_cut=True)``):
+        a memory with blocks, not tiered (new blocks enter the device cache through attend_cuda),
+        and no question heads (a cut records their raw scores through attend_cuda)."""
+        return self.mem.config.uses_blocks and not self.mem.tiered and self._plan is None
+
+    def prepare(self, allow_cut: bool = False) -> bool:
         """Advance the memory by one token for :meth:`launch` (or a replay of
         a graph of it) and write the step's sizes to the device.  False (and
-        nothing changed) when this token must go through :func:`attend_cuda`."""
+        nothing changed) when this token must go through :func:`attend_cuda`:
+        among others when it cuts a block, unless ``allow_cut`` and
+        :attr:`can_cut` (then :attr:`cuts` is set and ``launch`` cuts it)."""
         mem, cfg = self.mem, self.mem.config
         if self._buffers_moved():
             return False
@@ -769,9 +784,11 @@ class CudaDecodeStep:
         if mem.relevance is not self._rel or (self._qh_raw is not None and self._rel.raw is not self._qh_raw):
             return False
         rows, state = mem._rows(1, self.cos.shape[0])
-        _, _, P0, T0, init_len, n_blocks, n_ret, m, _, cut_n = rows[0]
+        _, _, P0, T0, init_len, n_blocks, n_ret, m, cut_b0, cut_n = rows[0]
         L = P0 - T0 + 1
-        if cut_n or L > self.L_max or P0 >= mem.capacity or n_blocks > self.nb_max:
+        if cut_n and not (allow_cut and cut_n == 1 and self.can_cut and cut_b0 + 1 <= self.nb_max):
+            return False
+        if L > self.L_max or P0 >= mem.capacity or n_blocks > self.nb_max:
             return False
         if mem.tiered and P0 + 1 - max(T0, cfg.n_init) > mem.window:
             return False
@@ -787,7 +804,9 @@ class CudaDecodeStep:
         if mem.tiered:
             mem._wait_write_back()  # the step overwrites a ring row
             mem.ring_lo = ring_lo = max(mem.ring_lo, P0 + 1 - mem.window)
-        torch.ops.qllm.decode_set(self.dyn, [P0, T0, L, init_len, n_ret, m, n_blocks, ring_lo])
+        torch.ops.qllm.decode_set(self.dyn, [P0, T0, L, init_len, n_ret, m, n_blocks, ring_lo,
+                                             cut_b0 if cut_n else 0])
+        self.cuts = bool(cut_n)
         mem.retrieved_log = self.retrieved
         mem.last_retrieved = self._ret_views[n_ret] if n_ret > 0 else None
         return True
@@ -796,12 +815,14 @@ class CudaDecodeStep:
         """Enqueue the step prepared by :meth:`prepare` (capturable): q
         [n_q_heads, 1, head_dim], k, v [n_kv_heads, 1, head_dim] un-rotated,
         the memory's dtype, stride 1 along head_dim (q's head stride a
-        multiple of 8).  Returns the static output buffer."""
+        multiple of 8).  With :attr:`cuts` set, the launch ends with the cut
+        of the block ``prepare`` found.  Returns the static output buffer."""
         mem = self.mem
         torch.ops.qllm.attend_decode(
             q, k, v, mem.k_store, mem.v_store, mem.scores, mem.reprs, self.retrieved, self.out,
             self.cos, self.sin, self.question, self.dyn, self.scaling, self.weight, self._cfg, self._limits,
-            self._qh_raw, [self._qh_sel] if self._qh_sel > 0 else [], *_tier_args(mem, with_ring_lo=False))
+            self._qh_raw, [self._qh_sel] if self._qh_sel > 0 else [], *_tier_args(mem, with_ring_lo=False),
+            cut=self.cuts)
         return self.out
 
     def _qh_target(self, n_blocks: int) -> int:
@@ -873,14 +894,18 @@ class GraphDecoder:
     runs the model once in that mode on a side stream (warm-up, a real step),
     then captures the graph.
 
-    Tokens whose ``prepare()`` says no -- those that cut blocks (one in
-    ``block_size``), or any after a store was reallocated -- run the ordinary
-    eager forward (attend_cuda); a step that refuses changes nothing, and the
+    With ``cut_graph=True``, tokens that cut a block (one in ``block_size``)
+    replay a second graph, captured with the first one, whose steps end with
+    the cut (when every layer's step :attr:`~CudaDecodeStep.can_cut`: no
+    tiers, no question heads).  Not yet the default: the cut graph has not
+    been measured on a GPU.  Tokens whose ``prepare()`` says no -- cuts
+    otherwise, a token whose layers disagree about cutting, or any after a
+    store was reallocated -- run the ordinary eager forward (attend_cuda); a step that refuses changes nothing, and the
     layers that had already accepted the token are rolled back first.  The
     stores and representatives are reserved for ``max_new_tokens`` up front,
-    so the buffers baked into the graph stay valid; if one is reallocated
+    so the buffers baked into the graphs stay valid; if one is reallocated
     anyway (decoding past ``max_new_tokens``), the steps are rebuilt and the
-    graph is captured again.
+    graphs are captured again.
 
     What the model's forward computes from Python state is baked into the
     graph and ignored by qllm: the position ids and RoPE tables (qllm's
@@ -894,13 +919,15 @@ class GraphDecoder:
     unpatched layers, ...) and ``enabled=False`` decode every token eagerly
     through the same :meth:`step` (logged once per reason).
 
-    The logits returned by a replayed step are the graph's static buffer: they
-    are overwritten by the next :meth:`step` (use them, or clone, before).
+    The logits returned by a replayed step are that graph's static buffer:
+    the next replay of the same graph overwrites them (use them, or clone,
+    before the next :meth:`step`).
     Outputs are bitwise those of the eager forward (same kernels, same
     splits).  Batch size 1, one sequence per decoder.
     """
 
-    def __init__(self, model: torch.nn.Module, cache, max_new_tokens: int, *, enabled: bool = True) -> None:
+    def __init__(self, model: torch.nn.Module, cache, max_new_tokens: int, *, enabled: bool = True,
+                 cut_graph: bool = False) -> None:
         handle = getattr(model, "_qllm", None)
         if handle is None:
             raise ValueError("GraphDecoder: model is not patched (qllm.patch)")
@@ -908,8 +935,11 @@ class GraphDecoder:
             raise ValueError("GraphDecoder: cache: expected the QLLMCache of this patched model")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"GraphDecoder: max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
+        if not isinstance(cut_graph, bool):
+            raise ValueError(f"GraphDecoder: cut_graph: expected a bool, got {cut_graph!r}")
         self.model, self.cache, self.handle = model, cache, handle
         self.max_new_tokens = max_new_tokens
+        self._cut_graph = cut_graph
         p = next(model.parameters())
         self.device = p.device
         params = inspect.signature(type(model).forward).parameters
@@ -918,10 +948,13 @@ class GraphDecoder:
             self._kw["logits_to_keep"] = 1
         self.ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self.steps: dict[int, CudaDecodeStep] = {}
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None      # tokens that cut no block
         self.logits: torch.Tensor | None = None
+        self.cut_graph: torch.cuda.CUDAGraph | None = None  # tokens that cut one block
+        self._cut_logits: torch.Tensor | None = None
+        self._cuts_ok = False  # every step can cut (the cut graph is captured with the first)
         self.n_replays = 0   # tokens decoded by a graph replay
-        self.n_eager = 0     # tokens decoded by the eager forward (block cuts, unsupported, ...)
+        self.n_eager = 0     # tokens decoded by the eager forward (declined steps, unsupported, ...)
         self.n_captures = 0
         self.capture_s = 0.0  # host seconds spent in warm-up + capture
         self.reason = "disabled (enabled=False)" if not enabled else self._unsupported()
@@ -978,6 +1011,8 @@ class GraphDecoder:
             scaling = getattr(mod, "scaling", None) or mod.head_dim ** -0.5
             self.steps[i] = CudaDecodeStep(mem, rope, scaling)  # the forward sets the model's own scaling
         self.graph, self.logits = None, None
+        self.cut_graph, self._cut_logits = None, None
+        self._cuts_ok = self._cut_graph and bool(self.steps) and all(st.can_cut for st in self.steps.values())
 
     def _stale(self) -> bool:
         """Whether a step holds buffers that were reallocated (the graph points at freed memory)."""
@@ -998,19 +1033,28 @@ class GraphDecoder:
                 return self.model(input_ids=self.ids, attention_mask=self._mask, **self._kw)
             return self.model(input_ids=self.ids, **self._kw)
 
-    def _prepare_all(self) -> bool:
-        """prepare() every layer's step for the next token; all or nothing."""
+    def _prepare_all(self) -> bool | None:
+        """prepare() every layer's step for the next token; all or nothing.  Returns whether the
+        token cuts a block (which graph replays it), None when a step declined."""
         done = []
+
+        def roll_back() -> None:  # those that accepted the token
+            for m2, (state, log_, last) in done:
+                m2._set_state(state)
+                m2.retrieved_log, m2.last_retrieved = log_, last
+
         for st in self.steps.values():
             m = st.mem
             saved = (m._state(), m.retrieved_log, m.last_retrieved)
-            if not st.prepare():
-                for m2, (state, log_, last) in done:  # roll back those that accepted the token
-                    m2._set_state(state)
-                    m2.retrieved_log, m2.last_retrieved = log_, last
-                return False
+            if not st.prepare(allow_cut=self._cuts_ok):
+                roll_back()
+                return None
             done.append((m, saved))
-        return True
+        cuts = {st.cuts for st in self.steps.values()}
+        if len(cuts) != 1:  # layers disagree (different configs): the eager forward
+            roll_back()
+            return None
+        return cuts.pop()
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """Decode one token (``token``: one id, a tensor on the model's device, e.g. [1, 1]).
@@ -1018,30 +1062,58 @@ class GraphDecoder:
         Enqueues work only: no host sync."""
         self.ids.copy_(token.reshape(1, 1), non_blocking=True)
         if self.reason is None:
-            ok = self._prepare_all()
-            if not ok and self._stale():
+            cuts = self._prepare_all()
+            if cuts is None and self._stale():
                 log.info("qllm: graph decode: a layer buffer was reallocated; rebuilding the decode steps "
                          "and capturing the graph again")
                 self._build_steps()
-                ok = self._prepare_all()
-            if ok:
+                cuts = self._prepare_all()
+            if cuts is not None:
                 if self.graph is None:
                     return self._warm_up_and_capture()
-                self.graph.replay()
+                graph, logits = (self.cut_graph, self._cut_logits) if cuts else (self.graph, self.logits)
+                if graph is None:  # the cut graph's capture failed (logged): the steps, eagerly
+                    self.n_eager += 1
+                    return self._run_steps()
+                graph.replay()
                 self.cache.n_seen += 1  # the patched forward's bookkeeping
                 self.n_replays += 1
-                return self.logits
+                return logits
         self.n_eager += 1
         return self._forward().logits
 
+    def _run_steps(self) -> torch.Tensor:
+        """The prepared token through the model with every attention call a step launch (eager)."""
+        self.cache.decode_steps = self.steps
+        try:
+            return self._forward().logits
+        finally:
+            self.cache.decode_steps = None
+
+    def _capture(self) -> torch.Tensor:
+        """The graph-mode forward captured (not run) into a new graph: (graph, static logits)."""
+        cache = self.cache
+        n_seen = cache.n_seen
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.device(self.device), torch.cuda.graph(graph):
+                static = self._forward().logits
+        finally:
+            cache.n_seen = n_seen  # the captured forward ran the wrapper's Python once more
+        self.n_captures += 1
+        return graph, static
+
     def _warm_up_and_capture(self) -> torch.Tensor:
         """The prepared token runs once in graph mode on a side stream (a real step: its logits
-        are returned), then the same forward is captured (not run)."""
+        are returned), then the same forward is captured (not run): the graph of the tokens that
+        cut no block, and when the steps can cut, the cut tokens' graph (the steps' ``cuts``
+        flipped while capturing it, then restored)."""
         cache = self.cache
         t0 = time.perf_counter()
         cur = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
         cache.decode_steps = self.steps
+        cuts_now = next(iter(self.steps.values())).cuts
         try:
             side.wait_stream(cur)
             with torch.cuda.stream(side):
@@ -1049,20 +1121,27 @@ class GraphDecoder:
             cur.wait_stream(side)
             logits.record_stream(cur)
             self.n_replays += 1  # decoded by the graph's kernels (eagerly launched)
-            n_seen = cache.n_seen
-            graph = torch.cuda.CUDAGraph()
-            try:
-                with torch.cuda.device(self.device), torch.cuda.graph(graph):
-                    static = self._forward().logits
-            except Exception as exc:  # noqa: BLE001 -- e.g. a host sync in the model's forward
-                self.reason = f"capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
-                log_once(logging.WARNING, f"qllm: decoding without a CUDA graph: {self.reason}")
-                return logits
-            finally:
-                cache.n_seen = n_seen  # the captured forward ran the wrapper's Python once more
-            self.graph, self.logits = graph, static
-            self.n_captures += 1
+            for cuts in ([False, True] if self._cuts_ok else [False]):
+                for st in self.steps.values():
+                    st.cuts = cuts
+                try:
+                    graph, static = self._capture()
+                except Exception as exc:  # noqa: BLE001 -- e.g. a host sync in the model's forward
+                    why = f"capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+                    if cuts:  # the plain graph stands; cut tokens run eagerly
+                        self._cuts_ok = False
+                        log_once(logging.WARNING, f"qllm: tokens that cut blocks decode eagerly: {why}")
+                        break
+                    self.reason = why
+                    log_once(logging.WARNING, f"qllm: decoding without a CUDA graph: {self.reason}")
+                    return logits
+                if cuts:
+                    self.cut_graph, self._cut_logits = graph, static
+                else:
+                    self.graph, self.logits = graph, static
         finally:
+            for st in self.steps.values():
+                st.cuts = cuts_now
             cache.decode_steps = None
             self.capture_s += time.perf_counter() - t0
         return logits

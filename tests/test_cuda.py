@@ -459,10 +459,11 @@ def test_attend_cuda_matches_reference_attention():
 @pytest.mark.parametrize("prefill,steps", [(30, 90), (300, 40)], ids=str)
 @pytest.mark.parametrize("graph", [True, False], ids=["graph", "eager"])
 def test_decode_step_matches_attend_cuda(strategy, dtype, D, question, prefill, steps, graph):
-    """N decode tokens through CudaDecodeStep (replays of one captured CUDA graph,
+    """N decode tokens through CudaDecodeStep (replays of captured CUDA graphs,
     or eager launches) give bitwise the outputs, token scores, representatives
     and retrievals of N attend_cuda calls; the steps that cut a block (every
-    block_size tokens) and the init transition go through attend_cuda."""
+    block_size tokens) run as the step's cut variant (graph: a second graph),
+    the init transition goes through attend_cuda."""
     from qllm.gpu import CudaDecodeStep, CudaLayerMemory, attend_cuda
 
     cfg = SMALL_SEL.replace(strategy=strategy)
@@ -479,7 +480,8 @@ def test_decode_step_matches_attend_cuda(strategy, dtype, D, question, prefill, 
     ref, mem = mems
     for m in mems:
         attend_cuda(m, q[:, :prefill], k[:, :prefill], v[:, :prefill], rope, scaling)
-    runner = DecodeStepRunner(CudaDecodeStep(mem, rope, scaling), mem, rope, scaling, q, k, v, graph)
+    runner = DecodeStepRunner(CudaDecodeStep(mem, rope, scaling), mem, rope, scaling, q, k, v, graph,
+                              allow_cut=True)
     n_fast = 0
     for t in range(prefill, T):
         want = attend_cuda(ref, q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], rope, scaling).clone()
@@ -490,6 +492,7 @@ def test_decode_step_matches_attend_cuda(strategy, dtype, D, question, prefill, 
         assert torch.equal(got_log, want_log), f"token {t}: retrieved {got_log.tolist()} vs {want_log.tolist()}"
         assert mem._state() == ref._state()
     assert n_fast >= steps // 2
+    assert runner.n_cuts >= (0 if strategy == "streaming" else 2)  # the cut steps ran as the step
     torch.cuda.synchronize()
     assert torch.equal(mem.scores, ref.scores)
     assert torch.equal(mem.block_reprs(), ref.block_reprs())
@@ -497,8 +500,10 @@ def test_decode_step_matches_attend_cuda(strategy, dtype, D, question, prefill, 
     assert torch.equal(mem.v_store[:, :T], ref.v_store[:, :T])
 
 
-def test_decode_step_llama_geometry_graph():
-    """2K-budget config, 32 q / 8 kv heads, d=128: graph replays across two block cuts."""
+@pytest.mark.parametrize("allow_cut", [False, True], ids=["cuts-eager", "cut-graph"])
+def test_decode_step_llama_geometry_graph(allow_cut):
+    """2K-budget config, 32 q / 8 kv heads, d=128: graph replays across two block cuts, which go
+    through attend_cuda (prepare without allow_cut declines them) or replay the cut graph."""
     from qllm.gpu import CudaDecodeStep, CudaLayerMemory, attend_cuda
 
     cfg = QLLMConfig(repr_topk=4)
@@ -511,14 +516,18 @@ def test_decode_step_llama_geometry_graph():
         m.question = qv
         attend_cuda(m, q[:, :P], k[:, :P], v[:, :P], rope, D ** -0.5)
     ref, mem = mems
-    runner = DecodeStepRunner(CudaDecodeStep(mem, rope, D ** -0.5), mem, rope, D ** -0.5, q, k, v, graph=True)
+    runner = DecodeStepRunner(CudaDecodeStep(mem, rope, D ** -0.5), mem, rope, D ** -0.5, q, k, v, graph=True,
+                              allow_cut=allow_cut)
     cuts = 0
     for t in range(P, P + S):
         want = attend_cuda(ref, q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], rope, D ** -0.5)
         got, _, fast = runner.run(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1])
         cuts += not fast
         assert torch.equal(got, want), f"token {t}"
-    assert cuts >= 2 and mem._state() == ref._state()
+    if allow_cut:
+        assert cuts == 0 and runner.n_cuts >= 2 and mem._state() == ref._state()
+    else:
+        assert cuts >= 2 and runner.n_cuts == 0 and mem._state() == ref._state()
     assert torch.equal(mem.scores, ref.scores) and torch.equal(mem.block_reprs(), ref.block_reprs())
 
 

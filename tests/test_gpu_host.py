@@ -50,3 +50,42 @@ def test_copy_rows_falls_back_when_rows_are_not_words():
     f32 = torch.zeros(2, 9, 8, dtype=torch.float32)
     _copy_rows(f32, _projected(9, 2, 8, torch.bfloat16))
     assert torch.equal(f32, _projected(9, 2, 8, torch.bfloat16).float())
+
+
+def test_graph_decoder_arguments_and_cpu_fallback():
+    """GraphDecoder checks its arguments (a bool cut_graph, max_new_tokens >= 0, a patched model
+    and its cache) and, where graphs cannot apply (a CPU model), decodes every token through the
+    eager forward with the reason kept: the same logits as the model's own decode step."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import qllm
+    from qllm.gpu import GraphDecoder
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, vocab_size=64, max_position_embeddings=512)
+    model = LlamaForCausalLM(cfg).eval()
+    qcfg = qllm.QLLMConfig(n_init=4, n_local=16, block_size=4, topk=2, repr_topk=2, exc_block_size=8)
+    ids = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(1))
+    with qllm.patched(model, qcfg):
+        kw = model._qllm.cache_kw
+        caches = [qllm.QLLMCache(model._qllm) for _ in range(2)]
+        with torch.no_grad():
+            logits = [model(ids, **{kw: c}, use_cache=True).logits for c in caches]
+        cache, ref = caches
+        with pytest.raises(ValueError, match=r"GraphDecoder: cut_graph: expected a bool, got 1"):
+            GraphDecoder(model, cache, 4, cut_graph=1)
+        with pytest.raises(ValueError, match=r"GraphDecoder: max_new_tokens: expected an int >= 0"):
+            GraphDecoder(model, cache, -1)
+        with pytest.raises(ValueError, match=r"GraphDecoder: cache: expected the QLLMCache of this patched model"):
+            GraphDecoder(model, object(), 4)
+        dec = GraphDecoder(model, cache, 4, cut_graph=True)
+        assert not dec.enabled and dec.reason and dec.cut_graph is None and dec.graph is None
+        tok = logits[0][:, -1:].argmax(-1)
+        for _ in range(3):
+            got = dec.step(tok)
+            with torch.no_grad():
+                want = model(tok, **{kw: ref}, use_cache=True).logits
+            assert torch.equal(got, want)
+            tok = want[:, -1:].argmax(-1)
+        assert dec.n_eager == 3 and dec.n_replays == 0 and dec.n_captures == 0

@@ -43,7 +43,7 @@ def decode_args(tiered: bool = False):
     q, ks, vs, scores, reprs, ret, out, cos, sin = a[:9]
     base = [_m(HQ, 1, D, dtype=torch.bfloat16), _m(HKV, 1, D, dtype=torch.bfloat16),
             _m(HKV, 1, D, dtype=torch.bfloat16), ks, vs, scores, reprs, ret, _m(HQ, 1, D, dtype=torch.bfloat16),
-            cos, sin, None, _m(8, dtype=torch.int64), 0.125, 1.0, list(CFG), [128, NB], None, []]
+            cos, sin, None, _m(9, dtype=torch.int64), 0.125, 1.0, list(CFG), [128, NB], None, []]
     if tiered:
         base += a[17:21] + [a[21][:3]]
     return base
@@ -93,6 +93,16 @@ def test_tiers_need_a_strategy_with_blocks():
         ops.attend_run(*a)
 
 
+def test_attend_decode_cut_needs_blocks_and_no_tiers():
+    """cut=True (the step ends with a block cut): a config with blocks, untiered."""
+    ops.attend_decode(*decode_args(), cut=True)
+    with pytest.raises(ValueError, match=r"attend_decode: cut: expected a config with blocks \(streaming 0\)"):
+        ops.attend_decode(*_with(decode_args(), 15, CFG[:5] + [1]), cut=True)
+    ops.attend_decode(*_with(decode_args(), 15, CFG[:5] + [1]))  # streaming without a cut is fine
+    with pytest.raises(ValueError, match=r"attend_decode: cut: tiered memories cut blocks through attend_run"):
+        ops.attend_decode(*decode_args(tiered=True), cut=True)
+
+
 def test_attend_decode_tier_cfg_has_three_fields():
     a = decode_args(tiered=True)
     a[-1] = [W, 64, MISS, 0]
@@ -125,7 +135,7 @@ def test_attend_decode_bad_arguments():
         ops.attend_decode(*two)
     with pytest.raises(TypeError, match=r"qllm\.attend_decode: q: expected dtype float16 or bfloat16"):
         ops.attend_decode(*_with(a, 0, _m(HQ, 1, D)))
-    with pytest.raises(ValueError, match=r"dyn: expected a contiguous \[>= 8\]"):
-        ops.attend_decode(*_with(a, 12, _m(4, dtype=torch.int64)))
+    with pytest.raises(ValueError, match=r"dyn: expected a contiguous \[>= 9\]"):
+        ops.attend_decode(*_with(a, 12, _m(8, dtype=torch.int64)))
     with pytest.raises(ValueError, match=r"limits: expected \[L_max, nb_max\]"):
         ops.attend_decode(*_with(a, 16, [128]))

@@ -1905,12 +1905,15 @@ __device__ __forceinline__ void repr_of_head(const qllm_gpu_layer &ly, int64_t b
     }
 }
 
+/* Representatives of blocks b0 + blockIdx.x (dyn != NULL: b0 =
+ * dyn[QLLM_DYN_CUTB], a decode step's cut), one head per blockIdx.y. */
 template <typename T>
-__global__ void cut_kernel(qllm_gpu_layer ly, int64_t b0, int k) {
+__global__ void cut_kernel(qllm_gpu_layer ly, int64_t b0, int k, const int64_t *__restrict__ dyn) {
     extern __shared__ int64_t sel[];
     __shared__ float sh_s[32];
     __shared__ int64_t sh_i[32];
-    const int64_t b = b0 + blockIdx.x;
+    const int64_t b = (dyn != nullptr ? dyn[QLLM_DYN_CUTB] : b0) + blockIdx.x;
+    if (b < 0 || b >= ly.reprs_cap) return; /* a device row the host checked: never, but no stray write */
     const int h = blockIdx.y, D = ly.head_dim, bs = ly.block_size;
     const int64_t pos0 = ly.n_init + b * bs;
     const float *sc = ly.scores + static_cast<int64_t>(h) * ly.ring;
@@ -2888,7 +2891,7 @@ extern "C" int qllm_cuda_cut_blocks(const qllm_gpu_layer *ly, int64_t b0, int64_
     const int k = repr_topk < ly->block_size ? repr_topk : ly->block_size;
     dim3 grid(static_cast<unsigned>(n), ly->hq);
     QLLM_DISPATCH_T(ly->dtype, cut_kernel<T><<<grid, 128, static_cast<size_t>(k) * sizeof(int64_t),
-                                               stream>>>(*ly, b0, k));
+                                               stream>>>(*ly, b0, k, nullptr));
     return check_launch("cut_kernel");
 }
 
@@ -3043,6 +3046,9 @@ extern "C" int qllm_cuda_decode_step(const qllm_gpu_layer *ly, const qllm_gpu_de
         (dc->qh_cols > 0 && (dc->qh_raw == nullptr || dc->qh_ld < dc->qh_cols || dc->question != nullptr)))
         return set_error(QLLM_CUDA_ERR_ARG, "decode_step: bad sizes (L_max %d, nb_max %lld, k %d, split %d)",
                          dc->L_max, (long long)dc->nb_max, dc->k_max, dc->n_split);
+    if (dc->cut_k < 0 || (dc->cut_k > 0 && (dc->cut_k > ly->block_size || ly->streaming || ly->k_cache != nullptr)))
+        return set_error(QLLM_CUDA_ERR_ARG, "decode_step: cut_k %d (block_size %d%s%s)", dc->cut_k, ly->block_size,
+                         ly->streaming ? ", streaming" : "", ly->k_cache != nullptr ? ", tiered" : "");
     if (dc->q_hs % 8 != 0 || (reinterpret_cast<uintptr_t>(dc->q) & 15) != 0)
         return set_error(QLLM_CUDA_ERR_ARG, "decode_step: q rows must be 16-byte aligned");
     const int64_t *dyn = dc->dyn;
@@ -3162,5 +3168,9 @@ extern "C" int qllm_cuda_decode_step(const qllm_gpu_layer *ly, const qllm_gpu_de
         st = D == 64 ? launch_tscore<T, 64>(t, ly->hq, stream, dyn)
                      : launch_tscore<T, 128>(t, ly->hq, stream, dyn);
     });
-    return st;
+    if (st || dc->cut_k == 0) return st;
+    /* the block this token's scores complete (after them, as attend_run's cut) */
+    QLLM_DISPATCH_T(ly->dtype, cut_kernel<T><<<dim3(1, ly->hq), 128, static_cast<size_t>(dc->cut_k) * sizeof(int64_t),
+                                               stream>>>(*ly, 0, dc->cut_k, dyn));
+    return check_launch("cut_kernel");
 }

@@ -64,6 +64,8 @@ constexpr int kScheduleFields = 10;
 constexpr int kCfgFields = 6;
 /* = QLLM_CUDA_QH_MAX_COLS of qllm_cuda.cuh (not included here: ops.cpp builds without CUDA). */
 constexpr int64_t kQhMaxCols = 4096;
+/* = QLLM_DYN_FIELDS of qllm_cuda.cuh: the decode step's device row (ops_cuda.cpp checks). */
+constexpr int kDynFields = 9;
 
 inline void check_attend_run_args(const at::Tensor &q, const at::Tensor &k_store,
                                   const at::Tensor &v_store, const at::Tensor &scores,
@@ -291,8 +293,8 @@ inline void check_attend_decode_args(const at::Tensor &q, const at::Tensor &k, c
         TORCH_CHECK_VALUE(t.device() == q.device(), op, ": ", pr.first, ": expected q's device");
     }
     TORCH_CHECK_TYPE(dyn.scalar_type() == at::kLong, op, ": dyn: expected int64");
-    TORCH_CHECK_VALUE(dyn.dim() == 1 && dyn.size(0) >= 8 && dyn.is_contiguous() && dyn.device() == q.device(),
-                      op, ": dyn: expected a contiguous [>= 8] tensor on q's device");
+    TORCH_CHECK_VALUE(dyn.dim() == 1 && dyn.size(0) >= kDynFields && dyn.is_contiguous() && dyn.device() == q.device(),
+                      op, ": dyn: expected a contiguous [>= ", kDynFields, "] tensor on q's device");
     TORCH_CHECK_VALUE(limits.size() == 2, op, ": limits: expected [L_max, nb_max]");
     TORCH_CHECK_VALUE(qh_cfg.size() <= 1, op, ": qh_cfg: expected [] or [n_sel]");
     if (qh_cfg.empty()) {
@@ -301,6 +303,14 @@ inline void check_attend_decode_args(const at::Tensor &q, const at::Tensor &k, c
         const int64_t full[2] = {qh_cfg[0], 0};
         check_qheads_args(op, q, question, qh_raw, std::nullopt, at::IntArrayRef(full, 2));
     }
+}
+
+/* attend_decode's cut: a step with blocks (not streaming), repr_topk >= 1, no tiers. */
+inline void check_decode_cut(bool cut, at::IntArrayRef cfg, const std::optional<at::Tensor> &tier) {
+    if (!cut) return;
+    TORCH_CHECK_VALUE(cfg[5] == 0 && cfg[4] >= 1, kAttendDecode,
+                      ": cut: expected a config with blocks (streaming 0) and repr_topk >= 1, got cfg ", shape_str(cfg));
+    TORCH_CHECK_VALUE(!tier.has_value(), kAttendDecode, ": cut: tiered memories cut blocks through attend_run");
 }
 
 inline void attend_decode_meta(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
@@ -313,18 +323,19 @@ inline void attend_decode_meta(const at::Tensor &q, const at::Tensor &k, const a
                                const std::optional<at::Tensor> &qh_raw, at::IntArrayRef qh_cfg,
                                const std::optional<at::Tensor> &k_cache, const std::optional<at::Tensor> &v_cache,
                                const std::optional<at::Tensor> &tier, const std::optional<at::Tensor> &host_tab,
-                               at::IntArrayRef tier_cfg) {
+                               at::IntArrayRef tier_cfg, bool cut) {
     check_attend_decode_args(q, k, v, k_store, v_store, scores, reprs, retrieved, out, cos, sin, question,
                              dyn, cfg, limits, qh_raw, qh_cfg);
     check_tier_args(kAttendDecode, q, k_store, reprs, cfg, k_cache, v_cache, tier, host_tab, tier_cfg, 3);
+    check_decode_cut(cut, cfg, tier);
 }
 
 inline void check_decode_set_args(const at::Tensor &dyn, at::IntArrayRef values) {
     const char *op = kDecodeSet;
     TORCH_CHECK_TYPE(dyn.scalar_type() == at::kLong, op, ": dyn: expected int64");
     TORCH_CHECK_VALUE(dyn.dim() == 1 && dyn.is_contiguous() && values.size() >= 1 &&
-                          static_cast<int64_t>(values.size()) <= dyn.size(0) && values.size() <= 8,
-                      op, ": expected a contiguous 1-d dyn and 1..min(8, len(dyn)) values");
+                          static_cast<int64_t>(values.size()) <= dyn.size(0) && values.size() <= kDynFields,
+                      op, ": expected a contiguous 1-d dyn and 1..min(", kDynFields, ", len(dyn)) values");
 }
 
 inline void decode_set_meta(const at::Tensor &dyn, at::IntArrayRef values) { check_decode_set_args(dyn, values); }

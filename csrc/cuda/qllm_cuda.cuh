@@ -255,7 +255,11 @@ int qllm_cuda_select_blocks_qheads(float *bscore, int64_t n, int k, const float 
  * the kernels, whose grids are sized for the maxima (L_max keys in the recent
  * segment, nb_max blocks, k_max retrieved) with inactive parts exiting.  So
  * the launch sequence is capturable in a CUDA graph and replayed per token.
- * Steps that cut blocks are not handled here (the caller runs exec_* then). */
+ * A step that cuts one block (cut_k > 0) ends with that block's
+ * representatives (block dyn[QLLM_DYN_CUTB], as qllm_cuda_cut_blocks), so a
+ * second graph captured with cut_k > 0 replays the cut tokens; steps cutting
+ * more blocks, tiered ones and those whose cut records question-head scores
+ * are the caller's (exec_* then). */
 enum {
     QLLM_DYN_P0 = 0,   /* position of the new token (= tokens before it) */
     QLLM_DYN_T0 = 1,   /* tail start */
@@ -265,7 +269,8 @@ enum {
     QLLM_DYN_M = 5,    /* tail keys that may be memory */
     QLLM_DYN_NBLK = 6, /* blocks in memory */
     QLLM_DYN_RLO = 7,  /* tiered: lowest position the store ring still holds */
-    QLLM_DYN_FIELDS = 8
+    QLLM_DYN_CUTB = 8, /* the block a cutting step cuts (cut_k > 0) */
+    QLLM_DYN_FIELDS = 9
 };
 
 typedef struct {
@@ -288,6 +293,10 @@ typedef struct {
     /* question heads (see qllm_cuda_select_blocks_qheads): qh_cols > 0 selects
      * with z(bscore) + weight * mean z(raw[:, c < qh_cols]); question must be NULL */
     const float *qh_raw; int64_t qh_ld; int qh_cols;
+    /* > 0: the step cuts block dyn[QLLM_DYN_CUTB] after its token scores, with
+     * the top cut_k token scores of each head (repr_topk, at most block_size);
+     * not in tiered mode */
+    int cut_k;
     /* optional (all three or none): the rotations (prep) run on `side`, forked
      * after the K/V store write by ev_fork and joined before the attention by
      * ev_join, so they overlap the block scoring and top-k (also under capture) */
@@ -295,8 +304,9 @@ typedef struct {
 } qllm_gpu_decode;
 
 /* Enqueue one decode step: K/V into the store at P0, (blocks: qcomb, block
- * scores, top-k), rotations, attention (+ combine), token scores.  Outputs are
- * bitwise those of the exec_* sequence for the same row. */
+ * scores, top-k), rotations, attention (+ combine), token scores (and with
+ * cut_k the cut block's representatives).  Outputs are bitwise those of the
+ * exec_* sequence for the same row. */
 int qllm_cuda_decode_step(const qllm_gpu_layer *ly, const qllm_gpu_decode *dc, cudaStream_t stream);
 
 /* dyn[0..n) = vals (kernel arguments: no host buffer to keep alive), n <= QLLM_DYN_FIELDS. */

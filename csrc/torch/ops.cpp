@@ -203,13 +203,16 @@ TORCH_LIBRARY(qllm, m) {
         "Tensor(g!)? v_cache=None, Tensor(h!)? tier=None, Tensor? host_tab=None, int[] tier_cfg=[]) -> ()");
     /* attend_decode: one decoded token whose per-step sizes are read on the
      * device from `dyn` (set by decode_set), so it can be captured in a CUDA
-     * graph; writes the token's K/V into the stores. */
+     * graph; writes the token's K/V into the stores.  cut=True: the step also
+     * cuts block dyn[8] after its token scores (a second graph for the tokens
+     * that cut a block). */
     m.def(
         "attend_decode(Tensor q, Tensor k, Tensor v, Tensor(a!) k_store, Tensor(b!) v_store, "
         "Tensor(c!) scores, Tensor(d!) reprs, Tensor(e!) retrieved, Tensor(f!) out, Tensor cos, "
         "Tensor sin, Tensor? question, Tensor dyn, float scaling, float weight, int[] cfg, "
         "int[] limits, Tensor? qh_raw=None, int[] qh_cfg=[], Tensor(g!)? k_cache=None, "
-        "Tensor(h!)? v_cache=None, Tensor(i!)? tier=None, Tensor? host_tab=None, int[] tier_cfg=[]) -> ()");
+        "Tensor(h!)? v_cache=None, Tensor(i!)? tier=None, Tensor? host_tab=None, int[] tier_cfg=[], "
+        "bool cut=False) -> ()");
     m.def("decode_set(Tensor(a!) dyn, int[] values) -> ()");
     /* ---- end of GPU path section ---- */
 }

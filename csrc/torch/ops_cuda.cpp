@@ -31,6 +31,7 @@
 #include "tensor_view.h"
 
 static_assert(qllm_torch::kQhMaxCols == QLLM_CUDA_QH_MAX_COLS, "question-head column limits differ");
+static_assert(qllm_torch::kDynFields == QLLM_DYN_FIELDS, "decode row sizes differ");
 
 namespace qllm_torch {
 namespace {
@@ -570,11 +571,12 @@ void attend_decode_cuda(const at::Tensor &q, const at::Tensor &k, const at::Tens
                         const std::optional<at::Tensor> &qh_raw, at::IntArrayRef qh_cfg,
                         const std::optional<at::Tensor> &k_cache, const std::optional<at::Tensor> &v_cache,
                         const std::optional<at::Tensor> &tier, const std::optional<at::Tensor> &host_tab,
-                        at::IntArrayRef tier_cfg) {
+                        at::IntArrayRef tier_cfg, bool cut) {
     const char *op = kAttendDecode;
     check_attend_decode_args(q, k, v, k_store, v_store, scores, reprs, retrieved, out, cos, sin,
                              question, dyn, cfg, limits, qh_raw, qh_cfg);
     check_tier_args(op, q, k_store, reprs, cfg, k_cache, v_cache, tier, host_tab, tier_cfg, 3);
+    check_decode_cut(cut, cfg, tier);
     TORCH_CHECK_VALUE(q.is_cuda(), op, ": q: expected a CUDA tensor");
     const c10::cuda::CUDAGuard guard(q.device());
     const cudaStream_t st = stream();
@@ -643,6 +645,7 @@ void attend_decode_cuda(const at::Tensor &q, const at::Tensor &k, const at::Tens
     dc.qh_cols = qh_sel;
     dc.qh_raw = qh_sel > 0 ? qh_raw->const_data_ptr<float>() : nullptr;
     dc.qh_ld = qh_sel > 0 ? qh_raw->size(1) : 0;
+    dc.cut_k = cut ? static_cast<int>(std::min<int64_t>(cfg[4], bs)) : 0;
     const DecodeFork &fk = decode_fork(q.device().index());
     dc.side = fk.side;
     dc.ev_fork = fk.fork;
