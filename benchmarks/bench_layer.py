@@ -249,6 +249,8 @@ def main() -> None:
     ap.add_argument("--decode-steps", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dense-max-repeats", type=int, default=2, help="repeats of dense at > 128K")
+    ap.add_argument("--no-cut-graph", action="store_true",
+                    help="graph decode: block-cut tokens run the ordinary path instead of a second graph")
     ap.add_argument("--no-dense", action="store_true",
                     help="prefill rows without the dense baseline (dense_ms null): for A/B runs of qllm knobs")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "layer_h100.json"))
@@ -310,7 +312,7 @@ def main() -> None:
             prefill(M, x)
             xs = x_all[N:N + 4 * S]
             if name == "qllm_graph":
-                M = QllmGraph(M)
+                M = QllmGraph(M, cut_graph=not args.no_cut_graph)
             elif name == "dense_graph":
                 M = DenseGraph(M)
             for t in range(4):  # warm the decode shapes (graphs: the first step captures)
@@ -368,7 +370,8 @@ def main() -> None:
                    "chunk": CHUNK, "n_init": cfg.n_init, "n_local": cfg.n_local, "block_size": cfg.block_size,
                    "topk": cfg.topk, "repr_topk": cfg.repr_topk, "exc_block_size": cfg.exc_block_size,
                    "question_weight": cfg.question_weight, "repeats": args.repeats,
-                   "decode_steps": S, "dense": _DENSE["impl"] + " (GQA, bottom-right causal)"},
+                   "decode_steps": S, "dense": _DENSE["impl"] + " (GQA, bottom-right causal)",
+                   "graph_decode_cut_graph": not args.no_cut_graph},
         "projections_only_128k_ms": proj,
         "rows": rows,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -404,7 +407,7 @@ def main() -> None:
         N = args.profile_decode_graph
         M = Qllm(layer, cfg, N + 256, rope, question, dev)
         prefill(M, x_all[:N])
-        M = QllmGraph(M)
+        M = QllmGraph(M, cut_graph=not args.no_cut_graph)
         for t in range(8):
             M.step(x_all[N + t:N + t + 1])
         torch.cuda.synchronize()

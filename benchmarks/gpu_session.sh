@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call = build + CUDA tests + layer benchmark (see benchmarks/NOTES_gpu.md).
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [tfused] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [microsel] [gemm] [microseam] [mergeab] [bench10] [seamab] [ncuseam] [e2eprof] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
+# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [tfused] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [microsel] [gemm] [microseam] [mergeab] [bench10] [cutab] [seamab] [ncuseam] [e2eprof] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
 # Logs and results go to $OUT (default: /tmp/qllm_out).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -173,8 +173,8 @@ if [[ " $stages " == *" seamab "* ]]; then
   knob_ab QLLM_SEAM=0 attend_cuda "" QLLM_SEAM=0 QLLM_SEAM=1
 fi
 if [[ " $stages " == *" mergeab "* ]]; then
-  # the seam's merged selection and staged keys (default) against QLLM_SEAM_MERGE=0 (round 10's
-  # seam): 128K and 512K prefill, the two settings alternating twice, each in its own process
+  # the seam's merged selection (default) against QLLM_SEAM_MERGE=0 (round 10's seam): 128K and
+  # 512K prefill, the two settings alternating twice, each in its own process
   for rep in 1 2; do
     for v in 0 1; do
       stamp "layer, QLLM_SEAM_MERGE=$v (round $rep)"
@@ -190,6 +190,19 @@ if [[ " $stages " == *" bench10 "* ]]; then
     stamp "layer, process $rep of 10"
     timeout 100 python3 benchmarks/bench_layer.py --prefill 131072 524288 --decode-at --no-dense --repeats 3 \
       --out "$OUT/med_$rep.json" 2>&1 | grep "prefill\|rror"
+  done
+fi
+if [[ " $stages " == *" cutab "* ]]; then
+  # graph decode at 128K: block-cut tokens replaying the second graph (default) against the ordinary
+  # path (--no-cut-graph), alternating twice, each in its own process
+  for rep in 1 2; do
+    for v in cut nocut; do
+      stamp "graph decode, $v (round $rep)"
+      flag=""; [[ $v == nocut ]] && flag="--no-cut-graph"
+      # shellcheck disable=SC2086  # flag: zero or one argument
+      timeout 150 python3 benchmarks/bench_layer.py --prefill --decode-at 131072 $flag \
+        --out "$OUT/ab_cutgraph_${v}_$rep.json" 2>&1 | grep "decode\|rror"
+    done
   done
 fi
 if [[ " $stages " == *" ncu "* ]]; then
