@@ -900,12 +900,13 @@ class GraphDecoder:
     tiers, no question heads).  Not yet the default: the cut graph has not
     been measured on a GPU.  Tokens whose ``prepare()`` says no -- cuts
     otherwise, a token whose layers disagree about cutting, or any after a
-    store was reallocated -- run the ordinary eager forward (attend_cuda); a step that refuses changes nothing, and the
-    layers that had already accepted the token are rolled back first.  The
-    stores and representatives are reserved for ``max_new_tokens`` up front,
-    so the buffers baked into the graphs stay valid; if one is reallocated
-    anyway (decoding past ``max_new_tokens``), the steps are rebuilt and the
-    graphs are captured again.
+    store was reallocated -- run the ordinary eager forward (attend_cuda); a
+    step that refuses changes nothing, and the layers that had already
+    accepted the token are rolled back first.  The stores and representatives
+    are reserved for ``max_new_tokens`` up front, so the buffers baked into
+    the graphs stay valid; if one is reallocated anyway (decoding past
+    ``max_new_tokens``), the steps are rebuilt and the graphs are captured
+    again.
 
     What the model's forward computes from Python state is baked into the
     graph and ignored by qllm: the position ids and RoPE tables (qllm's
@@ -1090,7 +1091,7 @@ class GraphDecoder:
         finally:
             self.cache.decode_steps = None
 
-    def _capture(self) -> torch.Tensor:
+    def _capture(self) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """The graph-mode forward captured (not run) into a new graph: (graph, static logits)."""
         cache = self.cache
         n_seen = cache.n_seen
