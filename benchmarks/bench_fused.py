@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
@@ -28,26 +27,11 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import machine_info  # noqa: E402
+from common import cuda_median_ms, machine_info  # noqa: E402
 import qllm  # noqa: E402,F401  (registers torch.ops.qllm)
 
 NORM_SHAPES = [(8192, 4096), (8192, 576), (1, 4096)]
 MLP_SHAPES = [(8192, 14336), (8192, 1536), (1, 14336)]
-
-
-def time_ms(fn, repeats: int, warmup: int) -> float:
-    """Median milliseconds of fn() over `repeats` calls, each between two CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def bench_norm(rows: int, cols: int, dtype, repeats: int, warmup: int) -> dict:
@@ -59,8 +43,8 @@ def bench_norm(rows: int, cols: int, dtype, repeats: int, warmup: int) -> dict:
     with torch.no_grad():
         hf.weight.copy_(torch.rand(cols, device="cuda", generator=g) + 0.5)
         want, got = hf(x), torch.ops.qllm.rms_norm(x, hf.weight, 1e-5)
-        hf_ms = time_ms(lambda: hf(x), repeats, warmup)
-        fused_ms = time_ms(lambda: torch.ops.qllm.rms_norm(x, hf.weight, 1e-5), repeats, warmup)
+        hf_ms = cuda_median_ms(lambda: hf(x), repeats, warmup)
+        fused_ms = cuda_median_ms(lambda: torch.ops.qllm.rms_norm(x, hf.weight, 1e-5), repeats, warmup)
     moved = 2 * x.numel() * x.element_size() + hf.weight.numel() * x.element_size()
     return {"op": "rms_norm", "rows": rows, "cols": cols, "hf_ms": hf_ms, "fused_ms": fused_ms,
             "speedup": hf_ms / fused_ms, "fused_GBps": moved / fused_ms / 1e6,
@@ -72,8 +56,8 @@ def bench_mlp_gate(rows: int, cols: int, dtype, repeats: int, warmup: int) -> di
     gate = torch.randn(rows, cols, device="cuda", dtype=dtype, generator=g) * 3
     up = torch.randn(rows, cols, device="cuda", dtype=dtype, generator=g)
     want, got = F.silu(gate) * up, torch.ops.qllm.silu_mul(gate, up)
-    hf_ms = time_ms(lambda: F.silu(gate) * up, repeats, warmup)
-    fused_ms = time_ms(lambda: torch.ops.qllm.silu_mul(gate, up), repeats, warmup)
+    hf_ms = cuda_median_ms(lambda: F.silu(gate) * up, repeats, warmup)
+    fused_ms = cuda_median_ms(lambda: torch.ops.qllm.silu_mul(gate, up), repeats, warmup)
     moved = 3 * gate.numel() * gate.element_size()
     return {"op": "silu_mul", "rows": rows, "cols": cols, "hf_ms": hf_ms, "fused_ms": fused_ms,
             "speedup": hf_ms / fused_ms, "fused_GBps": moved / fused_ms / 1e6,

@@ -11,6 +11,24 @@ import time
 import torch
 
 
+def cuda_median_ms(fn, repeats: int, warmup: int) -> float:
+    """Median milliseconds of fn() over `repeats` calls, each between two CUDA events, after
+    `warmup` calls."""
+    import statistics
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
 def machine_info() -> dict:
     info = {
         "python": platform.python_version(),

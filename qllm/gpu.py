@@ -1072,24 +1072,14 @@ class GraphDecoder:
             if cuts is not None:
                 if self.graph is None:
                     return self._warm_up_and_capture()
+                # a cut token implies the cut graph: _cuts_ok (allow_cut) is cleared when its capture fails
                 graph, logits = (self.cut_graph, self._cut_logits) if cuts else (self.graph, self.logits)
-                if graph is None:  # the cut graph's capture failed (logged): the steps, eagerly
-                    self.n_eager += 1
-                    return self._run_steps()
                 graph.replay()
                 self.cache.n_seen += 1  # the patched forward's bookkeeping
                 self.n_replays += 1
                 return logits
         self.n_eager += 1
         return self._forward().logits
-
-    def _run_steps(self) -> torch.Tensor:
-        """The prepared token through the model with every attention call a step launch (eager)."""
-        self.cache.decode_steps = self.steps
-        try:
-            return self._forward().logits
-        finally:
-            self.cache.decode_steps = None
 
     def _capture(self) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """The graph-mode forward captured (not run) into a new graph: (graph, static logits)."""

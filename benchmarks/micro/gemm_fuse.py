@@ -13,23 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
+import sys
 
 import torch
 
-
-def median_ms(fn, reps: int = 30) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from common import cuda_median_ms, machine_info  # noqa: E402
 
 
 def main() -> None:
@@ -46,13 +36,13 @@ def main() -> None:
         wcat = torch.cat(ws, 0)
         for m in (8192, 1):
             x = torch.randn(m, 4096, generator=g, device=dev, dtype=dt)
-            sep = median_ms(lambda: [x @ w.T for w in ws])
-            cat = median_ms(lambda: x @ wcat.T)
+            sep = cuda_median_ms(lambda: [x @ w.T for w in ws], 30, 5)
+            cat = cuda_median_ms(lambda: x @ wcat.T, 30, 5)
             same = torch.equal(torch.cat([x @ w.T for w in ws], 1), x @ wcat.T)
             rows.append({"gemm": name, "m": m, "separate_ms": sep, "concatenated_ms": cat, "bitwise_equal": same})
             print(f"{name:8s} M={m:5d}: separate {sep:.4f} ms  concatenated {cat:.4f} ms  "
                   f"({sep / cat:.3f}x)  bitwise equal: {same}", flush=True)
-    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "machine": machine_info(), "rows": rows}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
