@@ -68,6 +68,17 @@ class Layer:
         v = (x @ self.wv.T).view(c, HKV, D).transpose(0, 1)
         return q, k, v
 
+    def qkv_into(self, x, ks, vs):
+        """q as qkv does; k and v written into ks, vs ([HKV, c, D] views, e.g. a layer
+        memory's kv_slots) by batched GEMMs, one batch per KV head (the same products,
+        summed in cuBLAS's order for that shape).  q last: the next kernel reads it."""
+        c = x.shape[0]
+        xb = x.expand(HKV, c, HIDDEN)
+        torch.bmm(xb, self.wk.view(HKV, D, HIDDEN).transpose(1, 2), out=ks)
+        torch.bmm(xb, self.wv.view(HKV, D, HIDDEN).transpose(1, 2), out=vs)
+        q = (x @ self.wq.T).view(c, HQ, D).transpose(0, 1)
+        return q, ks, vs
+
 
 _DENSE = {"impl": "aten._scaled_dot_product_flash_attention"}
 
@@ -108,6 +119,12 @@ class Dense:
 
 
 class Qllm:
+    """qllm layer; in_place: a prefill chunk's K/V projections write into the memory's
+    store rows (CudaLayerMemory.kv_slots), else attend_cuda copies them there (always so
+    for the eager decode steps)."""
+
+    in_place = True
+
     def __init__(self, layer, cfg, n_max, rope, question, dev):
         self.layer, self.rope = layer, rope
         self.mem = CudaLayerMemory(cfg, HQ, HKV, D, DT, dev, capacity=n_max)
@@ -115,7 +132,8 @@ class Qllm:
 
     def step(self, x):
         c = x.shape[0]
-        q, k, v = self.layer.qkv(x)
+        slots = self.mem.kv_slots(c) if (self.in_place and c > 1) else None  # prefill chunks
+        q, k, v = self.layer.qkv(x) if slots is None else self.layer.qkv_into(x, *slots)
         o = attend_cuda(self.mem, q, k, v, self.rope, D ** -0.5)
         return o.transpose(0, 1).reshape(c, HQ * D) @ self.layer.wo.T
 
@@ -251,6 +269,9 @@ def main() -> None:
     ap.add_argument("--dense-max-repeats", type=int, default=2, help="repeats of dense at > 128K")
     ap.add_argument("--no-cut-graph", action="store_true",
                     help="graph decode: block-cut tokens run the ordinary path instead of a second graph")
+    ap.add_argument("--kv-copy", action="store_true",
+                    help="qllm: K/V projections into temporaries copied into the store (default: written in "
+                         "place through CudaLayerMemory.kv_slots)")
     ap.add_argument("--no-dense", action="store_true",
                     help="prefill rows without the dense baseline (dense_ms null): for A/B runs of qllm knobs")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "layer_h100.json"))
@@ -262,6 +283,7 @@ def main() -> None:
 
     dev = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = False
+    Qllm.in_place = not args.kv_copy
     cfg = QLLMConfig(n_init=128, n_local=1024, block_size=128, topk=8, repr_topk=4, exc_block_size=512,
                      question_weight=4.0, chunk_size=CHUNK)
     layer = Layer(dev)
@@ -356,9 +378,28 @@ def main() -> None:
                 q, k, v = layer.qkv(xc)
                 _ = q.transpose(0, 1).reshape(-1, HQ * D) @ layer.wo.T
         proj = statistics.median([timed(proj_only) for _ in range(3)])
-        print(f"projections only, 128K: {proj:.2f} ms")
+        # the K/V half of the projections, 128K: flat GEMMs + the copies into a store (what
+        # attend_cuda does with --kv-copy) against batched GEMMs writing the store rows in place
+        store_k = torch.empty(HKV, 131072, D, dtype=DT, device=dev)
+        store_v = torch.empty_like(store_k)
+
+        def kv_flat():
+            for s in range(0, 131072, CHUNK):
+                _, k, v = layer.qkv(x[s:s + CHUNK])
+                store_k[:, s:s + CHUNK].view(torch.int64).copy_(k.view(torch.int64))
+                store_v[:, s:s + CHUNK].view(torch.int64).copy_(v.view(torch.int64))
+
+        def kv_in_place():
+            for s in range(0, 131072, CHUNK):
+                layer.qkv_into(x[s:s + CHUNK], store_k[:, s:s + CHUNK], store_v[:, s:s + CHUNK])
+        kv_ab = {}
+        for name, fn in (("copy", kv_flat), ("in_place", kv_in_place)) * 2:
+            kv_ab.setdefault(name, []).append(statistics.median([timed(fn) for _ in range(3)]))
+        del store_k, store_v
+        print(f"projections only, 128K: {proj:.2f} ms; q/k/v with the K/V copies {kv_ab['copy']} ms, "
+              f"K/V in place {kv_ab['in_place']} ms")
     else:
-        proj = None
+        proj, kv_ab = None, None
 
     result = {
         "gpu": torch.cuda.get_device_name(),
@@ -371,8 +412,9 @@ def main() -> None:
                    "topk": cfg.topk, "repr_topk": cfg.repr_topk, "exc_block_size": cfg.exc_block_size,
                    "question_weight": cfg.question_weight, "repeats": args.repeats,
                    "decode_steps": S, "dense": _DENSE["impl"] + " (GQA, bottom-right causal)",
-                   "graph_decode_cut_graph": not args.no_cut_graph},
+                   "graph_decode_cut_graph": not args.no_cut_graph, "kv_in_place": Qllm.in_place},
         "projections_only_128k_ms": proj,
+        "qkv_128k_kv_copy_vs_in_place_ms": kv_ab,
         "rows": rows,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }

@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call = build + CUDA tests + layer benchmark (see benchmarks/NOTES_gpu.md).
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [tfused] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [microsel] [gemm] [microseam] [mergeab] [bench10] [cutab] [seamab] [ncuseam] [e2eprof] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
+# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [tfused] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [microsel] [gemm] [microseam] [mergeab] [bench10] [kvab] [cutab] [seamab] [ncuseam] [e2eprof] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
 # Logs and results go to $OUT (default: /tmp/qllm_out).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -190,6 +190,19 @@ if [[ " $stages " == *" bench10 "* ]]; then
     stamp "layer, process $rep of 10"
     timeout 100 python3 benchmarks/bench_layer.py --prefill 131072 524288 --decode-at --no-dense --repeats 3 \
       --out "$OUT/med_$rep.json" 2>&1 | grep "prefill\|rror"
+  done
+fi
+if [[ " $stages " == *" kvab "* ]]; then
+  # the prefill chunks' K/V projections written in place (kv_slots, default) against copied into the
+  # store (--kv-copy): 128K and 512K, alternating twice, each in its own process
+  for rep in 1 2; do
+    for v in inplace copy; do
+      stamp "layer, K/V $v (round $rep)"
+      flag=""; [[ $v == copy ]] && flag="--kv-copy"
+      # shellcheck disable=SC2086  # flag: zero or one argument
+      timeout 150 python3 benchmarks/bench_layer.py --prefill 131072 524288 --decode-at --no-dense --repeats 5 \
+        $flag --out "$OUT/ab_kv_${v}_$rep.json" 2>&1 | grep "prefill\|projections\|rror"
+    done
   done
 fi
 if [[ " $stages " == *" cutab "* ]]; then

@@ -62,7 +62,8 @@ def generate(model, tokenizer, context: str, question: str | None = None, *, max
     default ``QLLMConfig()``) and restored afterwards.
 
     ``cuda_graph``: decode each token as one CUDA-graph replay of the whole
-    model (:class:`qllm.gpu.GraphDecoder`; tokens that cut blocks run eagerly),
+    model (:class:`qllm.gpu.GraphDecoder`; tokens that cut a block replay a
+    second graph, or run eagerly with tiered memory or question heads),
     in qllm's own decode loop: greedy, or sampling with ``temperature`` /
     ``top_k`` / ``top_p`` (as ``model.generate`` does them), stopping at
     ``eos_token_id``.  ``None`` (default): on when the model runs the CUDA fast

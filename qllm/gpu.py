@@ -134,6 +134,12 @@ def _as_words(t: torch.Tensor) -> torch.Tensor | None:
     return t.view(torch.int64)
 
 
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b are the same elements (same storage offset, shape, strides, dtype)."""
+    return (a.dtype == b.dtype and a.device == b.device and a.shape == b.shape and a.stride() == b.stride()
+            and a.data_ptr() == b.data_ptr())
+
+
 def _copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
     """dst.copy_(src); rows of the same dtype move as 8-byte words (a strided copy of 2-byte
     elements runs at a fraction of the memory bandwidth)."""
@@ -263,10 +269,30 @@ class CudaLayerMemory:
                 yield p, n0 + r, n
             p += n
 
+    def kv_slots(self, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Views of the store rows the next ``n_tokens`` tokens' keys and values will occupy:
+        ``(k, v)``, each [n_kv_heads, n_tokens, head_dim] (row stride head_dim, head stride
+        the capacity).  A caller that writes the next call's un-rotated K/V there (e.g. the
+        K/V projection as a batched GEMM with ``out=``) and passes these views to
+        :func:`attend_cuda` saves the copy into the store.  Reserves the room first, so the
+        views stay valid until that call.  None with tiered memory (its ring rows wrap:
+        pass K/V as usual).  Anything the views hold when the call runs is what it stores."""
+        n = int(n_tokens)
+        if n < 1:
+            raise ValueError(f"kv_slots: n_tokens must be >= 1, got {n_tokens}")
+        if self.tiered:
+            return None
+        P0 = self.n_seen
+        self._reserve(P0 + n)
+        return self.k_store[:, P0:P0 + n], self.v_store[:, P0:P0 + n]
+
     def _write_kv(self, P0: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """K/V of positions P0 .. P0+T-1 into the store (current stream)."""
+        """K/V of positions P0 .. P0+T-1 into the store (current stream); K/V already in
+        those rows (the views of :meth:`kv_slots`) are not copied onto themselves."""
         T = k.shape[1]
         if not self.tiered:
+            if _same_view(k, self.k_store[:, P0:P0 + T]) and _same_view(v, self.v_store[:, P0:P0 + T]):
+                return
             _copy_rows(self.k_store[:, P0:P0 + T], k)
             _copy_rows(self.v_store[:, P0:P0 + T], v)
             return
@@ -894,12 +920,11 @@ class GraphDecoder:
     runs the model once in that mode on a side stream (warm-up, a real step),
     then captures the graph.
 
-    With ``cut_graph=True``, tokens that cut a block (one in ``block_size``)
-    replay a second graph, captured with the first one, whose steps end with
-    the cut (when every layer's step :attr:`~CudaDecodeStep.can_cut`: no
-    tiers, no question heads).  Not yet the default: the cut graph has not
-    been measured on a GPU.  Tokens whose ``prepare()`` says no -- cuts
-    otherwise, a token whose layers disagree about cutting, or any after a
+    Tokens that cut a block (one in ``block_size``) replay a second graph,
+    captured with the first one, whose steps end with the cut, when every
+    layer's step :attr:`~CudaDecodeStep.can_cut` (no tiers, no question
+    heads); ``cut_graph=False`` runs them eagerly instead.  Tokens whose
+    ``prepare()`` says no -- cuts otherwise, a token whose layers disagree about cutting, or any after a
     store was reallocated -- run the ordinary eager forward (attend_cuda); a
     step that refuses changes nothing, and the layers that had already
     accepted the token are rolled back first.  The stores and representatives
@@ -928,7 +953,7 @@ class GraphDecoder:
     """
 
     def __init__(self, model: torch.nn.Module, cache, max_new_tokens: int, *, enabled: bool = True,
-                 cut_graph: bool = False) -> None:
+                 cut_graph: bool = True) -> None:
         handle = getattr(model, "_qllm", None)
         if handle is None:
             raise ValueError("GraphDecoder: model is not patched (qllm.patch)")

@@ -20,7 +20,8 @@ class DecodeStepRunner:
     buffers, eagerly (graph=False) or eagerly once, then captured and replayed (graph=True); the
     tokens whose ``prepare()`` declines go through attend_cuda on the same memory.  With
     ``allow_cut`` the tokens that cut a block run as the step too (graph=True: a second graph,
-    captured with the first, whose launch ends with the cut); else they are declined.
+    captured with the first when the step ``can_cut``, whose launch ends with the cut); else
+    they are declined.
 
     ``run(q1, k1, v1)`` -> (output, retrieved ids, whether the step ran); ``n_cuts`` counts the
     steps that cut a block."""
@@ -46,7 +47,8 @@ class DecodeStepRunner:
             if self.graph:
                 torch.cuda.synchronize()
                 cuts, self.g = self.step.cuts, {}
-                for c in ([False, True] if self.allow_cut else [False]):
+                # the cut variant exists only where the step can cut (GraphDecoder checks the same)
+                for c in ([False, True] if self.allow_cut and self.step.can_cut else [False]):
                     self.step.cuts = c
                     self.g[c] = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(self.g[c]):

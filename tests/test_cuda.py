@@ -425,6 +425,58 @@ def test_attend_cuda_deterministic_and_no_host_sync():
     assert torch.equal(outs[0], outs[1])
 
 
+def test_attend_cuda_kv_slots_in_place():
+    """K/V written into the store rows of kv_slots and passed as those views give bitwise the
+    outputs, retrievals, scores and stores of K/V passed as separate tensors (the copy onto
+    themselves is skipped); kv_slots reserves before the caller writes (the store grows here
+    from 1024 rows); a batched GEMM with out= writes the slots in place (what the layer
+    benchmark does); tiered memory has no slots."""
+    from qllm.gpu import CudaLayerMemory, attend_cuda
+
+    cfg = SMALL_SEL
+    hq, hkv, D, T = 8, 2, 64, 1500
+    q, k, v = (t.to(DEV) for t in _inputs(41, hq, hkv, D, T, torch.bfloat16))
+    rope = _rope(cfg.max_rel_position + 1, D)
+    mems = [CudaLayerMemory(cfg, hq, hkv, D, torch.bfloat16, torch.device(DEV), capacity=16) for _ in range(2)]
+    for m in mems:
+        m.question = torch.randn(hq, D, generator=_gen(2)).to(DEV)
+    ref, mem = mems
+    for a, b in ((0, 300), (300, 301), (301, 1200), (1200, 1201), (1201, T)):
+        want = attend_cuda(ref, q[:, a:b], k[:, a:b], v[:, a:b], rope, D ** -0.5)
+        slots = mem.kv_slots(b - a)
+        assert slots is not None and mem.k_store.shape[1] >= b
+        ks, vs = slots
+        ks.copy_(k[:, a:b])
+        vs.copy_(v[:, a:b])
+        ptr = mem.k_store.data_ptr()
+        got = attend_cuda(mem, q[:, a:b], ks, vs, rope, D ** -0.5)
+        assert mem.k_store.data_ptr() == ptr  # no reallocation after the slots were written
+        assert torch.equal(got, want)
+        assert torch.equal(mem.retrieved_log, ref.retrieved_log)
+        assert mem._state() == ref._state()
+    torch.cuda.synchronize()
+    assert torch.equal(mem.k_store[:, :T], k) and torch.equal(mem.v_store[:, :T], v)
+    assert torch.equal(mem.scores, ref.scores)
+    assert torch.equal(mem.block_reprs(), ref.block_reprs())
+
+    # a batched GEMM writes the slots in place, close to the flat projection
+    H = 96
+    g = _gen(43)
+    x = _randn(g, 40, H).to(DEV, torch.bfloat16)
+    w = (_randn(g, hkv * D, H) * H ** -0.5).to(DEV, torch.bfloat16)
+    ks, _ = mem.kv_slots(40)
+    ptr = ks.data_ptr()
+    torch.bmm(x.expand(hkv, 40, H), w.view(hkv, D, H).transpose(1, 2), out=ks)
+    assert ks.data_ptr() == ptr == mem.k_store[:, T].data_ptr()
+    flat = (x @ w.T).view(40, hkv, D).transpose(0, 1)
+    assert _rel(mem.k_store[:, T:T + 40].float().cpu(), flat.float().cpu()) < 1e-2
+
+    tiered = CudaLayerMemory(cfg.replace(device_blocks=8), hq, hkv, D, torch.bfloat16, torch.device(DEV))
+    assert tiered.kv_slots(10) is None
+    with pytest.raises(ValueError, match="n_tokens"):
+        mem.kv_slots(0)
+
+
 def test_attend_cuda_matches_reference_attention():
     """Against the independent float64 reference of qllm.reference (per-query lists of keys)."""
     from qllm import reference as R

@@ -225,7 +225,7 @@ def test_generate_cuda_graph_matches_model_generate(dtype, caplog):
     assert m is not None, caplog.text[-2000:]
     n, n_graph, n_eager = map(int, m.groups())
     print(f"{dtype}: generate: {n} tokens, {n_graph} graph replays, {n_eager} eager steps")
-    assert n == 110 and n_graph >= 90 and n_eager >= 4
+    assert n == 110 and n_graph >= 105 and n_eager <= 2  # block-cut tokens replay the cut graph
     want = qllm.generate(model, tok, context, "which letter?", cuda_graph=False, **args)
     assert got == want
     assert len(got.split()) == 110

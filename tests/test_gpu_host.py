@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qllm.gpu import _as_words, _copy_rows
+from qllm.gpu import _as_words, _copy_rows, _same_view
 
 
 def _projected(T: int, H: int, D: int, dtype: torch.dtype) -> torch.Tensor:
@@ -89,3 +89,17 @@ def test_graph_decoder_arguments_and_cpu_fallback():
             assert torch.equal(got, want)
             tok = want[:, -1:].argmax(-1)
         assert dec.n_eager == 3 and dec.n_replays == 0 and dec.n_captures == 0
+
+
+def test_same_view_only_for_the_same_elements():
+    """_write_kv skips the copy only when K/V are exactly the store rows (kv_slots' views)."""
+    store = torch.zeros(2, 64, 8, dtype=torch.bfloat16)
+    slot = store[:, 10:30]
+    assert _same_view(slot, store[:, 10:30])
+    assert not _same_view(store[:, 11:31], slot)           # other rows
+    assert not _same_view(store[:, 10:29], slot)           # other length
+    assert not _same_view(slot.clone(), slot)              # same values, other memory
+    assert not _same_view(slot.view(torch.float16), slot)  # other dtype
+    strided = torch.as_strided(store, (2, 20, 8), (8, 16, 1), storage_offset=80)  # slot's start, other strides
+    assert strided.data_ptr() == slot.data_ptr() and not _same_view(strided, slot)
+
