@@ -71,12 +71,15 @@ class Layer:
     def qkv_into(self, x, ks, vs):
         """q as qkv does; k and v written into ks, vs ([HKV, c, D] views, e.g. a layer
         memory's kv_slots) by batched GEMMs, one batch per KV head (the same products,
-        summed in cuBLAS's order for that shape).  q last: the next kernel reads it."""
+        summed in cuBLAS's order for that shape).  K/V last, so the chunk's rows are in L2
+        for the rotations and the local attention.  Measured (H100, NOTES_gpu round 12): the
+        batched GEMMs take ~10 us more per call than the flat ones, about what the copies
+        cost, so this is not faster; the default stays the flat GEMMs + copies."""
         c = x.shape[0]
+        q = (x @ self.wq.T).view(c, HQ, D).transpose(0, 1)
         xb = x.expand(HKV, c, HIDDEN)
         torch.bmm(xb, self.wk.view(HKV, D, HIDDEN).transpose(1, 2), out=ks)
         torch.bmm(xb, self.wv.view(HKV, D, HIDDEN).transpose(1, 2), out=vs)
-        q = (x @ self.wq.T).view(c, HQ, D).transpose(0, 1)
         return q, ks, vs
 
 
@@ -119,11 +122,11 @@ class Dense:
 
 
 class Qllm:
-    """qllm layer; in_place: a prefill chunk's K/V projections write into the memory's
-    store rows (CudaLayerMemory.kv_slots), else attend_cuda copies them there (always so
-    for the eager decode steps)."""
+    """qllm layer; in_place (--kv-in-place): a prefill chunk's K/V projections write into
+    the memory's store rows (CudaLayerMemory.kv_slots) by batched GEMMs, else (default)
+    attend_cuda copies them there; the eager decode steps always copy."""
 
-    in_place = True
+    in_place = False
 
     def __init__(self, layer, cfg, n_max, rope, question, dev):
         self.layer, self.rope = layer, rope
@@ -269,9 +272,9 @@ def main() -> None:
     ap.add_argument("--dense-max-repeats", type=int, default=2, help="repeats of dense at > 128K")
     ap.add_argument("--no-cut-graph", action="store_true",
                     help="graph decode: block-cut tokens run the ordinary path instead of a second graph")
-    ap.add_argument("--kv-copy", action="store_true",
-                    help="qllm: K/V projections into temporaries copied into the store (default: written in "
-                         "place through CudaLayerMemory.kv_slots)")
+    ap.add_argument("--kv-in-place", action="store_true",
+                    help="qllm: the prefill chunks' K/V projections written into the store rows by batched "
+                         "GEMMs (CudaLayerMemory.kv_slots) instead of copied there")
     ap.add_argument("--no-dense", action="store_true",
                     help="prefill rows without the dense baseline (dense_ms null): for A/B runs of qllm knobs")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "layer_h100.json"))
@@ -283,7 +286,7 @@ def main() -> None:
 
     dev = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = False
-    Qllm.in_place = not args.kv_copy
+    Qllm.in_place = args.kv_in_place
     cfg = QLLMConfig(n_init=128, n_local=1024, block_size=128, topk=8, repr_topk=4, exc_block_size=512,
                      question_weight=4.0, chunk_size=CHUNK)
     layer = Layer(dev)
@@ -291,7 +294,7 @@ def main() -> None:
     rope = RopeTable(cos, sin)
     question = torch.randn(HQ, D, device=dev) * 0.1
     check_dense_flash(dev)
-    n_all = max(args.prefill + args.decode_at)
+    n_all = max(args.prefill + args.decode_at + [args.profile, args.profile_decode, args.profile_decode_graph])
     x_all = torch.randn(n_all + args.decode_steps * 4, HIDDEN, device=dev, dtype=DT)
 
     # warm-up both paths (kernel loading, allocator)
@@ -379,7 +382,7 @@ def main() -> None:
                 _ = q.transpose(0, 1).reshape(-1, HQ * D) @ layer.wo.T
         proj = statistics.median([timed(proj_only) for _ in range(3)])
         # the K/V half of the projections, 128K: flat GEMMs + the copies into a store (what
-        # attend_cuda does with --kv-copy) against batched GEMMs writing the store rows in place
+        # attend_cuda does by default) against batched GEMMs writing the store rows in place
         store_k = torch.empty(HKV, 131072, D, dtype=DT, device=dev)
         store_v = torch.empty_like(store_k)
 

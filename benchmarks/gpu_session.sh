@@ -193,12 +193,12 @@ if [[ " $stages " == *" bench10 "* ]]; then
   done
 fi
 if [[ " $stages " == *" kvab "* ]]; then
-  # the prefill chunks' K/V projections written in place (kv_slots, default) against copied into the
-  # store (--kv-copy): 128K and 512K, alternating twice, each in its own process
+  # the prefill chunks' K/V projections written in place (--kv-in-place: kv_slots) against copied
+  # into the store (default): 128K and 512K, alternating twice, each in its own process
   for rep in 1 2; do
     for v in inplace copy; do
       stamp "layer, K/V $v (round $rep)"
-      flag=""; [[ $v == copy ]] && flag="--kv-copy"
+      flag=""; [[ $v == inplace ]] && flag="--kv-in-place"
       # shellcheck disable=SC2086  # flag: zero or one argument
       timeout 150 python3 benchmarks/bench_layer.py --prefill 131072 524288 --decode-at --no-dense --repeats 5 \
         $flag --out "$OUT/ab_kv_${v}_$rep.json" 2>&1 | grep "prefill\|projections\|rror"
