@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call = build + CUDA tests + layer benchmark (see benchmarks/NOTES_gpu.md).
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [tfused] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [microsel] [gemm] [microseam] [mergeab] [bench10] [tsprepab] [kvab] [cutab] [seamab] [ncuseam] [e2eprof] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
+# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [tfused] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [microsel] [gemm] [microseam] [mergeab] [bench10] [kvab] [cutab] [seamab] [ncuseam] [e2eprof] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
 # Logs and results go to $OUT (default: /tmp/qllm_out).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -190,17 +190,6 @@ if [[ " $stages " == *" bench10 "* ]]; then
     stamp "layer, process $rep of 10"
     timeout 100 python3 benchmarks/bench_layer.py --prefill 131072 524288 --decode-at --no-dense --repeats 3 \
       --out "$OUT/med_$rep.json" 2>&1 | grep "prefill\|rror"
-  done
-fi
-if [[ " $stages " == *" tsprepab "* ]]; then
-  # the next block's rotations in the token-score launch (default) against in the seam
-  # (QLLM_TS_PREP=0): 128K and 512K prefill, alternating twice, each in its own process
-  for rep in 1 2; do
-    for v in 0 1; do
-      stamp "layer, QLLM_TS_PREP=$v (round $rep)"
-      QLLM_TS_PREP=$v timeout 150 python3 benchmarks/bench_layer.py --prefill 131072 524288 --decode-at \
-        --no-dense --repeats 5 --out "$OUT/ab_tsprep_${v}_$rep.json" 2>&1 | grep "prefill\|rror"
-    done
   done
 fi
 if [[ " $stages " == *" kvab "* ]]; then

@@ -477,66 +477,6 @@ def test_attend_cuda_kv_slots_in_place():
         mem.kv_slots(0)
 
 
-_TS_PREP_SCRIPT = r"""
-import sys, torch, qllm
-from torch.profiler import ProfilerActivity, profile
-from qllm.attention import RopeTable
-from qllm.config import QLLMConfig
-from qllm.gpu import CudaLayerMemory, attend_cuda
-cfg = QLLMConfig(n_init=64, n_local=256, block_size=32, topk=4, repr_topk=4, exc_block_size=128, question_weight=1.0)
-hq, hkv, D, T = 32, 8, 128, 2500
-g = torch.Generator().manual_seed(5)
-q, k, v = (torch.randn(h, T, D, generator=g).to("cuda", torch.bfloat16) for h in (hq, hkv, hkv))
-inv = 1.0 / 10000.0 ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
-ang = torch.arange(cfg.max_rel_position + 1, dtype=torch.float64)[:, None] * inv[None, :]
-emb = torch.cat([ang, ang], dim=-1)
-rope = RopeTable(emb.cos().float(), emb.sin().float())
-mem = CudaLayerMemory(cfg, hq, hkv, D, torch.bfloat16, torch.device("cuda"), capacity=T)
-mem.question = torch.randn(hq, D, generator=g).to("cuda")
-outs, logs = [], []
-with profile(activities=[ProfilerActivity.CUDA]) as prof:
-    for a, b in ((0, 1000), (1000, 1001), (1001, 2300), (2300, T)):
-        outs.append(attend_cuda(mem, q[:, a:b], k[:, a:b], v[:, a:b], rope, D ** -0.5).clone())
-        logs.append(mem.retrieved_log.clone())
-    torch.cuda.synchronize()
-names = sorted({e.name for e in prof.events() if "kernel" in e.name})
-torch.save({"out": torch.cat(outs, 1).cpu(), "logs": [x.cpu() for x in logs], "scores": mem.scores.cpu(),
-            "reprs": mem.block_reprs().cpu(), "n_blocks": mem.n_blocks,
-            "fused": any("tscore_wg_prep_kernel" in n for n in names)}, sys.argv[1])
-"""
-
-
-def test_token_scores_carry_rotations_bitwise(tmp_path):
-    """QLLM_TS_PREP (default on, sm_90a builds): the next execution block's rotations run in the
-    token-score launch, into a second workspace set, instead of in the seam.  Two processes, the
-    knob off and on (it is read once per process), Llama heads, several execution blocks per
-    call with cuts and retrieval: outputs, retrievals, token scores and representatives are
-    bitwise equal; the fused kernel ran where the build has it."""
-    import os
-    import subprocess
-    import sys
-
-    from qllm import _C  # noqa: F401
-
-    res = {}
-    for flag in ("0", "1"):
-        path = tmp_path / f"ts_prep_{flag}.pt"
-        env = dict(os.environ, QLLM_TS_PREP=flag)
-        r = subprocess.run([sys.executable, "-c", _TS_PREP_SCRIPT, str(path)], capture_output=True, text=True,
-                           timeout=300, env=env)
-        assert r.returncode == 0, r.stderr[-3000:]
-        res[flag] = torch.load(path)
-    off, on = res["0"], res["1"]
-    assert not off["fused"]
-    assert on["n_blocks"] == off["n_blocks"] > 40
-    assert torch.equal(on["out"], off["out"])
-    assert all(torch.equal(a, b) for a, b in zip(on["logs"], off["logs"]))
-    assert torch.equal(on["scores"], off["scores"]) and torch.equal(on["reprs"], off["reprs"])
-    sm90a = torch.cuda.get_device_capability() == (9, 0) and os.environ.get("QLLM_CUDA_ARCH", "90a") == "90a"
-    if sm90a and os.environ.get("QLLM_TSCORE_WGMMA", "") != "0":
-        assert on["fused"], "the token-score launch did not carry the rotations"
-
-
 def test_attend_cuda_matches_reference_attention():
     """Against the independent float64 reference of qllm.reference (per-query lists of keys)."""
     from qllm import reference as R

@@ -1516,7 +1516,6 @@ struct TsArgs {
     float sl2;
     int pack;  /* columns are the query heads of one KV head (E = 1; set by the launcher) */
     int order; /* heavy key tiles first: grid (heads, key tiles by rank), see ts_tile_of_rank */
-    int n_ts_rows; /* ordered grid rows that are token-score CTAs (0: all; later rows rotate, see tscore_wg_prep_kernel) */
 };
 
 /* Which (key, query) pairs of one token-score CTA are LOCAL: its 64 keys
@@ -1544,7 +1543,7 @@ __device__ __forceinline__ int2 ts_block(const TsArgs &a) {
     if (!a.order) return make_int2(blockIdx.x, blockIdx.y);
     /* the plateau: from the first tile whose queries reach row E-1 to the
      * first whose queries start after row 0 */
-    const int n = a.n_ts_rows > 0 ? a.n_ts_rows : static_cast<int>(gridDim.y), off = static_cast<int>(a.P0 - a.T0);
+    const int n = gridDim.y, off = static_cast<int>(a.P0 - a.T0);
     const int t_full = max(0, (a.E - 1 - (TS_KEYS - 1) - (a.n_local - 1) + off + TS_KEYS - 1) / TS_KEYS);
     const int t_late = (off + TS_KEYS - 1) / TS_KEYS;
     const int c = min(n - 1, (min(t_full, n - 1) + min(t_late, n - 1)) / 2);
@@ -1854,33 +1853,6 @@ __global__ void __launch_bounds__(TS_THREADS) tscore_kernel(const TsArgs a) {
 template <typename T, int D, int QST>
 __global__ void __launch_bounds__(TS_THREADS) tscore_wg_kernel(const TsArgs a) {
     tscore_wg_body<T, D, QST>(a, ts_block(a));
-}
-
-/* The rotations of the next execution block (prep_body) riding on a token-
- * score launch: TsPrep names the block and its workspace set. */
-struct TsPrep {
-    qllm_gpu_layer ly;
-    qllm_gpu_exec ex;
-    const void *q;
-    int64_t q_hs, q_ts;
-    void *qfix, *qloc, *krot;
-};
-
-/* Token scores of block i (grid rows < a.n_ts_rows, heaviest key tiles first)
- * and, in the rows after them, the rotations of block i+1 into the other
- * workspace set.  The rotation CTAs are dispatched last: they fill the SMs
- * that the light key tiles leave early, and take the rotations off the seam
- * between the blocks (which then only cuts and selects). */
-template <typename T, int D, bool VEC>
-__global__ void __launch_bounds__(TS_THREADS, 6) tscore_wg_prep_kernel(const TsArgs a, const TsPrep p) {
-    if (static_cast<int>(blockIdx.y) >= a.n_ts_rows) {
-        const int64_t cta = static_cast<int64_t>(blockIdx.y - a.n_ts_rows) * gridDim.x + blockIdx.x;
-        const int64_t n_ctas = static_cast<int64_t>(gridDim.y - a.n_ts_rows) * gridDim.x;
-        prep_body<T, VEC>(p.ly, p.ex, static_cast<const T *>(p.q), p.q_hs, p.q_ts, static_cast<T *>(p.qfix),
-                          static_cast<T *>(p.qloc), static_cast<T *>(p.krot), nullptr, cta, n_ctas);
-        return;
-    }
-    tscore_wg_body<T, D, 1>(a, ts_block(a));
 }
 
 /* Decode step: sizes from the device row; grid sized for the longest
@@ -2650,49 +2622,6 @@ int launch_tscore(const TsArgs &a, int hq, cudaStream_t stream, const int64_t *d
     return check_launch("tscore_kernel");
 }
 
-#if defined(QLLM_SM90A)
-/* QLLM_TS_PREP=0: the next block's rotations stay in the seam (same-build A/B). */
-bool ts_prep_enabled() {
-    static const bool on = !env_is("QLLM_TS_PREP", '0');
-    return on;
-}
-
-/* Whether the token scores of a block of E queries can carry the next block's
- * rotations (tscore_wg_prep_kernel: the wgmma kernel, one Q stage, ordered). */
-bool ts_prep_applies(const qllm_gpu_layer &ly, int E) {
-    return ly.head_dim == 128 && tscore_variant() == 1 && tscore_stages() == 1 && tscore_ordered() &&
-           ts_prep_enabled() && !attn_packs(E, ly.hq / ly.hkv);
-}
-
-/* The token scores of a (ordered grid, heaviest key tiles first) plus rows of
- * rotation CTAs for p, about two (row, 8-dim) items per thread. */
-template <typename T>
-int launch_tscore_prep(const TsArgs &a, int hq, const TsPrep &p, int64_t prep_work, cudaStream_t stream) {
-    constexpr int D = 128;
-    const size_t smem_wg = static_cast<size_t>(TS_KEYS + TS_Q) * D * sizeof(T) + 2 * TS_Q * sizeof(float) + 1024;
-    static bool ready = false;
-    if (!ready) {
-        int st = ensure_smem(tscore_wg_prep_kernel<T, D, true>, smem_wg, "tscore_wg_prep_kernel");
-        if (st == QLLM_CUDA_OK) st = ensure_smem(tscore_wg_prep_kernel<T, D, false>, smem_wg, "tscore_wg_prep_kernel");
-        if (st != QLLM_CUDA_OK) return st;
-        ready = true;
-    }
-    TsArgs t = a;
-    t.pack = 0;
-    t.order = 1;
-    t.n_ts_rows = (a.L + TS_KEYS - 1) / TS_KEYS;
-    const int64_t prep_ctas = (prep_work + 2 * TS_THREADS - 1) / (2 * TS_THREADS);
-    const int64_t rows = (prep_ctas + hq - 1) / hq;
-    if (t.n_ts_rows + rows > 65535) return set_error(QLLM_CUDA_ERR_ARG, "token scores + rotations: grid too large");
-    const dim3 grid(hq, static_cast<unsigned>(t.n_ts_rows + rows));
-    if (prep_vec(p.ly))
-        tscore_wg_prep_kernel<T, D, true><<<grid, TS_THREADS, smem_wg, stream>>>(t, p);
-    else
-        tscore_wg_prep_kernel<T, D, false><<<grid, TS_THREADS, smem_wg, stream>>>(t, p);
-    return check_launch("tscore_wg_prep_kernel");
-}
-#endif
-
 }  // namespace
 }  // namespace qllm_cuda
 
@@ -2949,63 +2878,6 @@ extern "C" int qllm_cuda_exec_token_scores(const qllm_gpu_layer *ly, const qllm_
                                 : launch_tscore<T, 128>(a, ly->hq, stream);
     });
     return st;
-}
-
-extern "C" int qllm_cuda_token_scores_prep_enabled(const qllm_gpu_layer *ly) {
-#if defined(QLLM_SM90A)
-    return ly->head_dim == 128 && tscore_variant() == 1 && tscore_stages() == 1 && tscore_ordered() &&
-                   ts_prep_enabled()
-               ? 1
-               : 0;
-#else
-    (void)ly;
-    return 0;
-#endif
-}
-
-extern "C" int qllm_cuda_exec_token_scores_prep(const qllm_gpu_layer *ly, const qllm_gpu_exec *ex,
-                                                const void *qloc, const void *krot, const float *lse,
-                                                float scaling, const qllm_gpu_exec *next, const void *q,
-                                                int64_t q_hs, int64_t q_ts, void *qfix_n, void *qloc_n,
-                                                void *krot_n, int *fused, cudaStream_t stream) {
-    *fused = 0;
-#if defined(QLLM_SM90A)
-    int st = check_layer(ly, "exec_token_scores_prep");
-    if (st) return st;
-    if (next != nullptr && ts_prep_applies(*ly, ex->E)) {
-        if (ly->ring < ex->L || (ly->ring & (ly->ring - 1)) != 0)
-            return set_error(QLLM_CUDA_ERR_ARG, "exec_token_scores_prep: ring %lld < L %d or not a power of 2",
-                             (long long)ly->ring, ex->L);
-        if (qfix_n == nullptr || qloc_n == nullptr || krot_n == nullptr || qfix_n == qloc ||
-            qloc_n == qloc || krot_n == krot)
-            return set_error(QLLM_CUDA_ERR_ARG, "exec_token_scores_prep: the rotations need the other workspace set");
-        int64_t work = 0;
-        if ((st = check_prep(ly, *next, q, q_hs, q_ts, "exec_token_scores_prep", &work)) != 0) return st;
-        TsArgs a = tscore_args_for_layer(*ly, scaling);
-        a.qloc = qloc;
-        a.krot = krot;
-        a.lse = lse;
-        a.P0 = ex->P0;
-        a.T0 = ex->T0;
-        a.E = ex->E;
-        a.L = ex->L;
-        TsPrep p;
-        p.ly = *ly;
-        p.ex = *next;
-        p.q = q;
-        p.q_hs = q_hs;
-        p.q_ts = q_ts;
-        p.qfix = qfix_n;
-        p.qloc = qloc_n;
-        p.krot = krot_n;
-        QLLM_DISPATCH_T(ly->dtype, { st = launch_tscore_prep<T>(a, ly->hq, p, work, stream); });
-        if (st == QLLM_CUDA_OK) *fused = 1;
-        return st;
-    }
-#else
-    (void)next, (void)q, (void)q_hs, (void)q_ts, (void)qfix_n, (void)qloc_n, (void)krot_n;
-#endif
-    return qllm_cuda_exec_token_scores(ly, ex, qloc, krot, lse, scaling, stream);
 }
 
 extern "C" int qllm_cuda_cut_blocks(const qllm_gpu_layer *ly, int64_t b0, int64_t n, int repr_topk,

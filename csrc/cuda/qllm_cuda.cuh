@@ -167,22 +167,6 @@ int qllm_cuda_exec_token_scores(const qllm_gpu_layer *ly, const qllm_gpu_exec *e
                                 const void *qloc, const void *krot, const float *lse,
                                 float scaling, cudaStream_t stream);
 
-/* 1 when qllm_cuda_exec_token_scores_prep can put the next block's
- * rotations into the token-score launch (sm_90a build, head dim 128, the
- * wgmma token scores with their defaults, QLLM_TS_PREP not 0): the caller
- * then keeps two workspace sets (qfix / qloc / krot), one per block parity. */
-int qllm_cuda_token_scores_prep_enabled(const qllm_gpu_layer *ly);
-
-/* qllm_cuda_exec_token_scores of block ex, plus (next != NULL, when it
- * applies) block next's rotations of q rows (as qllm_cuda_exec_prep) into
- * qfix_n / qloc_n / krot_n, the other workspace set, in the same launch:
- * *fused = 1.  *fused = 0: only the token scores ran (the caller rotates). */
-int qllm_cuda_exec_token_scores_prep(const qllm_gpu_layer *ly, const qllm_gpu_exec *ex,
-                                     const void *qloc, const void *krot, const float *lse,
-                                     float scaling, const qllm_gpu_exec *next, const void *q,
-                                     int64_t q_hs, int64_t q_ts, void *qfix_n, void *qloc_n,
-                                     void *krot_n, int *fused, cudaStream_t stream);
-
 /* Representatives of blocks b0 .. b0+n-1 (positions n_init + b*block_size ..)
  * from the k store and the score ring. */
 int qllm_cuda_cut_blocks(const qllm_gpu_layer *ly, int64_t b0, int64_t n, int repr_topk,

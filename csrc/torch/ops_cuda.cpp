@@ -384,17 +384,9 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
     /* workspace (caching allocator: no synchronisation) */
     const auto opt_t = q.options();
     const auto opt_f = q.options().dtype(at::kFloat);
-    /* The seam path with the rotations in the token-score launch keeps two
-     * workspace sets: block i+1 is rotated into one while block i's token
-     * scores read the other (set i & 1). */
-    const bool seam_path = !tiered && qh_sel == 0 && qh_heads.empty() && qllm_cuda_seam_enabled();
-    const int64_t n_sets = seam_path && n_exec > 1 && qllm_cuda_token_scores_prep_enabled(&ly) ? 2 : 1;
-    at::Tensor qfix = at::empty({n_sets, hq, e_max, D}, opt_t);
-    at::Tensor qloc = at::empty({n_sets, hq, e_max, D}, opt_t);
-    at::Tensor krot = at::empty({n_sets, hkv, l_max, D}, opt_t);
-    auto set_of = [&](at::Tensor &t, int64_t i) -> void * { /* workspace set of execution block i */
-        return static_cast<char *>(t.mutable_data_ptr()) + (i % n_sets) * t.stride(0) * t.element_size();
-    };
+    at::Tensor qfix = at::empty({hq, e_max, D}, opt_t);
+    at::Tensor qloc = at::empty({hq, e_max, D}, opt_t);
+    at::Tensor krot = at::empty({hkv, l_max, D}, opt_t);
     at::Tensor lse = at::empty({hq, e_max}, opt_f);
     const int sms = multiprocessors();
     const int64_t bm = qllm_cuda_attention_rows();
@@ -453,34 +445,21 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
         return ex;
     };
     auto ids_of = [&](int64_t i) { return retrieved.mutable_data_ptr<int32_t>() + i * kk; };
-    /* block i's attention and token scores; with two workspace sets and a
-     * next block, the token-score launch also rotates block i+1 (true when it
-     * did: the seam then skips the rotations) */
-    auto attend_and_score = [&](int64_t i, const ExecRow &r, const qllm_gpu_exec &ex, const int32_t *ids) -> bool {
+    auto attend_and_score = [&](const ExecRow &r, const qllm_gpu_exec &ex, const int32_t *ids) {
         const int n_split = choose_split(r);
         check_cuda(op, qllm_cuda_exec_attention(
-                           &ly, &ex, set_of(qfix, i), set_of(qloc, i), set_of(krot, i), ids,
-                           static_cast<float>(scaling), obase + r.t0 * out.stride(1) * esz, out.stride(0),
-                           out.stride(1), lse.mutable_data_ptr<float>(), n_split,
+                           &ly, &ex, qfix.const_data_ptr(), qloc.const_data_ptr(),
+                           krot.const_data_ptr(), ids, static_cast<float>(scaling),
+                           obase + r.t0 * out.stride(1) * esz, out.stride(0), out.stride(1),
+                           lse.mutable_data_ptr<float>(), n_split,
                            n_split > 1 ? part_o.mutable_data_ptr<float>() : nullptr,
                            n_split > 1 ? part_lse.mutable_data_ptr<float>() : nullptr, st));
-        if (n_sets == 2 && i + 1 < n_exec) {
-            const ExecRow rn = read_row(sched, i + 1);
-            const qllm_gpu_exec next = exec_of(rn);
-            int fused = 0;
-            check_cuda(op, qllm_cuda_exec_token_scores_prep(
-                               &ly, &ex, set_of(qloc, i), set_of(krot, i), lse.const_data_ptr<float>(),
-                               static_cast<float>(scaling), &next, qbase + rn.t0 * q.stride(1) * esz, q.stride(0),
-                               q.stride(1), set_of(qfix, i + 1), set_of(qloc, i + 1), set_of(krot, i + 1), &fused,
-                               st));
-            return fused != 0;
-        }
-        check_cuda(op, qllm_cuda_exec_token_scores(&ly, &ex, set_of(qloc, i), set_of(krot, i),
-                                                   lse.const_data_ptr<float>(), static_cast<float>(scaling), st));
-        return false;
+        check_cuda(op, qllm_cuda_exec_token_scores(&ly, &ex, qloc.const_data_ptr(),
+                                                   krot.const_data_ptr(), lse.const_data_ptr<float>(),
+                                                   static_cast<float>(scaling), st));
     };
 
-    if (seam_path) {
+    if (!tiered && qh_sel == 0 && qh_heads.empty() && qllm_cuda_seam_enabled()) {
         /* One seam launch between execution blocks: block i's cut (with the
          * later blocks' scores of the cut blocks), block i+1's top-k and
          * rotations (qllm_cuda_exec_seam). */
@@ -489,22 +468,18 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
         at::Tensor pdot = at::empty({std::max<int64_t>(cut_max * n_exec * hq, 1)}, opt_f);
         at::Tensor cnt = at::zeros({QLLM_SEAM_CNT_INTS}, q.options().dtype(at::kInt)); /* arrival counter + list */
         qllm_gpu_exec next{};
-        /* cut of block i (i >= 0), top-k of block i + 1 and its rotations unless rotated (by block i's
-         * token-score launch) */
-        auto seam = [&](int64_t i, bool rotated) {
+        auto seam = [&](int64_t i) { /* cut of block i (i >= 0), prep and top-k of block i + 1 */
             qllm_gpu_seam sm{};
             if (i + 1 < n_exec) {
                 const ExecRow rn = read_row(sched, i + 1);
-                if (!rotated) {
-                    next = exec_of(rn);
-                    sm.next = &next;
-                    sm.q = qbase + rn.t0 * q.stride(1) * esz;
-                    sm.q_hs = q.stride(0);
-                    sm.q_ts = q.stride(1);
-                    sm.qfix = set_of(qfix, i + 1);
-                    sm.qloc = set_of(qloc, i + 1);
-                    sm.krot = set_of(krot, i + 1);
-                }
+                next = exec_of(rn);
+                sm.next = &next;
+                sm.q = qbase + rn.t0 * q.stride(1) * esz;
+                sm.q_hs = q.stride(0);
+                sm.q_ts = q.stride(1);
+                sm.qfix = qfix.mutable_data_ptr();
+                sm.qloc = qloc.mutable_data_ptr();
+                sm.krot = krot.mutable_data_ptr();
                 if (rn.n_ret > 0) {
                     sm.sel_scores = bscore.const_data_ptr<float>() + (i + 1) * bscore.size(1);
                     sm.sel_n = rn.n_blocks;
@@ -527,11 +502,11 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
             }
             check_cuda(op, qllm_cuda_exec_seam(&ly, &sm, st));
         };
-        seam(-1, false);
+        seam(-1);
         for (int64_t i = 0; i < n_exec; ++i) {
             const ExecRow r = read_row(sched, i);
-            const bool rotated = attend_and_score(i, r, exec_of(r), ids_of(i));
-            seam(i, rotated);
+            attend_and_score(r, exec_of(r), ids_of(i));
+            seam(i);
         }
         return;
     }
@@ -540,7 +515,8 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
         const ExecRow r = read_row(sched, i);
         const qllm_gpu_exec ex = exec_of(r);
         check_cuda(op, qllm_cuda_exec_prep(&ly, &ex, qbase + r.t0 * q.stride(1) * esz, q.stride(0),
-                                           q.stride(1), set_of(qfix, i), set_of(qloc, i), set_of(krot, i), st));
+                                           q.stride(1), qfix.mutable_data_ptr(),
+                                           qloc.mutable_data_ptr(), krot.mutable_data_ptr(), st));
         int32_t *ids = ids_of(i);
         if (r.n_ret > 0 && qh_sel > 0)
             check_cuda(op, qllm_cuda_select_blocks_qheads(bscore.mutable_data_ptr<float>() + i * bscore.size(1),
@@ -551,7 +527,7 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
                                                    r.n_blocks, static_cast<int>(r.n_ret), ids, st));
         if (r.n_ret > 0 && tiered) /* the retrieved blocks into the device cache */
             check_cuda(op, qllm_cuda_tier_touch(&ly, ids, 0, static_cast<int>(r.n_ret), ring_lo, nullptr, st));
-        attend_and_score(i, r, ex, ids);
+        attend_and_score(r, ex, ids);
         if (r.cut_n > 0) {
             check_cuda(op, qllm_cuda_cut_blocks(&ly, r.cut_b0, r.cut_n, static_cast<int>(repr_topk), st));
             if (tiered) /* new blocks enter the device cache (LRU) */
