@@ -269,7 +269,8 @@ class Runner:
         ``dense_chunk`` > 0 feeds pieces of that size (SDPA with a mask then).
 
         decode "graph" (qllm only): the decode steps go through ``qllm.gpu.GraphDecoder``
-        (one CUDA-graph replay of the whole model per token; block-cut tokens eager).  The
+        (one CUDA-graph replay of the whole model per token; block-cut tokens replay a second
+        graph, or run eagerly with tiers or question heads).  The
         first decode step warms up and captures the graph: it is timed apart
         (``graph_capture_s``), and the decode rate is over the ``new_tokens - 2`` steps after it.
         Then ``graph_replay_only_ms``: the graph replayed 20 times back to back with no host work
@@ -397,8 +398,8 @@ class Runner:
                 notes.append("K/V store capacity reserved up front (CudaLayerMemory(capacity=prompt+new))")
             if decode == "graph":
                 notes.append("decode: qllm.gpu.GraphDecoder, one CUDA-graph replay of the whole model per token "
-                             "(block-cut tokens eager); first step (warm-up + capture) timed apart, rate over "
-                             f"the {steps} steps after it")
+                             "(block-cut tokens: a second graph where the steps can cut, else eager); first step "
+                             f"(warm-up + capture) timed apart, rate over the {steps} steps after it")
         else:
             notes.append("prefill: one model call (SDPA, is_causal)" if step >= N else
                          f"prefill chunked: {step}-token model calls (SDPA with a mask)")
