@@ -136,14 +136,18 @@ def _as_words(t: torch.Tensor) -> torch.Tensor | None:
 
 def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether a and b are the same elements (same storage offset, shape, strides, dtype)."""
-    return (a.dtype == b.dtype and a.device == b.device and a.shape == b.shape and a.stride() == b.stride()
-            and a.data_ptr() == b.data_ptr())
+    return (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.device == b.device and a.shape == b.shape
+            and a.stride() == b.stride())
+
+
+_WORD_ROWS = 8  # _copy_rows: fewer rows per head (decode tokens) take the plain copy
 
 
 def _copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
     """dst.copy_(src); rows of the same dtype move as 8-byte words (a strided copy of 2-byte
-    elements runs at a fraction of the memory bandwidth)."""
-    if dst.dtype == src.dtype:
+    elements runs at a fraction of the memory bandwidth), except a few rows (a decode
+    token), where the word views would cost more host time than they save."""
+    if dst.dtype == src.dtype and src.dim() >= 2 and src.shape[-2] > _WORD_ROWS:
         dw, sw = _as_words(dst), _as_words(src)
         if dw is not None and sw is not None:
             dw.copy_(sw)
@@ -291,10 +295,11 @@ class CudaLayerMemory:
         those rows (the views of :meth:`kv_slots`) are not copied onto themselves."""
         T = k.shape[1]
         if not self.tiered:
-            if _same_view(k, self.k_store[:, P0:P0 + T]) and _same_view(v, self.v_store[:, P0:P0 + T]):
+            kd, vd = self.k_store[:, P0:P0 + T], self.v_store[:, P0:P0 + T]
+            if _same_view(k, kd) and _same_view(v, vd):
                 return
-            _copy_rows(self.k_store[:, P0:P0 + T], k)
-            _copy_rows(self.v_store[:, P0:P0 + T], v)
+            _copy_rows(kd, k)
+            _copy_rows(vd, v)
             return
         self._wait_write_back()
         for p, r, n in self._ring_pieces(P0, P0 + T):

@@ -26,13 +26,15 @@ def test_copy_rows_moves_words_and_equals_copy(dtype, D):
     assert torch.equal(dst, want)
 
 
-def test_copy_rows_keeps_nan_payloads():
-    """A word copy moves bits: NaN payloads and -0.0 survive."""
-    bits = torch.tensor([0x7FC1, 0xFFC3, 0x8000, 0x7F80] * 8, dtype=torch.int32).to(torch.int16)
-    src = bits.view(torch.bfloat16).view(1, 2, 16).transpose(0, 1)  # [2, 1, 16]
-    dst = torch.zeros(2, 3, 16, dtype=torch.bfloat16)
-    _copy_rows(dst[:, 1:2], src)
-    assert torch.equal(dst[:, 1:2].contiguous().view(torch.int16), src.contiguous().view(torch.int16))
+@pytest.mark.parametrize("rows", [1, 20], ids=["plain-copy", "words"])
+def test_copy_rows_keeps_nan_payloads(rows):
+    """Both copies move bits: NaN payloads and -0.0 survive (one row: the plain copy of a decode
+    token; 20 rows: the word copy)."""
+    bits = torch.tensor([0x7FC1, 0xFFC3, 0x8000, 0x7F80] * (8 * rows), dtype=torch.int32).to(torch.int16)
+    src = bits.view(torch.bfloat16).view(rows, 2, 16).transpose(0, 1)  # [2, rows, 16]
+    dst = torch.zeros(2, rows + 2, 16, dtype=torch.bfloat16)
+    _copy_rows(dst[:, 1:rows + 1], src)
+    assert torch.equal(dst[:, 1:rows + 1].contiguous().view(torch.int16), src.contiguous().view(torch.int16))
 
 
 def test_copy_rows_falls_back_when_rows_are_not_words():
