@@ -281,9 +281,9 @@ class CudaLayerMemory:
         :func:`attend_cuda` saves the copy into the store.  Reserves the room first, so the
         views stay valid until that call.  None with tiered memory (its ring rows wrap:
         pass K/V as usual).  Anything the views hold when the call runs is what it stores."""
-        n = int(n_tokens)
-        if n < 1:
-            raise ValueError(f"kv_slots: n_tokens must be >= 1, got {n_tokens}")
+        if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
+            raise ValueError(f"kv_slots: n_tokens: expected an int >= 1, got {n_tokens!r}")
+        n = n_tokens
         if self.tiered:
             return None
         P0 = self.n_seen
@@ -929,14 +929,14 @@ class GraphDecoder:
     captured with the first one, whose steps end with the cut, when every
     layer's step :attr:`~CudaDecodeStep.can_cut` (no tiers, no question
     heads); ``cut_graph=False`` runs them eagerly instead.  Tokens whose
-    ``prepare()`` says no -- cuts otherwise, a token whose layers disagree about cutting, or any after a
-    store was reallocated -- run the ordinary eager forward (attend_cuda); a
-    step that refuses changes nothing, and the layers that had already
-    accepted the token are rolled back first.  The stores and representatives
-    are reserved for ``max_new_tokens`` up front, so the buffers baked into
-    the graphs stay valid; if one is reallocated anyway (decoding past
-    ``max_new_tokens``), the steps are rebuilt and the graphs are captured
-    again.
+    ``prepare()`` says no -- cuts otherwise, a token whose layers disagree
+    about cutting, or any after a store was reallocated -- run the ordinary
+    eager forward (attend_cuda); a step that refuses changes nothing, and
+    the layers that had already accepted the token are rolled back first.
+    The stores and representatives are reserved for ``max_new_tokens`` up
+    front, so the buffers baked into the graphs stay valid; if one is
+    reallocated anyway (decoding past ``max_new_tokens``), the steps are
+    rebuilt and the graphs are captured again.
 
     What the model's forward computes from Python state is baked into the
     graph and ignored by qllm: the position ids and RoPE tables (qllm's

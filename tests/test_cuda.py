@@ -473,8 +473,9 @@ def test_attend_cuda_kv_slots_in_place():
 
     tiered = CudaLayerMemory(cfg.replace(device_blocks=8), hq, hkv, D, torch.bfloat16, torch.device(DEV))
     assert tiered.kv_slots(10) is None
-    with pytest.raises(ValueError, match="n_tokens"):
-        mem.kv_slots(0)
+    for bad in (0, -3, 2.5, True, "4"):
+        with pytest.raises(ValueError, match="kv_slots: n_tokens: expected an int >= 1"):
+            mem.kv_slots(bad)
 
 
 def test_attend_cuda_matches_reference_attention():

@@ -105,3 +105,13 @@ def test_same_view_only_for_the_same_elements():
     strided = torch.as_strided(store, (2, 20, 8), (8, 16, 1), storage_offset=80)  # slot's start, other strides
     assert strided.data_ptr() == slot.data_ptr() and not _same_view(strided, slot)
 
+
+
+def test_kv_slots_checks_n_tokens_before_anything():
+    """kv_slots names the argument and the expectation (checked before the memory is touched)."""
+    from qllm.gpu import CudaLayerMemory
+
+    mem = object.__new__(CudaLayerMemory)  # no CUDA here: nothing of the memory is read before the check
+    for bad in (0, -3, 2.5, True, "4", None):
+        with pytest.raises(ValueError, match=r"kv_slots: n_tokens: expected an int >= 1, got"):
+            mem.kv_slots(bad)
