@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call = build + CUDA tests + layer benchmark (see benchmarks/NOTES_gpu.md).
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [tfused] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [microsel] [gemm] [microseam] [mergeab] [bench10] [kvab] [cutab] [seamab] [ncuseam] [e2eprof] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
+# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [tfused] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [microsel] [micropc] [gemm] [microseam] [mergeab] [bench10] [kvab] [cutab] [seamab] [ncuseam] [e2eprof] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
 # Logs and results go to $OUT (default: /tmp/qllm_out).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -142,6 +142,20 @@ if [[ " $stages " == *" microsel "* ]]; then
     stamp "micro select: $v"
     timeout 120 /tmp/msel_$v 2>&1 | tee "$OUT/micro_select_$v.txt"
   done
+fi
+if [[ " $stages " == *" micropc "* ]]; then
+  # the attention's pipeline shape on synthetic full tiles: the shipped coupled CTA against a producer
+  # warp + two consumer warpgroups with mbarriers (benchmarks/micro/pc_attention.cu; outputs compared)
+  stamp "pipeline shape micro (benchmarks/micro/pc_attention.cu)"
+  if nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc/include -Icsrc benchmarks/micro/pc_attention.cu -o /tmp/pca \
+      > "$OUT/micro_pc_build.log" 2>&1; then
+    for shape in "512 2560" "512 1536" "2048 2560"; do
+      # shellcheck disable=SC2086  # two arguments
+      timeout 60 /tmp/pca $shape 2>&1 | tee -a "$OUT/micro_pc.txt"
+    done
+  else
+    tail -20 "$OUT/micro_pc_build.log"
+  fi
 fi
 if [[ " $stages " == *" gemm "* ]]; then
   stamp "projection GEMMs one by one vs concatenated (benchmarks/micro/gemm_fuse.py)"

@@ -227,7 +227,7 @@ def test_ops_cuda_bindings_compile(name, tmp_path):
     assert r.returncode != 0 and "qllm_injected_error" in r.stderr, r.stderr[-2000:]
 
 
-@pytest.mark.parametrize("name", ["seam_trace.cu", "select_combine.cu"])
+@pytest.mark.parametrize("name", ["seam_trace.cu", "select_combine.cu", "pc_attention.cu"])
 def test_micro_benchmarks_compile(name, tmp_path):
     """The micro-benchmarks include attend.cu (seam_trace.cu with its QLLM_SEAM_TRACE phase
     stamps): they must keep compiling as the kernels change, or a GPU call is spent on it."""
