@@ -13,6 +13,23 @@ if [[ -x /usr/bin/g++ ]]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
 stages="${*:-build test bench}"
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
+# Same-build A/B of bench_layer.py: two settings alternating twice, each run in its own process.
+#   ab_layer PREFIX GREP NAME_A "ENV_A" "FLAGS_A" NAME_B "ENV_B" "FLAGS_B" BENCH_ARGS...
+# (ENV_*: VAR=value words or empty; results in $OUT/PREFIX_NAME_ROUND.json)
+ab_layer() {
+  local prefix=$1 pat=$2 rep v e f
+  local -a names=("$3" "$6") envs=("$4" "$7") flags=("$5" "$8")
+  shift 8
+  for rep in 1 2; do
+    for v in 0 1; do
+      stamp "$prefix: ${names[v]} (round $rep)"
+      e=${envs[v]}; f=${flags[v]}
+      # shellcheck disable=SC2086  # e, f: zero or more words
+      env $e timeout 150 python3 benchmarks/bench_layer.py "$@" $f \
+        --out "$OUT/${prefix}_${names[v]}_$rep.json" 2>&1 | grep "$pat"
+    done
+  done
+}
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/env.txt"
 python3 -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'python', sys.version.split()[0])" | tee -a "$OUT/env.txt"
@@ -187,15 +204,9 @@ if [[ " $stages " == *" seamab "* ]]; then
   knob_ab QLLM_SEAM=0 attend_cuda "" QLLM_SEAM=0 QLLM_SEAM=1
 fi
 if [[ " $stages " == *" mergeab "* ]]; then
-  # the seam's merged selection (default) against QLLM_SEAM_MERGE=0 (round 10's seam): 128K and
-  # 512K prefill, the two settings alternating twice, each in its own process
-  for rep in 1 2; do
-    for v in 0 1; do
-      stamp "layer, QLLM_SEAM_MERGE=$v (round $rep)"
-      QLLM_SEAM_MERGE=$v timeout 150 python3 benchmarks/bench_layer.py --prefill 131072 524288 --decode-at \
-        --no-dense --repeats 5 --out "$OUT/ab_merge_${v}_$rep.json" 2>&1 | grep "prefill\|rror"
-    done
-  done
+  # the seam's merged selection (default) against QLLM_SEAM_MERGE=0 (round 10's seam): 128K and 512K prefill
+  ab_layer ab_merge "prefill\|rror" 0 "QLLM_SEAM_MERGE=0" "" 1 "QLLM_SEAM_MERGE=1" "" \
+    --prefill 131072 524288 --decode-at --no-dense --repeats 5
 fi
 if [[ " $stages " == *" bench10 "* ]]; then
   # the shipped path's 128K and 512K prefill in 10 processes of their own (3 repeats each, no dense):
@@ -208,29 +219,14 @@ if [[ " $stages " == *" bench10 "* ]]; then
 fi
 if [[ " $stages " == *" kvab "* ]]; then
   # the prefill chunks' K/V projections written in place (--kv-in-place: kv_slots) against copied
-  # into the store (default): 128K and 512K, alternating twice, each in its own process
-  for rep in 1 2; do
-    for v in inplace copy; do
-      stamp "layer, K/V $v (round $rep)"
-      flag=""; [[ $v == inplace ]] && flag="--kv-in-place"
-      # shellcheck disable=SC2086  # flag: zero or one argument
-      timeout 150 python3 benchmarks/bench_layer.py --prefill 131072 524288 --decode-at --no-dense --repeats 5 \
-        $flag --out "$OUT/ab_kv_${v}_$rep.json" 2>&1 | grep "prefill\|projections\|rror"
-    done
-  done
+  # into the store (default): 128K and 512K
+  ab_layer ab_kv "prefill\|projections\|rror" inplace "" "--kv-in-place" copy "" "" \
+    --prefill 131072 524288 --decode-at --no-dense --repeats 5
 fi
 if [[ " $stages " == *" cutab "* ]]; then
   # graph decode at 128K: block-cut tokens replaying the second graph (default) against the ordinary
-  # path (--no-cut-graph), alternating twice, each in its own process
-  for rep in 1 2; do
-    for v in cut nocut; do
-      stamp "graph decode, $v (round $rep)"
-      flag=""; [[ $v == nocut ]] && flag="--no-cut-graph"
-      # shellcheck disable=SC2086  # flag: zero or one argument
-      timeout 150 python3 benchmarks/bench_layer.py --prefill --decode-at 131072 $flag \
-        --out "$OUT/ab_cutgraph_${v}_$rep.json" 2>&1 | grep "decode\|rror"
-    done
-  done
+  # path (--no-cut-graph)
+  ab_layer ab_cutgraph "decode\|rror" cut "" "" nocut "" "--no-cut-graph" --prefill --decode-at 131072
 fi
 if [[ " $stages " == *" ncu "* ]]; then
   # hardware counters of one attention and one token-score launch (32K prefill, 20th execution
