@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call = build + CUDA tests + layer benchmark (see benchmarks/NOTES_gpu.md).
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [tfused] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [microsel] [micropc] [gemm] [microseam] [mergeab] [bench10] [kvab] [cutab] [seamab] [ncuseam] [e2eprof] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
+# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [tfused] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [microsel] [micropc [ncupc]] [gemm] [microseam] [mergeab] [bench10] [kvab] [pairab] [cutab] [seamab] [ncuseam] [e2eprof] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
 # Logs and results go to $OUT (default: /tmp/qllm_out).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -166,10 +166,20 @@ if [[ " $stages " == *" micropc "* ]]; then
   stamp "pipeline shape micro (benchmarks/micro/pc_attention.cu)"
   if nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc/include -Icsrc benchmarks/micro/pc_attention.cu -o /tmp/pca \
       > "$OUT/micro_pc_build.log" 2>&1; then
-    for shape in "512 2560" "512 1536" "2048 2560"; do
+    # PC_SHAPES: "rows keys" pairs separated by commas (512 rows and >= 2752 keys add the row-tile balance runs)
+    IFS=, read -r -a pc_shapes <<< "${PC_SHAPES:-512 2560,512 1536,2048 2560}"
+    for shape in "${pc_shapes[@]}"; do
       # shellcheck disable=SC2086  # two arguments
       timeout 60 /tmp/pca $shape 2>&1 | tee -a "$OUT/micro_pc.txt"
     done
+    if [[ " $stages " == *" ncupc "* && -n "$NCU" ]]; then
+      # the first launch of each variant (its correctness run): pipes, stalls, shared-memory traffic
+      stamp "ncu of the pipeline-shape variants"
+      timeout 240 "$NCU" --launch-count 6 --section SpeedOfLight --section ComputeWorkloadAnalysis \
+        --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
+        /tmp/pca 512 2560 > "$OUT/ncu_pc.txt" 2>&1
+      grep -E "coupled_kernel|pc_kernel|Duration|Tensor|Issue Slots|Shared|Stall|Warp Cycles|Pipe" "$OUT/ncu_pc.txt" | head -80
+    fi
   else
     tail -20 "$OUT/micro_pc_build.log"
   fi
@@ -221,6 +231,12 @@ if [[ " $stages " == *" kvab "* ]]; then
   # the prefill chunks' K/V projections written in place (--kv-in-place: kv_slots) against copied
   # into the store (default): 128K and 512K
   ab_layer ab_kv "prefill\|projections\|rror" inplace "" "--kv-in-place" copy "" "" \
+    --prefill 131072 524288 --decode-at --no-dense --repeats 5
+fi
+if [[ " $stages " == *" pairab "* ]]; then
+  # the attention grid with heavy / light row tiles paired (default) against the natural order
+  # (QLLM_ATTN_PAIR=0): 128K and 512K prefill
+  ab_layer ab_pair "prefill\|rror" pair "QLLM_ATTN_PAIR=1" "" natural "QLLM_ATTN_PAIR=0" "" \
     --prefill 131072 524288 --decode-at --no-dense --repeats 5
 fi
 if [[ " $stages " == *" cutab "* ]]; then

@@ -864,7 +864,7 @@ def test_cuda_attention_kernel_names_the_kernel_that_runs():
     mma.sync for both."""
     import os
 
-    env = {k: v for k, v in os.environ.items() if k.startswith("QLLM_ATTN_")}
+    env = {k: v for k, v in os.environ.items() if k.startswith("QLLM_ATTN_") and k != "QLLM_ATTN_PAIR"}
     n128 = torch.ops.qllm.cuda_attention_kernel(128)
     n64 = torch.ops.qllm.cuda_attention_kernel(64)
     plain = "mma.sync, 4 warps x 16 rows"
@@ -875,3 +875,50 @@ def test_cuda_attention_kernel_names_the_kernel_that_runs():
         assert (n128, n64) == (plain, plain)
     with pytest.raises(RuntimeError):
         torch.ops.qllm.cuda_attention_kernel("128")
+
+
+_PAIR_SCRIPT = r"""
+import sys, torch
+import qllm  # noqa: F401
+from qllm.attention import RopeTable
+from qllm.config import QLLMConfig
+from qllm.gpu import CudaLayerMemory, attend_cuda
+g = torch.Generator().manual_seed(11)
+hq, hkv, D, T = 32, 8, 128, 3600
+q = torch.randn(hq, T, D, generator=g).bfloat16().cuda()
+k = torch.randn(hkv, T, D, generator=g).bfloat16().cuda()
+v = torch.randn(hkv, T, D, generator=g).bfloat16().cuda()
+cfg = QLLMConfig()
+P = cfg.max_rel_position + 1
+inv = 1.0 / 10000.0 ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
+ang = torch.arange(P, dtype=torch.float64)[:, None] * inv[None, :]
+emb = torch.cat([ang, ang], dim=-1)
+rope = RopeTable(emb.cos().float().cuda(), emb.sin().float().cuda())
+mem = CudaLayerMemory(cfg, hq, hkv, D, torch.bfloat16, torch.device("cuda"), capacity=4096)
+mem.question = torch.randn(hq, D, generator=g).cuda()
+outs = [attend_cuda(mem, q[:, a:b], k[:, a:b], v[:, a:b], rope, D ** -0.5) for a, b in ((0, 2100), (2100, T))]
+torch.save({"out": torch.cat(outs, dim=1).cpu(), "kernel": torch.ops.qllm.cuda_attention_kernel(128)}, sys.argv[1])
+"""
+
+
+def test_attention_row_pairing_changes_nothing(tmp_path):
+    """The attention grid with heavy / light row tiles paired (the default) and in the natural
+    order (QLLM_ATTN_PAIR=0, read once per process) give bitwise the same outputs: two processes,
+    Llama-3 head geometry, 2K-budget config, execution blocks of 8 row tiles."""
+    import os
+    import subprocess
+    import sys
+
+    res = {}
+    for val in ("1", "0"):
+        path = tmp_path / f"pair{val}.pt"
+        env = dict(os.environ, QLLM_ATTN_PAIR=val)
+        r = subprocess.run([sys.executable, "-c", _PAIR_SCRIPT, str(path)], env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        res[val] = torch.load(path)
+    assert res["1"]["kernel"] == res["0"]["kernel"]
+    a, b = res["1"]["out"], res["0"]["out"]
+    assert a.shape == (32, 3600, 128) and torch.isfinite(a.float()).all()
+    assert torch.equal(a, b), f"max diff {float((a.float() - b.float()).abs().max())}"
+

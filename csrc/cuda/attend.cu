@@ -806,6 +806,7 @@ struct AttnArgs {
     int n_split;      /* thread blocks per row tile (grid.z) */
     int n_split_eff;  /* splits that get tiles (<= n_split; the rest write empty partials) */
     int pack;         /* rows are the query heads of one KV head (E = 1; set by the launcher) */
+    int pair_rows;    /* heavy / light row tiles paired in the grid order (attn_body; set by the launcher) */
     const int64_t *dyn; /* decode: sizes from the device row, else NULL */
 };
 
@@ -937,12 +938,27 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
     };
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
-    const int qt = blockIdx.x, split = blockIdx.z;
+    /* Row tile and head.  The later row tiles of an execution block see more
+     * tail memory (up to one more key tile per row tile), so their CTAs run
+     * longer.  With a.pair_rows (an even number of row tiles G2 = 2G, one
+     * split) the grid's first half takes the heavy row tiles G..2G-1 and the
+     * second half the light ones in reverse, so CTAs j and j + SMs -- one SM's
+     * two CTAs when the dispatch goes round the SMs -- get row tiles qt and
+     * 2G-1-qt whenever SMs - half the grid is a multiple of G (132 SMs, 8 row
+     * tiles of 32 heads); any other pairing is still a permutation. */
+    int qt = blockIdx.x, hy = blockIdx.y;
+    if (a.pair_rows) {
+        const int G = gridDim.x / 2, j = blockIdx.x + gridDim.x * blockIdx.y, half = G * gridDim.y;
+        const int u = j < half ? j : j - half;
+        hy = u / G;
+        qt = j < half ? G + u % G : G - 1 - u % G;
+    }
+    const int split = blockIdx.z;
     /* Packed (a.pack, one query: E = 1): the CTA's rows are the a.group query
      * heads of KV head blockIdx.y, all at the same position, so each K/V tile
      * is read once per KV head.  Otherwise the rows are positions of head h. */
     const bool packed = a.pack != 0;
-    const int h = packed ? blockIdx.y * a.group : blockIdx.y;
+    const int h = packed ? blockIdx.y * a.group : hy;
     const int hk = packed ? blockIdx.y : h / a.group;
     const int r0 = qt * BM;
     const int rows_valid = packed ? a.group : min(BM, a.E - r0);
@@ -2488,6 +2504,13 @@ int attn_variant() {
     return v;
 }
 
+/* Heavy / light row tiles paired in the attention grid (attn_body), read once:
+ * on by default, off with QLLM_ATTN_PAIR=0.  The same outputs either way. */
+bool attn_pair_rows() {
+    static const bool v = !env_is("QLLM_ATTN_PAIR", '0');
+    return v;
+}
+
 /* Packed rows (attn_body): one query (E = 1) whose heads share KV heads. */
 bool attn_packs(int64_t E, int group) { return E == 1 && group > 1 && group <= 16; }
 
@@ -2506,6 +2529,7 @@ int launch_attention_v(const AttnArgs &a0, int E, int hq, cudaStream_t stream) {
     AttnArgs a = a0;
     a.pack = attn_packs(E, a.group) ? 1 : 0;
     dim3 grid(a.pack ? 1 : (E + BMr - 1) / BMr, a.pack ? hq / a.group : hq, a.n_split);
+    a.pair_rows = !a.pack && a.n_split == 1 && grid.x % 2 == 0 && attn_pair_rows() ? 1 : 0;
     if (DYN)
         attn_dyn_kernel<T, D, MI, NW, WG><<<grid, NW * 32, smem, stream>>>(a);
     else
