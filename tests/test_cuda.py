@@ -877,7 +877,7 @@ def test_cuda_attention_kernel_names_the_kernel_that_runs():
         torch.ops.qllm.cuda_attention_kernel("128")
 
 
-_PAIR_SCRIPT = r"""
+_KNOB_SCRIPT = r"""
 import sys, torch
 import qllm  # noqa: F401
 from qllm.attention import RopeTable
@@ -897,28 +897,55 @@ rope = RopeTable(emb.cos().float().cuda(), emb.sin().float().cuda())
 mem = CudaLayerMemory(cfg, hq, hkv, D, torch.bfloat16, torch.device("cuda"), capacity=4096)
 mem.question = torch.randn(hq, D, generator=g).cuda()
 outs = [attend_cuda(mem, q[:, a:b], k[:, a:b], v[:, a:b], rope, D ** -0.5) for a, b in ((0, 2100), (2100, T))]
-torch.save({"out": torch.cat(outs, dim=1).cpu(), "kernel": torch.ops.qllm.cuda_attention_kernel(128)}, sys.argv[1])
+for t in range(T, T + 8):  # decode steps after the split prefill read its scores and representatives
+    x = torch.randn(hq + 2 * hkv, 1, D, generator=g).bfloat16().cuda()
+    outs.append(attend_cuda(mem, x[:hq], x[hq:hq + hkv], x[hq + hkv:], rope, D ** -0.5))
+torch.save({"out": torch.cat(outs, dim=1).cpu(), "scores": mem.scores.cpu(), "reprs": mem.reprs[:mem.n_blocks].cpu(),
+            "kernel": torch.ops.qllm.cuda_attention_kernel(128)}, sys.argv[1])
 """
 
 
-def test_attention_row_pairing_changes_nothing(tmp_path):
-    """The attention grid with heavy / light row tiles paired (the default) and in the natural
-    order (QLLM_ATTN_PAIR=0, read once per process) give bitwise the same outputs: two processes,
-    Llama-3 head geometry, 2K-budget config, execution blocks of 8 row tiles."""
+def _knob_runs(tmp_path, var: str, values) -> dict:
+    """_KNOB_SCRIPT's results in one process per value of environment variable var."""
     import os
     import subprocess
     import sys
 
     res = {}
-    for val in ("1", "0"):
-        path = tmp_path / f"pair{val}.pt"
-        env = dict(os.environ, QLLM_ATTN_PAIR=val)
-        r = subprocess.run([sys.executable, "-c", _PAIR_SCRIPT, str(path)], env=env, capture_output=True,
+    for val in values:
+        path = tmp_path / f"{var}_{val}.pt"
+        env = dict(os.environ, **{var: val})
+        r = subprocess.run([sys.executable, "-c", _KNOB_SCRIPT, str(path)], env=env, capture_output=True,
                            text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         res[val] = torch.load(path)
-    assert res["1"]["kernel"] == res["0"]["kernel"]
-    a, b = res["1"]["out"], res["0"]["out"]
-    assert a.shape == (32, 3600, 128) and torch.isfinite(a.float()).all()
-    assert torch.equal(a, b), f"max diff {float((a.float() - b.float()).abs().max())}"
+    return res
 
+
+def _assert_same_runs(res: dict) -> None:
+    vals = list(res)
+    a = res[vals[0]]
+    assert a["out"].shape == (32, 3608, 128) and torch.isfinite(a["out"].float()).all()
+    assert a["reprs"].shape[0] >= 15 and a["scores"].abs().sum() > 0
+    for val in vals[1:]:
+        b = res[val]
+        assert b["kernel"] == a["kernel"]
+        for key in ("out", "scores", "reprs"):
+            assert torch.equal(a[key], b[key]), f"{key}: {vals[0]} vs {val}: max diff " \
+                f"{float((a[key].float() - b[key].float()).abs().max())}"
+
+
+def test_attention_row_pairing_changes_nothing(tmp_path):
+    """The attention grid with heavy / light row tiles paired (the default) and in the natural
+    order (QLLM_ATTN_PAIR=0, read once per process) give bitwise the same outputs, token scores
+    and representatives: one process each, Llama-3 head geometry, 2K-budget config, execution
+    blocks of 8 row tiles, then decode steps."""
+    _assert_same_runs(_knob_runs(tmp_path, "QLLM_ATTN_PAIR", ("1", "0")))
+
+
+def test_split_token_scores_change_nothing(tmp_path):
+    """Token scores split at the seam's cut keys, the rest on a second stream (QLLM_TS_SPLIT=1)
+    or the chain on a high-priority stream (=2), against one launch per execution block (=0):
+    bitwise the same outputs, score ring and representatives (the cut reads the scores the
+    split launches add), decode steps after the prefill included."""
+    _assert_same_runs(_knob_runs(tmp_path, "QLLM_TS_SPLIT", ("0", "1", "2")))
