@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call = build + CUDA tests + layer benchmark (see benchmarks/NOTES_gpu.md).
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [tfused] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [microsel] [micropc [ncupc]] [gemm] [microseam] [mergeab] [bench10] [kvab] [pairab] [splitab] [cutab] [seamab] [ncuseam] [e2eprof] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
+# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [tfused] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [microsel] [micropc [ncupc]] [gemm] [microseam] [mergeab] [bench10] [kvab] [pairab] [cutab] [seamab] [ncuseam] [e2eprof] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
 # Logs and results go to $OUT (default: /tmp/qllm_out).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -238,18 +238,6 @@ if [[ " $stages " == *" pairab "* ]]; then
   # (QLLM_ATTN_PAIR=0): 128K and 512K prefill
   ab_layer ab_pair "prefill\|rror" pair "QLLM_ATTN_PAIR=1" "" natural "QLLM_ATTN_PAIR=0" "" \
     --prefill 131072 524288 --decode-at --no-dense --repeats 5
-fi
-if [[ " $stages " == *" splitab "* ]]; then
-  # token scores in one launch per execution block (QLLM_TS_SPLIT=0) against split at the seam's cut
-  # keys with the rest on a second stream (1) or the chain on a high-priority stream (2): 128K and
-  # 512K prefill, the three alternating twice, each in its own process
-  for rep in 1 2; do
-    for v in 0 1 2; do
-      stamp "splitab: QLLM_TS_SPLIT=$v (round $rep)"
-      QLLM_TS_SPLIT=$v timeout 150 python3 benchmarks/bench_layer.py --prefill 131072 524288 --decode-at --no-dense \
-        --repeats 5 --out "$OUT/ab_split_${v}_$rep.json" 2>&1 | grep "prefill\|rror"
-    done
-  done
 fi
 if [[ " $stages " == *" cutab "* ]]; then
   # graph decode at 128K: block-cut tokens replaying the second graph (default) against the ordinary

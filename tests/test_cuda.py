@@ -942,10 +942,3 @@ def test_attention_row_pairing_changes_nothing(tmp_path):
     blocks of 8 row tiles, then decode steps."""
     _assert_same_runs(_knob_runs(tmp_path, "QLLM_ATTN_PAIR", ("1", "0")))
 
-
-def test_split_token_scores_change_nothing(tmp_path):
-    """Token scores split at the seam's cut keys, the rest on a second stream (QLLM_TS_SPLIT=1)
-    or the chain on a high-priority stream (=2), against one launch per execution block (=0):
-    bitwise the same outputs, score ring and representatives (the cut reads the scores the
-    split launches add), decode steps after the prefill included."""
-    _assert_same_runs(_knob_runs(tmp_path, "QLLM_TS_SPLIT", ("0", "1", "2")))

@@ -1532,7 +1532,6 @@ struct TsArgs {
     float sl2;
     int pack;  /* columns are the query heads of one KV head (E = 1; set by the launcher) */
     int order; /* heavy key tiles first: grid (heads, key tiles by rank), see ts_tile_of_rank */
-    int t_lo;  /* key tiles t_lo .. t_lo + (grid's key-tile count) - 1 (exec_token_scores_part) */
 };
 
 /* Which (key, query) pairs of one token-score CTA are LOCAL: its 64 keys
@@ -1557,16 +1556,14 @@ __device__ __forceinline__ int ts_tile_of_rank(int k, int n, int c) {
 /* This CTA's (key tile, head column): blockIdx (x, y), or with a.order
  * (not packed) grid (heads, key tiles by rank). */
 __device__ __forceinline__ int2 ts_block(const TsArgs &a) {
-    if (!a.order) return make_int2(a.t_lo + blockIdx.x, blockIdx.y);
+    if (!a.order) return make_int2(blockIdx.x, blockIdx.y);
     /* the plateau: from the first tile whose queries reach row E-1 to the
-     * first whose queries start after row 0 (tile indices of the whole
-     * segment, then relative to the grid's range t_lo .. t_lo + n - 1) */
-    const int n = gridDim.y, n_all = (a.L + TS_KEYS - 1) / TS_KEYS, off = static_cast<int>(a.P0 - a.T0);
+     * first whose queries start after row 0 */
+    const int n = gridDim.y, off = static_cast<int>(a.P0 - a.T0);
     const int t_full = max(0, (a.E - 1 - (TS_KEYS - 1) - (a.n_local - 1) + off + TS_KEYS - 1) / TS_KEYS);
     const int t_late = (off + TS_KEYS - 1) / TS_KEYS;
-    const int c_all = min(n_all - 1, (min(t_full, n_all - 1) + min(t_late, n_all - 1)) / 2);
-    const int c = min(n - 1, max(0, c_all - a.t_lo));
-    return make_int2(a.t_lo + ts_tile_of_rank(blockIdx.y, n, c), blockIdx.x);
+    const int c = min(n - 1, (min(t_full, n - 1) + min(t_late, n - 1)) / 2);
+    return make_int2(ts_tile_of_rank(blockIdx.y, n, c), blockIdx.x);
 }
 
 /* blk = (key tile, head column) from ts_block */
@@ -2597,8 +2594,7 @@ bool tscore_ordered() {
 
 /* dyn != NULL: decode step, a.L is the longest segment (grid), sizes from dyn. */
 template <typename T, int D>
-int launch_tscore(const TsArgs &a, int hq, cudaStream_t stream, const int64_t *dyn = nullptr, int t_lo = 0,
-                  int t_n = -1) {
+int launch_tscore(const TsArgs &a, int hq, cudaStream_t stream, const int64_t *dyn = nullptr) {
     const size_t smem = static_cast<size_t>(TS_KEYS + 2 * TS_Q) * (D + 8) * sizeof(T) +
                         2 * TS_Q * sizeof(float);
     static bool ready = false;
@@ -2611,17 +2607,14 @@ int launch_tscore(const TsArgs &a, int hq, cudaStream_t stream, const int64_t *d
     TsArgs t = a;
     t.pack = attn_packs(a.E, a.group) ? 1 : 0; /* the decode step: E = 1 */
     t.order = 0;
-    t.t_lo = t_lo;
-    if (t_n < 0) t_n = (a.L + TS_KEYS - 1) / TS_KEYS;
-    if (t_n == 0) return QLLM_CUDA_OK;
-    dim3 grid(t_n, t.pack ? hq / a.group : hq);
+    dim3 grid((a.L + TS_KEYS - 1) / TS_KEYS, t.pack ? hq / a.group : hq);
     if (dyn != nullptr) {
         tscore_dyn_kernel<T, D><<<grid, TS_THREADS, smem, stream>>>(t, dyn);
         return check_launch("tscore_dyn_kernel");
     }
     if (!t.pack && tscore_ordered()) { /* heavy key tiles first (ts_geom) */
         t.order = 1;
-        grid = dim3(hq, t_n);
+        grid = dim3(hq, (a.L + TS_KEYS - 1) / TS_KEYS);
     }
     const int tv = tscore_variant();
     if (tv == 2)
@@ -2891,26 +2884,11 @@ extern "C" int qllm_cuda_exec_attention(const qllm_gpu_layer *ly, const qllm_gpu
 extern "C" int qllm_cuda_exec_token_scores(const qllm_gpu_layer *ly, const qllm_gpu_exec *ex,
                                            const void *qloc, const void *krot, const float *lse,
                                            float scaling, cudaStream_t stream) {
-    return qllm_cuda_exec_token_scores_part(ly, ex, qloc, krot, lse, scaling, 0, -1, stream);
-}
-
-extern "C" int qllm_cuda_exec_token_scores_part(const qllm_gpu_layer *ly, const qllm_gpu_exec *ex,
-                                                const void *qloc, const void *krot, const float *lse,
-                                                float scaling, int64_t key_split, int part,
-                                                cudaStream_t stream) {
     int st = check_layer(ly, "exec_token_scores");
     if (st) return st;
     if (ly->ring < ex->L || (ly->ring & (ly->ring - 1)) != 0)
         return set_error(QLLM_CUDA_ERR_ARG, "exec_token_scores: ring %lld < L %d or not a power of 2",
                          (long long)ly->ring, ex->L);
-    if (part < -1 || part > 1 || (part >= 0 && (key_split < 0 || key_split > ex->L)))
-        return set_error(QLLM_CUDA_ERR_ARG, "exec_token_scores: part %d, key_split %lld of L %d", part,
-                         (long long)key_split, ex->L);
-    /* key tiles: part 0 those holding keys below key_split, part 1 the rest */
-    const int n_all = (ex->L + TS_KEYS - 1) / TS_KEYS;
-    const int t_split = static_cast<int>((key_split + TS_KEYS - 1) / TS_KEYS);
-    const int t_lo = part == 1 ? t_split : 0;
-    const int t_n = part == 0 ? t_split : part == 1 ? n_all - t_split : n_all;
     TsArgs a = tscore_args_for_layer(*ly, scaling);
     a.qloc = qloc;
     a.krot = krot;
@@ -2920,15 +2898,10 @@ extern "C" int qllm_cuda_exec_token_scores_part(const qllm_gpu_layer *ly, const 
     a.E = ex->E;
     a.L = ex->L;
     QLLM_DISPATCH_T(ly->dtype, {
-        st = ly->head_dim == 64 ? launch_tscore<T, 64>(a, ly->hq, stream, nullptr, t_lo, t_n)
-                                : launch_tscore<T, 128>(a, ly->hq, stream, nullptr, t_lo, t_n);
+        st = ly->head_dim == 64 ? launch_tscore<T, 64>(a, ly->hq, stream)
+                                : launch_tscore<T, 128>(a, ly->hq, stream);
     });
     return st;
-}
-
-extern "C" int qllm_cuda_ts_split_mode(void) {
-    static const int v = env_is("QLLM_TS_SPLIT", '1') ? 1 : env_is("QLLM_TS_SPLIT", '2') ? 2 : 0;
-    return v;
 }
 
 extern "C" int qllm_cuda_cut_blocks(const qllm_gpu_layer *ly, int64_t b0, int64_t n, int repr_topk,

@@ -167,22 +167,6 @@ int qllm_cuda_exec_token_scores(const qllm_gpu_layer *ly, const qllm_gpu_exec *e
                                 const void *qloc, const void *krot, const float *lse,
                                 float scaling, cudaStream_t stream);
 
-/* The same for part of the key tiles (64 keys each) of the recent segment:
- * part 0 the tiles holding keys 0 .. key_split-1, part 1 the others, -1 all.
- * The two parts together add exactly what one call adds (each tile's sums are
- * independent of the others), so they may run on two streams. */
-int qllm_cuda_exec_token_scores_part(const qllm_gpu_layer *ly, const qllm_gpu_exec *ex,
-                                     const void *qloc, const void *krot, const float *lse,
-                                     float scaling, int64_t key_split, int part, cudaStream_t stream);
-
-/* Token scores of each execution block split at the keys its seam cuts
- * (attend_run), read once: 0 (default) one launch on the op's stream;
- * QLLM_TS_SPLIT=1 the cut keys' tiles on the stream, the rest on a second
- * stream beside the seam and the next block's attention; QLLM_TS_SPLIT=2 the
- * chain (attention, cut keys' scores, seam) on a high-priority stream and the
- * rest on the op's stream. */
-int qllm_cuda_ts_split_mode(void);
-
 /* Representatives of blocks b0 .. b0+n-1 (positions n_init + b*block_size ..)
  * from the k store and the score ring. */
 int qllm_cuda_cut_blocks(const qllm_gpu_layer *ly, int64_t b0, int64_t n, int repr_topk,

@@ -80,37 +80,6 @@ const DecodeFork &decode_fork(c10::DeviceIndex device) {
     return f;
 }
 
-/* attend_run's second stream and events when the token scores are split
- * (qllm_cuda_ts_split_mode), per host thread and device: mode 1 a stream of
- * ordinary priority for the uncut keys' scores, mode 2 a high-priority stream
- * for the chain (attention, cut keys' scores, seam). */
-struct PrefillFork {
-    cudaStream_t extra[2] = {nullptr, nullptr}; /* [high priority?] */
-    cudaEvent_t fork = nullptr, att = nullptr, rest = nullptr, chain = nullptr;
-};
-
-struct PrefillForks {
-    std::vector<PrefillFork> dev;
-    ~PrefillForks() {
-        for (auto &f : dev)
-            for (cudaEvent_t e : {f.fork, f.att, f.rest, f.chain})
-                if (e != nullptr) (void)cudaEventDestroy(e);
-    }
-};
-
-const PrefillFork &prefill_fork(c10::DeviceIndex device, bool high) {
-    thread_local PrefillForks forks;
-    const size_t i = static_cast<size_t>(device);
-    if (forks.dev.size() <= i) forks.dev.resize(i + 1);
-    PrefillFork &f = forks.dev[i];
-    if (f.fork == nullptr) {
-        for (cudaEvent_t *e : {&f.fork, &f.att, &f.rest, &f.chain})
-            C10_CUDA_CHECK(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
-    }
-    if (f.extra[high] == nullptr) f.extra[high] = c10::cuda::getStreamFromPool(high, device).stream();
-    return f;
-}
-
 /* Thread blocks of one attention launch over E queries, before key splits:
  * row tiles x query heads, or one per KV head when a single query packs its
  * heads (attend.cu attn_packs). */
@@ -476,27 +445,18 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
         return ex;
     };
     auto ids_of = [&](int64_t i) { return retrieved.mutable_data_ptr<int32_t>() + i * kk; };
-    /* Workspace set b (0, or 1 for the odd execution blocks of a split run). */
-    at::Tensor ws[2][4] = {{qfix, qloc, krot, lse}, {}};
-    auto attend_only = [&](const ExecRow &r, const qllm_gpu_exec &ex, const int32_t *ids, int b, cudaStream_t s) {
+    auto attend_and_score = [&](const ExecRow &r, const qllm_gpu_exec &ex, const int32_t *ids) {
         const int n_split = choose_split(r);
         check_cuda(op, qllm_cuda_exec_attention(
-                           &ly, &ex, ws[b][0].const_data_ptr(), ws[b][1].const_data_ptr(),
-                           ws[b][2].const_data_ptr(), ids, static_cast<float>(scaling),
+                           &ly, &ex, qfix.const_data_ptr(), qloc.const_data_ptr(),
+                           krot.const_data_ptr(), ids, static_cast<float>(scaling),
                            obase + r.t0 * out.stride(1) * esz, out.stride(0), out.stride(1),
-                           ws[b][3].mutable_data_ptr<float>(), n_split,
+                           lse.mutable_data_ptr<float>(), n_split,
                            n_split > 1 ? part_o.mutable_data_ptr<float>() : nullptr,
-                           n_split > 1 ? part_lse.mutable_data_ptr<float>() : nullptr, s));
-    };
-    /* token scores of the key tiles of part (-1 all, 0 below key_split, 1 the rest) */
-    auto score_part = [&](const qllm_gpu_exec &ex, int b, int64_t key_split, int part, cudaStream_t s) {
-        check_cuda(op, qllm_cuda_exec_token_scores_part(&ly, &ex, ws[b][1].const_data_ptr(), ws[b][2].const_data_ptr(),
-                                                        ws[b][3].const_data_ptr<float>(), static_cast<float>(scaling),
-                                                        key_split, part, s));
-    };
-    auto attend_and_score = [&](const ExecRow &r, const qllm_gpu_exec &ex, const int32_t *ids) {
-        attend_only(r, ex, ids, 0, st);
-        score_part(ex, 0, 0, -1, st);
+                           n_split > 1 ? part_lse.mutable_data_ptr<float>() : nullptr, st));
+        check_cuda(op, qllm_cuda_exec_token_scores(&ly, &ex, qloc.const_data_ptr(),
+                                                   krot.const_data_ptr(), lse.const_data_ptr<float>(),
+                                                   static_cast<float>(scaling), st));
     };
 
     if (!tiered && qh_sel == 0 && qh_heads.empty() && qllm_cuda_seam_enabled()) {
@@ -507,41 +467,8 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
         for (int64_t i = 0; i < n_exec; ++i) cut_max = std::max(cut_max, read_row(sched, i).cut_n);
         at::Tensor pdot = at::empty({std::max<int64_t>(cut_max * n_exec * hq, 1)}, opt_f);
         at::Tensor cnt = at::zeros({QLLM_SEAM_CNT_INTS}, q.options().dtype(at::kInt)); /* arrival counter + list */
-        /* Split token scores (qllm_cuda_ts_split_mode): block i's scores of the
-         * key tiles its seam cuts stay on the chain; the rest go to a second
-         * stream, where they overlap the seam and block i+1's attention.  Block
-         * i+1 therefore reads and writes the other workspace set (the rest of
-         * block i still reads set i % 2), and the chain waits for the rest of
-         * block i before block i+1's cut scores (they add into the same score
-         * slots) and its seam (which rotates block i+2 into set i % 2). */
-        const int split_mode = n_exec > 1 ? qllm_cuda_ts_split_mode() : 0;
-        cudaStream_t chain = st, side = st;
-        const PrefillFork *pf = nullptr;
-        if (split_mode != 0) {
-            ws[1][0] = at::empty_like(qfix);
-            ws[1][1] = at::empty_like(qloc);
-            ws[1][2] = at::empty_like(krot);
-            ws[1][3] = at::empty_like(lse);
-            pf = &prefill_fork(q.device().index(), split_mode == 2);
-            (split_mode == 2 ? chain : side) = pf->extra[split_mode == 2];
-            C10_CUDA_CHECK(cudaEventRecord(pf->fork, st)); /* qcomb, block scores, workspaces */
-            C10_CUDA_CHECK(cudaStreamWaitEvent(split_mode == 2 ? chain : side, pf->fork, 0));
-        }
-        /* joins the second stream back into st, also when a launch below throws */
-        struct Join {
-            const PrefillFork *pf;
-            cudaStream_t st, chain, side;
-            ~Join() {
-                if (pf == nullptr) return;
-                (void)cudaEventRecord(pf->chain, chain);
-                (void)cudaStreamWaitEvent(st, pf->chain, 0);
-                (void)cudaEventRecord(pf->rest, side);
-                (void)cudaStreamWaitEvent(st, pf->rest, 0);
-            }
-        } join{pf, st, chain, side};
         qllm_gpu_exec next{};
         auto seam = [&](int64_t i) { /* cut of block i (i >= 0), prep and top-k of block i + 1 */
-            const int nb = split_mode != 0 ? static_cast<int>((i + 1) & 1) : 0; /* block i+1's set */
             qllm_gpu_seam sm{};
             if (i + 1 < n_exec) {
                 const ExecRow rn = read_row(sched, i + 1);
@@ -550,9 +477,9 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
                 sm.q = qbase + rn.t0 * q.stride(1) * esz;
                 sm.q_hs = q.stride(0);
                 sm.q_ts = q.stride(1);
-                sm.qfix = ws[nb][0].mutable_data_ptr();
-                sm.qloc = ws[nb][1].mutable_data_ptr();
-                sm.krot = ws[nb][2].mutable_data_ptr();
+                sm.qfix = qfix.mutable_data_ptr();
+                sm.qloc = qloc.mutable_data_ptr();
+                sm.krot = krot.mutable_data_ptr();
                 if (rn.n_ret > 0) {
                     sm.sel_scores = bscore.const_data_ptr<float>() + (i + 1) * bscore.size(1);
                     sm.sel_n = rn.n_blocks;
@@ -573,27 +500,12 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
                 sm.pdot = pdot.mutable_data_ptr<float>();
                 sm.cnt = cnt.mutable_data_ptr<int32_t>();
             }
-            check_cuda(op, qllm_cuda_exec_seam(&ly, &sm, chain));
+            check_cuda(op, qllm_cuda_exec_seam(&ly, &sm, st));
         };
         seam(-1);
         for (int64_t i = 0; i < n_exec; ++i) {
             const ExecRow r = read_row(sched, i);
-            const qllm_gpu_exec ex = exec_of(r);
-            if (split_mode == 0) {
-                attend_and_score(r, ex, ids_of(i));
-            } else {
-                const int b = static_cast<int>(i & 1);
-                attend_only(r, ex, ids_of(i), b, chain);
-                /* keys up to the end of the blocks this seam cuts (segment index) */
-                const int64_t key_split =
-                    r.cut_n > 0 ? std::min<int64_t>(ex.L, n_init + (r.cut_b0 + r.cut_n) * bs - r.T0) : 0;
-                C10_CUDA_CHECK(cudaEventRecord(pf->att, chain));
-                if (i > 0) C10_CUDA_CHECK(cudaStreamWaitEvent(chain, pf->rest, 0)); /* the rest of block i-1 */
-                C10_CUDA_CHECK(cudaStreamWaitEvent(side, pf->att, 0));
-                score_part(ex, b, key_split, 1, side);
-                C10_CUDA_CHECK(cudaEventRecord(pf->rest, side));
-                score_part(ex, b, key_split, 0, chain);
-            }
+            attend_and_score(r, exec_of(r), ids_of(i));
             seam(i);
         }
         return;
