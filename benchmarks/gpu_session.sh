@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call = build + CUDA tests + layer benchmark (see benchmarks/NOTES_gpu.md).
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [tfused] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [microsel] [micropc [ncupc]] [gemm] [microseam] [mergeab] [bench10] [kvab] [pairab] [rotqab] [cutab] [seamab] [ncuseam] [e2eprof] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
+# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [tfused] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [microsel] [micropc [ncupc]] [gemm] [microseam] [mergeab] [bench10] [kvab] [pairab] [cutab] [seamab] [ncuseam] [e2eprof] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
 # Logs and results go to $OUT (default: /tmp/qllm_out).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -237,12 +237,6 @@ if [[ " $stages " == *" pairab "* ]]; then
   # the attention grid with heavy / light row tiles paired (default) against the natural order
   # (QLLM_ATTN_PAIR=0): 128K and 512K prefill
   ab_layer ab_pair "prefill\|rror" pair "QLLM_ATTN_PAIR=1" "" natural "QLLM_ATTN_PAIR=0" "" \
-    --prefill 131072 524288 --decode-at --no-dense --repeats 5
-fi
-if [[ " $stages " == *" rotqab "* ]]; then
-  # the attention rotating its own queries (default; the seam rotates only the keys) against the seam
-  # rotating both (QLLM_ATTN_ROTQ=0): 128K and 512K prefill
-  ab_layer ab_rotq "prefill\|rror" rotq "QLLM_ATTN_ROTQ=1" "" seam "QLLM_ATTN_ROTQ=0" "" \
     --prefill 131072 524288 --decode-at --no-dense --repeats 5
 fi
 if [[ " $stages " == *" cutab "* ]]; then

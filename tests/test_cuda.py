@@ -942,11 +942,3 @@ def test_attention_row_pairing_changes_nothing(tmp_path):
     blocks of 8 row tiles, then decode steps."""
     _assert_same_runs(_knob_runs(tmp_path, "QLLM_ATTN_PAIR", ("1", "0")))
 
-
-
-def test_rotating_attention_changes_nothing(tmp_path):
-    """The attention rotating its own queries (QLLM_ATTN_ROTQ unset: the sm_90a build's default;
-    the seam then rotates only the keys) against the seam rotating queries and keys
-    (QLLM_ATTN_ROTQ=0): bitwise the same outputs, token scores and representatives, decode steps
-    after the prefill included."""
-    _assert_same_runs(_knob_runs(tmp_path, "QLLM_ATTN_ROTQ", ("1", "0")))

@@ -115,8 +115,7 @@ template <typename T, bool VEC>
 __device__ __forceinline__ void prep_body(const qllm_gpu_layer &ly, qllm_gpu_exec ex, const T *__restrict__ q,
                                           int64_t q_hs, int64_t q_ts, T *__restrict__ qfix,
                                           T *__restrict__ qloc, T *__restrict__ krot,
-                                          const int64_t *__restrict__ dyn, int64_t cta, int64_t n_ctas,
-                                          bool with_q = true) {
+                                          const int64_t *__restrict__ dyn, int64_t cta, int64_t n_ctas) {
     if (dyn != nullptr) { /* decode step: sizes from the device row (see qllm_gpu_decode) */
         ex.P0 = dyn[QLLM_DYN_P0];
         ex.T0 = dyn[QLLM_DYN_T0];
@@ -126,7 +125,7 @@ __device__ __forceinline__ void prep_body(const qllm_gpu_layer &ly, qllm_gpu_exe
         ex.m = static_cast<int>(dyn[QLLM_DYN_M]);
     }
     const int D = ly.head_dim, H2 = D / 2, C = H2 / 8;
-    const int64_t nq = with_q ? static_cast<int64_t>(ly.hq) * ex.E * C : 0; /* else the attention rotates q */
+    const int64_t nq = static_cast<int64_t>(ly.hq) * ex.E * C;
     const int64_t nk = static_cast<int64_t>(ly.hkv) * ex.L * C;
     const int64_t off = ex.P0 - ex.T0;
     const float *cf = ly.cos + static_cast<int64_t>(ly.n_local - 1) * D;
@@ -809,15 +808,6 @@ struct AttnArgs {
     int pack;         /* rows are the query heads of one KV head (E = 1; set by the launcher) */
     int pair_rows;    /* heavy / light row tiles paired in the grid order (attn_body; set by the launcher) */
     const int64_t *dyn; /* decode: sizes from the device row, else NULL */
-    /* Rotating attention (qraw != NULL; WG variant, one split): the CTA rotates its
-     * rows of the raw q (rows q_ts, heads q_hs apart) into its two Q tiles itself,
-     * as prep_body would into qfix / qloc, and writes the local rotation to qloc_out
-     * ([hq, E, D], for the token scores); qfix / qloc are then unused. */
-    const void *qraw;
-    int64_t q_hs, q_ts;
-    void *qloc_out;
-    const float *cos, *sin;
-    int rope_vec;
 };
 
 /* Element offset of memory key u (init | retrieved blocks | tail memory) of
@@ -904,43 +894,6 @@ template <typename T, int D, int MI, int NW, bool WG>
 __host__ __device__ constexpr size_t attn_tab_off() {
     return WG ? static_cast<size_t>(2 * NW * 16 * MI + 4 * BN) * D * sizeof(T)
               : static_cast<size_t>(NW * 16 * MI + 4 * BN) * (D + 8) * sizeof(T);
-}
-
-/* The rotating attention's prologue (AttnArgs.qraw): rows r0 .. r0 + rows - 1
- * of head h rotated as prep_body rotates them (the same rope8 calls, so the
- * same bits): the fixed-position rotation into tile qsf, the local one into
- * tile qsl and to a.qloc_out; rows past `rows` are zero in the tiles.  One
- * thread per (row, 8 dims of the first half). */
-template <typename T, bool VEC, typename Dst>
-__device__ __forceinline__ void rotate_q_rows(const AttnArgs &a, int h, int r0, int rows, T *qsf, T *qsl, Dst qdst) {
-    constexpr int D = 128, H2 = D / 2, C = H2 / 8;
-    const int64_t off = a.P0 - a.T0;
-    const float *cf = a.cos + static_cast<int64_t>(a.n_local - 1) * D;
-    const float *sf = a.sin + static_cast<int64_t>(a.n_local - 1) * D;
-    for (int w = threadIdx.x; w < 64 * C; w += blockDim.x) {
-        const int row = w / C, d0 = (w % C) * 8;
-        float x1[8], x2[8], y1[8], y2[8];
-        if (row < rows) {
-            const int64_t r = r0 + row;
-            const T *src = static_cast<const T *>(a.qraw) + h * a.q_hs + r * a.q_ts;
-            load8(src + d0, x1);
-            load8(src + d0 + H2, x2);
-            rope8<VEC>(x1, x2, a.cos + (off + r) * D, a.sin + (off + r) * D, d0, H2, nullptr, y1, y2);
-            T *o = static_cast<T *>(a.qloc_out) + (static_cast<int64_t>(h) * a.E + r) * D;
-            store8(o + d0, y1);
-            store8(o + d0 + H2, y2);
-            store8(qdst(qsl, row, d0), y1);
-            store8(qdst(qsl, row, d0 + H2), y2);
-            rope8<VEC>(x1, x2, cf, sf, d0, H2, a.cos, y1, y2);
-        } else {
-#pragma unroll
-            for (int j = 0; j < 8; ++j) y1[j] = y2[j] = 0.0f;
-            store8(qdst(qsl, row, d0), y1);
-            store8(qdst(qsl, row, d0 + H2), y2);
-        }
-        store8(qdst(qsf, row, d0), y1);
-        store8(qdst(qsf, row, d0 + H2), y2);
-    }
 }
 
 /* One CTA = BM = 64*MI query rows of one head (NW warps x 16*MI rows; with
@@ -1352,21 +1305,11 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
         };
         if (t_begin < t_end) {
             /* prologue: both queries, K and V of the first tile, K of the second; S of the first */
-            if (a.qraw == nullptr) {
-                if (t_begin < n_mt) load_q(reinterpret_cast<T *>(smem), qf);
-                if (t_end > n_mt) load_q(reinterpret_cast<T *>(smem + TILE_B), ql);
-            }
+            if (t_begin < n_mt) load_q(reinterpret_cast<T *>(smem), qf);
+            if (t_end > n_mt) load_q(reinterpret_cast<T *>(smem + TILE_B), ql);
             load_rows(t_begin, ent(t_begin), kstage(0), vstage(0));
             if (t_begin + 1 < t_end) load_rows(t_begin + 1, ent(t_begin + 1), kstage(1), nullptr);
             cp_async_commit();
-            if (a.qraw != nullptr) { /* while those copies fly: rotate the CTA's rows (prep_body's math) */
-                if (a.rope_vec)
-                    rotate_q_rows<T, true>(a, h, r0, rows_valid, reinterpret_cast<T *>(smem),
-                                           reinterpret_cast<T *>(smem + TILE_B), qdst);
-                else
-                    rotate_q_rows<T, false>(a, h, r0, rows_valid, reinterpret_cast<T *>(smem),
-                                            reinterpret_cast<T *>(smem + TILE_B), qdst);
-            }
             cp_async_wait<0>();
             fence_async_smem();
             __syncthreads();
@@ -2026,7 +1969,6 @@ struct SeamArgs {
     int64_t q_hs, q_ts;
     void *qfix, *qloc, *krot;
     int prep_ctas;
-    int prep_q;     /* the prep rotates q too (else only the keys: the next attention rotates its q) */
     int64_t cut_b0; /* cut: cut_n > 0 */
     int cut_n, repr_k;
     const float *qcomb; /* later execution blocks i0 .. i1-1 */
@@ -2348,8 +2290,7 @@ __global__ void __launch_bounds__(SEAM_THREADS) seam_kernel(qllm_gpu_layer ly, S
     } else {
         if (a.sel_cta) cta -= 1;
         prep_body<T, VEC>(ly, a.ex, static_cast<const T *>(a.q), a.q_hs, a.q_ts, static_cast<T *>(a.qfix),
-                          static_cast<T *>(a.qloc), static_cast<T *>(a.krot), nullptr, cta, a.prep_ctas,
-                          a.prep_q != 0);
+                          static_cast<T *>(a.qloc), static_cast<T *>(a.krot), nullptr, cta, a.prep_ctas);
     }
     seam_stamp(SEAM_T_END);
 }
@@ -2940,61 +2881,6 @@ extern "C" int qllm_cuda_exec_attention(const qllm_gpu_layer *ly, const qllm_gpu
     return check_launch("combine_kernel");
 }
 
-extern "C" int qllm_cuda_attention_rotates_q(int head_dim) {
-#if defined(QLLM_SM90A)
-    static const bool on = !env_is("QLLM_ATTN_ROTQ", '0');
-    return on && head_dim == 128 && attn_variant() == 3 ? 1 : 0;
-#else
-    (void)head_dim;
-    return 0;
-#endif
-}
-
-extern "C" int qllm_cuda_exec_attention_rq(const qllm_gpu_layer *ly, const qllm_gpu_exec *ex, const void *q,
-                                           int64_t q_hs, int64_t q_ts, void *qloc, const void *krot,
-                                           const int32_t *ids, float scaling, void *out, int64_t o_hs,
-                                           int64_t o_ts, float *lse, cudaStream_t stream) {
-    int st = check_layer(ly, "exec_attention_rq");
-    if (st) return st;
-    if (!qllm_cuda_attention_rotates_q(ly->head_dim))
-        return set_error(QLLM_CUDA_ERR_ARG, "exec_attention_rq: this build / head dim %d has no rotating attention",
-                         ly->head_dim);
-    int64_t work = 0;
-    if ((st = check_prep(ly, *ex, q, q_hs, q_ts, "exec_attention_rq", &work)) != 0) return st;
-    if (ex->E < 2 || qloc == nullptr)
-        return set_error(QLLM_CUDA_ERR_ARG, "exec_attention_rq: E=%d (needs >= 2 rows) or no qloc", ex->E);
-    if (ex->n_ret > 0 && ids == nullptr)
-        return set_error(QLLM_CUDA_ERR_ARG, "exec_attention_rq: n_ret=%d without ids", ex->n_ret);
-    AttnArgs a = attn_args_for_layer(*ly, scaling);
-    a.qloc = qloc;
-    a.krot = krot;
-    a.ids = ids;
-    a.P0 = ex->P0;
-    a.T0 = ex->T0;
-    a.E = ex->E;
-    a.L = ex->L;
-    a.init_len = ex->init_len;
-    a.n_ret = ex->n_ret;
-    a.m = ex->m;
-    a.out = out;
-    a.o_hs = o_hs;
-    a.o_ts = o_ts;
-    a.lse = lse;
-    a.n_split = 1;
-    a.n_split_eff = 1;
-    a.dyn = nullptr;
-    a.qraw = q;
-    a.q_hs = q_hs;
-    a.q_ts = q_ts;
-    a.qloc_out = qloc;
-    a.cos = ly->cos;
-    a.sin = ly->sin;
-    a.rope_vec = prep_vec(*ly) ? 1 : 0;
-    if (ly->hq > 65535) return set_error(QLLM_CUDA_ERR_ARG, "exec_attention_rq: too many heads");
-    QLLM_DISPATCH_T(ly->dtype, { st = launch_attention<T, 128>(a, ex->E, ly->hq, stream); });
-    return st;
-}
-
 extern "C" int qllm_cuda_exec_token_scores(const qllm_gpu_layer *ly, const qllm_gpu_exec *ex,
                                            const void *qloc, const void *krot, const float *lse,
                                            float scaling, cudaStream_t stream) {
@@ -3072,8 +2958,6 @@ extern "C" int qllm_cuda_exec_seam(const qllm_gpu_layer *ly, const qllm_gpu_seam
     a.qfix = s->qfix;
     a.qloc = s->qloc;
     a.krot = s->krot;
-    a.prep_q = s->keys_only ? 0 : 1;
-    if (prep && s->keys_only) prep_work = static_cast<int64_t>(ly->hkv) * s->next->L * (D / 16);
     a.prep_ctas = prep ? grid_for(prep_work, SEAM_THREADS) : 0;
     a.cut_b0 = s->cut_b0;
     a.cut_n = static_cast<int>(cut_n);

@@ -159,20 +159,6 @@ int qllm_cuda_exec_attention(const qllm_gpu_layer *ly, const qllm_gpu_exec *ex,
                              int64_t o_ts, float *lse, int n_split, float *part_o,
                              float *part_lse, cudaStream_t stream);
 
-/* Whether this build's attention for head_dim can rotate its own queries
- * (qllm_cuda_exec_attention_rq): the sm_90a wgmma kernel, head dim 128, unless
- * QLLM_ATTN_ROTQ=0 (read once). */
-int qllm_cuda_attention_rotates_q(int head_dim);
-
-/* exec_attention (one split, E >= 2) from the raw queries: each CTA rotates its
- * rows as exec_prep would (same bits) into its Q tiles and writes the local
- * rotation to qloc [hq, E, D] for the token scores; krot from exec_prep or the
- * seam (keys_only).  q: block's first row, strides as exec_prep. */
-int qllm_cuda_exec_attention_rq(const qllm_gpu_layer *ly, const qllm_gpu_exec *ex, const void *q,
-                                int64_t q_hs, int64_t q_ts, void *qloc, const void *krot,
-                                const int32_t *ids, float scaling, void *out, int64_t o_hs,
-                                int64_t o_ts, float *lse, cudaStream_t stream);
-
 /* Token scores: for every key of the recent segment add the probability mass
  * it received as a LOCAL key from this block's queries (merged softmax, lse
  * from exec_attention) into the score ring; slots of new positions (>= P0)
@@ -214,8 +200,6 @@ typedef struct {
     int64_t sel_n;
     int sel_k;
     int32_t *sel_ids;
-    int keys_only;            /* the prep rotates only the keys: block i+1's attention rotates its q
-                               * (qllm_cuda_exec_attention_rq) */
 } qllm_gpu_seam;
 
 int qllm_cuda_exec_seam(const qllm_gpu_layer *ly, const qllm_gpu_seam *s, cudaStream_t stream);

@@ -467,10 +467,6 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
         for (int64_t i = 0; i < n_exec; ++i) cut_max = std::max(cut_max, read_row(sched, i).cut_n);
         at::Tensor pdot = at::empty({std::max<int64_t>(cut_max * n_exec * hq, 1)}, opt_f);
         at::Tensor cnt = at::zeros({QLLM_SEAM_CNT_INTS}, q.options().dtype(at::kInt)); /* arrival counter + list */
-        /* Blocks whose attention rotates its own queries (qllm_cuda_exec_attention_rq):
-         * their seam before them rotates only the keys. */
-        const bool rq_build = qllm_cuda_attention_rotates_q(static_cast<int>(D)) != 0;
-        auto rotates_q = [&](const ExecRow &r) { return rq_build && r.E >= 2 && choose_split(r) == 1; };
         qllm_gpu_exec next{};
         auto seam = [&](int64_t i) { /* cut of block i (i >= 0), prep and top-k of block i + 1 */
             qllm_gpu_seam sm{};
@@ -484,7 +480,6 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
                 sm.qfix = qfix.mutable_data_ptr();
                 sm.qloc = qloc.mutable_data_ptr();
                 sm.krot = krot.mutable_data_ptr();
-                sm.keys_only = rotates_q(rn) ? 1 : 0;
                 if (rn.n_ret > 0) {
                     sm.sel_scores = bscore.const_data_ptr<float>() + (i + 1) * bscore.size(1);
                     sm.sel_n = rn.n_blocks;
@@ -510,19 +505,7 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
         seam(-1);
         for (int64_t i = 0; i < n_exec; ++i) {
             const ExecRow r = read_row(sched, i);
-            const qllm_gpu_exec ex = exec_of(r);
-            if (rotates_q(r)) {
-                check_cuda(op, qllm_cuda_exec_attention_rq(&ly, &ex, qbase + r.t0 * q.stride(1) * esz, q.stride(0),
-                                                           q.stride(1), qloc.mutable_data_ptr(), krot.const_data_ptr(),
-                                                           ids_of(i), static_cast<float>(scaling),
-                                                           obase + r.t0 * out.stride(1) * esz, out.stride(0),
-                                                           out.stride(1), lse.mutable_data_ptr<float>(), st));
-                check_cuda(op, qllm_cuda_exec_token_scores(&ly, &ex, qloc.const_data_ptr(), krot.const_data_ptr(),
-                                                           lse.const_data_ptr<float>(), static_cast<float>(scaling),
-                                                           st));
-            } else {
-                attend_and_score(r, ex, ids_of(i));
-            }
+            attend_and_score(r, exec_of(r), ids_of(i));
             seam(i);
         }
         return;
