@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call = build + CUDA tests + layer benchmark (see benchmarks/NOTES_gpu.md).
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [tfused] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [microsel] [micropc [ncupc]] [gemm] [microseam] [mergeab] [bench10] [kvab] [pairab] [qfirstab] [cutab] [seamab] [ncuseam] [e2eprof] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
+# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [tfused] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [microsel] [micropc [ncupc]] [gemm] [microseam] [mergeab] [bench10] [kvab] [pairab] [cutab] [seamab] [ncuseam] [e2eprof] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
 # Logs and results go to $OUT (default: /tmp/qllm_out).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -237,15 +237,6 @@ if [[ " $stages " == *" pairab "* ]]; then
   # the attention grid with heavy / light row tiles paired (default) against the natural order
   # (QLLM_ATTN_PAIR=0): 128K and 512K prefill
   ab_layer ab_pair "prefill\|rror" pair "QLLM_ATTN_PAIR=1" "" natural "QLLM_ATTN_PAIR=0" "" \
-    --prefill 131072 524288 --decode-at --no-dense --repeats 5
-fi
-if [[ " $stages " == *" qfirstab "* ]]; then
-  # the attention's Q copies issued before its tile table (default) against after it
-  # (QLLM_ATTN_QFIRST=0); then one Q stage of the token scores (default) against two
-  # (QLLM_TSCORE_STAGES=2): 128K and 512K prefill
-  ab_layer ab_qfirst "prefill\|rror" qfirst "QLLM_ATTN_QFIRST=1" "" qlate "QLLM_ATTN_QFIRST=0" "" \
-    --prefill 131072 524288 --decode-at --no-dense --repeats 5
-  ab_layer ab_tsst "prefill\|rror" st1 "QLLM_TSCORE_STAGES=1" "" st2 "QLLM_TSCORE_STAGES=2" "" \
     --prefill 131072 524288 --decode-at --no-dense --repeats 5
 fi
 if [[ " $stages " == *" cutab "* ]]; then

@@ -864,8 +864,7 @@ def test_cuda_attention_kernel_names_the_kernel_that_runs():
     mma.sync for both."""
     import os
 
-    env = {k: v for k, v in os.environ.items()
-           if k.startswith("QLLM_ATTN_") and k not in ("QLLM_ATTN_PAIR", "QLLM_ATTN_QFIRST")}
+    env = {k: v for k, v in os.environ.items() if k.startswith("QLLM_ATTN_") and k != "QLLM_ATTN_PAIR"}
     n128 = torch.ops.qllm.cuda_attention_kernel(128)
     n64 = torch.ops.qllm.cuda_attention_kernel(64)
     plain = "mma.sync, 4 warps x 16 rows"
@@ -942,11 +941,4 @@ def test_attention_row_pairing_changes_nothing(tmp_path):
     and representatives: one process each, Llama-3 head geometry, 2K-budget config, execution
     blocks of 8 row tiles, then decode steps."""
     _assert_same_runs(_knob_runs(tmp_path, "QLLM_ATTN_PAIR", ("1", "0")))
-
-
-def test_attention_early_queries_change_nothing(tmp_path):
-    """The wgmma attention issuing its query copies before building its tile table (the default)
-    and after it (QLLM_ATTN_QFIRST=0): bitwise the same outputs, token scores and
-    representatives, decode steps after the prefill included."""
-    _assert_same_runs(_knob_runs(tmp_path, "QLLM_ATTN_QFIRST", ("1", "0")))
 

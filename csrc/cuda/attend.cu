@@ -807,7 +807,6 @@ struct AttnArgs {
     int n_split_eff;  /* splits that get tiles (<= n_split; the rest write empty partials) */
     int pack;         /* rows are the query heads of one KV head (E = 1; set by the launcher) */
     int pair_rows;    /* heavy / light row tiles paired in the grid order (attn_body; set by the launcher) */
-    int q_first;      /* WG: the Q copies start before the tile table (attn_body; set by the launcher) */
     const int64_t *dyn; /* decode: sizes from the device row, else NULL */
 };
 
@@ -1157,15 +1156,6 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
         if (__builtin_expect(i < ATT_TAB, 1)) return tab[i];
         return make_ent(t);
     };
-    /* WG with a.q_first: the queries' copies start before the table is built
-     * (they need none of it), so their latency overlaps the table's id loads */
-    const bool q_early = WG && a.q_first != 0 && t_begin < t_end;
-    if constexpr (WG) {
-        if (q_early) {
-            if (t_begin < n_mt) load_q(reinterpret_cast<T *>(smem), qf);
-            if (t_end > n_mt) load_q(reinterpret_cast<T *>(smem + TILE_B), ql);
-        }
-    }
     for (int i = tid; i < ATT_TAB && t_begin + i < t_end; i += NT) tab[i] = make_ent(t_begin + i);
     __syncthreads();
     /* raw scores of tile t: -inf where the key is not visible (boundary tiles
@@ -1314,12 +1304,9 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
             }
         };
         if (t_begin < t_end) {
-            /* prologue: both queries (unless already started), K and V of the first tile, K of
-             * the second; S of the first */
-            if (!q_early) {
-                if (t_begin < n_mt) load_q(reinterpret_cast<T *>(smem), qf);
-                if (t_end > n_mt) load_q(reinterpret_cast<T *>(smem + TILE_B), ql);
-            }
+            /* prologue: both queries, K and V of the first tile, K of the second; S of the first */
+            if (t_begin < n_mt) load_q(reinterpret_cast<T *>(smem), qf);
+            if (t_end > n_mt) load_q(reinterpret_cast<T *>(smem + TILE_B), ql);
             load_rows(t_begin, ent(t_begin), kstage(0), vstage(0));
             if (t_begin + 1 < t_end) load_rows(t_begin + 1, ent(t_begin + 1), kstage(1), nullptr);
             cp_async_commit();
@@ -2524,14 +2511,6 @@ bool attn_pair_rows() {
     return v;
 }
 
-/* The wgmma attention's Q copies issued before its tile table is built
- * (attn_body), read once: on by default, off with QLLM_ATTN_QFIRST=0.  The
- * same outputs either way. */
-bool attn_q_first() {
-    static const bool v = !env_is("QLLM_ATTN_QFIRST", '0');
-    return v;
-}
-
 /* Packed rows (attn_body): one query (E = 1) whose heads share KV heads. */
 bool attn_packs(int64_t E, int group) { return E == 1 && group > 1 && group <= 16; }
 
@@ -2551,7 +2530,6 @@ int launch_attention_v(const AttnArgs &a0, int E, int hq, cudaStream_t stream) {
     a.pack = attn_packs(E, a.group) ? 1 : 0;
     dim3 grid(a.pack ? 1 : (E + BMr - 1) / BMr, a.pack ? hq / a.group : hq, a.n_split);
     a.pair_rows = !a.pack && a.n_split == 1 && grid.x % 2 == 0 && attn_pair_rows() ? 1 : 0;
-    a.q_first = attn_q_first() ? 1 : 0;
     if (DYN)
         attn_dyn_kernel<T, D, MI, NW, WG><<<grid, NW * 32, smem, stream>>>(a);
     else
