@@ -897,7 +897,7 @@ rope = RopeTable(emb.cos().float().cuda(), emb.sin().float().cuda())
 mem = CudaLayerMemory(cfg, hq, hkv, D, torch.bfloat16, torch.device("cuda"), capacity=4096)
 mem.question = torch.randn(hq, D, generator=g).cuda()
 outs = [attend_cuda(mem, q[:, a:b], k[:, a:b], v[:, a:b], rope, D ** -0.5) for a, b in ((0, 2100), (2100, T))]
-for t in range(T, T + 8):  # decode steps after the split prefill read its scores and representatives
+for t in range(T, T + 8):  # decode steps after the prefill read its scores and representatives
     x = torch.randn(hq + 2 * hkv, 1, D, generator=g).bfloat16().cuda()
     outs.append(attend_cuda(mem, x[:hq], x[hq:hq + hkv], x[hq + hkv:], rope, D ** -0.5))
 torch.save({"out": torch.cat(outs, dim=1).cpu(), "scores": mem.scores.cpu(), "reprs": mem.reprs[:mem.n_blocks].cpu(),
