@@ -13,6 +13,7 @@
 // Per row the math and its order are the same (the online softmax of attend.cu: log2 domain,
 // running max moved by more than 8 only, trees of depth 4), so the outputs must be bitwise equal;
 // the program checks that, then times both (CUDA graph of back-to-back launches).
+// pc 128-key tiles: FA3's tile shape (see pc128_kernel), outputs to rounding.
 // Two per-tile variants of either shape (round 13):
 //   qreg     Q as the register operand of S = Q K^T (wgmma RS, loaded once with ldmatrix) instead
 //            of a second shared-memory operand: S reads 2 KB of shared memory per k step, not 4.
@@ -387,6 +388,222 @@ __global__ void __launch_bounds__(288, 1) pc_kernel(const T *q, const T *k, cons
     w.store(out, lse, h, R, r0, wtid);
 }
 
+/* ------------------------------------------------------------ pc, 128-key tiles */
+/* FA3's tile shape: two consumer warpgroups of 64 rows and a producer warpgroup, on tiles of
+ * 128 keys, a two-stage ring of K+V (64 KB a stage).  S = Q K^T is m64n128k16 (a K tile of 128 rows),
+ * P V takes eight k steps of 16 keys.  Half the per-key softmax bookkeeping of the 64-key shapes
+ * (one running-max update and one wait / barrier round per 128 keys); the online softmax then moves
+ * its max at other points, so the outputs match the others to rounding, not bitwise. */
+constexpr int BN2 = 128, TILE2_B = BN2 * D * 2, NS2 = 2;
+
+/* S = A B: A [64 x 16] (Q) and B [128 keys x 16] (K) from shared memory, both K-major */
+__device__ __forceinline__ void wgmma_m64n128k16_ss_kmaj(float (&d)[64], uint64_t da, uint64_t db, bool acc) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile(QLLM_WG_PRED_ARG(66) "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16"
+                 " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "l"(da), "l"(db), "r"(static_cast<int>(acc)));
+#else
+    __trap();
+#endif
+}
+
+/* rows [0, 128) x 128 of src into a swizzled 128-row tile; `threads` threads from t */
+__device__ __forceinline__ void copy_tile128(unsigned char *dst, const T *src, int t, int threads) {
+    const int ch = t % 16;
+    for (int row = t / 16; row < BN2; row += threads / 16)
+        cp_async16_all(dst + qllm_swz_off_rows(BN2, row, ch * 8), src + row * D + ch * 8);
+}
+
+struct Rows128 {
+    float O[64];
+    float S[64];
+    float m[2], l[2];
+    uint32_t pa[BN2 / 16][4];
+
+    __device__ void init() {
+#pragma unroll
+        for (int i = 0; i < 64; ++i) O[i] = 0.0f;
+        m[0] = m[1] = -INFINITY;
+        l[0] = l[1] = 0.0f;
+    }
+    __device__ void issue_s(const unsigned char *Q, const unsigned char *K) {
+        const uint64_t dq = qllm_sdesc(Q, QLLM_WG_KMAJ_LBO, QLLM_WG_KMAJ_SBO);
+        const uint64_t dk = qllm_sdesc(K, QLLM_WG_KMAJ_LBO, QLLM_WG_KMAJ_SBO);
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk)
+            wgmma_m64n128k16_ss_kmaj(S, qllm_sdesc_add(dq, (kk / 4) * 8192 + (kk % 4) * 32),
+                                     qllm_sdesc_add(dk, (kk / 4) * (BN2 * 128) + (kk % 4) * 32), kk > 0);
+        wg_commit();
+    }
+    __device__ void issue_pv(const unsigned char *V) {
+        const uint64_t dv = qllm_sdesc(V, BN2 * 128, QLLM_WG_MNMAJ_SBO); /* 64-column blocks of 128 rows */
+#pragma unroll
+        for (int kk = 0; kk < BN2 / 16; ++kk) wgmma_m64n128k16_rs<T>(O, pa[kk], qllm_sdesc_add(dv, kk * 16 * 128));
+        wg_commit();
+    }
+    /* the online softmax of Rows on 32 values per row and thread */
+    __device__ bool softmax(float sl2, float (&alpha)[2]) {
+        bool rescale = false;
+        float ref[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            float v[16], w[16];
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt) {
+                v[2 * nt] = S[nt * 4 + 2 * i];
+                v[2 * nt + 1] = S[nt * 4 + 2 * i + 1];
+                w[2 * nt] = S[(nt + 8) * 4 + 2 * i];
+                w[2 * nt + 1] = S[(nt + 8) * 4 + 2 * i + 1];
+            }
+            float mx = fmaxf(tree16(v, [](float x, float y) { return fmaxf(x, y); }),
+                             tree16(w, [](float x, float y) { return fmaxf(x, y); }));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float cand = mx * sl2;
+            const bool up = cand > m[i] + SLACK;
+            const float mn = up ? cand : m[i];
+            ref[i] = mn == -INFINITY ? 0.0f : mn;
+            alpha[i] = up ? fast_exp2(m[i] - ref[i]) : 1.0f;
+            rescale |= up;
+            m[i] = mn;
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            float v[16], w[16];
+#pragma unroll
+            for (int nt = 0; nt < 16; ++nt)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const float p = fast_exp2(fmaf(S[nt * 4 + 2 * i + c], sl2, -ref[i]));
+                    S[nt * 4 + 2 * i + c] = p;
+                    (nt < 8 ? v[2 * nt + c] : w[2 * (nt - 8) + c]) = p;
+                }
+            l[i] = l[i] * alpha[i] + (tree16(v, [](float x, float y) { return x + y; }) +
+                                      tree16(w, [](float x, float y) { return x + y; }));
+        }
+        return __any_sync(0xffffffffu, rescale);
+    }
+    __device__ void rescale_pack(bool rescale, const float (&alpha)[2]) {
+        if (rescale) {
+#pragma unroll
+            for (int dt = 0; dt < 16; ++dt) {
+                O[dt * 4 + 0] *= alpha[0];
+                O[dt * 4 + 1] *= alpha[0];
+                O[dt * 4 + 2] *= alpha[1];
+                O[dt * 4 + 3] *= alpha[1];
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < BN2 / 16; ++kk) {
+            pa[kk][0] = Cvt<T>::pack(S[8 * kk + 0], S[8 * kk + 1]);
+            pa[kk][1] = Cvt<T>::pack(S[8 * kk + 2], S[8 * kk + 3]);
+            pa[kk][2] = Cvt<T>::pack(S[8 * kk + 4], S[8 * kk + 5]);
+            pa[kk][3] = Cvt<T>::pack(S[8 * kk + 6], S[8 * kk + 7]);
+        }
+    }
+};
+
+/* Warpgroups: 0 and 1 consume, 2 produces.  With 12 warps an SM sub-partition holds three, so the
+ * 168 registers a thread gets at launch are rebalanced (setmaxnreg): 40 for the producer, 232 for
+ * the consumers (3 x 32 x (40 + 2 x 232) <= 16384 per sub-partition). */
+__global__ void __launch_bounds__(384, 1) pc128_kernel(const T *q, const T *k, const T *v, int R, int NK, float sl2,
+                                                       T *out, float *lse) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    unsigned char *sm = smem_aligned1024(smem_raw);
+    unsigned char *Qs = sm;                 /* [2] */
+    unsigned char *ring = sm + 2 * TILE_B;  /* [NS2] x (K, V) */
+    uint64_t *full = reinterpret_cast<uint64_t *>(ring + NS2 * 2 * TILE2_B), *empty = full + NS2;
+    const int tid = threadIdx.x, warp = tid >> 5, h = blockIdx.y, NT = NK / BN2;
+    const T *kh = k + static_cast<int64_t>(h / GROUP) * NK * D;
+    const T *vh = v + static_cast<int64_t>(h / GROUP) * NK * D;
+    if (tid == 0) {
+        for (int s = 0; s < NS2; ++s) {
+            mbar_init(&full[s], 128); /* every producer thread, once its copies land */
+            mbar_init(&empty[s], 8);  /* lane 0 of each consumer warp */
+        }
+    }
+    __syncthreads();
+    if (warp >= 8) { /* producer warpgroup */
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+#endif
+        const int pt = tid - 256;
+        for (int t = 0; t < NT; ++t) {
+            const int s = t % NS2;
+            if (t >= NS2) mbar_wait(&empty[s], ((t / NS2) - 1) & 1);
+            unsigned char *K = ring + s * 2 * TILE2_B;
+            copy_tile128(K, kh + static_cast<int64_t>(t) * BN2 * D, pt, 128);
+            copy_tile128(K + TILE2_B, vh + static_cast<int64_t>(t) * BN2 * D, pt, 128);
+            mbar_arrive_cp(&full[s]);
+        }
+        cp_wait_all();
+        return;
+    }
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+#endif
+    const int c = warp >> 2, wtid = tid & 127, r0 = blockIdx.x * 128 + c * 64;
+    unsigned char *Q = Qs + c * TILE_B;
+    copy_tile(Q, q + (static_cast<int64_t>(h) * R + r0) * D, wtid, 128);
+    cp_async_commit();
+    cp_async_wait<0>();
+    fence_async_smem();
+    named_sync(1 + c, 128);
+    auto K_of = [&](int t) { return ring + (t % NS2) * 2 * TILE2_B; };
+    auto release = [&](int t) {
+        if ((tid & 31) == 0) mbar_arrive(&empty[t % NS2]);
+    };
+    Rows128 w;
+    w.init();
+    mbar_wait(&full[0], 0);
+    fence_async_smem();
+    wg_fence();
+    w.issue_s(Q, K_of(0));
+    wg_wait<0>();
+    wg_fence_operand(w.S);
+    float alpha[2];
+    for (int t = 0; t + 1 < NT; ++t) {
+        const bool rs = w.softmax(sl2, alpha);
+        wg_wait<0>(); /* P V of tile t-1: its stage is free */
+        wg_fence_operand(w.O);
+        if (t > 0) release(t - 1);
+        w.rescale_pack(rs, alpha);
+        mbar_wait(&full[(t + 1) % NS2], ((t + 1) / NS2) & 1);
+        fence_async_smem();
+        wg_fence();
+        w.issue_s(Q, K_of(t + 1));
+        w.issue_pv(K_of(t) + TILE2_B);
+        wg_wait<1>();
+        wg_fence_operand(w.S);
+    }
+    const bool rs = w.softmax(sl2, alpha);
+    wg_wait<0>();
+    wg_fence_operand(w.O);
+    if (NT > 1) release(NT - 2);
+    w.rescale_pack(rs, alpha);
+    wg_fence();
+    w.issue_pv(K_of(NT - 1) + TILE2_B);
+    wg_wait<0>();
+    wg_fence_operand(w.O);
+    release(NT - 1);
+    /* rows r0 + this thread's two rows (Rows::store's layout) */
+    const int wl = wtid >> 5, lane = wtid & 31, g = lane >> 2, tq = lane & 3;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        float l = w.l[i];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const int r = r0 + wl * 16 + g + 8 * i;
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        T *o = out + (static_cast<int64_t>(h) * R + r) * D;
+#pragma unroll
+        for (int dt = 0; dt < 16; ++dt)
+            *reinterpret_cast<uint32_t *>(o + dt * 8 + tq * 2) = Cvt<T>::pack(w.O[dt * 4 + 2 * i] * inv, w.O[dt * 4 + 2 * i + 1] * inv);
+        if (tq == 0) lse[static_cast<int64_t>(h) * R + r] = l > 0.0f ? w.m[i] + __log2f(l) : -INFINITY;
+    }
+}
+
 }  // namespace pca
 
 int main(int argc, char **argv) {
@@ -445,6 +662,13 @@ int main(int argc, char **argv) {
         {"coupled poly 4", false, coupled(coupled_kernel<false, 4>)},
         {"coupled qreg poly 2", false, coupled(coupled_kernel<true, 2>)},
     };
+    const size_t smem_p2 = 2 * TILE_B + NS2 * 2 * TILE2_B + 1024 + 2 * NS2 * sizeof(uint64_t);
+    std::vector<Variant> more;
+    if (NK % BN2 == 0) { /* 128-key tiles */
+        MICRO_CK(cudaFuncSetAttribute(pc128_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_p2)));
+        more.push_back({"pc 128-key tiles", false,
+                        [=](T *o, float *l) { pc128_kernel<<<gp, 384, smem_p2, s>>>(q, k, v, R, NK, sl2, o, l); }});
+    }
     std::vector<T> a(nq), b(nq);
     std::vector<float> la(static_cast<size_t>(HQ) * R), lb(la.size());
     vars[0].run(o1, l1);
@@ -455,8 +679,10 @@ int main(int argc, char **argv) {
     std::printf("rows %d per head x %d heads, %d keys (%d tiles)\n", R, HQ, NK, NK / pca::BN);
     const double flop = 4.0 * HQ * static_cast<double>(R) * NK * D;
     bool ok = true;
-    for (size_t vi = 1; vi < vars.size(); ++vi) {
-        const Variant &w = vars[vi];
+    std::vector<Variant> all(vars);
+    all.insert(all.end(), more.begin(), more.end());
+    for (size_t vi = 1; vi < all.size(); ++vi) {
+        const Variant &w = all[vi];
         MICRO_CK(cudaMemset(o2, 0, nq * sizeof(T)));
         w.run(o2, l2);
         MICRO_CK(cudaStreamSynchronize(s));
