@@ -13,7 +13,8 @@
 // Per row the math and its order are the same (the online softmax of attend.cu: log2 domain,
 // running max moved by more than 8 only, trees of depth 4), so the outputs must be bitwise equal;
 // the program checks that, then times both (CUDA graph of back-to-back launches).
-// pc 128-key tiles: FA3's tile shape (see pc128_kernel), outputs to rounding.
+// pc 128-key tiles: FA3's tile shape (see pc128_kernel), outputs to rounding; "pc 128 ping-pong" adds
+// FA3's turn-taking of the two consumers' products (named barriers).
 // Two per-tile variants of either shape (round 13):
 //   qreg     Q as the register operand of S = Q K^T (wgmma RS, loaded once with ldmatrix) instead
 //            of a second shared-memory operand: S reads 2 KB of shared memory per k step, not 4.
@@ -66,6 +67,9 @@ __device__ __forceinline__ void mbar_wait(uint64_t *b, uint32_t parity) {
                      : "=r"(done)
                      : "r"(smem_addr(b)), "r"(parity)
                      : "memory");
+}
+__device__ __forceinline__ void named_arrive(int id, int threads) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 __device__ __forceinline__ void named_sync(int id, int threads) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
@@ -506,7 +510,14 @@ struct Rows128 {
 
 /* Warpgroups: 0 and 1 consume, 2 produces.  With 12 warps an SM sub-partition holds three, so the
  * 168 registers a thread gets at launch are rebalanced (setmaxnreg): 40 for the producer, 232 for
- * the consumers (3 x 32 x (40 + 2 x 232) <= 16384 per sub-partition). */
+ * the consumers (3 x 32 x (40 + 2 x 232) <= 16384 per sub-partition).
+ * PP (ping-pong, FA3's warp-group scheduling): the consumers take turns to issue their products --
+ * consumer c waits on named barrier 3 + c before issuing and arrives on the other's after -- so one
+ * runs its softmax while the other's products occupy the tensor cores.  Each consumer issues at
+ * NT + 1 points (S of tile 0, the NT - 1 loop passes, P V of the last tile); consumer 1 opens the
+ * first turn and skips its last arrival, so both barriers end balanced.  The same products in the
+ * same order per consumer: bitwise equal to PP = false. */
+template <bool PP>
 __global__ void __launch_bounds__(384, 1) pc128_kernel(const T *q, const T *k, const T *v, int R, int NK, float sl2,
                                                        T *out, float *lse) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -554,12 +565,27 @@ __global__ void __launch_bounds__(384, 1) pc128_kernel(const T *q, const T *k, c
     auto release = [&](int t) {
         if ((tid & 31) == 0) mbar_arrive(&empty[t % NS2]);
     };
+    int turns = 0; /* issue points passed */
+    auto turn_begin = [&]() {
+        if constexpr (PP) named_sync(3 + c, 256);
+    };
+    auto turn_end = [&]() {
+        if constexpr (PP) {
+            if (!(c == 1 && turns == NT)) named_arrive(3 + (1 - c), 256);
+        }
+        ++turns;
+    };
+    if constexpr (PP) {
+        if (c == 1) named_arrive(3, 256); /* consumer 0 issues first */
+    }
     Rows128 w;
     w.init();
     mbar_wait(&full[0], 0);
     fence_async_smem();
+    turn_begin();
     wg_fence();
     w.issue_s(Q, K_of(0));
+    turn_end();
     wg_wait<0>();
     wg_fence_operand(w.S);
     float alpha[2];
@@ -571,9 +597,11 @@ __global__ void __launch_bounds__(384, 1) pc128_kernel(const T *q, const T *k, c
         w.rescale_pack(rs, alpha);
         mbar_wait(&full[(t + 1) % NS2], ((t + 1) / NS2) & 1);
         fence_async_smem();
+        turn_begin();
         wg_fence();
         w.issue_s(Q, K_of(t + 1));
         w.issue_pv(K_of(t) + TILE2_B);
+        turn_end();
         wg_wait<1>();
         wg_fence_operand(w.S);
     }
@@ -582,8 +610,10 @@ __global__ void __launch_bounds__(384, 1) pc128_kernel(const T *q, const T *k, c
     wg_fence_operand(w.O);
     if (NT > 1) release(NT - 2);
     w.rescale_pack(rs, alpha);
+    turn_begin();
     wg_fence();
     w.issue_pv(K_of(NT - 1) + TILE2_B);
+    turn_end();
     wg_wait<0>();
     wg_fence_operand(w.O);
     release(NT - 1);
@@ -665,9 +695,12 @@ int main(int argc, char **argv) {
     const size_t smem_p2 = 2 * TILE_B + NS2 * 2 * TILE2_B + 1024 + 2 * NS2 * sizeof(uint64_t);
     std::vector<Variant> more;
     if (NK % BN2 == 0) { /* 128-key tiles */
-        MICRO_CK(cudaFuncSetAttribute(pc128_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_p2)));
+        MICRO_CK(cudaFuncSetAttribute(pc128_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_p2)));
+        MICRO_CK(cudaFuncSetAttribute(pc128_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_p2)));
         more.push_back({"pc 128-key tiles", false,
-                        [=](T *o, float *l) { pc128_kernel<<<gp, 384, smem_p2, s>>>(q, k, v, R, NK, sl2, o, l); }});
+                        [=](T *o, float *l) { pc128_kernel<false><<<gp, 384, smem_p2, s>>>(q, k, v, R, NK, sl2, o, l); }});
+        more.push_back({"pc 128 ping-pong", false,
+                        [=](T *o, float *l) { pc128_kernel<true><<<gp, 384, smem_p2, s>>>(q, k, v, R, NK, sl2, o, l); }});
     }
     std::vector<T> a(nq), b(nq);
     std::vector<float> la(static_cast<size_t>(HQ) * R), lb(la.size());
