@@ -104,6 +104,63 @@ __device__ __forceinline__ float poly_exp2(float x) {
     return x < -125.0f ? 0.0f : y;
 }
 
+/* Shared by Rows and Rows128 (one warpgroup's rows: two per thread, O of 64 floats). */
+
+/* the running max of a row after a tile whose scaled max candidate is mx * sl2: moves only by more
+ * than SLACK; ref = the new reference, alpha = the factor for O and l */
+__device__ __forceinline__ void move_max(float mx, float sl2, float &m, float &ref, float &alpha, bool &rescale) {
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float cand = mx * sl2;
+    const bool up = cand > m + SLACK;
+    const float mn = up ? cand : m;
+    ref = mn == -INFINITY ? 0.0f : mn;
+    alpha = up ? fast_exp2(m - ref) : 1.0f;
+    rescale |= up;
+    m = mn;
+}
+
+/* after the wait that retired the previous P V: rescale O, pack P (NKK steps of 16 keys) */
+template <int NKK>
+__device__ __forceinline__ void rescale_pack_rows(float (&O)[64], const float *S, uint32_t (&pa)[NKK][4], bool rescale,
+                                                  const float (&alpha)[2]) {
+    if (rescale) {
+#pragma unroll
+        for (int dt = 0; dt < 16; ++dt) {
+            O[dt * 4 + 0] *= alpha[0];
+            O[dt * 4 + 1] *= alpha[0];
+            O[dt * 4 + 2] *= alpha[1];
+            O[dt * 4 + 3] *= alpha[1];
+        }
+    }
+#pragma unroll
+    for (int kk = 0; kk < NKK; ++kk) {
+        pa[kk][0] = Cvt<T>::pack(S[8 * kk + 0], S[8 * kk + 1]);
+        pa[kk][1] = Cvt<T>::pack(S[8 * kk + 2], S[8 * kk + 3]);
+        pa[kk][2] = Cvt<T>::pack(S[8 * kk + 4], S[8 * kk + 5]);
+        pa[kk][3] = Cvt<T>::pack(S[8 * kk + 6], S[8 * kk + 7]);
+    }
+}
+
+/* rows r0 + (this thread's two rows) of head h into out / lse */
+__device__ __forceinline__ void store_rows(const float (&O)[64], const float (&m)[2], const float (&l)[2], T *out,
+                                           float *lse, int h, int R, int r0, int wtid) {
+    const int warp = wtid >> 5, lane = wtid & 31, g = lane >> 2, tq = lane & 3;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        float s = l[i];
+        s += __shfl_xor_sync(0xffffffffu, s, 1);
+        s += __shfl_xor_sync(0xffffffffu, s, 2);
+        const int r = r0 + warp * 16 + g + 8 * i;
+        const float inv = s > 0.0f ? 1.0f / s : 0.0f;
+        T *o = out + (static_cast<int64_t>(h) * R + r) * D;
+#pragma unroll
+        for (int dt = 0; dt < 16; ++dt)
+            *reinterpret_cast<uint32_t *>(o + dt * 8 + tq * 2) = Cvt<T>::pack(O[dt * 4 + 2 * i] * inv, O[dt * 4 + 2 * i + 1] * inv);
+        if (tq == 0) lse[static_cast<int64_t>(h) * R + r] = s > 0.0f ? m[i] + __log2f(s) : -INFINITY;
+    }
+}
+
 /* One warpgroup's rows: running max / sum of its two rows per thread, O, and the tile math.
  * QREG: Q held in registers (qa) as the A operand of S; NPOLY: column groups 8 - NPOLY .. 7 of
  * each row take poly_exp2. */
@@ -167,16 +224,7 @@ struct Rows {
                 v[2 * nt] = S[nt * 4 + 2 * i];
                 v[2 * nt + 1] = S[nt * 4 + 2 * i + 1];
             }
-            float mx = tree16(v, [](float x, float y) { return fmaxf(x, y); });
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float cand = mx * sl2;
-            const bool up = cand > m[i] + SLACK;
-            const float mn = up ? cand : m[i];
-            ref[i] = mn == -INFINITY ? 0.0f : mn;
-            alpha[i] = up ? fast_exp2(m[i] - ref[i]) : 1.0f;
-            rescale |= up;
-            m[i] = mn;
+            move_max(tree16(v, [](float x, float y) { return fmaxf(x, y); }), sl2, m[i], ref[i], alpha[i], rescale);
         }
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
@@ -194,42 +242,8 @@ struct Rows {
         }
         return __any_sync(0xffffffffu, rescale);
     }
-    /* after the wait that retired the previous P V: rescale O, pack P */
-    __device__ void rescale_pack(bool rescale, const float (&alpha)[2]) {
-        if (rescale) {
-#pragma unroll
-            for (int dt = 0; dt < 16; ++dt) {
-                O[dt * 4 + 0] *= alpha[0];
-                O[dt * 4 + 1] *= alpha[0];
-                O[dt * 4 + 2] *= alpha[1];
-                O[dt * 4 + 3] *= alpha[1];
-            }
-        }
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-            pa[kk][0] = Cvt<T>::pack(S[8 * kk + 0], S[8 * kk + 1]);
-            pa[kk][1] = Cvt<T>::pack(S[8 * kk + 2], S[8 * kk + 3]);
-            pa[kk][2] = Cvt<T>::pack(S[8 * kk + 4], S[8 * kk + 5]);
-            pa[kk][3] = Cvt<T>::pack(S[8 * kk + 6], S[8 * kk + 7]);
-        }
-    }
-    /* rows r0 + (this thread's two rows) of head h into out / lse */
-    __device__ void store(T *out, float *lse, int h, int R, int r0, int wtid) {
-        const int warp = wtid >> 5, lane = wtid & 31, g = lane >> 2, tq = lane & 3;
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            float s = l[i];
-            s += __shfl_xor_sync(0xffffffffu, s, 1);
-            s += __shfl_xor_sync(0xffffffffu, s, 2);
-            const int r = r0 + warp * 16 + g + 8 * i;
-            const float inv = s > 0.0f ? 1.0f / s : 0.0f;
-            T *o = out + (static_cast<int64_t>(h) * R + r) * D;
-#pragma unroll
-            for (int dt = 0; dt < 16; ++dt)
-                *reinterpret_cast<uint32_t *>(o + dt * 8 + tq * 2) = Cvt<T>::pack(O[dt * 4 + 2 * i] * inv, O[dt * 4 + 2 * i + 1] * inv);
-            if (tq == 0) lse[static_cast<int64_t>(h) * R + r] = s > 0.0f ? m[i] + __log2f(s) : -INFINITY;
-        }
-    }
+    __device__ void rescale_pack(bool rescale, const float (&alpha)[2]) { rescale_pack_rows(O, S, pa, rescale, alpha); }
+    __device__ void store(T *out, float *lse, int h, int R, int r0, int wtid) { store_rows(O, m, l, out, lse, h, R, r0, wtid); }
 };
 
 /* rows [row0, row0 + 64) x 128 of src (row stride D) into a swizzled tile; `threads` threads
@@ -460,17 +474,9 @@ struct Rows128 {
                 w[2 * nt] = S[(nt + 8) * 4 + 2 * i];
                 w[2 * nt + 1] = S[(nt + 8) * 4 + 2 * i + 1];
             }
-            float mx = fmaxf(tree16(v, [](float x, float y) { return fmaxf(x, y); }),
-                             tree16(w, [](float x, float y) { return fmaxf(x, y); }));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float cand = mx * sl2;
-            const bool up = cand > m[i] + SLACK;
-            const float mn = up ? cand : m[i];
-            ref[i] = mn == -INFINITY ? 0.0f : mn;
-            alpha[i] = up ? fast_exp2(m[i] - ref[i]) : 1.0f;
-            rescale |= up;
-            m[i] = mn;
+            move_max(fmaxf(tree16(v, [](float x, float y) { return fmaxf(x, y); }),
+                           tree16(w, [](float x, float y) { return fmaxf(x, y); })),
+                     sl2, m[i], ref[i], alpha[i], rescale);
         }
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
@@ -488,24 +494,7 @@ struct Rows128 {
         }
         return __any_sync(0xffffffffu, rescale);
     }
-    __device__ void rescale_pack(bool rescale, const float (&alpha)[2]) {
-        if (rescale) {
-#pragma unroll
-            for (int dt = 0; dt < 16; ++dt) {
-                O[dt * 4 + 0] *= alpha[0];
-                O[dt * 4 + 1] *= alpha[0];
-                O[dt * 4 + 2] *= alpha[1];
-                O[dt * 4 + 3] *= alpha[1];
-            }
-        }
-#pragma unroll
-        for (int kk = 0; kk < BN2 / 16; ++kk) {
-            pa[kk][0] = Cvt<T>::pack(S[8 * kk + 0], S[8 * kk + 1]);
-            pa[kk][1] = Cvt<T>::pack(S[8 * kk + 2], S[8 * kk + 3]);
-            pa[kk][2] = Cvt<T>::pack(S[8 * kk + 4], S[8 * kk + 5]);
-            pa[kk][3] = Cvt<T>::pack(S[8 * kk + 6], S[8 * kk + 7]);
-        }
-    }
+    __device__ void rescale_pack(bool rescale, const float (&alpha)[2]) { rescale_pack_rows(O, S, pa, rescale, alpha); }
 };
 
 /* Warpgroups: 0 and 1 consume, 2 produces.  With 12 warps an SM sub-partition holds three, so the
@@ -617,21 +606,7 @@ __global__ void __launch_bounds__(384, 1) pc128_kernel(const T *q, const T *k, c
     wg_wait<0>();
     wg_fence_operand(w.O);
     release(NT - 1);
-    /* rows r0 + this thread's two rows (Rows::store's layout) */
-    const int wl = wtid >> 5, lane = wtid & 31, g = lane >> 2, tq = lane & 3;
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        float l = w.l[i];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const int r = r0 + wl * 16 + g + 8 * i;
-        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-        T *o = out + (static_cast<int64_t>(h) * R + r) * D;
-#pragma unroll
-        for (int dt = 0; dt < 16; ++dt)
-            *reinterpret_cast<uint32_t *>(o + dt * 8 + tq * 2) = Cvt<T>::pack(w.O[dt * 4 + 2 * i] * inv, w.O[dt * 4 + 2 * i + 1] * inv);
-        if (tq == 0) lse[static_cast<int64_t>(h) * R + r] = l > 0.0f ? w.m[i] + __log2f(l) : -INFINITY;
-    }
+    store_rows(w.O, w.m, w.l, out, lse, h, R, r0, wtid);
 }
 
 }  // namespace pca
