@@ -223,12 +223,49 @@ def profile_kernels(fn, dev: torch.device, n: int, label: str, unit: str, top: i
         else:
             groups["other"] += t
     ranked = sorted(per.items(), key=lambda kv: -kv[1])
+    idle = gpu_idle(prof, scale) if gpu else None
     print(f"{label} ({n}x), {unit} per call: total {sum(per.values()):.0f}; "
           + ", ".join(f"{k} {v:.0f}" for k, v in groups.items()), flush=True)
     for name, t in ranked[:top]:
         print(f"  {t:9.1f}  {name[:110]}", flush=True)
-    return {"unit": unit, "total": sum(per.values()), "groups": groups,
-            "top": [[name[:200], t] for name, t in ranked[:top]]}
+    out = {"unit": unit, "total": sum(per.values()), "groups": groups,
+           "top": [[name[:200], t] for name, t in ranked[:top]]}
+    if idle is not None:
+        print(f"  GPU timeline ({unit}): first start to last end {idle['span']:.1f}, busy {idle['busy']:.1f}, "
+              f"idle {idle['idle']:.1f} in {idle['gaps_over_10us']} gaps over 10 us; largest:", flush=True)
+        for g in idle["largest"][:8]:
+            print(f"    {g['gap']:8.3f}  after {g['after'][:60]}  before {g['before'][:60]}", flush=True)
+        out["timeline"] = idle
+    return out
+
+
+def gpu_idle(prof, scale: float, top: int = 16) -> dict | None:
+    """Where the GPU sat idle inside the profiled calls: the union of the device activities'
+    intervals (kernels, copies, sets) against the span from the first start to the last end,
+    and the ``top`` largest gaps with the activities on either side (``scale`` converts us)."""
+    try:
+        acts = [(ev.start_ns(), ev.end_ns(), ev.name()) for ev in prof.profiler.kineto_results.events()
+                if ev.device_type() == torch.autograd.DeviceType.CUDA and ev.end_ns() > ev.start_ns()]
+    except Exception as exc:  # noqa: BLE001 -- a diagnostic; the torch API differs between versions
+        print(f"  (no GPU timeline: {type(exc).__name__}: {exc})", flush=True)
+        return None
+    if not acts:
+        return None
+    acts.sort()
+    busy, gaps, end, last = 0, [], acts[0][0], acts[0][2]
+    for a, b, name in acts:
+        if a > end:
+            gaps.append((a - end, last, name))
+        busy += max(0, b - max(a, end))
+        if b > end:
+            end, last = b, name
+    span = end - acts[0][0]
+    gaps.sort(key=lambda g: -g[0])
+    k = scale * 1e-3  # ns -> us -> unit
+    return {"span": span * k, "busy": busy * k, "idle": (span - busy) * k,
+            "gaps_over_10us": sum(1 for g in gaps if g[0] > 10_000),
+            "idle_in_gaps_over_10us": sum(g[0] for g in gaps if g[0] > 10_000) * k,
+            "largest": [{"gap": g * k, "after": a[:120], "before": b[:120]} for g, a, b in gaps[:top]]}
 
 
 def profile_replays(graph, dev: torch.device, n: int = 5, top: int = 24) -> dict:
