@@ -233,8 +233,11 @@ def profile_kernels(fn, dev: torch.device, n: int, label: str, unit: str, top: i
     if idle is not None:
         print(f"  GPU timeline ({unit}): first start to last end {idle['span']:.1f}, busy {idle['busy']:.1f}, "
               f"idle {idle['idle']:.1f} in {idle['gaps_over_10us']} gaps over 10 us; largest:", flush=True)
-        for g in idle["largest"][:8]:
+        for g in idle["largest"][:4]:
             print(f"    {g['gap']:8.3f}  after {g['after'][:60]}  before {g['before'][:60]}", flush=True)
+        print("  gaps over 10 us by kernel pair (count, idle):", flush=True)
+        for g in idle["gaps_over_10us_by_pair"][:10]:
+            print(f"    {g['count']:6d} {g['idle']:8.2f}  {g['pair']}", flush=True)
         out["timeline"] = idle
     return out
 
@@ -262,10 +265,19 @@ def gpu_idle(prof, scale: float, top: int = 16) -> dict | None:
     span = end - acts[0][0]
     gaps.sort(key=lambda g: -g[0])
     k = scale * 1e-3  # ns -> us -> unit
+    short = lambda name: name.split("(")[0].split("<")[0].replace("void ", "")[-48:]  # noqa: E731
+    pairs: dict = {}
+    for g, a, b in gaps:
+        if g > 10_000:
+            key = f"{short(a)} -> {short(b)}"
+            n, t = pairs.get(key, (0, 0))
+            pairs[key] = (n + 1, t + g)
     return {"span": span * k, "busy": busy * k, "idle": (span - busy) * k,
             "gaps_over_10us": sum(1 for g in gaps if g[0] > 10_000),
             "idle_in_gaps_over_10us": sum(g[0] for g in gaps if g[0] > 10_000) * k,
-            "largest": [{"gap": g * k, "after": a[:120], "before": b[:120]} for g, a, b in gaps[:top]]}
+            "largest": [{"gap": g * k, "after": a[:120], "before": b[:120]} for g, a, b in gaps[:top]],
+            "gaps_over_10us_by_pair": [{"pair": p, "count": n, "idle": t * k}
+                                       for p, (n, t) in sorted(pairs.items(), key=lambda kv: -kv[1][1])[:top]]}
 
 
 def profile_replays(graph, dev: torch.device, n: int = 5, top: int = 24) -> dict:
@@ -506,6 +518,8 @@ def main() -> None:
     ap.add_argument("--million-layers", type=int, default=-1,
                     help="layers for the --million-tokens row (-1: as many as fit)")
     ap.add_argument("--warmup-tokens", type=int, default=16384)
+    ap.add_argument("--chunk-size", type=int, default=None,
+                    help="QLLMConfig.chunk_size of the qllm rows (default: the config's, 8192)")
     ap.add_argument("--reserve-gib", type=float, default=6.0,
                     help="GPU memory kept free for activations etc. when sizing the long rows")
     ap.add_argument("--cuda-graph", action="store_true",
@@ -533,7 +547,7 @@ def main() -> None:
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA device (use --tiny for a CPU smoke test)")
         dev, dtype, shape = torch.device("cuda"), torch.bfloat16, LLAMA3_8B
-        qcfg = qllm.QLLMConfig()
+        qcfg = qllm.QLLMConfig() if args.chunk_size is None else qllm.QLLMConfig(chunk_size=args.chunk_size)
         torch.backends.cuda.matmul.allow_tf32 = False
     layers = args.layers if args.layers is not None else shape["num_hidden_layers"]
     cfg = make_config(shape, layers)

@@ -286,7 +286,7 @@ fi
 if [[ " $stages " == *" e2eprof "* ]]; then
   # one qllm prefill of the 8B-shaped model at 128K: wall time, then GPU time by kernel
   stamp "e2e prefill profile"
-  timeout ${E2E_TIMEOUT:-300} python3 benchmarks/bench_e2e.py --profile-prefill --skip-dense --long-tokens 0 \
+  timeout ${E2E_TIMEOUT:-300} python3 benchmarks/bench_e2e.py --profile-prefill --skip-dense --long-tokens 0 ${E2E_ARGS:-} \
     --million-tokens 0 --out "$OUT/e2e_prefill_profile.json" 2>&1 | grep -v "FutureWarning\|return forward_call" \
     | tee "$OUT/e2e_prefill_profile.log" | tail -50
   stamp "e2e prefill profile done"

@@ -42,7 +42,8 @@ class QLLMCache(DynamicCache):
         self.has_question = False
         self.relevance = None  # qllm.retrieval.QuestionRelevance when question heads are in use
         # tokens to reserve in each CUDA layer memory when it is created (prompt + new tokens: a
-        # graph decoder needs stores that are not reallocated while it decodes); 0 = grow as needed
+        # graph decoder needs stores that are not reallocated while it decodes); 0 = not chosen yet:
+        # the patched model's first call sets it to that call's tokens + a decode margin
         self.reserve_tokens = 0
         # a device block budget for this sequence's layer memories in place of the patch's
         # QLLMConfig.device_blocks (None: the patch's); set by qllm.generate when the text's K/V

@@ -269,6 +269,10 @@ def _wrap_forward(handle: PatchHandle):
         elif not isinstance(cache, QLLMCache):
             raise _bad_input(f"{cache_kw}: expected a qllm cache or an empty one, got a filled "
                              f"{type(cache).__name__} (start the text with a fresh cache)")
+        if cache.n_seen == 0 and not cache.memories and cache.reserve_tokens == 0:
+            # size the CUDA layer stores for this prompt once: grown chunk by chunk, every layer's
+            # K/V would be reallocated and copied ~11 times on the way to 128K tokens
+            cache.reserve_tokens = x.shape[1] + _DECODE_MARGIN
         mask = kwargs.get("attention_mask")
         if cache.n_seen == 0 and isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
             # checked on the prompt only: later steps only append tokens (no host sync per token)

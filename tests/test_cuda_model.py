@@ -128,6 +128,10 @@ def test_patched_model_cuda_question_heads_matches_cpu(dtype):
         assert bool(torch.isfinite(logits).all())
         assert all(isinstance(m, CudaLayerMemory) for m in cache.memories.values())
         assert all(len(r) == 3 for r in cache.retrieved_blocks().values())
+        # the fresh cache's stores were sized for the prompt + decode margin once, not grown
+        from qllm.patch import _DECODE_MARGIN
+        assert cache.reserve_tokens == ids.shape[1] + _DECODE_MARGIN
+        assert all(m.capacity == ids.shape[1] + _DECODE_MARGIN for m in cache.memories.values())
 
 
 # ============================================================ whole-model decode in one CUDA graph

@@ -369,6 +369,29 @@ def test_chunked_prefill_matches_reference(family, strategy):
             torch.testing.assert_close(got, want, atol=3e-5, rtol=1e-5)
 
 
+def test_fresh_cache_reserves_the_prompt():
+    """The first call on a fresh cache sizes the CUDA layer stores for its tokens + the decode
+    margin once (no regrowth chunk by chunk); a chosen reserve and later calls are left alone."""
+    from qllm.patch import _DECODE_MARGIN
+
+    model = make_model("llama", seed=41)
+    kw = cache_kw(model)
+    with qllm.patched(model, CFG.replace(chunk_size=45)):
+        with torch.no_grad():
+            out = model(input_ids=ids_of(100, seed=42))
+            cache = out_cache(out)
+            assert cache.reserve_tokens == 100 + _DECODE_MARGIN
+            model(input_ids=ids_of(50, seed=43), **{kw: cache})
+            assert cache.reserve_tokens == 100 + _DECODE_MARGIN  # not a fresh cache any more
+            mine = qllm.QLLMCache(model._qllm)
+            mine.reserve_tokens = 7
+            model(input_ids=ids_of(60, seed=44), **{kw: mine})
+            assert mine.reserve_tokens == 7
+            fresh = qllm.QLLMCache(model._qllm)
+            model(input_ids=ids_of(30, seed=45), **{kw: fresh})
+            assert fresh.reserve_tokens == 30 + _DECODE_MARGIN
+
+
 def test_question_steers_the_model():
     """The same text with and without a question gives different logits (qllm), identical (infllm)."""
     ids = ids_of(200, seed=13)
