@@ -193,7 +193,8 @@ def weight_bytes(cfg, layers: int, dtype: torch.dtype) -> int:
     return el * (2 * cfg.vocab_size * h + h + layers * per_layer)
 
 
-def profile_kernels(fn, dev: torch.device, n: int, label: str, unit: str, top: int = 24) -> dict:
+def profile_kernels(fn, dev: torch.device, n: int, label: str, unit: str, top: int = 24,
+                    host: bool = False) -> dict:
     """GPU time by kernel of ``n`` calls of ``fn`` (torch.profiler / CUPTI), per call: kernel
     groups (GEMM/GEMV, qllm's kernels, the rest) and the ``top`` kernels, in ``unit``
     ("us" or "ms")."""
@@ -201,7 +202,9 @@ def profile_kernels(fn, dev: torch.device, n: int, label: str, unit: str, top: i
 
     scale = 1.0 if unit == "us" else 1e-3
     gpu = dev.type == "cuda"  # on the CPU (--tiny smoke test): self CPU time of each op
-    with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
+    acts = [ProfilerActivity.CUDA, ProfilerActivity.CPU] if (gpu and host) else \
+        [ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]
+    with profile(activities=acts) as prof:
         for _ in range(n):
             fn()
         sync(dev)
@@ -210,6 +213,8 @@ def profile_kernels(fn, dev: torch.device, n: int, label: str, unit: str, top: i
         us = getattr(ev, "device_time_total", None) if gpu else ev.self_cpu_time_total
         if us is None:
             us = getattr(ev, "cuda_time_total", 0.0)
+        if getattr(ev, "device_type", None) == torch.autograd.DeviceType.CPU and gpu:
+            continue  # host ops / runtime calls of the host=True profile: see host_view
         if us and ev.key not in ("", "cudaGraphLaunch"):
             per[ev.key] = per.get(ev.key, 0.0) + us * scale / n
     groups = {"gemm/gemv (cuBLAS)": 0.0, "qllm attention kernels": 0.0, "other": 0.0}
@@ -239,7 +244,65 @@ def profile_kernels(fn, dev: torch.device, n: int, label: str, unit: str, top: i
         for g in idle["gaps_over_10us_by_pair"][:10]:
             print(f"    {g['count']:6d} {g['idle']:8.2f}  {g['pair']}", flush=True)
         out["timeline"] = idle
+    if gpu and host:
+        try:
+            out["host"] = host_view(prof, scale)
+        except Exception as exc:  # noqa: BLE001 -- a diagnostic
+            print(f"  (host view failed: {type(exc).__name__}: {exc})", flush=True)
     return out
+
+
+def host_view(prof, scale: float, top: int = 12) -> dict | None:
+    """What the host did around the GPU's idle gaps (profile with CPU activities): runtime API time
+    by call, and for each gap over 10 us the host op that launched the kernel after it (innermost
+    CPU op around the launch) and how long before the kernel's start the launch returned."""
+    try:
+        evs = list(prof.profiler.kineto_results.events())
+        dev = [(e.start_ns(), e.end_ns(), e.name(), e.correlation_id()) for e in evs
+               if e.device_type() == torch.autograd.DeviceType.CUDA and e.end_ns() > e.start_ns()]
+        cpu = [(e.start_ns(), e.end_ns(), e.name(), e.correlation_id()) for e in evs
+               if e.device_type() == torch.autograd.DeviceType.CPU]
+    except Exception as exc:  # noqa: BLE001 -- a diagnostic; the torch API differs between versions
+        print(f"  (no host view: {type(exc).__name__}: {exc})", flush=True)
+        return None
+    k = scale * 1e-3
+    runtime = {}
+    for a, b, name, _ in cpu:
+        if name.startswith(("cuda", "cu")):
+            n, t = runtime.get(name, (0, 0))
+            runtime[name] = (n + 1, t + b - a)
+    launch_of = {c: (a, b) for a, b, name, c in cpu if name.startswith(("cuda", "cu")) and c}
+    ops = sorted((a, b, name) for a, b, name, _ in cpu if not name.startswith(("cuda", "cu")))
+    dev.sort()
+    by_op: dict = {}
+    end = dev[0][0] if dev else 0
+    import bisect
+    starts = [o[0] for o in ops]
+    for a, b, name, c in dev:
+        if a - end > 10_000 and c in launch_of:
+            la, lb = launch_of[c]
+            i = bisect.bisect_right(starts, la)
+            inner = None
+            for j in range(i - 1, max(-1, i - 400), -1):  # innermost op that encloses the launch
+                if ops[j][1] >= lb:
+                    inner = ops[j][2]
+                    break
+            key = f"{(inner or '?')[:60]} -> {name.split('(')[0][-40:]}"
+            n, t, slack = by_op.get(key, (0, 0, 0))
+            by_op[key] = (n + 1, t + a - end, slack + a - lb)
+        end = max(end, b)
+    rt = sorted(runtime.items(), key=lambda kv: -kv[1][1])[:top]
+    gaps = sorted(by_op.items(), key=lambda kv: -kv[1][1])[:top]
+    print("  host: runtime calls (count, total):", flush=True)
+    for name, (n, t) in rt:
+        print(f"    {n:7d} {t * k:9.2f}  {name}", flush=True)
+    print("  host: gaps over 10 us by the host op launching the next kernel (count, idle, launch-to-start):",
+          flush=True)
+    for key, (n, t, slack) in gaps:
+        print(f"    {n:6d} {t * k:8.2f} {slack * k / n:8.4f}  {key}", flush=True)
+    return {"runtime": [{"call": name, "count": n, "total": t * k} for name, (n, t) in rt],
+            "gaps_by_launching_op": [{"op": key, "count": n, "idle": t * k, "mean_launch_to_start": slack * k / n}
+                                     for key, (n, t, slack) in gaps]}
 
 
 def gpu_idle(prof, scale: float, top: int = 16) -> dict | None:
@@ -474,6 +537,33 @@ def print_table(rows) -> None:
     print()
 
 
+def sync_points(fn) -> None:
+    """Run fn with torch's CUDA sync debug mode on and print where (Python stack) the host waited."""
+    import traceback
+    import warnings
+
+    seen: dict = {}
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        stack = "".join(traceback.format_stack(limit=14)[:-2])
+        key = stack[-1200:]
+        seen[key] = seen.get(key, 0) + 1
+
+    old = warnings.showwarning
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = old
+    print(f"  sync points (torch sync debug mode): {sum(seen.values())} in {len(seen)} places", flush=True)
+    for key, n in sorted(seen.items(), key=lambda kv: -kv[1])[:6]:
+        print(f"  --- {n} times at:\n{key}", flush=True)
+
+
 def profile_prefill(model, runner: "Runner", qcfg: qllm.QLLMConfig, ids: torch.Tensor, dev: torch.device,
                     out: str | None, info: dict) -> None:
     """GPU time by kernel of one qllm prefill of ``ids`` (the prompt call of Runner.run) and its
@@ -492,7 +582,10 @@ def profile_prefill(model, runner: "Runner", qcfg: qllm.QLLMConfig, ids: torch.T
     sync(dev)
     wall = time.perf_counter() - t0
     print(f"qllm prefill of {ids.shape[1]} tokens: {wall:.3f} s (no profiler)", flush=True)
-    prof = profile_kernels(prefill, dev, 1, f"qllm prefill {ids.shape[1]} tokens", "ms", top=40)
+    if os.environ.get("E2E_PROFILE_HOST") and dev.type == "cuda":
+        sync_points(prefill)
+    prof = profile_kernels(prefill, dev, 1, f"qllm prefill {ids.shape[1]} tokens", "ms", top=40,
+                           host=bool(os.environ.get("E2E_PROFILE_HOST")))
     qllm.unpatch(model)
     if out:
         with open(out, "w") as f:
