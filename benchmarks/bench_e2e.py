@@ -582,6 +582,20 @@ def profile_prefill(model, runner: "Runner", qcfg: qllm.QLLMConfig, ids: torch.T
     sync(dev)
     wall = time.perf_counter() - t0
     print(f"qllm prefill of {ids.shape[1]} tokens: {wall:.3f} s (no profiler)", flush=True)
+    # the question pass alone (the question's tokens through every layer, once per prompt): host-bound
+    from qllm.patch import _encode_question
+    qpass = []
+    for _ in range(3):
+        with torch.no_grad():
+            qllm.set_question(model, runner.question)
+            cache = qllm.QLLMCache(model._qllm)
+            sync(dev)
+            t0 = time.perf_counter()
+            _encode_question(model._qllm, cache, ids[:, :1])
+            sync(dev)
+            qpass.append(time.perf_counter() - t0)
+    print(f"question pass alone ({runner.question.numel()} tokens): " + ", ".join(f"{t * 1e3:.1f}" for t in qpass)
+          + " ms", flush=True)
     if os.environ.get("E2E_PROFILE_HOST") and dev.type == "cuda":
         sync_points(prefill)
     prof = profile_kernels(prefill, dev, 1, f"qllm prefill {ids.shape[1]} tokens", "ms", top=40,
@@ -590,7 +604,7 @@ def profile_prefill(model, runner: "Runner", qcfg: qllm.QLLMConfig, ids: torch.T
     if out:
         with open(out, "w") as f:
             json.dump({"benchmark": "bench_e2e.py --profile-prefill", "gpu": info.get("gpu"), "machine": info,
-                       "tokens": int(ids.shape[1]), "prefill_s_no_profiler": wall,
+                       "tokens": int(ids.shape[1]), "prefill_s_no_profiler": wall, "question_pass_s": qpass,
                        "qllm_config": {k: getattr(qcfg, k) for k in ("n_init", "n_local", "block_size", "topk",
                                                                       "exc_block_size", "chunk_size")},
                        "question_heads": str(getattr(qcfg, "question_heads", None)),
