@@ -91,7 +91,7 @@ def _fixed_query(q: torch.Tensor, rope: RopeTable, n_local: int) -> torch.Tensor
 
 
 def _exec_block(mem: LayerMemory, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                rope: RopeTable, scaling: float) -> torch.Tensor:
+                rope: RopeTable, scaling: float, q_fix: torch.Tensor | None = None) -> torch.Tensor:
     cfg: QLLMConfig = mem.config
     hq, E, d = q.shape
     hkv = k.shape[0]
@@ -118,7 +118,8 @@ def _exec_block(mem: LayerMemory, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     lr = torch.matmul(q_loc.reshape(hkv, g * E, d), k_loc.transpose(1, 2)).view(hkv, g, E, L)
     lr.mul_(scaling).masked_fill_(~local, float("-inf"))
 
-    q_fix = _fixed_query(qf, rope, cfg.n_local)  # [hq, E, d]
+    if q_fix is None:  # a caller that needs them too passes them in (the same values)
+        q_fix = _fixed_query(qf, rope, cfg.n_local)  # [hq, E, d]
     q_fix_g = q_fix.reshape(hkv, g * E, d)
     # Tail keys that are memory for some query of the block: j <= P0+E-1-n_local.
     all_dense = P0 + E - 1 < cfg.n_init + cfg.n_local  # host arithmetic: no device sync
@@ -167,9 +168,11 @@ def _exec_block(mem: LayerMemory, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 
 
 def encode_question(mem: LayerMemory, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    rope: RopeTable, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    rope: RopeTable, scaling: float, return_fixed: bool = False) -> tuple:
     """Run the question through a fresh memory of the same shape and return
-    (attention output [n_q_heads, T, head_dim], question vector [n_q_heads, head_dim] f32).
+    (attention output [n_q_heads, T, head_dim], question vector [n_q_heads, head_dim] f32),
+    and with ``return_fixed`` also the question's fixed-position queries [n_q_heads, T,
+    head_dim] f32 (``_fixed_query``: the question-head term needs them; computed once here).
 
     The question (at most n_local tokens) attends to itself with ordinary
     causal attention; each of its tokens collects the mass it receives.
@@ -177,6 +180,7 @@ def encode_question(mem: LayerMemory, q: torch.Tensor, k: torch.Tensor, v: torch
     T = q.shape[1]
     scratch = LayerMemory(mem.config.replace(strategy="streaming", n_init=0, exc_block_size=max(T, 1)),
                           mem.n_q_heads, mem.n_kv_heads, mem.head_dim, mem.dtype, mem.device)
-    out = _exec_block(scratch, q, k, v, rope, scaling)
     q_fix = _fixed_query(q.float(), rope, mem.config.n_local)
-    return out, question_vector(q_fix, scratch.tail_scores, mem.config)
+    out = _exec_block(scratch, q, k, v, rope, scaling, q_fix=q_fix)
+    qvec = question_vector(q_fix, scratch.tail_scores, mem.config)
+    return (out, qvec, q_fix) if return_fixed else (out, qvec)

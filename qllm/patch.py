@@ -34,7 +34,7 @@ import torch
 from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .attention import RopeTable, _fixed_query, attend, encode_question
+from .attention import RopeTable, attend, encode_question
 from .cache import QLLMCache
 from .config import QLLMConfig
 from .fused import fuse, unfuse
@@ -137,9 +137,9 @@ def _qllm_attention(module, query, key, value, attention_mask, scaling=None, dro
     rope = handle.rope(q.device)
     with torch.no_grad():
         if cache.mode == "question":
-            out, qvec = encode_question(mem, q, k, v, rope, float(scaling))
+            out, qvec, q_fix = encode_question(mem, q, k, v, rope, float(scaling), return_fixed=True)
             mem.question = qvec
-            mem.question_tokens = _fixed_query(q.float(), rope, handle.config.n_local)
+            mem.question_tokens = q_fix
         elif isinstance(mem, CudaLayerMemory):
             if cache.decode_steps is not None:  # qllm.gpu.GraphDecoder: warm-up or capture of one token
                 out = _launch_decode_step(cache.decode_steps, module.layer_idx, mem, q, k, v, float(scaling))

@@ -339,6 +339,11 @@ def test_encode_question(heads, n):
                  "question attention output")
     # the state of the layer itself is untouched
     assert mem.n_seen == 0 and mem.question is None
+    # return_fixed: the same output and vector, plus the fixed-position queries (bitwise _fixed_query's)
+    from qllm.attention import _fixed_query
+    out2, qvec2, q_fix = encode_question(mem, q, k, v, tab, d ** -0.5, return_fixed=True)
+    assert torch.equal(out2, out) and torch.equal(qvec2, qvec)
+    assert torch.equal(q_fix, _fixed_query(q.float(), tab, cfg.n_local))
 
 
 def test_retrieval_ties_go_to_lower_block():
