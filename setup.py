@@ -11,6 +11,7 @@ when nvcc is found.  If the installed torch is a CPU build, the CUDA sources are
 still compiled (to catch errors) but not linked: there is no CUDA torch to
 register them with.  ``QLLM_CUDA=1`` fails when nvcc is missing.
 ``QLLM_CUDA_ARCH`` (default ``90a``) picks the target (sm_90a; ``90`` for sm_90 / compute_90).
+``MAX_JOBS`` (default: the CPU count) bounds the compilers run side by side (1: one by one).
 """
 
 from __future__ import annotations
@@ -74,16 +75,78 @@ def _nvcc_flags(arch: str) -> list[str]:
     return flags + os.environ.get("QLLM_NVCC_EXTRA", "").split()
 
 
+def _jobs() -> int:
+    """Compiler processes run at once (``MAX_JOBS``, default: the CPU count; 1 = one by one)."""
+    raw = os.environ.get("MAX_JOBS", "").strip()
+    if raw:
+        if not raw.isdigit() or int(raw) < 1:
+            raise SystemExit(f"MAX_JOBS: expected a positive integer, got {raw!r}")
+        return int(raw)
+    return max(1, os.cpu_count() or 1)
+
+
 def _compile_cuda_check(nvcc: str, arch: str, build_temp: str) -> None:
     """Compile every .cu to an object: CPU torch cannot load them, but errors surface."""
+    from concurrent.futures import ThreadPoolExecutor
+
     sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
     os.makedirs(build_temp, exist_ok=True)
-    for src in sources:
+
+    def one(src: str) -> None:
         obj = os.path.join(build_temp, os.path.basename(src) + ".o")
-        cmd = [nvcc, "-c", src, "-o", obj, "-Xcompiler=-fPIC", *_nvcc_flags(arch)]
         _log("nvcc (compile check) " + os.path.basename(src))
-        subprocess.check_call(cmd)
+        subprocess.check_call([nvcc, "-c", src, "-o", obj, "-Xcompiler=-fPIC", *_nvcc_flags(arch)])
+
+    with ThreadPoolExecutor(max_workers=_jobs()) as pool:
+        list(pool.map(one, sources))  # re-raises the first failure
     _log(f"compiled {len(sources)} CUDA source(s); not linked: torch is a CPU build")
+
+
+class _ParallelCompiles:
+    """Runs an extension's compiler commands as background processes, at most ``jobs`` at once.
+
+    The distutils compiler compiles one source at a time through ``call`` (``spawn`` in older
+    setuptools) with the whole command line already formed, torch's nvcc swap included; this
+    stands in for both on the compiler instance: a compile command (``-c``) starts and returns,
+    anything else (the link) first waits for every compile and fails if one failed.
+    """
+
+    def __init__(self, compiler, jobs: int) -> None:
+        self.compiler, self.jobs, self.running = compiler, jobs, []
+        self.orig = {n: compiler.__dict__.get(n) for n in ("call", "spawn") if hasattr(compiler, n)}
+
+    def __enter__(self):
+        for name in self.orig:
+            setattr(self.compiler, name, self._runner(getattr(self.compiler, name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, own in self.orig.items():
+            if own is None:
+                self.compiler.__dict__.pop(name, None)
+            else:
+                setattr(self.compiler, name, own)
+        self.wait()
+
+    def wait(self, keep: int = 0) -> None:
+        while len(self.running) > keep:
+            cmd, proc = self.running.pop(0)
+            if proc.wait() != 0:
+                for _, other in self.running:
+                    other.wait()
+                self.running.clear()
+                from setuptools.errors import CompileError
+                raise CompileError(f"command failed ({proc.returncode}): {' '.join(map(str, cmd))}")
+
+    def _runner(self, original):
+        def run(cmd, *args, **kwargs):
+            if "-c" in cmd and "-o" in cmd and not args and set(kwargs) <= {"env"}:
+                self.wait(self.jobs - 1)
+                self.running.append((list(cmd), subprocess.Popen(list(cmd), env=kwargs.get("env"))))
+                return None
+            self.wait()
+            return original(cmd, *args, **kwargs)
+        return run
 
 
 def _extensions():
@@ -147,6 +210,15 @@ def main() -> None:
                 _compile_cuda_check(cuda_check[0], cuda_check[1],
                                     os.path.join(self.build_temp, "cuda_check"))
             super().run()
+
+        def build_extension(self, ext):
+            # the torch extension's sources (CUDA kernels included) compile side by side
+            jobs = _jobs()
+            if jobs == 1 or len(ext.sources) < 2:
+                return super().build_extension(ext)
+            _log(f"{ext.name}: {len(ext.sources)} sources, up to {jobs} compilers at once (MAX_JOBS)")
+            with _ParallelCompiles(self.compiler, jobs):
+                return super().build_extension(ext)
 
     setup(
         libraries=[
