@@ -51,6 +51,7 @@ token), peak GPU memory (``torch.cuda.max_memory_allocated``, reset per row).
 from __future__ import annotations
 
 import argparse
+import bisect
 import gc
 import json
 import os
@@ -276,7 +277,6 @@ def host_view(prof, scale: float, top: int = 12) -> dict | None:
     dev.sort()
     by_op: dict = {}
     end = dev[0][0] if dev else 0
-    import bisect
     starts = [o[0] for o in ops]
     for a, b, name, c in dev:
         if a - end > 10_000 and c in launch_of:

@@ -164,6 +164,14 @@ __device__ __forceinline__ void store_rows(const float (&O)[64], const float (&m
 /* One warpgroup's rows: running max / sum of its two rows per thread, O, and the tile math.
  * QREG: Q held in registers (qa) as the A operand of S; NPOLY: column groups 8 - NPOLY .. 7 of
  * each row take poly_exp2. */
+/* Empty output rows: O = 0, running max -inf, running sum 0. */
+__device__ __forceinline__ void start_rows(float (&O)[64], float (&m)[2], float (&l)[2]) {
+#pragma unroll
+    for (int i = 0; i < 64; ++i) O[i] = 0.0f;
+    m[0] = m[1] = -INFINITY;
+    l[0] = l[1] = 0.0f;
+}
+
 template <bool QREG, int NPOLY>
 struct Rows {
     float O[64];
@@ -183,12 +191,7 @@ struct Rows {
         }
     }
 
-    __device__ void init() {
-#pragma unroll
-        for (int i = 0; i < 64; ++i) O[i] = 0.0f;
-        m[0] = m[1] = -INFINITY;
-        l[0] = l[1] = 0.0f;
-    }
+    __device__ void init() { start_rows(O, m, l); }
     /* S = Q K^T of a tile (issued and committed, not waited) */
     __device__ void issue_s(const unsigned char *Q, const unsigned char *K) {
         const uint64_t dq = qllm_sdesc(Q, QLLM_WG_KMAJ_LBO, QLLM_WG_KMAJ_SBO);
@@ -327,55 +330,95 @@ __global__ void __launch_bounds__(128, 2) coupled_kernel(const T *q, const T *k,
 }
 
 /* --------------------------------------------------------------------- pc */
-template <bool QREG>
-__global__ void __launch_bounds__(288, 1) pc_kernel(const T *q, const T *k, const T *v, int R, int NK, float sl2,
-                                                    T *out, float *lse) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
+/* Shared memory of the producer / consumer shapes: two Q tiles, then NSTG stages of K+V tiles of TB
+ * bytes, then the stages' full / empty mbarriers (full: full_count arrivals, empty: lane 0 of each
+ * of the 8 consumer warps), initialised before the CTA's first barrier. */
+struct PcSmem {
+    unsigned char *Qs, *ring;
+    uint64_t *full, *empty;
+};
+
+template <int NSTG, int TB>
+__device__ __forceinline__ PcSmem pc_smem(unsigned char *smem_raw, int full_count) {
     unsigned char *sm = smem_aligned1024(smem_raw);
-    unsigned char *Qs = sm;                 /* [2] */
-    unsigned char *ring = sm + 2 * TILE_B;  /* [NS] x (K, V) */
-    uint64_t *full = reinterpret_cast<uint64_t *>(ring + NS * 2 * TILE_B), *empty = full + NS;
-    const int tid = threadIdx.x, warp = tid >> 5, h = blockIdx.y, NT = NK / BN;
-    const T *kh = k + static_cast<int64_t>(h / GROUP) * NK * D;
-    const T *vh = v + static_cast<int64_t>(h / GROUP) * NK * D;
-    if (tid == 0) {
-        for (int s = 0; s < NS; ++s) {
-            mbar_init(&full[s], 32); /* the producer's lanes, each once its copies land */
-            mbar_init(&empty[s], 8); /* lane 0 of each consumer warp */
+    PcSmem m;
+    m.Qs = sm;                 /* [2] */
+    m.ring = sm + 2 * TILE_B;  /* [NSTG] x (K, V) */
+    m.full = reinterpret_cast<uint64_t *>(m.ring + NSTG * 2 * TB);
+    m.empty = m.full + NSTG;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < NSTG; ++s) {
+            mbar_init(&m.full[s], full_count);
+            mbar_init(&m.empty[s], 8);
         }
     }
     __syncthreads();
-    if (warp == 8) { /* producer */
-        const int lane = tid & 31;
-        for (int t = 0; t < NT; ++t) {
-            const int s = t % NS;
-            if (t >= NS) mbar_wait(&empty[s], ((t / NS) - 1) & 1);
-            unsigned char *K = ring + s * 2 * TILE_B;
-            copy_tile(K, kh + static_cast<int64_t>(t) * BN * D, lane, 32);
-            copy_tile(K + TILE_B, vh + static_cast<int64_t>(t) * BN * D, lane, 32);
-            mbar_arrive_cp(&full[s]);
-        }
-        cp_wait_all();
-        return;
+    return m;
+}
+
+/* The producer loop of the producer / consumer shapes: K and V of tile t (BNX keys, TB bytes each)
+ * into stage t % NSTG once the consumers have freed it; copy(dst, src) issues this thread's share of
+ * one tile's cp.async copies. */
+template <int NSTG, int TB, int BNX, class Copy>
+__device__ __forceinline__ void produce(unsigned char *ring, uint64_t *full, uint64_t *empty, const T *kh,
+                                        const T *vh, int NT, Copy copy) {
+    for (int t = 0; t < NT; ++t) {
+        const int s = t % NSTG;
+        if (t >= NSTG) mbar_wait(&empty[s], ((t / NSTG) - 1) & 1);
+        unsigned char *K = ring + s * 2 * TB;
+        copy(K, kh + static_cast<int64_t>(t) * BNX * D);
+        copy(K + TB, vh + static_cast<int64_t>(t) * BNX * D);
+        mbar_arrive_cp(&full[s]);
     }
-    const int c = warp >> 2, wtid = tid & 127, r0 = blockIdx.x * 128 + c * 64;
+    cp_wait_all();
+}
+
+/* A consumer warpgroup's 64 query rows (from r0 of head h) into its Q tile; returns the tile. */
+__device__ __forceinline__ unsigned char *load_q_tile(unsigned char *Qs, const T *q, int h, int R, int r0, int c,
+                                                      int wtid) {
     unsigned char *Q = Qs + c * TILE_B;
     copy_tile(Q, q + (static_cast<int64_t>(h) * R + r0) * D, wtid, 128);
     cp_async_commit();
     cp_async_wait<0>();
     fence_async_smem();
     named_sync(1 + c, 128);
-    auto K_of = [&](int t) { return ring + (t % NS) * 2 * TILE_B; };
+    return Q;
+}
+
+/* The consumer loop of the producer / consumer shapes (NSTG stages of K+V, TB bytes per K or V
+ * tile, rows state W): wait for a stage, issue S of the next tile with P V of this one, free a
+ * stage once its P V is done.  PP (ping-pong, FA3's warp-group scheduling): the consumers take turns
+ * to issue their products -- consumer c waits on named barrier 3 + c before issuing and arrives on
+ * the other's after -- so one runs its softmax while the other's products occupy the tensor cores.
+ * Each consumer issues at NT + 1 points (S of tile 0, the NT - 1 loop passes, P V of the last tile);
+ * consumer 1 opens the first turn and skips its last arrival, so both barriers end balanced.  The
+ * same products in the same order per consumer: bitwise equal to PP = false. */
+template <int NSTG, int TB, bool PP, class W>
+__device__ __forceinline__ void consume(W &w, const unsigned char *Q, unsigned char *ring, uint64_t *full,
+                                        uint64_t *empty, int NT, float sl2, int c, int tid) {
+    auto K_of = [&](int t) { return ring + (t % NSTG) * 2 * TB; };
     auto release = [&](int t) {
-        if ((tid & 31) == 0) mbar_arrive(&empty[t % NS]);
+        if ((tid & 31) == 0) mbar_arrive(&empty[t % NSTG]);
     };
-    Rows<QREG, 0> w;
-    w.init();
-    w.load_q(Q, wtid);
+    int turns = 0; /* issue points passed */
+    auto turn_begin = [&]() {
+        if constexpr (PP) named_sync(3 + c, 256);
+    };
+    auto turn_end = [&]() {
+        if constexpr (PP) {
+            if (!(c == 1 && turns == NT)) named_arrive(3 + (1 - c), 256);
+        }
+        ++turns;
+    };
+    if constexpr (PP) {
+        if (c == 1) named_arrive(3, 256); /* consumer 0 issues first */
+    }
     mbar_wait(&full[0], 0);
     fence_async_smem();
+    turn_begin();
     wg_fence();
     w.issue_s(Q, K_of(0));
+    turn_end();
     wg_wait<0>();
     wg_fence_operand(w.S);
     float alpha[2];
@@ -385,11 +428,13 @@ __global__ void __launch_bounds__(288, 1) pc_kernel(const T *q, const T *k, cons
         wg_fence_operand(w.O);
         if (t > 0) release(t - 1);
         w.rescale_pack(rs, alpha);
-        mbar_wait(&full[(t + 1) % NS], ((t + 1) / NS) & 1);
+        mbar_wait(&full[(t + 1) % NSTG], ((t + 1) / NSTG) & 1);
         fence_async_smem();
+        turn_begin();
         wg_fence();
         w.issue_s(Q, K_of(t + 1));
-        w.issue_pv(K_of(t) + TILE_B);
+        w.issue_pv(K_of(t) + TB);
+        turn_end();
         wg_wait<1>();
         wg_fence_operand(w.S);
     }
@@ -398,11 +443,36 @@ __global__ void __launch_bounds__(288, 1) pc_kernel(const T *q, const T *k, cons
     wg_fence_operand(w.O);
     if (NT > 1) release(NT - 2);
     w.rescale_pack(rs, alpha);
+    turn_begin();
     wg_fence();
-    w.issue_pv(K_of(NT - 1) + TILE_B);
+    w.issue_pv(K_of(NT - 1) + TB);
+    turn_end();
     wg_wait<0>();
     wg_fence_operand(w.O);
     release(NT - 1);
+}
+
+template <bool QREG>
+__global__ void __launch_bounds__(288, 1) pc_kernel(const T *q, const T *k, const T *v, int R, int NK, float sl2,
+                                                    T *out, float *lse) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const PcSmem m = pc_smem<NS, TILE_B>(smem_raw, 32); /* the producer's lanes, each once its copies land */
+    unsigned char *Qs = m.Qs, *ring = m.ring;
+    uint64_t *full = m.full, *empty = m.empty;
+    const int tid = threadIdx.x, warp = tid >> 5, h = blockIdx.y, NT = NK / BN;
+    const T *kh = k + static_cast<int64_t>(h / GROUP) * NK * D;
+    const T *vh = v + static_cast<int64_t>(h / GROUP) * NK * D;
+    if (warp == 8) { /* producer */
+        produce<NS, TILE_B, BN>(ring, full, empty, kh, vh, NT,
+                                [lane = tid & 31](unsigned char *dst, const T *src) { copy_tile(dst, src, lane, 32); });
+        return;
+    }
+    const int c = warp >> 2, wtid = tid & 127, r0 = blockIdx.x * 128 + c * 64;
+    unsigned char *Q = load_q_tile(Qs, q, h, R, r0, c, wtid);
+    Rows<QREG, 0> w;
+    w.init();
+    w.load_q(Q, wtid);
+    consume<NS, TILE_B, false>(w, Q, ring, full, empty, NT, sl2, c, tid);
     w.store(out, lse, h, R, r0, wtid);
 }
 
@@ -439,12 +509,7 @@ struct Rows128 {
     float m[2], l[2];
     uint32_t pa[BN2 / 16][4];
 
-    __device__ void init() {
-#pragma unroll
-        for (int i = 0; i < 64; ++i) O[i] = 0.0f;
-        m[0] = m[1] = -INFINITY;
-        l[0] = l[1] = 0.0f;
-    }
+    __device__ void init() { start_rows(O, m, l); }
     __device__ void issue_s(const unsigned char *Q, const unsigned char *K) {
         const uint64_t dq = qllm_sdesc(Q, QLLM_WG_KMAJ_LBO, QLLM_WG_KMAJ_SBO);
         const uint64_t dk = qllm_sdesc(K, QLLM_WG_KMAJ_LBO, QLLM_WG_KMAJ_SBO);
@@ -499,113 +564,34 @@ struct Rows128 {
 
 /* Warpgroups: 0 and 1 consume, 2 produces.  With 12 warps an SM sub-partition holds three, so the
  * 168 registers a thread gets at launch are rebalanced (setmaxnreg): 40 for the producer, 232 for
- * the consumers (3 x 32 x (40 + 2 x 232) <= 16384 per sub-partition).
- * PP (ping-pong, FA3's warp-group scheduling): the consumers take turns to issue their products --
- * consumer c waits on named barrier 3 + c before issuing and arrives on the other's after -- so one
- * runs its softmax while the other's products occupy the tensor cores.  Each consumer issues at
- * NT + 1 points (S of tile 0, the NT - 1 loop passes, P V of the last tile); consumer 1 opens the
- * first turn and skips its last arrival, so both barriers end balanced.  The same products in the
- * same order per consumer: bitwise equal to PP = false. */
+ * the consumers (3 x 32 x (40 + 2 x 232) <= 16384 per sub-partition).  PP: the consumers' turns
+ * (see consume). */
 template <bool PP>
 __global__ void __launch_bounds__(384, 1) pc128_kernel(const T *q, const T *k, const T *v, int R, int NK, float sl2,
                                                        T *out, float *lse) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    unsigned char *sm = smem_aligned1024(smem_raw);
-    unsigned char *Qs = sm;                 /* [2] */
-    unsigned char *ring = sm + 2 * TILE_B;  /* [NS2] x (K, V) */
-    uint64_t *full = reinterpret_cast<uint64_t *>(ring + NS2 * 2 * TILE2_B), *empty = full + NS2;
+    const PcSmem m = pc_smem<NS2, TILE2_B>(smem_raw, 128); /* every producer thread, once its copies land */
+    unsigned char *Qs = m.Qs, *ring = m.ring;
+    uint64_t *full = m.full, *empty = m.empty;
     const int tid = threadIdx.x, warp = tid >> 5, h = blockIdx.y, NT = NK / BN2;
     const T *kh = k + static_cast<int64_t>(h / GROUP) * NK * D;
     const T *vh = v + static_cast<int64_t>(h / GROUP) * NK * D;
-    if (tid == 0) {
-        for (int s = 0; s < NS2; ++s) {
-            mbar_init(&full[s], 128); /* every producer thread, once its copies land */
-            mbar_init(&empty[s], 8);  /* lane 0 of each consumer warp */
-        }
-    }
-    __syncthreads();
     if (warp >= 8) { /* producer warpgroup */
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
 #endif
-        const int pt = tid - 256;
-        for (int t = 0; t < NT; ++t) {
-            const int s = t % NS2;
-            if (t >= NS2) mbar_wait(&empty[s], ((t / NS2) - 1) & 1);
-            unsigned char *K = ring + s * 2 * TILE2_B;
-            copy_tile128(K, kh + static_cast<int64_t>(t) * BN2 * D, pt, 128);
-            copy_tile128(K + TILE2_B, vh + static_cast<int64_t>(t) * BN2 * D, pt, 128);
-            mbar_arrive_cp(&full[s]);
-        }
-        cp_wait_all();
+        produce<NS2, TILE2_B, BN2>(ring, full, empty, kh, vh, NT,
+                                   [pt = tid - 256](unsigned char *dst, const T *src) { copy_tile128(dst, src, pt, 128); });
         return;
     }
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
 #endif
     const int c = warp >> 2, wtid = tid & 127, r0 = blockIdx.x * 128 + c * 64;
-    unsigned char *Q = Qs + c * TILE_B;
-    copy_tile(Q, q + (static_cast<int64_t>(h) * R + r0) * D, wtid, 128);
-    cp_async_commit();
-    cp_async_wait<0>();
-    fence_async_smem();
-    named_sync(1 + c, 128);
-    auto K_of = [&](int t) { return ring + (t % NS2) * 2 * TILE2_B; };
-    auto release = [&](int t) {
-        if ((tid & 31) == 0) mbar_arrive(&empty[t % NS2]);
-    };
-    int turns = 0; /* issue points passed */
-    auto turn_begin = [&]() {
-        if constexpr (PP) named_sync(3 + c, 256);
-    };
-    auto turn_end = [&]() {
-        if constexpr (PP) {
-            if (!(c == 1 && turns == NT)) named_arrive(3 + (1 - c), 256);
-        }
-        ++turns;
-    };
-    if constexpr (PP) {
-        if (c == 1) named_arrive(3, 256); /* consumer 0 issues first */
-    }
+    unsigned char *Q = load_q_tile(Qs, q, h, R, r0, c, wtid);
     Rows128 w;
     w.init();
-    mbar_wait(&full[0], 0);
-    fence_async_smem();
-    turn_begin();
-    wg_fence();
-    w.issue_s(Q, K_of(0));
-    turn_end();
-    wg_wait<0>();
-    wg_fence_operand(w.S);
-    float alpha[2];
-    for (int t = 0; t + 1 < NT; ++t) {
-        const bool rs = w.softmax(sl2, alpha);
-        wg_wait<0>(); /* P V of tile t-1: its stage is free */
-        wg_fence_operand(w.O);
-        if (t > 0) release(t - 1);
-        w.rescale_pack(rs, alpha);
-        mbar_wait(&full[(t + 1) % NS2], ((t + 1) / NS2) & 1);
-        fence_async_smem();
-        turn_begin();
-        wg_fence();
-        w.issue_s(Q, K_of(t + 1));
-        w.issue_pv(K_of(t) + TILE2_B);
-        turn_end();
-        wg_wait<1>();
-        wg_fence_operand(w.S);
-    }
-    const bool rs = w.softmax(sl2, alpha);
-    wg_wait<0>();
-    wg_fence_operand(w.O);
-    if (NT > 1) release(NT - 2);
-    w.rescale_pack(rs, alpha);
-    turn_begin();
-    wg_fence();
-    w.issue_pv(K_of(NT - 1) + TILE2_B);
-    turn_end();
-    wg_wait<0>();
-    wg_fence_operand(w.O);
-    release(NT - 1);
+    consume<NS2, TILE2_B, PP>(w, Q, ring, full, empty, NT, sl2, c, tid);
     store_rows(w.O, w.m, w.l, out, lse, h, R, r0, wtid);
 }
 
