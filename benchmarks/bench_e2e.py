@@ -564,11 +564,26 @@ def sync_points(fn) -> None:
         print(f"  --- {n} times at:\n{key}", flush=True)
 
 
+FUSED_LAYERS = True  # --unfuse-layers: keep the decoder layers' residual adds apart (A/B of qllm.fused's layer fusion)
+
+
+def patch_model(model, qcfg: qllm.QLLMConfig) -> None:
+    """qllm.patch; with ``--unfuse-layers``, the decoder layers (and their o_proj) given back their own
+    forwards afterwards (norms and MLPs stay fused)."""
+    qllm.patch(model, qcfg)
+    if not FUSED_LAYERS:
+        from qllm.fused import unfuse
+
+        mods = [m for m in model._qllm.fused if getattr(m, "_qllm_fused", None) in ("layer", "residual")]
+        unfuse(model, mods)
+        model._qllm.fused = [m for m in model._qllm.fused if m not in mods]
+
+
 def profile_prefill(model, runner: "Runner", qcfg: qllm.QLLMConfig, ids: torch.Tensor, dev: torch.device,
                     out: str | None, info: dict) -> None:
     """GPU time by kernel of one qllm prefill of ``ids`` (the prompt call of Runner.run) and its
     wall time without the profiler, to the JSON ``out``."""
-    qllm.patch(model, qcfg)
+    patch_model(model, qcfg)
 
     def prefill():
         with torch.no_grad():
@@ -643,9 +658,13 @@ def main() -> None:
     ap.add_argument("--device-blocks", type=int, default=256, help="device block budget per layer of the tiered rows")
     ap.add_argument("--host-fraction", type=float, default=0.7,
                     help="share of MemAvailable the pinned host tier of the tiered 1M row may take")
+    ap.add_argument("--unfuse-layers", action="store_true",
+                    help="keep the decoder layers' residual adds apart (qllm.fused folds them into the GEMMs)")
     ap.add_argument("--tiny", action="store_true", help="small float32 model on the CPU (smoke test)")
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/e2e_h100.json)")
     args = ap.parse_args()
+    global FUSED_LAYERS
+    FUSED_LAYERS = not args.unfuse_layers
 
     if args.tiny:
         dev, dtype, shape = torch.device("cpu"), torch.float32, TINY
@@ -666,6 +685,7 @@ def main() -> None:
     runner = Runner(model, dev, qcfg, question, profile_graph=args.profile_graph)
     rows = []
     info = machine_info()
+    info["fused_layers"] = FUSED_LAYERS
     total = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None
 
     def save(final: bool = False):
@@ -744,7 +764,7 @@ def main() -> None:
 
     # ---- warm-up, both paths (kernels, cuBLAS handles, allocator)
     w = ids_all[:, :args.warmup_tokens]
-    qllm.patch(model, qcfg)
+    patch_model(model, qcfg)
     t0 = time.perf_counter()
     runner.run("qllm", w, 4)
     if args.cuda_graph:
@@ -766,7 +786,7 @@ def main() -> None:
     ids = ids_all[:, :args.tokens]
     print(f"prompt {args.tokens} + {args.new_tokens} new tokens, {layers} layers; weights {wb / GIB:.2f} GiB, "
           f"qllm state {per_tok / 1024:.1f} KiB/token", flush=True)
-    qllm.patch(model, qcfg)
+    patch_model(model, qcfg)
     add(runner.run("qllm", ids, args.new_tokens), layers,
         {"expected_gib": (wb + per_tok * (args.tokens + args.new_tokens + 8)) / GIB})
     untiered_ids = runner.last_ids
@@ -777,7 +797,7 @@ def main() -> None:
         add(row, layers, {"expected_gib": (wb + per_tok * (args.tokens + args.new_tokens + 8)) / GIB})
     if args.tiered:
         qllm.unpatch(model)
-        qllm.patch(model, qcfg.replace(device_blocks=args.device_blocks))
+        patch_model(model, qcfg.replace(device_blocks=args.device_blocks))
         for pool in ("cold", "warm"):
             # cold: the pinned host tier is page-locked during the prefill (torch's caching host
             # allocator, ~1.5 GiB/s here); warm: a second request reuses the cached pinned chunks
@@ -849,7 +869,7 @@ def main() -> None:
             truncate_layers(model, L)
             free_memory(dev)
         tier_row = args.tiered and N == args.million_tokens
-        qllm.patch(model, qcfg.replace(device_blocks=args.device_blocks) if tier_row else qcfg)
+        patch_model(model, qcfg.replace(device_blocks=args.device_blocks) if tier_row else qcfg)
         if tier_row:
             expect = (weight_bytes(cfg, L, dtype) + L * tiered_layer_bytes(cfg, qcfg, args.device_blocks, N, dtype)) / GIB
         row, msg = None, None

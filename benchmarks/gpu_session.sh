@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call = build + CUDA tests + layer benchmark (see benchmarks/NOTES_gpu.md).
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [tfused] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [microsel] [micropc [ncupc]] [gemm] [microseam] [mergeab] [bench10] [kvab] [pairab] [cutab] [seamab] [ncuseam] [e2eprof] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
+# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [tfused] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [microsel] [micropc [ncupc]] [gemm] [resgemm] [microseam] [mergeab] [bench10] [kvab] [pairab] [cutab] [seamab] [ncuseam] [e2eprof] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
 # Logs and results go to $OUT (default: /tmp/qllm_out).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -187,6 +187,10 @@ fi
 if [[ " $stages " == *" gemm "* ]]; then
   stamp "projection GEMMs one by one vs concatenated (benchmarks/micro/gemm_fuse.py)"
   timeout 120 python3 benchmarks/micro/gemm_fuse.py --out "$OUT/gemm_fuse.json" 2>&1 | tee "$OUT/gemm_fuse.log" | tail -6
+fi
+if [[ " $stages " == *" resgemm "* ]]; then
+  stamp "residual add apart vs folded into the GEMM (benchmarks/micro/residual_gemm.py)"
+  timeout 120 python3 benchmarks/micro/residual_gemm.py --out "$OUT/residual_gemm.json" 2>&1 | tee "$OUT/residual_gemm.log" | tail -6
 fi
 if [[ " $stages " == *" microseam "* ]]; then
   # the seam launch by phase: per-launch time of six variants and a %globaltimer trace of each,

@@ -12,7 +12,14 @@ that calls one fused kernel instead:
   steps as the module, so the output is bitwise the module's except where the f32 sum of
   squares, added in another order, rounds differently (an ulp of the output, rarely);
 * MLP modules of the classes in :data:`MLP_CLASSES` with SiLU as ``act_fn`` ->
-  ``down_proj(silu_mul(gate_proj(x), up_proj(x)))``, bitwise the module's output.
+  ``down_proj(silu_mul(gate_proj(x), up_proj(x)))``, bitwise the module's output;
+* decoder layers of the classes in :data:`LAYER_CLASSES` whose MLP fuses and whose class
+  ``forward`` is the plain pre-norm block (checked on its source, :func:`_plain_layer`): the two
+  residual adds move into the projections' GEMMs.  ``o_proj`` gets ``addmm(residual, x, W.T)``
+  (cuBLAS adds the residual in its epilogue) and ``down_proj`` adds into the post-attention
+  hidden states in place, so the add kernels and their passes over the hidden states go.  Each
+  sum is rounded once (the module rounds the product, then the sum): not bitwise the module's,
+  closer to float32.
 
 The fused forward runs when the input is a CUDA float16 / bfloat16 tensor, the module's
 weights have that dtype, no gradient is needed and qllm was built with CUDA; otherwise the
@@ -27,7 +34,11 @@ else's (e.g. an accelerate offload hook) are left alone, logged.
 
 from __future__ import annotations
 
+import ast
+import functools
+import inspect
 import logging
+import textwrap
 import types
 
 import torch
@@ -35,7 +46,7 @@ import torch
 from ._ext import ops
 from ._log import log_once
 
-__all__ = ["fuse", "unfuse", "is_fused", "NORM_CLASSES", "MLP_CLASSES"]
+__all__ = ["fuse", "unfuse", "is_fused", "NORM_CLASSES", "MLP_CLASSES", "LAYER_CLASSES"]
 
 NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 """Class names whose forward is ``weight * (x.float() * rsqrt(x.float().pow(2).mean(-1) + eps)).to(dtype)``."""
@@ -43,7 +54,12 @@ NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"
 MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
 """Class names whose forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``."""
 
-_FUSED = "_qllm_fused"  # instance attribute of a fused module: what fuse replaced ("norm" / "mlp")
+LAYER_CLASSES = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
+"""Decoder layer classes whose residual adds fuse may fold into the GEMMs (when their forward is
+the plain pre-norm block, :func:`_plain_layer`)."""
+
+_FUSED = "_qllm_fused"  # instance attribute of a fused module: what fuse replaced ("norm" / "mlp" / "layer" / "residual")
+_RESIDUAL = "_qllm_residual"  # o_proj's pending residual, set by the fused layer forward for one call
 _HALF = (torch.float16, torch.bfloat16)
 _cuda_ops: bool | None = None
 
@@ -92,6 +108,102 @@ def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     return type(self).forward(self, x)
 
 
+def _residual_linear_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """o_proj of a fused layer: plain ``linear`` unless the layer left a residual for this call,
+    which then enters the GEMM (``addmm``, one rounding).  A residual of another shape is left
+    pending: the layer adds it itself."""
+    r = self.__dict__.get(_RESIDUAL)
+    if r is None or r.shape != (*x.shape[:-1], self.out_features) or r.dtype != x.dtype or r.device != x.device:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+    del self.__dict__[_RESIDUAL]
+    return torch.addmm(r.reshape(-1, r.shape[-1]), x.reshape(-1, x.shape[-1]), self.weight.t()).view(r.shape)
+
+
+def _layer_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    mlp, o_proj = self.mlp, self.self_attn.o_proj
+    down = mlp.down_proj
+    why = ("qllm: fused decoder layer: positional arguments after hidden_states: the module's own forward runs"
+           if args else
+           "qllm: fused decoder layer: hooks on its MLP or down_proj: the module's own forward runs"
+           if mlp._forward_hooks or mlp._forward_pre_hooks or down._forward_hooks or down._forward_pre_hooks
+           else _why_not("decoder layer", hidden_states,
+                                 (o_proj.weight, mlp.gate_proj.weight, mlp.up_proj.weight, down.weight)))
+    if why is not None:
+        log_once(logging.INFO, why)
+        return type(self).forward(self, hidden_states, *args, **kwargs)
+    residual = hidden_states
+    o_proj.__dict__[_RESIDUAL] = residual
+    try:
+        # the class forward passes its named arguments and **kwargs through unchanged (_plain_layer)
+        h, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+    finally:
+        pending = o_proj.__dict__.pop(_RESIDUAL, None)
+    if pending is not None:
+        log_once(logging.WARNING, f"qllm: fused decoder layer {type(self).__name__}: o_proj did not take the "
+                                  "residual (not called with the layer's shape): added apart")
+        h = residual + h
+    # h is this forward's own tensor (o_proj's output), so the MLP's residual add goes into it in place
+    x = self.post_attention_layernorm(h)
+    act = ops.silu_mul(mlp.gate_proj(x), mlp.up_proj(x))
+    h.view(-1, h.shape[-1]).addmm_(act.view(-1, act.shape[-1]), down.weight.t())
+    return h
+
+
+_LAYER_STEPS = (
+    "residual = hidden_states",
+    "hidden_states = self.input_layernorm(hidden_states)",
+    None,  # hidden_states, _ = self.self_attn(hidden_states=hidden_states, <each argument by name>, **kwargs)
+    "hidden_states = residual + hidden_states",
+    "residual = hidden_states",
+    "hidden_states = self.post_attention_layernorm(hidden_states)",
+    "hidden_states = self.mlp(hidden_states)",
+    "hidden_states = residual + hidden_states",
+    "return hidden_states",
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _plain_layer(cls: type) -> bool:
+    """Whether ``cls.forward`` is exactly the pre-norm block :func:`_layer_forward` computes:
+    the statements of :data:`_LAYER_STEPS`, the attention called with hidden_states and every
+    other argument of forward passed by its own name plus ``**kwargs``.  Another transformers
+    version that changes the block (a scale, a dropout, other arguments) fails the check and
+    keeps its own forward."""
+    try:
+        fn = inspect.unwrap(cls.forward)
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    f = tree.body[0] if tree.body else None
+    if not isinstance(f, ast.FunctionDef):
+        return False
+    body = list(f.body)
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]  # docstring
+    if len(body) != len(_LAYER_STEPS) or f.args.vararg is not None or f.args.kwarg is None:
+        return False
+    for stmt, want in zip(body, _LAYER_STEPS):
+        if want is not None and ast.unparse(stmt) != want:
+            return False
+    call = body[2]
+    if not (isinstance(call, ast.Assign) and ast.unparse(call.targets[0]) == "(hidden_states, _)"
+            and isinstance(call.value, ast.Call) and ast.unparse(call.value.func) == "self.self_attn"
+            and not call.value.args):
+        return False
+    named = [a.arg for a in f.args.args + f.args.kwonlyargs][1:]  # without self
+    passed = {}
+    for kw in call.value.keywords:
+        if kw.arg is None:
+            if not (isinstance(kw.value, ast.Name) and kw.value.id == f.args.kwarg.arg):
+                return False
+            passed["**"] = True
+        elif isinstance(kw.value, ast.Name) and kw.value.id == kw.arg:
+            passed[kw.arg] = True
+        else:
+            return False
+    return set(passed) == set(named) | {"**"} and named[:1] == ["hidden_states"]
+
+
 def _is_silu(act) -> bool:
     return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
@@ -108,6 +220,19 @@ def _kind(module: torch.nn.Module) -> str | None:
         projs = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
         if all(isinstance(p, torch.nn.Linear) for p in projs) and _is_silu(getattr(module, "act_fn", None)):
             return "mlp"
+    elif name in LAYER_CLASSES:
+        o_proj = getattr(getattr(module, "self_attn", None), "o_proj", None)
+        mlp = getattr(module, "mlp", None)
+        # plain nn.Linear projections only (not a quantized subclass): their weights enter addmm directly
+        if (type(o_proj) is torch.nn.Linear and o_proj.bias is None and mlp is not None and _kind(mlp) == "mlp"
+                and type(mlp.down_proj) is torch.nn.Linear and mlp.down_proj.bias is None
+                and "forward" not in o_proj.__dict__ and ("forward" not in mlp.__dict__ or is_fused(mlp))
+                and all(isinstance(getattr(module, n, None), torch.nn.Module)
+                        for n in ("input_layernorm", "post_attention_layernorm"))):
+            if _plain_layer(type(module)):
+                return "layer"
+            log_once(logging.INFO, f"qllm: fused kernels: {type(module).__name__}.forward is not the plain "
+                                   "pre-norm block: its residual adds stay apart")
     return None
 
 
@@ -117,8 +242,9 @@ def is_fused(module: torch.nn.Module) -> bool:
 
 
 def fuse(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Give every matching RMSNorm and MLP module of ``model`` the fused forward (see the module
-    docstring); returns the modules fused by this call (none already fused are counted again)."""
+    """Give every matching RMSNorm, MLP and decoder layer of ``model`` the fused forward (see the
+    module docstring; a fused layer's ``o_proj`` is returned too); returns the modules fused by
+    this call (none already fused are counted again)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"qllm.fused.fuse: model: expected a torch.nn.Module, got {type(model).__name__}")
     done = []
@@ -130,10 +256,18 @@ def fuse(model: torch.nn.Module) -> list[torch.nn.Module]:
             log_once(logging.INFO, f"qllm: fused kernels: {type(mod).__name__} {name!r} already has an instance "
                                    "forward (a hook of another library?): left as it is")
             continue
-        mod.forward = types.MethodType(_norm_forward if kind == "norm" else _mlp_forward, mod)
+        mod.forward = types.MethodType(_FORWARDS[kind], mod)
         setattr(mod, _FUSED, kind)
         done.append(mod)
+        if kind == "layer":
+            o_proj = mod.self_attn.o_proj
+            o_proj.forward = types.MethodType(_residual_linear_forward, o_proj)
+            setattr(o_proj, _FUSED, "residual")
+            done.append(o_proj)
     return done
+
+
+_FORWARDS = {"norm": _norm_forward, "mlp": _mlp_forward, "layer": _layer_forward}
 
 
 def unfuse(model: torch.nn.Module, modules: list[torch.nn.Module] | None = None) -> int:

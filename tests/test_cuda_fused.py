@@ -11,7 +11,10 @@ they replace, on the same GPU, and qllm.fused on a tiny Llama.  Skipped without 
   row, element-wise path otherwise) and larger ones, 1 / 3 / 1000 rows, strided / misaligned /
   transposed / expanded inputs, empty tensors; bad inputs raise; opcheck; CUDA-graph capture;
 * a tiny random Llama in bf16 / f16: fused logits vs unfused within a fraction of the model's own
-  low-precision error, the ops seen in the profile, unfuse bitwise back to the model's.
+  low-precision error, the ops seen in the profile, unfuse bitwise back to the model's;
+* a fused decoder layer of Llama-3-8B width (residual adds inside the o_proj / down_proj GEMMs):
+  no further from a float32 run of the layer than the unfused layer is, the layer's input untouched,
+  the output written into o_proj's output, and the same in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -337,7 +340,7 @@ def test_tiny_llama_fused(dtype):
         before = model(ids.to(DEV)).logits
         assert _op_counts(lambda: model(ids.to(DEV))) == {"rms_norm": 0, "silu_mul": 0}
         got_mods = fused.fuse(model)
-        assert len(got_mods) == 5 + 2
+        assert len(got_mods) == 5 + 2 + 2 * 2  # norms, MLPs, decoder layers and their o_proj
         got = model(ids.to(DEV)).logits
         assert _op_counts(lambda: model(ids.to(DEV))) == {"rms_norm": 5, "silu_mul": 2}
     base = float((before.float().cpu() - want32).norm() / want32.norm())  # the model's own low-precision error
@@ -352,7 +355,7 @@ def test_tiny_llama_fused(dtype):
     assert err <= min(base, 5e-3), (err, base)
     assert fused32 <= 1.5 * base, (fused32, base)
     assert float((got.argmax(-1) == before.argmax(-1)).float().mean()) >= 0.98
-    assert fused.unfuse(model) == 7
+    assert fused.unfuse(model) == 11
     with torch.no_grad():
         assert torch.equal(model(ids.to(DEV)).logits, before)
 
@@ -366,9 +369,84 @@ def test_patched_tiny_llama_uses_the_ops():
                           chunk_size=128)
     with torch.no_grad():
         with qllm.patched(model, cfg):
-            assert len(model._qllm.fused) == 7
+            assert len(model._qllm.fused) == 11
             counts = _op_counts(lambda: model(ids))
         assert counts["rms_norm"] >= 5 and counts["silu_mul"] >= 2
         with qllm.patched(model, cfg.replace(fused_kernels=False)):
             assert _op_counts(lambda: model(ids)) == {"rms_norm": 0, "silu_mul": 0}
     assert not any(fused.is_fused(m) for m in model.modules())
+
+
+def _layer_8b(seed: int, dtype, tokens: int):
+    """One Llama decoder layer of Llama-3-8B width (hidden 4096, 32 / 8 heads, MLP 14336), its
+    input, rotary tables, and a float32 copy (the reference)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                      head_dim=128, attn_implementation="sdpa")
+    lay = LlamaDecoderLayer(cfg, 0).eval()
+    with torch.no_grad():
+        for p in lay.parameters():
+            p.normal_(0, 0.02) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    ref = LlamaDecoderLayer(cfg, 0).eval().to(DEV)
+    lay = lay.to(DEV, dtype)
+    ref.load_state_dict({k: v.float() for k, v in lay.state_dict().items()})
+    x = _randn(_gen(seed + 1), 1, tokens, 4096, dtype=dtype)
+    cos, sin = LlamaRotaryEmbedding(cfg).to(DEV)(x, torch.arange(tokens, device=DEV)[None])
+    return lay, ref, x, (cos, sin)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens", [1, 333])
+def test_fused_layer_8b_width(dtype, tokens):
+    """The residual adds inside the GEMMs: as close to float32 as the unfused layer (one rounding
+    per sum instead of two), the input untouched, the output in o_proj's output tensor."""
+    lay, ref, x, pe = _layer_8b(4, dtype, tokens)
+    kw = dict(attention_mask=None, position_embeddings=pe)
+    with torch.no_grad():
+        want32 = ref(x.float(), attention_mask=None, position_embeddings=tuple(t.float() for t in pe))
+        before = lay(x, **kw)
+        got_mods = fused.fuse(lay)
+        assert lay in got_mods and lay.self_attn.o_proj in got_mods
+        keep = x.clone()
+        ptrs = []
+        h = lay.self_attn.o_proj.register_forward_hook(lambda m, a, o: ptrs.append(o.data_ptr()))
+        got = lay(x, **kw)
+        h.remove()
+    assert torch.equal(x, keep)
+    assert ptrs == [got.data_ptr()]
+
+    def rel(a, b):
+        return float((a.float() - b.float()).norm() / b.float().norm())
+
+    base, mine, between = rel(before, want32), rel(got, want32), rel(got, before)
+    print(f"{dtype} T={tokens}: fused layer vs float32 {mine:.3g}, unfused vs float32 {base:.3g}, "
+          f"fused vs unfused {between:.3g}")
+    assert mine <= 1.05 * base, (mine, base)
+    assert between <= 2 * base, (between, base)
+    fused.unfuse(lay)
+
+
+def test_fused_layer_in_a_cuda_graph():
+    """The fused layer captured in a CUDA graph replays to what it computes eagerly on new inputs."""
+    lay, _, x, pe = _layer_8b(5, torch.bfloat16, 64)
+    kw = dict(attention_mask=None, position_embeddings=pe)
+    fused.fuse(lay)
+    with torch.no_grad():
+        lay(x, **kw)  # warm-up (cuBLAS workspaces) before the capture
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            lay(x, **kw)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = lay(x, **kw)
+        for seed in (6, 7):
+            x.copy_(_randn(_gen(seed), 1, 64, 4096, dtype=torch.bfloat16))
+            graph.replay()
+            want = lay(x, **kw)
+            torch.testing.assert_close(out, want)
+    fused.unfuse(lay)
