@@ -658,6 +658,8 @@ def main() -> None:
     ap.add_argument("--device-blocks", type=int, default=256, help="device block budget per layer of the tiered rows")
     ap.add_argument("--host-fraction", type=float, default=0.7,
                     help="share of MemAvailable the pinned host tier of the tiered 1M row may take")
+    ap.add_argument("--question-apart", action="store_true",
+                    help="run the question's forward whole before the prompt (default: alongside its first chunk)")
     ap.add_argument("--unfuse-layers", action="store_true",
                     help="keep the decoder layers' residual adds apart (qllm.fused folds them into the GEMMs)")
     ap.add_argument("--tiny", action="store_true", help="small float32 model on the CPU (smoke test)")
@@ -665,6 +667,8 @@ def main() -> None:
     args = ap.parse_args()
     global FUSED_LAYERS
     FUSED_LAYERS = not args.unfuse_layers
+    if args.question_apart:
+        sys.modules["qllm.patch"]._QUESTION_ALONGSIDE = False
 
     if args.tiny:
         dev, dtype, shape = torch.device("cpu"), torch.float32, TINY
@@ -686,6 +690,7 @@ def main() -> None:
     rows = []
     info = machine_info()
     info["fused_layers"] = FUSED_LAYERS
+    info["question_alongside"] = sys.modules["qllm.patch"]._QUESTION_ALONGSIDE
     total = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None
 
     def save(final: bool = False):

@@ -13,7 +13,8 @@ of projections, q/k norms and everything else; it only
    (the name ``"qllm"``; unpatched layers are forwarded to the original
    implementation);
 3. wraps the decoder's ``forward`` to attach a :class:`QLLMCache`, encode the
-   question, and feed long prompts in chunks;
+   question (alongside the prompt's first chunk, layer by layer: :class:`_QuestionPass`),
+   and feed long prompts in chunks;
 4. with ``QLLMConfig.fused_kernels`` (all strategies), gives the RMSNorms and
    MLPs fused CUDA kernels (:mod:`qllm.fused`).
 
@@ -26,6 +27,7 @@ import contextlib
 import inspect
 import logging
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -72,6 +74,7 @@ class PatchHandle:
     _rope: dict = field(default_factory=dict)
     _identity: dict = field(default_factory=dict)  # (shape, dtype, device) -> marked identity cos/sin
     fused: list = field(default_factory=list)  # modules given fused kernels (qllm.fused)
+    question_pass: "_QuestionPass | None" = None  # the question's forward running alongside a first call
 
     def identity_rope(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Identity cos/sin shaped like the model's (ones, zeros), made once per shape and
@@ -277,13 +280,32 @@ def _wrap_forward(handle: PatchHandle):
         if cache.n_seen == 0 and isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
             # checked on the prompt only: later steps only append tokens (no host sync per token)
             raise _bad_input("attention_mask: padding is not supported (batch size 1, no padding tokens)")
+        qp = None
         if cache.n_seen == 0 and not cache.has_question and cache.mode == "text":
-            _encode_question(handle, cache, input_ids)
+            qp = _question_pass(handle, cache, input_ids)
+            if qp is not None and not _QUESTION_ALONGSIDE:
+                qp.finish()
+                qp = None
+        if qp is None:
+            return _prompt(kwargs, cache, input_ids, x)
+        if handle.question_pass is not None:
+            raise RuntimeError("qllm: a question pass is already running on this model (calls from two threads?)")
+        handle.question_pass = qp  # the decoder-layer pre-hooks run it alongside the first chunk
+        try:
+            return _prompt(kwargs, cache, input_ids, x, qp)
+        finally:
+            handle.question_pass = None
+            if not qp.done:  # the prompt call failed before the question's forward ended
+                qp.abort()
+
+    def _prompt(kwargs, cache, input_ids, x, qp=None):
         kwargs["use_cache"] = True
         T = x.shape[1]
         cs = handle.config.chunk_size
         if T <= cs:
             out = orig(**kwargs, **{cache_kw: cache})
+            if qp is not None:
+                qp.finish()
             cache.n_seen += T
             return out
         if kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
@@ -298,6 +320,9 @@ def _wrap_forward(handle: PatchHandle):
             kw.pop("attention_mask", None)
             kw.pop("position_ids", None)
             out = orig(**kw, **{cache_kw: cache})
+            if qp is not None:
+                qp.finish()
+                qp = None
             cache.n_seen += kw[key].shape[1]
             h = out.last_hidden_state
             if hidden is None:
@@ -313,8 +338,128 @@ def _wrap_forward(handle: PatchHandle):
     return forward
 
 
-def _encode_question(handle: PatchHandle, cache: QLLMCache, input_ids: torch.Tensor | None) -> None:
-    """Run the question tokens through the model once to get per-layer question vectors."""
+# The question's forward runs alongside the first chunk of the prompt, layer by layer
+# (_QuestionPass); False: whole, before the prompt (the earlier order, same results; for A/B
+# measurements, benchmarks/bench_e2e.py --question-apart).
+_QUESTION_ALONGSIDE = True
+
+
+class _QuestionAborted(Exception):
+    """Raised inside the question's worker thread to unwind it when the prompt call failed."""
+
+
+class _QuestionPass:
+    """The question's forward through the model (per-layer question vectors, rule 7), run in a
+    worker thread in lockstep with the first chunk of the prompt.
+
+    Before the prompt's decoder layer i runs, the worker runs the question through layer i and
+    stops at the start of layer i+1 (decoder-layer pre-hooks, :func:`_layer_pre_hook`).  The two
+    threads strictly alternate -- one waits while the other runs -- and the worker uses the
+    caller's CUDA stream, so every kernel is enqueued in the order of the sequential pass (the
+    question's layer i before the prompt's layer i) and the results are the same.  What changes
+    is the GPU's idle time: alone, the question's ~30 small ops per layer keep the GPU waiting on
+    the host (~50 ms for an 8B model); alongside, the host enqueues them while the GPU works
+    through the prompt's earlier layers.
+    """
+
+    def __init__(self, handle: PatchHandle, cache: QLLMCache, ids: torch.Tensor):
+        self.handle, self.cache, self.ids = handle, cache, ids
+        self.scratch = QLLMCache(handle)
+        self.scratch.mode = "question"
+        self.stream = torch.cuda.current_stream(ids.device) if ids.is_cuda else None
+        self.cond = threading.Condition()
+        self.allowed = -1  # the worker may run the layers up to this one
+        self.at = -1  # the layer at whose start the worker waits
+        self.done = False
+        self.aborted = False
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+        self.published: set = set()
+
+    # ---- worker thread
+    def _run(self) -> None:
+        try:
+            stream = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+            orig = type(self.handle.base).forward.__get__(self.handle.base)
+            with stream, torch.no_grad():
+                orig(input_ids=self.ids, use_cache=True, **{self.handle.cache_kw: self.scratch})
+        except BaseException as exc:  # noqa: BLE001  (handed to the caller's thread)
+            self.error = exc
+        finally:
+            with self.cond:
+                self.done = True
+                self.cond.notify_all()
+
+    def _worker_at(self, i: int) -> None:
+        with self.cond:
+            self.at = i
+            self.cond.notify_all()
+            while self.allowed < i and not self.aborted:
+                self.cond.wait()
+            if self.aborted:
+                raise _QuestionAborted()
+
+    # ---- caller's thread
+    def _advance(self, upto: int) -> None:
+        """Let the worker run through layer ``upto`` and wait until it stops after it (or ends)."""
+        with self.cond:
+            self.allowed = max(self.allowed, upto)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="qllm-question", daemon=True)
+                self.thread.start()
+            self.cond.notify_all()
+            while not self.done and self.at <= upto:
+                self.cond.wait()
+        if self.error is not None:
+            self.abort()
+            raise self.error
+        self._publish()
+
+    def at_layer(self, i: int) -> None:
+        """Decoder layer ``i`` is about to run, in this thread."""
+        if threading.current_thread() is self.thread:
+            self._worker_at(i)
+        else:
+            self._advance(i)
+
+    def _publish(self) -> None:
+        """Hand the question vectors of the layers done so far to the prompt's cache."""
+        cache, handle = self.cache, self.handle
+        for i, m in list(self.scratch.memories.items()):
+            if i in self.published or m.question is None:
+                continue
+            if handle.question_heads and cache.relevance is None:
+                cache.relevance = QuestionRelevance(handle.question_heads, m.device)
+            mem = cache.memory(i, m.n_q_heads, m.n_kv_heads, m.head_dim, m.dtype, m.device)
+            mem.question = m.question
+            mem.question_tokens = m.question_tokens
+            self.published.add(i)
+
+    def finish(self) -> None:
+        """Run what is left of the question's forward and wait for it."""
+        self._advance(1 << 62)
+        self.thread.join()
+        log.info("qllm: question of %d tokens encoded", self.ids.shape[1])
+
+    def abort(self) -> None:
+        """Unwind the worker (the prompt call failed) and wait for it."""
+        with self.cond:
+            self.aborted = True
+            self.cond.notify_all()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join()
+
+
+def _layer_pre_hook(handle: PatchHandle, i: int):
+    def hook(module, args):
+        qp = handle.question_pass
+        if qp is not None:
+            qp.at_layer(i)
+    return hook
+
+
+def _question_pass(handle: PatchHandle, cache: QLLMCache, input_ids: torch.Tensor | None) -> "_QuestionPass | None":
+    """Check the question and set up its forward (not started), or None when there is none."""
     cfg = handle.config
     q = handle.question
     cache.has_question = True  # decided once per cache
@@ -342,19 +487,15 @@ def _encode_question(handle: PatchHandle, cache: QLLMCache, input_ids: torch.Ten
     if n > cfg.question_limit:
         raise _bad_input(f"question: {n} tokens, at most {cfg.question_limit} supported "
                          "(QLLMConfig.max_question_tokens, default n_local)")
-    scratch = QLLMCache(handle)
-    scratch.mode = "question"
-    orig = type(handle.base).forward.__get__(handle.base)
-    with torch.no_grad():
-        orig(input_ids=ids, use_cache=True, **{handle.cache_kw: scratch})
-    if handle.question_heads:
-        cache.relevance = QuestionRelevance(handle.question_heads, next(iter(scratch.memories.values())).device)
-    for i, m in scratch.memories.items():
-        mem = cache.memory(i, m.n_q_heads, m.n_kv_heads, m.head_dim, m.dtype, m.device)
-        mem.question = m.question
-        mem.question_tokens = m.question_tokens
     cache.question_ids = ids[0].detach().clone()
-    log.info("qllm: question of %d tokens encoded", n)
+    return _QuestionPass(handle, cache, ids)
+
+
+def _encode_question(handle: PatchHandle, cache: QLLMCache, input_ids: torch.Tensor | None) -> None:
+    """Run the question tokens through the model once, whole, to get per-layer question vectors."""
+    qp = _question_pass(handle, cache, input_ids)
+    if qp is not None:
+        qp.finish()
 
 
 # -------------------------------------------------------------------- API
@@ -415,6 +556,8 @@ def patch(model: torch.nn.Module, config: QLLMConfig | None = None) -> torch.nn.
         mod.self_attn._qllm_owner = handle
     for i, mod in attn.items():
         handle.hooks.append(mod.register_forward_pre_hook(_attn_pre_hook(handle), with_kwargs=True))
+    for i, layer in enumerate(layers):
+        handle.hooks.append(layer.register_forward_pre_hook(_layer_pre_hook(handle, i)))
     for modname in sorted({type(m).__module__ for m in attn.values()}):
         if _wrap_rope(modname):
             handle.rope_modules.append(modname)

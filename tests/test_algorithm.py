@@ -346,6 +346,35 @@ def test_encode_question(heads, n):
     assert torch.equal(q_fix, _fixed_query(q.float(), tab, cfg.n_local))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("heads,n", [((4, 2), 1), ((4, 2), 7), ((8, 2), 23), ((4, 4), BASE.n_local)])
+def test_encode_question_is_the_generic_block(dtype, heads, n):
+    """encode_question is _exec_block on a fresh streaming memory (one execution block of the
+    question, no init tokens) written out: bitwise the same output, token scores and vector."""
+    from qllm.attention import _exec_block, _fixed_query
+    from qllm.retrieval import question_vector
+
+    hq, hkv = heads
+    d = 16
+    cfg = BASE
+    tab = table_for(cfg, d, "yarn")
+    g = torch.Generator().manual_seed(7 * n + hq)
+    q = (torch.randn(hq, n, d, generator=g) * 2).to(dtype)
+    k = torch.randn(hkv, n, d, generator=g).to(dtype)
+    v = torch.randn(hkv, n, d, generator=g).to(dtype)
+    mem = LayerMemory(cfg, hq, hkv, d, dtype, CPU)
+    out, qvec, q_fix = encode_question(mem, q, k, v, tab, d ** -0.5, return_fixed=True)
+    scratch = LayerMemory(cfg.replace(strategy="streaming", n_init=0, exc_block_size=n), hq, hkv, d, dtype, CPU)
+    want_fix = _fixed_query(q.float(), tab, cfg.n_local)
+    want = _exec_block(scratch, q, k, v, tab, d ** -0.5, q_fix=want_fix)
+    assert out.dtype == dtype and torch.equal(out, want)
+    assert torch.equal(q_fix, want_fix)
+    assert torch.equal(qvec, question_vector(want_fix, scratch.tail_scores, cfg))
+    with pytest.raises(ValueError, match="n_local"):
+        encode_question(mem, q.new_zeros(hq, cfg.n_local + 1, d), k.new_zeros(hkv, cfg.n_local + 1, d),
+                        v.new_zeros(hkv, cfg.n_local + 1, d), tab, d ** -0.5)
+
+
 def test_retrieval_ties_go_to_lower_block():
     """All blocks with identical keys: identical representatives, exactly tied scores -> lowest ids."""
     cfg = BASE.replace(strategy="infllm", topk=3)

@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 import torch
@@ -243,9 +244,12 @@ def _check_recorded(model, cfg, rec, question_ids):
     layers = base_of(model).layers
     qmode = [e for e in rec if e["mode"] == "question"]
     text = [e for e in rec if e["mode"] != "question"]
-    if qmode:  # question pass first, once per layer
-        assert rec[: len(qmode)] == qmode
-        assert len(qmode) == len(layers)
+    if qmode:  # the question pass once per layer, each layer's before the prompt's first call of that layer
+        assert sorted(e["layer"] for e in qmode) == list(range(len(layers)))
+        pos = {id(e): n for n, e in enumerate(rec)}
+        for e in qmode:
+            first = next(f for f in rec if f["mode"] != "question" and f["layer"] == e["layer"])
+            assert pos[id(e)] < pos[id(first)]
     questions = {}
     for e in qmode:
         assert e["q"].shape[1] == question_ids.numel()
@@ -643,3 +647,101 @@ def test_rope_wrapper_skips_identity_only_and_is_removed_by_unpatch():
             qllm.unpatch(m1)
         qllm.unpatch(m2)
     assert ml.apply_rotary_pos_emb is orig
+
+
+# ------------------------------------------ the question pass alongside the first chunk
+
+
+def _question_run(model, cfg, ids, q_ids, alongside: bool, monkeypatch):
+    """One prompt call with a question: logits, per-layer question vectors and question-token
+    queries, and the order of the recorded calls (mode, layer)."""
+    qpatch = sys.modules["qllm.patch"]  # (qllm.patch, the attribute, is the function)
+
+    monkeypatch.setattr(qpatch, "_QUESTION_ALONGSIDE", alongside)
+    with qllm.patched(model, cfg):
+        qllm.set_question(model, q_ids)
+        with qllm.record(model) as rec:
+            with torch.no_grad():
+                out = model(input_ids=ids)
+        cache = out_cache(out)
+        vecs = {i: (m.question, m.question_tokens) for i, m in cache.memories.items()}
+    order = [(e["mode"], e["layer"]) for e in rec]
+    return out.logits, vecs, order, cache
+
+
+@pytest.mark.parametrize("family,n", [("llama", 30), ("llama", 150), ("qwen3", 150), ("gemma3", 150)])
+def test_question_alongside_matches_apart(family, n, monkeypatch):
+    """The question's forward run layer by layer alongside the first chunk gives bitwise the
+    results of running it whole first; its layer i runs before the prompt's layer i and, with more
+    than one layer, after the prompt's layer i-1 (it really runs alongside)."""
+    model = make_model(family, seed=40)
+    cfg = CFG.replace(chunk_size=64)
+    ids, q_ids = ids_of(n, seed=41), ids_of(9, seed=42)[0]
+    a = _question_run(model, cfg, ids, q_ids, False, monkeypatch)
+    b = _question_run(model, cfg, ids, q_ids, True, monkeypatch)
+    assert torch.equal(a[0], b[0])
+    assert a[1].keys() == b[1].keys() and a[1]
+    for i in a[1]:
+        assert torch.equal(a[1][i][0], b[1][i][0]) and torch.equal(a[1][i][1], b[1][i][1])
+    patched = sorted(a[1])
+    q_apart = [k for k, e in enumerate(a[2]) if e[0] == "question"]
+    assert q_apart == list(range(len(patched)))  # apart: the whole question pass first
+    order = b[2]
+    for j, i in enumerate(patched):
+        qpos = order.index(("question", i))
+        assert qpos < order.index(("text", i))
+        if j > 0:
+            assert qpos > order.index(("text", patched[j - 1]))
+    assert not [t for t in threading.enumerate() if t.name == "qllm-question"]
+    assert b[3].question_ids is not None and torch.equal(b[3].question_ids, q_ids)
+
+
+def test_question_alongside_worker_error_reaches_the_caller(monkeypatch):
+    """An error inside the question's forward (here its layer 1) is raised in the caller's
+    thread; the worker ends, the model is usable again."""
+    qpatch = sys.modules["qllm.patch"]  # (qllm.patch, the attribute, is the function)
+
+    model = make_model("llama", seed=43)
+    real = qpatch.encode_question
+
+    def failing(mem, *args, **kw):
+        if mem.layer_idx == 1:
+            raise RuntimeError("question layer 1 failed")
+        return real(mem, *args, **kw)
+
+    with qllm.patched(model, CFG):
+        qllm.set_question(model, ids_of(6, seed=44)[0])
+        monkeypatch.setattr(qpatch, "encode_question", failing)
+        with pytest.raises(RuntimeError, match="question layer 1 failed"):
+            logits(model, ids_of(40, seed=45))
+        assert model._qllm.question_pass is None
+        assert not [t for t in threading.enumerate() if t.name == "qllm-question"]
+        monkeypatch.setattr(qpatch, "encode_question", real)
+        qllm.set_question(model, ids_of(6, seed=44)[0])
+        got = logits(model, ids_of(40, seed=45))
+    monkeypatch.setattr(qpatch, "_QUESTION_ALONGSIDE", False)
+    with qllm.patched(model, CFG):
+        qllm.set_question(model, ids_of(6, seed=44)[0])
+        assert torch.equal(logits(model, ids_of(40, seed=45)), got)
+
+
+def test_question_alongside_prompt_error_ends_the_worker(monkeypatch):
+    """An error in the prompt's own forward (here its attention at layer 1) ends the waiting
+    worker: the error reaches the caller and no worker thread is left."""
+    qpatch = sys.modules["qllm.patch"]  # (qllm.patch, the attribute, is the function)
+
+    model = make_model("llama", seed=46)
+    real = qpatch.attend
+
+    def failing(mem, *args, **kw):
+        if mem.layer_idx == 1:
+            raise RuntimeError("prompt layer 1 failed")
+        return real(mem, *args, **kw)
+
+    with qllm.patched(model, CFG):
+        qllm.set_question(model, ids_of(6, seed=47)[0])
+        monkeypatch.setattr(qpatch, "attend", failing)
+        with pytest.raises(RuntimeError, match="prompt layer 1 failed"):
+            logits(model, ids_of(40, seed=48))
+        assert model._qllm.question_pass is None
+        assert not [t for t in threading.enumerate() if t.name == "qllm-question"]
