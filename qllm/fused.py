@@ -16,8 +16,10 @@ that calls one fused kernel instead:
 * decoder layers of the classes in :data:`LAYER_CLASSES` whose MLP fuses and whose class
   ``forward`` is the plain pre-norm block (checked on its source, :func:`_plain_layer`): the two
   residual adds move into the projections' GEMMs.  ``o_proj`` gets ``addmm(residual, x, W.T)``
-  (cuBLAS adds the residual in its epilogue) and ``down_proj`` adds into the post-attention
-  hidden states in place, so the add kernels and their passes over the hidden states go.  Each
+  (cuBLAS adds the residual in its epilogue; in place into the input inside
+  :func:`residual_in_place`, when the input is the previous fused layer's output) and
+  ``down_proj`` adds into the post-attention hidden states in place, so the add kernels and
+  their passes over the hidden states go.  Each
   sum is rounded once (the module rounds the product, then the sum): not bitwise the module's,
   closer to float32.
 
@@ -35,6 +37,8 @@ else's (e.g. an accelerate offload hook) are left alone, logged.
 from __future__ import annotations
 
 import ast
+import contextlib
+import contextvars
 import functools
 import inspect
 import logging
@@ -46,7 +50,7 @@ import torch
 from ._ext import ops
 from ._log import log_once
 
-__all__ = ["fuse", "unfuse", "is_fused", "NORM_CLASSES", "MLP_CLASSES", "LAYER_CLASSES"]
+__all__ = ["fuse", "unfuse", "is_fused", "residual_in_place", "NORM_CLASSES", "MLP_CLASSES", "LAYER_CLASSES"]
 
 NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 """Class names whose forward is ``weight * (x.float() * rsqrt(x.float().pow(2).mean(-1) + eps)).to(dtype)``."""
@@ -59,7 +63,23 @@ LAYER_CLASSES = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"
 the plain pre-norm block, :func:`_plain_layer`)."""
 
 _FUSED = "_qllm_fused"  # instance attribute of a fused module: what fuse replaced ("norm" / "mlp" / "layer" / "residual")
-_RESIDUAL = "_qllm_residual"  # o_proj's pending residual, set by the fused layer forward for one call
+_RESIDUAL = "_qllm_residual"  # o_proj's pending (residual, in place), set by the fused layer forward for one call
+_LAYER_OUT = "_qllm_layer_out"  # mark of a fused layer's output tensor
+_IN_PLACE = contextvars.ContextVar("qllm_residual_in_place", default=False)
+
+
+@contextlib.contextmanager
+def residual_in_place(on: bool = True):
+    """Inside the block (this thread), a fused layer whose input is the previous fused layer's
+    output adds its attention residual into that input in place (``addmm_``) instead of into a
+    copy (``addmm`` copies the residual first: one more pass over the hidden states per layer).
+    Only for callers that know no one else holds the layers' outputs: the patched model's forward
+    (qllm.patch) turns it on for its layer loop unless hidden states are to be returned."""
+    token = _IN_PLACE.set(bool(on))
+    try:
+        yield
+    finally:
+        _IN_PLACE.reset(token)
 _HALF = (torch.float16, torch.bfloat16)
 _cuda_ops: bool | None = None
 
@@ -112,10 +132,14 @@ def _residual_linear_forward(self, x: torch.Tensor) -> torch.Tensor:
     """o_proj of a fused layer: plain ``linear`` unless the layer left a residual for this call,
     which then enters the GEMM (``addmm``, one rounding).  A residual of another shape is left
     pending: the layer adds it itself."""
-    r = self.__dict__.get(_RESIDUAL)
+    pending = self.__dict__.get(_RESIDUAL)
+    r, in_place = pending if pending is not None else (None, False)
     if r is None or r.shape != (*x.shape[:-1], self.out_features) or r.dtype != x.dtype or r.device != x.device:
         return torch.nn.functional.linear(x, self.weight, self.bias)
     del self.__dict__[_RESIDUAL]
+    if in_place:
+        r.view(-1, r.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), self.weight.t())
+        return r
     return torch.addmm(r.reshape(-1, r.shape[-1]), x.reshape(-1, x.shape[-1]), self.weight.t()).view(r.shape)
 
 
@@ -132,7 +156,10 @@ def _layer_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.
         log_once(logging.INFO, why)
         return type(self).forward(self, hidden_states, *args, **kwargs)
     residual = hidden_states
-    o_proj.__dict__[_RESIDUAL] = residual
+    # in place into the input only when it is the previous fused layer's output, inside the
+    # patched model's layer loop (residual_in_place): the caller's own tensors are never written
+    in_place = _IN_PLACE.get() and getattr(hidden_states, _LAYER_OUT, False) and hidden_states.is_contiguous()
+    o_proj.__dict__[_RESIDUAL] = (residual, in_place)
     try:
         # the class forward passes its named arguments and **kwargs through unchanged (_plain_layer)
         h, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
@@ -142,10 +169,12 @@ def _layer_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.
         log_once(logging.WARNING, f"qllm: fused decoder layer {type(self).__name__}: o_proj did not take the "
                                   "residual (not called with the layer's shape): added apart")
         h = residual + h
-    # h is this forward's own tensor (o_proj's output), so the MLP's residual add goes into it in place
+    # h is o_proj's output: this forward's own tensor, or its input written in place (ours too),
+    # so the MLP's residual add goes into it in place
     x = self.post_attention_layernorm(h)
     act = ops.silu_mul(mlp.gate_proj(x), mlp.up_proj(x))
     h.view(-1, h.shape[-1]).addmm_(act.view(-1, act.shape[-1]), down.weight.t())
+    setattr(h, _LAYER_OUT, True)
     return h
 
 

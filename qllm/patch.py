@@ -39,7 +39,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from .attention import RopeTable, attend, encode_question
 from .cache import QLLMCache
 from .config import QLLMConfig
-from .fused import fuse, unfuse
+from .fused import fuse, residual_in_place, unfuse
 from .gpu import CudaLayerMemory, attend_cuda
 from .heads import resolve_question_heads
 from .retrieval import QuestionRelevance
@@ -286,13 +286,18 @@ def _wrap_forward(handle: PatchHandle):
             if qp is not None and not _QUESTION_ALONGSIDE:
                 qp.finish()
                 qp = None
+        # the layers' outputs stay inside the layer loop unless hidden states are returned: fused
+        # layers may then add their attention residual in place (qllm.fused.residual_in_place)
+        private = not (kwargs.get("output_hidden_states") or getattr(handle.text_config, "output_hidden_states", False))
         if qp is None:
-            return _prompt(kwargs, cache, input_ids, x)
+            with residual_in_place(private):
+                return _prompt(kwargs, cache, input_ids, x)
         if handle.question_pass is not None:
             raise RuntimeError("qllm: a question pass is already running on this model (calls from two threads?)")
         handle.question_pass = qp  # the decoder-layer pre-hooks run it alongside the first chunk
         try:
-            return _prompt(kwargs, cache, input_ids, x, qp)
+            with residual_in_place(private):
+                return _prompt(kwargs, cache, input_ids, x, qp)
         finally:
             handle.question_pass = None
             if not qp.done:  # the prompt call failed before the question's forward ended

@@ -426,6 +426,13 @@ def test_fused_layer_8b_width(dtype, tokens):
           f"fused vs unfused {between:.3g}")
     assert mine <= 1.05 * base, (mine, base)
     assert between <= 2 * base, (between, base)
+    # inside residual_in_place, an input marked as a fused layer's output takes the attention
+    # residual in place: the same values (addmm copies the residual, then runs the same GEMM)
+    x2 = x.clone()
+    setattr(x2, "_qllm_layer_out", True)
+    with torch.no_grad(), fused.residual_in_place():
+        got2 = lay(x2, **kw)
+    assert got2.data_ptr() == x2.data_ptr() and torch.equal(got2, got)
     fused.unfuse(lay)
 
 

@@ -405,3 +405,58 @@ def test_unpatch_keeps_fusion_made_before_patch():
         assert model._qllm.fused == []
     assert all(is_fused(m) for m in mine)
     unfuse(model)
+
+
+def _layer_ptrs(model):
+    """Forward hooks keeping each decoder layer's (input, output) data pointers."""
+    ptrs, handles = [], []
+    for lay in model.model.layers:
+        handles.append(lay.register_forward_hook(lambda m, a, o: ptrs.append((a[0].data_ptr(), o.data_ptr()))))
+    return ptrs, handles
+
+
+def test_fused_layer_in_place_only_inside_residual_in_place(monkeypatch):
+    """Inside residual_in_place, layer 1 (whose input is layer 0's output) adds its attention residual
+    into its input in place; layer 0's input (the embeddings) is never written; outside, no layer
+    writes its input.  Same logits either way (float64 reference)."""
+    model, ref, _ = _fused_layer_setup(monkeypatch, seed=14)
+    ids = ids_of(24, seed=15)
+    want = logits(ref, ids)
+    for inside in (False, True):
+        ptrs, handles = _layer_ptrs(model)
+        with fused.residual_in_place(inside):
+            got = logits(model, ids)
+        for h in handles:
+            h.remove()
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+        assert ptrs[0][0] != ptrs[0][1]
+        assert (ptrs[1][0] == ptrs[1][1]) is inside
+    assert not fused._IN_PLACE.get()
+
+
+@pytest.mark.parametrize("hidden", [False, True])
+def test_patched_model_in_place_keeps_returned_hidden_states(monkeypatch, hidden):
+    """The patched model's forward turns residual_in_place on for its layer loop only when no hidden
+    states are returned: with output_hidden_states=True every returned hidden state is the unfused
+    model's (none overwritten by a later layer), without it layer 1 runs in place."""
+    model = make_model("llama", seed=16)
+    ids = ids_of(20, seed=17)
+    with qllm.patched(model, CFG.replace(fused_kernels=False)):
+        with torch.no_grad():
+            want = model(input_ids=ids, output_hidden_states=True)
+    ns, _ = _stand_in_ops()
+    monkeypatch.setattr(fused, "ops", ns)
+    monkeypatch.setattr(fused, "_why_not", lambda what, x, ws: None)
+    with qllm.patched(model, CFG):
+        assert any(getattr(m, "_qllm_fused", None) == "layer" for m in model._qllm.fused)
+        ptrs, handles = _layer_ptrs(model)
+        with torch.no_grad():
+            got = model(input_ids=ids, output_hidden_states=hidden)
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    if hidden:
+        assert len(got.hidden_states) == len(want.hidden_states)
+        for a, b in zip(got.hidden_states, want.hidden_states):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert (ptrs[1][0] == ptrs[1][1]) is (not hidden)
