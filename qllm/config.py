@@ -72,7 +72,8 @@ class QLLMConfig:
         Longest question accepted (default: ``n_local``).
     fused_kernels : bool
         ``True`` (default): ``patch`` also gives the model's Llama-style RMSNorms and SiLU MLPs
-        fused CUDA kernels (:mod:`qllm.fused`; they run for CUDA float16 / bfloat16 inputs,
+        fused CUDA kernels, and its plain pre-norm decoder layers the residual adds inside the
+        o_proj / down_proj GEMMs (:mod:`qllm.fused`; they run for CUDA float16 / bfloat16 inputs,
         elsewhere the modules' own forwards run, logged), for every strategy.
     """
 
