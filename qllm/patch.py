@@ -379,6 +379,7 @@ class _QuestionPass:
         self.aborted = False
         self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
+        self.owner = threading.current_thread()  # the prompt call's thread
         self.published: set = set()
 
     # ---- worker thread
@@ -422,10 +423,12 @@ class _QuestionPass:
 
     def at_layer(self, i: int) -> None:
         """Decoder layer ``i`` is about to run, in this thread."""
-        if threading.current_thread() is self.thread:
+        me = threading.current_thread()
+        if me is self.thread:
             self._worker_at(i)
-        else:
+        elif me is self.owner:
             self._advance(i)
+        # any other thread: not part of this pass (a model shared across threads is the caller's to order)
 
     def _publish(self) -> None:
         """Hand the question vectors of the layers done so far to the prompt's cache."""
