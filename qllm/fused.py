@@ -158,7 +158,9 @@ def _layer_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.
     residual = hidden_states
     # in place into the input only when it is the previous fused layer's output, inside the
     # patched model's layer loop (residual_in_place): the caller's own tensors are never written
-    in_place = _IN_PLACE.get() and getattr(hidden_states, _LAYER_OUT, False) and hidden_states.is_contiguous()
+    prev = getattr(hidden_states, _LAYER_OUT, None)  # the fused layer that produced the input, if one did
+    in_place = (_IN_PLACE.get() and prev is not None and hidden_states.is_contiguous()
+                and _keeps_nothing(prev) and _keeps_nothing(self))
     o_proj.__dict__[_RESIDUAL] = (residual, in_place)
     try:
         # the class forward passes its named arguments and **kwargs through unchanged (_plain_layer)
@@ -174,8 +176,23 @@ def _layer_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.
     x = self.post_attention_layernorm(h)
     act = ops.silu_mul(mlp.gate_proj(x), mlp.up_proj(x))
     h.view(-1, h.shape[-1]).addmm_(act.view(-1, act.shape[-1]), down.weight.t())
-    setattr(h, _LAYER_OUT, True)
+    setattr(h, _LAYER_OUT, self)
     return h
+
+
+def _keeps_nothing(module: torch.nn.Module) -> bool:
+    """Whether no hook may hold the layer's inputs or outputs: it has no forward (pre-)hooks but
+    qllm's own and transformers' output capture (which keeps tensors only while hidden states are
+    returned, when residual_in_place is off), and no global module hooks are set."""
+    from torch.nn.modules import module as nn_module
+
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return False
+    for hooks in (module._forward_hooks, module._forward_pre_hooks):
+        for h in hooks.values():
+            if not (getattr(h, "_qllm_keeps_nothing", False) or getattr(h, "__name__", "") == "output_capturing_hook"):
+                return False
+    return True
 
 
 _LAYER_STEPS = (

@@ -463,6 +463,7 @@ def _layer_pre_hook(handle: PatchHandle, i: int):
         qp = handle.question_pass
         if qp is not None:
             qp.at_layer(i)
+    hook._qllm_keeps_nothing = True  # holds no tensor (qllm.fused may then write layer outputs in place)
     return hook
 
 

@@ -408,10 +408,13 @@ def test_unpatch_keeps_fusion_made_before_patch():
 
 
 def _layer_ptrs(model):
-    """Forward hooks keeping each decoder layer's (input, output) data pointers."""
+    """Each decoder layer's (input, o_proj output) data pointers -- in a fused layer o_proj's output
+    is the tensor the layer returns -- through hooks on input_layernorm and o_proj (hooks on the
+    layer itself would turn the in-place add off)."""
     ptrs, handles = [], []
     for lay in model.model.layers:
-        handles.append(lay.register_forward_hook(lambda m, a, o: ptrs.append((a[0].data_ptr(), o.data_ptr()))))
+        handles.append(lay.input_layernorm.register_forward_pre_hook(lambda m, a: ptrs.append([a[0].data_ptr()])))
+        handles.append(lay.self_attn.o_proj.register_forward_hook(lambda m, a, o: ptrs[-1].append(o.data_ptr())))
     return ptrs, handles
 
 
@@ -432,6 +435,42 @@ def test_fused_layer_in_place_only_inside_residual_in_place(monkeypatch):
         assert ptrs[0][0] != ptrs[0][1]
         assert (ptrs[1][0] == ptrs[1][1]) is inside
     assert not fused._IN_PLACE.get()
+
+
+@pytest.mark.parametrize("where", ["layer 0 output", "layer 1 input", "global"])
+def test_fused_layer_not_in_place_when_a_hook_may_keep_tensors(monkeypatch, where):
+    """A user's hook that may keep a layer's output or input (on the producing layer, the consuming
+    layer, or a global module hook) turns the in-place add off: the kept tensor stays what it was."""
+    model, ref, _ = _fused_layer_setup(monkeypatch, seed=18)
+    kept = []
+
+    def keep_out(m, a, o):
+        if isinstance(m, type(model.model.layers[0])) and not kept:
+            kept.append((o, o.clone()))
+
+    def keep_in(m, a):
+        kept.append((a[0], a[0].clone()))
+
+    lay0, lay1 = model.model.layers[0], model.model.layers[1]
+    if where == "layer 0 output":
+        h = lay0.register_forward_hook(keep_out)
+    elif where == "layer 1 input":
+        h = lay1.register_forward_pre_hook(keep_in)
+    else:
+        h = torch.nn.modules.module.register_module_forward_hook(keep_out)
+    ptrs, handles = _layer_ptrs(model)
+    ids = ids_of(22, seed=19)
+    try:
+        with fused.residual_in_place():
+            got = logits(model, ids)
+    finally:
+        h.remove()
+        for x in handles:
+            x.remove()
+    torch.testing.assert_close(got.double(), logits(ref, ids), rtol=1e-4, atol=1e-4)
+    assert ptrs[1][0] != ptrs[1][1]
+    (t, copy_), = kept
+    assert torch.equal(t, copy_)
 
 
 @pytest.mark.parametrize("hidden", [False, True])
