@@ -160,7 +160,7 @@ def _layer_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.
     # patched model's layer loop (residual_in_place): the caller's own tensors are never written
     prev = getattr(hidden_states, _LAYER_OUT, None)  # the fused layer that produced the input, if one did
     in_place = (_IN_PLACE.get() and prev is not None and hidden_states.is_contiguous()
-                and _keeps_nothing(prev) and _keeps_nothing(self))
+                and _keeps_nothing(prev, inputs=False) and _keeps_nothing(self, inputs=True))
     o_proj.__dict__[_RESIDUAL] = (residual, in_place)
     try:
         # the class forward passes its named arguments and **kwargs through unchanged (_plain_layer)
@@ -171,24 +171,29 @@ def _layer_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.
         log_once(logging.WARNING, f"qllm: fused decoder layer {type(self).__name__}: o_proj did not take the "
                                   "residual (not called with the layer's shape): added apart")
         h = residual + h
-    # h is o_proj's output: this forward's own tensor, or its input written in place (ours too),
-    # so the MLP's residual add goes into it in place
+    # h is o_proj's output: this forward's own tensor, or its input written in place (ours too), so
+    # the MLP's residual add goes into it in place -- unless a hook on o_proj or the attention may
+    # hold it
     x = self.post_attention_layernorm(h)
     act = ops.silu_mul(mlp.gate_proj(x), mlp.up_proj(x))
-    h.view(-1, h.shape[-1]).addmm_(act.view(-1, act.shape[-1]), down.weight.t())
+    if _keeps_nothing(o_proj, inputs=False) and _keeps_nothing(self.self_attn, inputs=False):
+        h.view(-1, h.shape[-1]).addmm_(act.view(-1, act.shape[-1]), down.weight.t())
+    else:
+        h = torch.addmm(h.reshape(-1, h.shape[-1]), act.view(-1, act.shape[-1]), down.weight.t()).view(h.shape)
     setattr(h, _LAYER_OUT, self)
     return h
 
 
-def _keeps_nothing(module: torch.nn.Module) -> bool:
-    """Whether no hook may hold the layer's inputs or outputs: it has no forward (pre-)hooks but
-    qllm's own and transformers' output capture (which keeps tensors only while hidden states are
-    returned, when residual_in_place is off), and no global module hooks are set."""
+def _keeps_nothing(module: torch.nn.Module, inputs: bool) -> bool:
+    """Whether no hook may hold the module's outputs (and, with ``inputs``, its inputs): no forward
+    hooks (pre-hooks) but those marked ``_qllm_keeps_nothing`` (qllm's own) and transformers' output
+    capture (which keeps tensors only while hidden states are returned, when residual_in_place is
+    off), and no global module hooks."""
     from torch.nn.modules import module as nn_module
 
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return False
-    for hooks in (module._forward_hooks, module._forward_pre_hooks):
+    for hooks in (module._forward_hooks, module._forward_pre_hooks) if inputs else (module._forward_hooks,):
         for h in hooks.values():
             if not (getattr(h, "_qllm_keeps_nothing", False) or getattr(h, "__name__", "") == "output_capturing_hook"):
                 return False

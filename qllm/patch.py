@@ -185,6 +185,7 @@ def _attn_pre_hook(handle: PatchHandle):
         kwargs["qllm_cache"] = cache
         kwargs["qllm_handle"] = handle
         return args, kwargs
+    hook._qllm_keeps_nothing = True  # holds no tensor (qllm.fused may then write layer outputs in place)
     return hook
 
 

@@ -176,7 +176,8 @@ def test_fused_layer_folds_the_residuals(monkeypatch, family):
 
     def keep(name):
         def hook(mod, args, out):  # out's value now (the fused layer adds into o_proj's output later) and its address
-            seen.setdefault(name, []).append((args[0], out.clone(), out.data_ptr()))
+            seen.setdefault(name, []).append((args[0].clone(), out.clone(), out.data_ptr()))
+        hook._qllm_keeps_nothing = True  # copies only: the fused layer may still add in place
         return hook
 
     handles = []
@@ -275,7 +276,11 @@ def test_fused_layer_falls_back_with_hooks_or_positional_args(monkeypatch, caplo
         assert any("positional arguments" in m for m in msgs), msgs
         # without the hook the fused path runs again: o_proj takes the residual
         seen = []
-        h = lay.self_attn.o_proj.register_forward_hook(lambda m, a, o: seen.append(o.data_ptr()))
+
+        def ptr(m, a, o):
+            seen.append(o.data_ptr())
+        ptr._qllm_keeps_nothing = True  # an address only
+        h = lay.self_attn.o_proj.register_forward_hook(ptr)
         out = lay(x, **kw)
         h.remove()
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
@@ -412,9 +417,13 @@ def _layer_ptrs(model):
     is the tensor the layer returns -- through hooks on input_layernorm and o_proj (hooks on the
     layer itself would turn the in-place add off)."""
     ptrs, handles = [], []
+
+    def out_ptr(m, a, o):
+        ptrs[-1].append(o.data_ptr())
+    out_ptr._qllm_keeps_nothing = True  # an address only: the fused layer may still add in place
     for lay in model.model.layers:
         handles.append(lay.input_layernorm.register_forward_pre_hook(lambda m, a: ptrs.append([a[0].data_ptr()])))
-        handles.append(lay.self_attn.o_proj.register_forward_hook(lambda m, a, o: ptrs[-1].append(o.data_ptr())))
+        handles.append(lay.self_attn.o_proj.register_forward_hook(out_ptr))
     return ptrs, handles
 
 
@@ -435,6 +444,27 @@ def test_fused_layer_in_place_only_inside_residual_in_place(monkeypatch):
         assert ptrs[0][0] != ptrs[0][1]
         assert (ptrs[1][0] == ptrs[1][1]) is inside
     assert not fused._IN_PLACE.get()
+
+
+@pytest.mark.parametrize("where", ["o_proj", "self_attn"])
+def test_fused_layer_mlp_add_apart_when_a_hook_may_keep_o_proj_output(monkeypatch, where):
+    """A hook that may keep o_proj's output (on o_proj, or the attention's output tuple): the MLP's
+    residual add goes into a new tensor, so the kept one stays what it was."""
+    model, ref, _ = _fused_layer_setup(monkeypatch, seed=20)
+    kept = []
+    lay = model.model.layers[0]
+    if where == "o_proj":
+        h = lay.self_attn.o_proj.register_forward_hook(lambda m, a, o: kept.append((o, o.clone())))
+    else:
+        h = lay.self_attn.register_forward_hook(lambda m, a, o: kept.append((o[0], o[0].clone())))
+    ids = ids_of(18, seed=21)
+    try:
+        got = logits(model, ids)
+    finally:
+        h.remove()
+    torch.testing.assert_close(got.double(), logits(ref, ids), rtol=1e-4, atol=1e-4)
+    (t, copy_), = kept
+    assert torch.equal(t, copy_)
 
 
 @pytest.mark.parametrize("where", ["layer 0 output", "layer 1 input", "global"])
@@ -499,3 +529,6 @@ def test_patched_model_in_place_keeps_returned_hidden_states(monkeypatch, hidden
         for a, b in zip(got.hidden_states, want.hidden_states):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert (ptrs[1][0] == ptrs[1][1]) is (not hidden)
+    # the MLP's add goes into o_proj's output either way (qllm's own attention pre-hook holds nothing):
+    # layer 0 returns o_proj's output tensor, layer 1's input
+    assert ptrs[1][0] == ptrs[0][1]
