@@ -659,7 +659,7 @@ def main() -> None:
     ap.add_argument("--host-fraction", type=float, default=0.7,
                     help="share of MemAvailable the pinned host tier of the tiered 1M row may take")
     ap.add_argument("--question-apart", action="store_true",
-                    help="run the question's forward whole before the prompt (default: alongside its first chunk)")
+                    help="run the question's forward whole before the prompt (default on CUDA: alongside its first chunk)")
     ap.add_argument("--unfuse-layers", action="store_true",
                     help="keep the decoder layers' residual adds apart (qllm.fused folds them into the GEMMs)")
     ap.add_argument("--tiny", action="store_true", help="small float32 model on the CPU (smoke test)")

@@ -284,7 +284,8 @@ def _wrap_forward(handle: PatchHandle):
         qp = None
         if cache.n_seen == 0 and not cache.has_question and cache.mode == "text":
             qp = _question_pass(handle, cache, input_ids)
-            if qp is not None and not _QUESTION_ALONGSIDE:
+            alongside = _QUESTION_ALONGSIDE if _QUESTION_ALONGSIDE != "cuda" else qp is not None and qp.ids.is_cuda
+            if qp is not None and not alongside:
                 qp.finish()
                 qp = None
         # the layers' outputs stay inside the layer loop unless hidden states are returned: fused
@@ -344,10 +345,12 @@ def _wrap_forward(handle: PatchHandle):
     return forward
 
 
-# The question's forward runs alongside the first chunk of the prompt, layer by layer
-# (_QuestionPass); False: whole, before the prompt (the earlier order, same results; for A/B
-# measurements, benchmarks/bench_e2e.py --question-apart).
-_QUESTION_ALONGSIDE = True
+# Where the question's forward runs alongside the first chunk of the prompt, layer by layer
+# (_QuestionPass): "cuda" (default) for a CUDA model, where the GPU works on the prompt while the host
+# enqueues the question's ops; True: on every device (the CPU gains nothing: it computes as it goes,
+# and a second thread adds its own intra-op thread team); False: whole, before the prompt (the
+# earlier order, same results; benchmarks/bench_e2e.py --question-apart).
+_QUESTION_ALONGSIDE: bool | str = "cuda"
 
 
 class _QuestionAborted(Exception):

@@ -701,6 +701,7 @@ def test_question_alongside_worker_error_reaches_the_caller(monkeypatch):
     thread; the worker ends, the model is usable again."""
     qpatch = sys.modules["qllm.patch"]  # (qllm.patch, the attribute, is the function)
 
+    monkeypatch.setattr(qpatch, "_QUESTION_ALONGSIDE", True)  # on the CPU too (the default: CUDA models only)
     model = make_model("llama", seed=43)
     real = qpatch.encode_question
 
@@ -730,6 +731,7 @@ def test_question_alongside_prompt_error_ends_the_worker(monkeypatch):
     worker: the error reaches the caller and no worker thread is left."""
     qpatch = sys.modules["qllm.patch"]  # (qllm.patch, the attribute, is the function)
 
+    monkeypatch.setattr(qpatch, "_QUESTION_ALONGSIDE", True)
     model = make_model("llama", seed=46)
     real = qpatch.attend
 
@@ -745,3 +747,18 @@ def test_question_alongside_prompt_error_ends_the_worker(monkeypatch):
             logits(model, ids_of(40, seed=48))
         assert model._qllm.question_pass is None
         assert not [t for t in threading.enumerate() if t.name == "qllm-question"]
+
+
+def test_question_alongside_default_is_cuda_only(monkeypatch):
+    """By default the question runs alongside only for a CUDA model: on the CPU it runs whole,
+    first, in the caller's thread order (no worker thread is left, all question records come first)."""
+    qpatch = sys.modules["qllm.patch"]
+    assert qpatch._QUESTION_ALONGSIDE == "cuda"
+    model = make_model("llama", seed=49)
+    with qllm.patched(model, CFG):
+        qllm.set_question(model, ids_of(5, seed=50)[0])
+        with qllm.record(model) as rec:
+            logits(model, ids_of(40, seed=51))
+    modes = [e["mode"] for e in rec]
+    n_q = modes.count("question")
+    assert n_q == len(base_of(model).layers) and modes[:n_q] == ["question"] * n_q
