@@ -78,6 +78,14 @@ def attention_kernel(head_dim: int = 128) -> str | None:
     return None if op is None else op(head_dim)
 
 
+def write_gpu_rows(path: str | None, rows: list) -> None:
+    """{"gpu", "torch", "machine", "rows"} to ``path`` (nothing when it is None): the micro benchmarks' JSON."""
+    if path:
+        res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "machine": machine_info(), "rows": rows}
+        with open(path, "w") as f:
+            json.dump(res, f, indent=1)
+
+
 def write_json(name: str, payload: dict) -> str:
     out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(out_dir, exist_ok=True)

@@ -189,8 +189,7 @@ def _keeps_nothing(module: torch.nn.Module, inputs: bool) -> bool:
     hooks (pre-hooks) but those marked ``_qllm_keeps_nothing`` (qllm's own) and transformers' output
     capture (which keeps tensors only while hidden states are returned, when residual_in_place is
     off), and no global module hooks."""
-    from torch.nn.modules import module as nn_module
-
+    nn_module = torch.nn.modules.module
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return False
     for hooks in (module._forward_hooks, module._forward_pre_hooks) if inputs else (module._forward_hooks,):

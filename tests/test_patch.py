@@ -696,6 +696,19 @@ def test_question_alongside_matches_apart(family, n, monkeypatch):
     assert b[3].question_ids is not None and torch.equal(b[3].question_ids, q_ids)
 
 
+def _fail_at_layer_1(monkeypatch, qpatch, name: str, msg: str) -> None:
+    """Replace qllm.patch's ``name`` (a function taking the layer memory first) by one that raises
+    RuntimeError(msg) for layer 1."""
+    real = getattr(qpatch, name)
+
+    def failing(mem, *args, **kw):
+        if mem.layer_idx == 1:
+            raise RuntimeError(msg)
+        return real(mem, *args, **kw)
+
+    monkeypatch.setattr(qpatch, name, failing)
+
+
 def test_question_alongside_worker_error_reaches_the_caller(monkeypatch):
     """An error inside the question's forward (here its layer 1) is raised in the caller's
     thread; the worker ends, the model is usable again."""
@@ -704,15 +717,9 @@ def test_question_alongside_worker_error_reaches_the_caller(monkeypatch):
     monkeypatch.setattr(qpatch, "_QUESTION_ALONGSIDE", True)  # on the CPU too (the default: CUDA models only)
     model = make_model("llama", seed=43)
     real = qpatch.encode_question
-
-    def failing(mem, *args, **kw):
-        if mem.layer_idx == 1:
-            raise RuntimeError("question layer 1 failed")
-        return real(mem, *args, **kw)
-
     with qllm.patched(model, CFG):
         qllm.set_question(model, ids_of(6, seed=44)[0])
-        monkeypatch.setattr(qpatch, "encode_question", failing)
+        _fail_at_layer_1(monkeypatch, qpatch, "encode_question", "question layer 1 failed")
         with pytest.raises(RuntimeError, match="question layer 1 failed"):
             logits(model, ids_of(40, seed=45))
         assert model._qllm.question_pass is None
@@ -733,16 +740,9 @@ def test_question_alongside_prompt_error_ends_the_worker(monkeypatch):
 
     monkeypatch.setattr(qpatch, "_QUESTION_ALONGSIDE", True)
     model = make_model("llama", seed=46)
-    real = qpatch.attend
-
-    def failing(mem, *args, **kw):
-        if mem.layer_idx == 1:
-            raise RuntimeError("prompt layer 1 failed")
-        return real(mem, *args, **kw)
-
     with qllm.patched(model, CFG):
         qllm.set_question(model, ids_of(6, seed=47)[0])
-        monkeypatch.setattr(qpatch, "attend", failing)
+        _fail_at_layer_1(monkeypatch, qpatch, "attend", "prompt layer 1 failed")
         with pytest.raises(RuntimeError, match="prompt layer 1 failed"):
             logits(model, ids_of(40, seed=48))
         assert model._qllm.question_pass is None

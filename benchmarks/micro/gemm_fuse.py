@@ -12,14 +12,13 @@ JSON with the GPU and versions.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from common import cuda_median_ms, machine_info  # noqa: E402
+from common import cuda_median_ms, write_gpu_rows  # noqa: E402
 
 
 def main() -> None:
@@ -42,10 +41,7 @@ def main() -> None:
             rows.append({"gemm": name, "m": m, "separate_ms": sep, "concatenated_ms": cat, "bitwise_equal": same})
             print(f"{name:8s} M={m:5d}: separate {sep:.4f} ms  concatenated {cat:.4f} ms  "
                   f"({sep / cat:.3f}x)  bitwise equal: {same}", flush=True)
-    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "machine": machine_info(), "rows": rows}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
+    write_gpu_rows(args.out, rows)
 
 
 if __name__ == "__main__":

@@ -17,14 +17,13 @@ roundings of ``apart``.  Writes JSON with the GPU and versions.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from common import cuda_median_ms, machine_info  # noqa: E402
+from common import cuda_median_ms, write_gpu_rows  # noqa: E402
 
 
 def main() -> None:
@@ -61,10 +60,7 @@ def main() -> None:
             print(f"{name:9s} M={m:5d}: apart {med['apart']:.4f} ms  addmm {med['addmm']:.4f}  "
                   f"addmm_ {med['addmm_']:.4f}  (apart/addmm {med['apart'] / med['addmm']:.3f}x)  "
                   f"max err vs f32: apart {err['apart']:.3g} addmm {err['addmm']:.3g}", flush=True)
-    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "machine": machine_info(), "rows": rows}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
+    write_gpu_rows(args.out, rows)
 
 
 if __name__ == "__main__":
