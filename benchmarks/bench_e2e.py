@@ -579,6 +579,37 @@ def patch_model(model, qcfg: qllm.QLLMConfig) -> None:
         model._qllm.fused = [m for m in model._qllm.fused if m not in mods]
 
 
+AB_QUESTION_SYNC = 0  # --ab-question-sync N: N alternations of the prefill with / without the old question vector
+
+
+def _question_vector_synced(q_fixed, token_scores, config):
+    """The question vector as before: repr_compute's default finiteness check, a host sync per layer."""
+    hq, n, d = q_fixed.shape
+    return torch.ops.qllm.repr_compute(q_fixed.reshape(1, hq, n, d).float(), token_scores.reshape(1, hq, n),
+                                       config.repr_topk)[0]
+
+
+def ab_question_sync(prefill, dev: torch.device, n: int) -> dict:
+    """Wall time of ``prefill`` in one process, alternating the question vector without a host sync
+    (the library's) and with one per layer (``_question_vector_synced``), n rounds each."""
+    import qllm.attention as qa
+
+    new_fn, walls = qa.question_vector, {"no_sync": [], "sync_per_layer": []}
+    try:
+        for _ in range(n):
+            for arm, fn in (("no_sync", new_fn), ("sync_per_layer", _question_vector_synced)):
+                qa.question_vector = fn
+                sync(dev)
+                t0 = time.perf_counter()
+                prefill()
+                sync(dev)
+                walls[arm].append(time.perf_counter() - t0)
+                print(f"  A/B question vector, {arm}: {walls[arm][-1]:.3f} s", flush=True)
+    finally:
+        qa.question_vector = new_fn
+    return walls
+
+
 def profile_prefill(model, runner: "Runner", qcfg: qllm.QLLMConfig, ids: torch.Tensor, dev: torch.device,
                     out: str | None, info: dict) -> None:
     """GPU time by kernel of one qllm prefill of ``ids`` (the prompt call of Runner.run) and its
@@ -611,6 +642,7 @@ def profile_prefill(model, runner: "Runner", qcfg: qllm.QLLMConfig, ids: torch.T
             qpass.append(time.perf_counter() - t0)
     print(f"question pass alone ({runner.question.numel()} tokens): " + ", ".join(f"{t * 1e3:.1f}" for t in qpass)
           + " ms", flush=True)
+    ab = ab_question_sync(prefill, dev, AB_QUESTION_SYNC) if AB_QUESTION_SYNC else None
     if os.environ.get("E2E_PROFILE_HOST") and dev.type == "cuda":
         sync_points(prefill)
     prof = profile_kernels(prefill, dev, 1, f"qllm prefill {ids.shape[1]} tokens", "ms", top=40,
@@ -623,7 +655,7 @@ def profile_prefill(model, runner: "Runner", qcfg: qllm.QLLMConfig, ids: torch.T
                        "qllm_config": {k: getattr(qcfg, k) for k in ("n_init", "n_local", "block_size", "topk",
                                                                       "exc_block_size", "chunk_size")},
                        "question_heads": str(getattr(qcfg, "question_heads", None)),
-                       "profile_ms": prof}, f, indent=1)
+                       "ab_question_sync": ab, "profile_ms": prof}, f, indent=1)
 
 
 def main() -> None:
@@ -662,11 +694,15 @@ def main() -> None:
                     help="run the question's forward whole before the prompt (default on CUDA: alongside its first chunk)")
     ap.add_argument("--unfuse-layers", action="store_true",
                     help="keep the decoder layers' residual adds apart (qllm.fused folds them into the GEMMs)")
+    ap.add_argument("--ab-question-sync", type=int, default=0, metavar="N",
+                    help="with --profile-prefill: N alternations of the prefill without / with a host sync per "
+                         "layer in the question vector (its finiteness check), wall times to the JSON")
     ap.add_argument("--tiny", action="store_true", help="small float32 model on the CPU (smoke test)")
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/e2e_h100.json)")
     args = ap.parse_args()
-    global FUSED_LAYERS
+    global FUSED_LAYERS, AB_QUESTION_SYNC
     FUSED_LAYERS = not args.unfuse_layers
+    AB_QUESTION_SYNC = args.ab_question_sync
     if args.question_apart:
         sys.modules["qllm.patch"]._QUESTION_ALONGSIDE = False
 

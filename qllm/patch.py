@@ -493,7 +493,13 @@ def _question_pass(handle: PatchHandle, cache: QLLMCache, input_ids: torch.Tenso
         if not (0 <= a < b <= input_ids.shape[1]):
             raise _bad_input(f"question span: expected 0 <= start < end <= {input_ids.shape[1]}, got ({a}, {b})")
         ids = input_ids[0, a:b]
-    ids = ids.reshape(1, -1).to(handle.base.device if hasattr(handle.base, "device") else ids.device)
+    dev = handle.base.device if hasattr(handle.base, "device") else ids.device
+    ids = ids.reshape(1, -1)
+    if ids.device.type == "cpu" and dev.type == "cuda":
+        # through pinned memory, enqueued: a pageable copy would wait for the GPU queue
+        ids = ids.pin_memory().to(dev, non_blocking=True)
+    else:
+        ids = ids.to(dev)
     n = ids.shape[1]
     if n == 0:
         raise _bad_input("question: empty")

@@ -145,9 +145,14 @@ def question_vector(q_fixed: torch.Tensor, token_scores: torch.Tensor, config: Q
     token_scores  [n_q_heads, n_tokens] f32: attention mass each question token received
     returns       [n_q_heads, head_dim] f32: mean query of the ``repr_topk``
                   most-attended question tokens (per head; ties: earlier token).
+
+    On CUDA nothing waits for the device (the question pass runs once per layer alongside the
+    prompt, whose GPU queue a host sync would drain): non-finite scores, which only non-finite
+    queries produce, raise no error there (NaN ranks lowest) -- as on the rest of the GPU path.
+    On the CPU they raise ValueError.
     """
     hq, n, d = q_fixed.shape
     # Same selection as a block representative: "keys" are the queries, one group per head.
     out = torch.ops.qllm.repr_compute(q_fixed.reshape(1, hq, n, d).float(),
-                                      token_scores.reshape(1, hq, n), config.repr_topk)
+                                      token_scores.reshape(1, hq, n), config.repr_topk, host_check=False)
     return out[0]

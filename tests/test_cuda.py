@@ -91,6 +91,34 @@ def test_repr_compute_ties_pick_lower_token():
     torch.testing.assert_close(got, ops.repr_compute(keys, scores, 5), rtol=1e-6, atol=1e-6)
 
 
+def test_repr_compute_unchecked_no_sync_nan_lowest():
+    """host_check=False (the question vector of the GPU path): no host sync, and non-finite
+    scores rank by value with NaN lowest -- the CPU op's choice once NaN is replaced by a score
+    below every other (ties among them toward the lower token, so all-NaN rows pick the first)."""
+    g = _gen(5)
+    keys = _randn(g, 4, 2, 24, 16)
+    scores = _randn(g, 4, 4, 24)
+    scores[0, 1, [2, 7, 9]] = math.nan
+    scores[1, 0, :] = math.nan  # every token: the first 5 are picked
+    scores[2, 3, 4] = math.inf
+    scores[3, 2, [1, 5]] = -math.inf
+    ref_scores = scores.nan_to_num(nan=-3e38, posinf=3e38, neginf=-2e38)
+    expected = ops.repr_compute(keys, ref_scores, 5)
+    kd, sd = keys.to(DEV), scores.to(DEV)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = ops.repr_compute(kd, sd, 5, host_check=False)
+        with pytest.raises(RuntimeError, match="synchroniz"):  # the checked call reads the device
+            ops.repr_compute(kd, sd, 5)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got[1, 0].cpu(), keys[1, 0, :5].sum(dim=0) / 5, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"qllm\.repr_compute: .*QLLM_ERR_NONFINITE"):
+        ops.repr_compute(kd, sd, 5)  # the default still checks
+
+
 @pytest.mark.parametrize("out_dtype", DTYPES)
 def test_repr_compute_out_strided_rows(out_dtype):
     g = _gen(4)

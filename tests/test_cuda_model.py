@@ -272,3 +272,27 @@ def test_graph_decoder_no_host_sync(cut_graph):
             assert dec.n_eager == 0 and dec.n_captures == 2 and cache.n_seen == 261
         else:
             assert dec.n_eager >= 3 and dec.n_replays >= 50 and dec.cut_graph is None and cache.n_seen == 261
+
+
+def test_prefill_with_question_no_host_sync():
+    """The first call of a patched CUDA model -- the question pass alongside its first chunk, the
+    question's ids copied from the CPU, five chunks with block cuts -- enqueues work only
+    (torch.cuda.set_sync_debug_mode('error')); and its logits equal those of the same call made
+    without the check."""
+    model = _tiny_llama(4).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 256, (1, 600), generator=torch.Generator().manual_seed(5)).cuda()
+    question = torch.tensor([7, 8, 9, 10, 11])
+    with qllm.patched(model, CFG):
+        qllm.set_question(model, question)
+        want_cache, want = _prefilled(model, ids, 700)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            cache, got = _prefilled(model, ids, 700)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+    assert cache.memories[0].n_blocks == want_cache.memories[0].n_blocks > 20
+    assert all(m.question is not None for m in cache.memories.values())
+    assert torch.equal(got, want)
+

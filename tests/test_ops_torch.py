@@ -551,6 +551,8 @@ def test_nonfinite_inputs_raise_value_error():
     bad_scores[1, 2, 3] = math.nan
     with pytest.raises(ValueError, match=r"qllm\.repr_compute: .*scores.*QLLM_ERR_NONFINITE"):
         ops.repr_compute(keys, bad_scores, 2)
+    with pytest.raises(ValueError, match=r"qllm\.repr_compute: .*scores.*QLLM_ERR_NONFINITE"):
+        ops.repr_compute(keys, bad_scores, 2, host_check=False)  # the CPU core always checks
     bad_scores[1, 2, 3] = math.inf
     with pytest.raises(ValueError, match=r"qllm\.repr_compute_out: .*QLLM_ERR_NONFINITE"):
         ops.repr_compute_out(keys, bad_scores, 2, torch.empty(3, 4, 4))

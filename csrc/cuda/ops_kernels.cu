@@ -51,9 +51,12 @@ __global__ void repr_compute_kernel(View4 keys, View4 scores, void *out, int out
     __shared__ float sh_s[32];
     __shared__ int64_t sh_i[32];
     const int64_t b = blockIdx.x, h = blockIdx.y;
+    /* NaN ranks as -inf: with unchecked scores (host_check=False) the order
+     * stays total, so every round selects a token (never index -1). */
     block_select_best(
         [&](int64_t t) {
-            return load_f32(scores.p, b * scores.s0 + h * scores.s1 + t * scores.s2, scores.dtype);
+            const float v = load_f32(scores.p, b * scores.s0 + h * scores.s1 + t * scores.s2, scores.dtype);
+            return isnan(v) ? -INFINITY : v;
         },
         T, k, [&](int64_t r, int64_t i) { sel[r] = i; }, sh_s, sh_i);
     __syncthreads();

@@ -38,7 +38,10 @@ void repr_compute_out_cpu_impl(const char* op, const at::Tensor& keys, const at:
     check_status(op, qllm_repr_compute(&k, &s, repr_topk, &o));
 }
 
-at::Tensor repr_compute_cpu(const at::Tensor& keys, const at::Tensor& scores, int64_t repr_topk) {
+/* host_check: the core checks the scores itself, without waiting on anything:
+ * ignored on the CPU. */
+at::Tensor repr_compute_cpu(const at::Tensor& keys, const at::Tensor& scores, int64_t repr_topk,
+                            bool /*host_check*/) {
     const auto shape = check_repr_compute_args(kReprCompute, keys, scores, repr_topk);
     at::Tensor out = at::empty_symint(shape, keys.options().dtype(at::kFloat));
     repr_compute_out_cpu_impl(kReprCompute, keys, scores, repr_topk, out);
@@ -125,7 +128,7 @@ at::Tensor gather_slots_cpu(const at::Tensor& pool, const at::Tensor& slots) {
 /* Same checks, correctly shaped / typed empty outputs; symbolic sizes work. */
 
 at::Tensor repr_compute_meta(const at::Tensor& keys, const at::Tensor& scores,
-                             int64_t repr_topk) {
+                             int64_t repr_topk, bool /*host_check*/) {
     const auto shape = check_repr_compute_args(kReprCompute, keys, scores, repr_topk);
     return at::empty_symint(shape, keys.options().dtype(at::kFloat));
 }
@@ -170,8 +173,12 @@ TORCH_LIBRARY(qllm, m) {
     /* keys [n_blocks, n_kv_heads, block_len, head_dim] f32|f16|bf16,
      * scores [n_blocks, n_q_heads, block_len] f32|f16|bf16 (finite)
      * -> float32 [n_blocks, n_q_heads, head_dim]: per (block, query head) the
-     * mean key of the repr_topk highest-scoring tokens (ties: lower index). */
-    m.def("repr_compute(Tensor keys, Tensor scores, int repr_topk) -> Tensor");
+     * mean key of the repr_topk highest-scoring tokens (ties: lower index).
+     * Non-finite scores raise; on CUDA that check reads the device (a host
+     * sync).  host_check=False skips it on CUDA: a non-finite score then
+     * raises nothing and ranks as -inf (NaN) or by value (+-inf), so the
+     * result stays defined (the CPU core always checks: nothing to wait on). */
+    m.def("repr_compute(Tensor keys, Tensor scores, int repr_topk, *, bool host_check=True) -> Tensor");
     /* As repr_compute, written into out [n_blocks, n_q_heads, head_dim]
      * (f32|f16|bf16, may be a strided view, e.g. rows of a larger buffer). */
     m.def("repr_compute_out(Tensor keys, Tensor scores, int repr_topk, Tensor(a!) out) -> ()");

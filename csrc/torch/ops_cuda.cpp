@@ -113,19 +113,20 @@ void check_finite(const char *op, const char *name, const at::Tensor &t) {
 /* ---------------------------------------------------------- repr_compute */
 
 void repr_compute_out_impl(const char *op, const at::Tensor &keys, const at::Tensor &scores,
-                           int64_t repr_topk, const at::Tensor &out) {
-    check_finite(op, "scores", scores);
+                           int64_t repr_topk, const at::Tensor &out, bool host_check = true) {
+    if (host_check) check_finite(op, "scores", scores); /* reads the device: a host sync */
     const qllm_tensor k = input_view(keys);
     const qllm_tensor s = input_view(scores);
     const qllm_tensor o = output_view(out);
     check_cuda(op, qllm_cuda_repr_compute(&k, &s, repr_topk, &o, stream()));
 }
 
-at::Tensor repr_compute_cuda(const at::Tensor &keys, const at::Tensor &scores, int64_t repr_topk) {
+at::Tensor repr_compute_cuda(const at::Tensor &keys, const at::Tensor &scores, int64_t repr_topk,
+                             bool host_check) {
     const auto shape = check_repr_compute_args(kReprCompute, keys, scores, repr_topk);
     const c10::cuda::CUDAGuard guard(keys.device());
     at::Tensor out = at::empty_symint(shape, keys.options().dtype(at::kFloat));
-    repr_compute_out_impl(kReprCompute, keys, scores, repr_topk, out);
+    repr_compute_out_impl(kReprCompute, keys, scores, repr_topk, out, host_check);
     return out;
 }
 
