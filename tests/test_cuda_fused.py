@@ -433,7 +433,7 @@ def test_fused_layer_8b_width(dtype, tokens):
     # inside residual_in_place, an input marked as a fused layer's output takes the attention
     # residual in place: the same values (addmm copies the residual, then runs the same GEMM)
     x2 = x.clone()
-    setattr(x2, "_qllm_layer_out", True)
+    setattr(x2, "_qllm_layer_out", torch.nn.Module())  # as if made by a fused layer with no hooks
     with torch.no_grad(), fused.residual_in_place():
         got2 = lay(x2, **kw)
     assert got2.data_ptr() == x2.data_ptr() and torch.equal(got2, got)
