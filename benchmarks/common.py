@@ -71,8 +71,11 @@ def qllm_env() -> dict:
 
 def attention_kernel(head_dim: int = 128) -> str | None:
     """Which qllm attention kernel runs for head_dim (build arch and QLLM_ATTN_*),
-    or None without a CUDA build of qllm."""
-    import qllm  # noqa: F401  (loads the ops)
+    or None without a CUDA build of qllm (or without qllm: torch-only micros run on a bare machine)."""
+    try:
+        import qllm  # noqa: F401  (loads the ops)
+    except ImportError:
+        return None
 
     op = getattr(torch.ops.qllm, "cuda_attention_kernel", None) if hasattr(torch.ops, "qllm") else None
     return None if op is None else op(head_dim)
