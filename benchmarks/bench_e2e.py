@@ -610,6 +610,30 @@ def ab_question_sync(prefill, dev: torch.device, n: int) -> dict:
     return walls
 
 
+AB_TRIM = 0  # --ab-trim N: N alternations of the prefill with / without the last layer's rows trimmed
+
+
+def ab_trim(prefill, dev: torch.device, n: int) -> dict:
+    """Wall time of ``prefill`` in one process, alternating the last decoder layer over the kept
+    position only (the library's default under logits_to_keep) and over every position
+    (``qllm.patch._TRIM_LAST_LAYER = False``), n rounds each."""
+    qp = sys.modules["qllm.patch"]
+    walls = {"trimmed": [], "every_row": []}
+    try:
+        for _ in range(n):
+            for arm, on in (("trimmed", True), ("every_row", False)):
+                qp._TRIM_LAST_LAYER = on
+                sync(dev)
+                t0 = time.perf_counter()
+                prefill()
+                sync(dev)
+                walls[arm].append(time.perf_counter() - t0)
+                print(f"  A/B last layer, {arm}: {walls[arm][-1]:.3f} s", flush=True)
+    finally:
+        qp._TRIM_LAST_LAYER = True
+    return walls
+
+
 def profile_prefill(model, runner: "Runner", qcfg: qllm.QLLMConfig, ids: torch.Tensor, dev: torch.device,
                     out: str | None, info: dict) -> None:
     """GPU time by kernel of one qllm prefill of ``ids`` (the prompt call of Runner.run) and its
@@ -643,6 +667,7 @@ def profile_prefill(model, runner: "Runner", qcfg: qllm.QLLMConfig, ids: torch.T
     print(f"question pass alone ({runner.question.numel()} tokens): " + ", ".join(f"{t * 1e3:.1f}" for t in qpass)
           + " ms", flush=True)
     ab = ab_question_sync(prefill, dev, AB_QUESTION_SYNC) if AB_QUESTION_SYNC else None
+    abt = ab_trim(prefill, dev, AB_TRIM) if AB_TRIM else None
     if os.environ.get("E2E_PROFILE_HOST") and dev.type == "cuda":
         sync_points(prefill)
     prof = profile_kernels(prefill, dev, 1, f"qllm prefill {ids.shape[1]} tokens", "ms", top=40,
@@ -655,7 +680,7 @@ def profile_prefill(model, runner: "Runner", qcfg: qllm.QLLMConfig, ids: torch.T
                        "qllm_config": {k: getattr(qcfg, k) for k in ("n_init", "n_local", "block_size", "topk",
                                                                       "exc_block_size", "chunk_size")},
                        "question_heads": str(getattr(qcfg, "question_heads", None)),
-                       "ab_question_sync": ab, "profile_ms": prof}, f, indent=1)
+                       "ab_question_sync": ab, "ab_trim_last_layer": abt, "profile_ms": prof}, f, indent=1)
 
 
 def main() -> None:
@@ -697,12 +722,16 @@ def main() -> None:
     ap.add_argument("--ab-question-sync", type=int, default=0, metavar="N",
                     help="with --profile-prefill: N alternations of the prefill without / with a host sync per "
                          "layer in the question vector (its finiteness check), wall times to the JSON")
+    ap.add_argument("--ab-trim", type=int, default=0, metavar="N",
+                    help="with --profile-prefill: N alternations of the prefill with the last layer's o_proj / MLP "
+                         "over the kept position only (default) and over every position, wall times to the JSON")
     ap.add_argument("--tiny", action="store_true", help="small float32 model on the CPU (smoke test)")
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/e2e_h100.json)")
     args = ap.parse_args()
-    global FUSED_LAYERS, AB_QUESTION_SYNC
+    global FUSED_LAYERS, AB_QUESTION_SYNC, AB_TRIM
     FUSED_LAYERS = not args.unfuse_layers
     AB_QUESTION_SYNC = args.ab_question_sync
+    AB_TRIM = args.ab_trim
     if args.question_apart:
         sys.modules["qllm.patch"]._QUESTION_ALONGSIDE = False
 

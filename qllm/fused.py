@@ -50,7 +50,7 @@ import torch
 from ._ext import ops
 from ._log import log_once
 
-__all__ = ["fuse", "unfuse", "is_fused", "residual_in_place", "NORM_CLASSES", "MLP_CLASSES", "LAYER_CLASSES"]
+__all__ = ["fuse", "unfuse", "is_fused", "residual_in_place", "rows_used", "NORM_CLASSES", "MLP_CLASSES", "LAYER_CLASSES"]
 
 NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 """Class names whose forward is ``weight * (x.float() * rsqrt(x.float().pow(2).mean(-1) + eps)).to(dtype)``."""
@@ -66,6 +66,7 @@ _FUSED = "_qllm_fused"  # instance attribute of a fused module: what fuse replac
 _RESIDUAL = "_qllm_residual"  # o_proj's pending (residual, in place), set by the fused layer forward for one call
 _LAYER_OUT = "_qllm_layer_out"  # mark of a fused layer's output tensor
 _IN_PLACE = contextvars.ContextVar("qllm_residual_in_place", default=False)
+_ROWS = contextvars.ContextVar("qllm_rows_used", default=None)  # (layer, n): see rows_used
 
 
 @contextlib.contextmanager
@@ -82,6 +83,25 @@ def residual_in_place(on: bool = True):
         _IN_PLACE.reset(token)
 _HALF = (torch.float16, torch.bfloat16)
 _cuda_ops: bool | None = None
+
+
+@contextlib.contextmanager
+def rows_used(layer: torch.nn.Module, n: int):
+    """Inside the block (this thread), the fused decoder layer ``layer`` runs its attention over
+    every row of its input (the attention's memory takes them all) but ``o_proj``'s residual GEMM,
+    the post-attention norm and the MLP over only its last ``n`` rows; the other rows of the
+    layer's output are NaN.  For a model's last layer when the caller uses only the last
+    positions' outputs (the patched forward under ``logits_to_keep``): the rows it leaves out
+    feed nothing.  Applies only where the layer's fused forward runs, inside
+    :func:`residual_in_place`, with no hook that may hold the attention's output; elsewhere the
+    layer computes every row."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"qllm.fused.rows_used: n: expected an int >= 0, got {n!r}")
+    token = _ROWS.set((layer, n))
+    try:
+        yield
+    finally:
+        _ROWS.reset(token)
 
 
 def _have_cuda_ops() -> bool:
@@ -133,10 +153,20 @@ def _residual_linear_forward(self, x: torch.Tensor) -> torch.Tensor:
     which then enters the GEMM (``addmm``, one rounding).  A residual of another shape is left
     pending: the layer adds it itself."""
     pending = self.__dict__.get(_RESIDUAL)
-    r, in_place = pending if pending is not None else (None, False)
+    r, in_place, n = pending if pending is not None else (None, False, None)
     if r is None or r.shape != (*x.shape[:-1], self.out_features) or r.dtype != x.dtype or r.device != x.device:
         return torch.nn.functional.linear(x, self.weight, self.bias)
     del self.__dict__[_RESIDUAL]
+    if n is not None:  # rows_used: the last n rows only ([1, S, *]); the others are left to the layer
+        S = r.shape[1]
+        if in_place:
+            if n > 0:
+                r[0, S - n:].addmm_(x[0, S - n:], self.weight.t())
+            return r
+        out = torch.empty(r.shape, dtype=r.dtype, device=r.device)  # contiguous: the layer views its rows
+        if n > 0:
+            torch.addmm(r[0, S - n:], x[0, S - n:], self.weight.t(), out=out[0, S - n:])
+        return out
     if in_place:
         r.view(-1, r.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), self.weight.t())
         return r
@@ -161,7 +191,8 @@ def _layer_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.
     prev = getattr(hidden_states, _LAYER_OUT, None)  # the fused layer that produced the input, if one did
     in_place = (_IN_PLACE.get() and prev is not None and hidden_states.is_contiguous()
                 and _keeps_nothing(prev, inputs=False) and _keeps_nothing(self, inputs=True))
-    o_proj.__dict__[_RESIDUAL] = (residual, in_place)
+    n = _rows_of(self, hidden_states)
+    o_proj.__dict__[_RESIDUAL] = (residual, in_place, n)
     try:
         # the class forward passes its named arguments and **kwargs through unchanged (_plain_layer)
         h, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
@@ -171,6 +202,18 @@ def _layer_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.
         log_once(logging.WARNING, f"qllm: fused decoder layer {type(self).__name__}: o_proj did not take the "
                                   "residual (not called with the layer's shape): added apart")
         h = residual + h
+        n = None  # o_proj computed every row
+    if n is not None:  # rows_used: o_proj's output holds the last n rows; no one uses the others
+        S = h.shape[1]
+        if n < S:
+            h[:, :S - n].fill_(float("nan"))
+        if n > 0:
+            last = h[:, S - n:]  # [1, n, hidden], contiguous
+            x = self.post_attention_layernorm(last)
+            act = ops.silu_mul(mlp.gate_proj(x), mlp.up_proj(x))
+            last.view(n, -1).addmm_(act.view(n, -1), down.weight.t())
+        setattr(h, _LAYER_OUT, self)
+        return h
     # h is o_proj's output: this forward's own tensor, or its input written in place (ours too), so
     # the MLP's residual add goes into it in place -- unless a hook on o_proj or the attention may
     # hold it
@@ -182,6 +225,22 @@ def _layer_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.
         h = torch.addmm(h.reshape(-1, h.shape[-1]), act.view(-1, act.shape[-1]), down.weight.t()).view(h.shape)
     setattr(h, _LAYER_OUT, self)
     return h
+
+
+def _rows_of(layer: torch.nn.Module, hidden_states: torch.Tensor) -> int | None:
+    """The n of an active :func:`rows_used` for this layer call, or None (every row): only inside
+    residual_in_place, one sequence ([1, S, hidden]), n < S, and no hook that may hold the
+    attention's output (its rows are overwritten)."""
+    used = _ROWS.get()
+    if used is None or used[0] is not layer or not _IN_PLACE.get():
+        return None
+    n = used[1]
+    if hidden_states.dim() != 3 or hidden_states.shape[0] != 1 or n >= hidden_states.shape[1]:
+        return None
+    if not (_keeps_nothing(layer.self_attn.o_proj, inputs=False) and _keeps_nothing(layer.self_attn, inputs=False)
+            and _keeps_nothing(layer, inputs=False)):
+        return None
+    return n
 
 
 def _keeps_nothing(module: torch.nn.Module, inputs: bool) -> bool:

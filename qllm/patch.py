@@ -24,6 +24,8 @@ of projections, q/k norms and everything else; it only
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import inspect
 import logging
 import sys
@@ -39,7 +41,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from .attention import RopeTable, attend, encode_question
 from .cache import QLLMCache
 from .config import QLLMConfig
-from .fused import fuse, residual_in_place, unfuse
+from .fused import fuse, residual_in_place, rows_used, unfuse
 from .gpu import CudaLayerMemory, attend_cuda
 from .heads import resolve_question_heads
 from .retrieval import QuestionRelevance
@@ -309,8 +311,18 @@ def _wrap_forward(handle: PatchHandle):
         kwargs["use_cache"] = True
         T = x.shape[1]
         cs = handle.config.chunk_size
+        keep = _KEEP.get() if _TRIM_LAST_LAYER else None
+        last = _find_layers(handle.model)[1][-1] if keep is not None else None
+
+        def run(kw, s, n):
+            used = _rows_kept(keep, T, s, n)
+            if used is None:
+                return orig(**kw, **{cache_kw: cache})
+            with rows_used(last, used):  # the last layer: past its attention, only the rows kept
+                return orig(**kw, **{cache_kw: cache})
+
         if T <= cs:
-            out = orig(**kwargs, **{cache_kw: cache})
+            out = run(kwargs, 0, T)
             if qp is not None:
                 qp.finish()
             cache.n_seen += T
@@ -319,22 +331,28 @@ def _wrap_forward(handle: PatchHandle):
             raise _bad_input(f"output_hidden_states/output_attentions with a prompt longer than "
                              f"chunk_size={cs} tokens is not supported")
         key = "input_ids" if input_ids is not None else "inputs_embeds"
-        hidden, out = None, None  # one [1, T, hidden] buffer, filled chunk by chunk (no concatenation copy)
+        # one [1, T, hidden] buffer, filled chunk by chunk (no concatenation copy); when the caller
+        # keeps only the last `keep` positions (_KEEP: the causal LM slices its logits' rows from the
+        # end), only those: [1, keep, hidden]
+        hidden, out = None, None
+        lo = 0 if keep is None else max(0, T - keep)  # first position held in the buffer
         t0 = time.perf_counter()
         for s in range(0, T, cs):
             kw = dict(kwargs)
             kw[key] = x[:, s:s + cs]
             kw.pop("attention_mask", None)
             kw.pop("position_ids", None)
-            out = orig(**kw, **{cache_kw: cache})
+            out = run(kw, s, kw[key].shape[1])
             if qp is not None:
                 qp.finish()
                 qp = None
             cache.n_seen += kw[key].shape[1]
             h = out.last_hidden_state
             if hidden is None:
-                hidden = h.new_empty(h.shape[0], T, *h.shape[2:])
-            hidden[:, s:s + h.shape[1]].copy_(h)
+                hidden = h.new_empty(h.shape[0], T - lo, *h.shape[2:])
+            a = max(s, lo)
+            if a < s + h.shape[1]:
+                hidden[:, a - lo:s + h.shape[1] - lo].copy_(h[:, a - s:])
             out.last_hidden_state = None
             if handle.progress is not None:
                 handle.progress(min(s + cs, T), T, cache)
@@ -342,6 +360,52 @@ def _wrap_forward(handle: PatchHandle):
         out.last_hidden_state = hidden
         return out
 
+    return forward
+
+
+def _rows_kept(keep: int | None, T: int, s: int, n: int) -> int | None:
+    """Of a call's T positions whose last ``keep`` the caller uses (None: all), how many of the
+    chunk s .. s+n-1 are used: the trailing ones; None when all n are."""
+    if keep is None:
+        return None
+    used = max(0, min(n, s + n - (T - keep)))
+    return None if used >= n else used
+
+
+# The trailing positions of the current top-level call whose outputs its caller uses (the causal
+# LM's int ``logits_to_keep`` > 0, no hidden states / labels), set by _wrap_top; None: all.
+_KEEP: contextvars.ContextVar = contextvars.ContextVar("qllm_keep", default=None)
+
+# Whether the last decoder layer (a fused one, on CUDA) skips o_proj, its MLP and norm for the
+# positions no one uses (qllm.fused.rows_used).  False: every row (benchmarks/bench_e2e.py A/B).
+_TRIM_LAST_LAYER = True
+
+
+def _asked(kwargs: dict, handle: PatchHandle, name: str) -> bool:
+    v = kwargs.get(name)
+    return bool(getattr(handle.text_config, name, False) if v is None else v)
+
+
+def _wrap_top(handle: PatchHandle):
+    """The causal LM's forward, noting how many trailing positions the caller keeps (_KEEP) for
+    the base model's forward below it.  Same signature (``generate`` inspects it)."""
+    model = handle.model
+    orig = type(model).forward.__get__(model)
+
+    @functools.wraps(orig)
+    def forward(*args, **kwargs):
+        keep = kwargs.get("logits_to_keep")
+        if (len(args) > 1 or not isinstance(keep, int) or isinstance(keep, bool) or keep <= 0
+                or kwargs.get("labels") is not None or _asked(kwargs, handle, "output_hidden_states")
+                or _asked(kwargs, handle, "output_attentions")):
+            keep = None
+        token = _KEEP.set(keep)
+        try:
+            return orig(*args, **kwargs)
+        finally:
+            _KEEP.reset(token)
+
+    forward._qllm_top = True
     return forward
 
 
@@ -582,6 +646,8 @@ def patch(model: torch.nn.Module, config: QLLMConfig | None = None) -> torch.nn.
             handle.rope_modules.append(modname)
     text_config._attn_implementation = ATTN_NAME
     base.forward = _wrap_forward(handle)
+    if model is not base and "logits_to_keep" in inspect.signature(type(model).forward).parameters:
+        model.forward = _wrap_top(handle)
     return model
 
 
@@ -598,6 +664,8 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     if handle.config.strategy != "full":
         handle.text_config._attn_implementation = handle.orig_attn_impl
         handle.base.__dict__.pop("forward", None)
+        if getattr(model.__dict__.get("forward"), "_qllm_top", False):
+            del model.__dict__["forward"]
         _, layers = _find_layers(model)
         for layer in layers:
             layer.self_attn.__dict__.pop("_qllm_owner", None)

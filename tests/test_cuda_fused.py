@@ -461,3 +461,105 @@ def test_fused_layer_in_a_cuda_graph():
             want = lay(x, **kw)
             torch.testing.assert_close(out, want)
     fused.unfuse(lay)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("in_place", [False, True], ids=["copy", "in_place"])
+def test_fused_layer_rows_used(dtype, in_place):
+    """rows_used(layer, n): the attention runs over every row, o_proj's GEMM, the norm and the MLP
+    over the last n only.  Those rows are the whole layer's rows to rounding (the same GEMMs on
+    fewer rows may pick other cuBLAS kernels), the others are NaN; the input is untouched unless
+    the residual goes in place.  n >= S, outside residual_in_place, or for another layer: every
+    row, bitwise the plain fused layer."""
+    S = 200
+    lay, ref, x, pe = _layer_8b(8, dtype, S)
+    kw = dict(attention_mask=None, position_embeddings=pe)
+    fused.fuse(lay)
+
+    def rel(a, b):
+        return float((a.float() - b.float()).norm() / b.float().norm())
+
+    with torch.no_grad():
+        want32 = ref(x.float(), attention_mask=None, position_embeddings=tuple(t.float() for t in pe))
+        with fused.residual_in_place():
+            full = lay(x, **kw)  # unmarked input: not in place
+            for n in (0, 1, 37, S - 1):
+                xi = x.clone()
+                if in_place:
+                    setattr(xi, "_qllm_layer_out", torch.nn.Module())
+                with fused.rows_used(lay, n):
+                    got = lay(xi, **kw)
+                if in_place:
+                    assert got.data_ptr() == xi.data_ptr()
+                else:
+                    assert torch.equal(xi, x)
+                assert got.shape == full.shape
+                assert bool(torch.isnan(got[:, :S - n]).all()), n
+                if n:
+                    tail = got[:, S - n:]
+                    assert bool(torch.isfinite(tail).all())
+                    base, mine = rel(full[:, S - n:], want32[:, S - n:]), rel(tail, want32[:, S - n:])
+                    assert mine <= 1.1 * base and rel(tail, full[:, S - n:]) <= 2 * base, (n, mine, base)
+            for n in (S, S + 5):  # every row is used
+                with fused.rows_used(lay, n):
+                    assert torch.equal(lay(x.clone(), **kw), full)
+            with fused.rows_used(torch.nn.Linear(1, 1), 3):  # another layer
+                assert torch.equal(lay(x.clone(), **kw), full)
+        with fused.rows_used(lay, 3):  # outside residual_in_place
+            assert torch.equal(lay(x.clone(), **kw), full)
+    with pytest.raises(ValueError, match="n: expected an int >= 0"):
+        with fused.rows_used(lay, -1):
+            pass
+    fused.unfuse(lay)
+
+
+def test_patched_model_last_layer_rows(monkeypatch):
+    """A patched CUDA model called with logits_to_keep=1 runs its last layer's MLP over the kept
+    position only (per chunk: none, then one); the kept logits are those of the call that keeps every
+    position (logits_to_keep=0) to rounding, the layer memories bitwise equal, and decoding after
+    gives the same tokens."""
+    model, _ = _tiny_llama(9, torch.bfloat16)
+    ids = torch.randint(0, 256, (1, 300), generator=_gen(10)).to(DEV)
+    cfg = qllm.QLLMConfig(n_init=16, n_local=64, block_size=16, topk=3, repr_topk=4, exc_block_size=32,
+                          chunk_size=128)
+    rows = []
+
+    class Rec:
+        def __getattr__(self, name):
+            return getattr(ops_real, name)
+
+        def silu_mul(self, g, u):
+            rows.append(g.shape[-2])
+            return ops_real.silu_mul(g, u)
+
+    ops_real = fused.ops
+    monkeypatch.setattr(fused, "ops", Rec())
+    with qllm.patched(model, cfg), torch.no_grad():
+        kw = model._qllm.cache_kw
+        outs = {}
+        for keep in (0, 1):
+            rows.clear()
+            cache = qllm.QLLMCache(model._qllm)
+            cache.reserve_tokens = 400
+            logits = model(ids, **{kw: cache}, use_cache=True, logits_to_keep=keep).logits
+            outs[keep] = (logits[:, -1:], cache, list(rows))
+        assert outs[0][2] == [128, 128, 128, 128, 44, 44]  # chunks x layers
+        assert outs[1][2] == [128, 128, 44, 1]  # the last layer: no row of chunks 1, 2; chunk 3's last
+        a, b = outs[0][0].float(), outs[1][0].float()
+        assert float((a - b).norm() / a.norm()) < 2e-2
+        ca, cb = outs[0][1], outs[1][1]
+        for i, m in ca.memories.items():
+            r = cb.memories[i]
+            n = m.n_seen
+            assert torch.equal(m.k_store[:, :n], r.k_store[:, :n]) and torch.equal(m.scores, r.scores), i
+            assert torch.equal(m.block_reprs(), r.block_reprs()), i
+        tok = a.argmax(-1)
+        for _ in range(8):
+            la = model(tok, **{kw: ca}, use_cache=True, logits_to_keep=1).logits
+            lb = model(tok, **{kw: cb}, use_cache=True, logits_to_keep=1).logits
+            assert torch.equal(la, lb)  # the same memories: the same decode
+            tok = la.argmax(-1)
+        # labels / hidden states asked: every row
+        rows.clear()
+        model(ids[:, :100], use_cache=True, logits_to_keep=1, output_hidden_states=True)
+        assert rows == [100, 100]

@@ -762,3 +762,60 @@ def test_question_alongside_default_is_cuda_only(monkeypatch):
     modes = [e["mode"] for e in rec]
     n_q = modes.count("question")
     assert n_q == len(base_of(model).layers) and modes[:n_q] == ["question"] * n_q
+
+
+def test_rows_kept_arithmetic():
+    from qllm.patch import _rows_kept
+
+    assert _rows_kept(None, 300, 0, 128) is None
+    # T = 300 in chunks of 128: keep 1 -> none of chunks 0, 1; one row of the last
+    assert [_rows_kept(1, 300, s, n) for s, n in ((0, 128), (128, 128), (256, 44))] == [0, 0, 1]
+    assert [_rows_kept(50, 300, s, n) for s, n in ((0, 128), (128, 128), (256, 44))] == [0, 6, None]
+    assert _rows_kept(300, 300, 0, 128) is None and _rows_kept(1000, 300, 0, 300) is None
+    assert _rows_kept(1, 1, 0, 1) is None  # a decode step: its one row
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_logits_to_keep_reaches_the_last_layer(family, monkeypatch):
+    """The causal LM's forward keeps its signature (generate inspects logits_to_keep) and tells the
+    base model's forward how many trailing positions are kept: qllm.fused.rows_used wraps each chunk's
+    call with the last decoder layer and that chunk's kept rows (a no-op on the CPU, where the fused
+    layer does not run); the kept logits are bitwise those of a call that keeps all.  Hidden states,
+    labels or logits_to_keep=0: no rows_used.  unpatch removes the wrapper."""
+    import contextlib
+
+    qp = sys.modules["qllm.patch"]  # the module (qllm.patch is the function)
+    model = make_model(family, seed=51)
+    calls = []
+    real = qp.rows_used
+
+    @contextlib.contextmanager
+    def spy(layer, n):
+        calls.append((layer, n))
+        with real(layer, n):
+            yield
+
+    monkeypatch.setattr(qp, "rows_used", spy)
+    ids = ids_of(100, seed=52)
+    with qllm.patched(model, CFG.replace(chunk_size=45)):
+        assert "logits_to_keep" in inspect.signature(model.forward).parameters
+        last = base_of(model).layers[-1]
+        with torch.no_grad():
+            want = model(input_ids=ids, logits_to_keep=0).logits
+            assert calls == []
+            got = model(input_ids=ids, logits_to_keep=1).logits
+            assert [(layer is last, n) for layer, n in calls] == [(True, 0), (True, 0), (True, 1)]
+            # lm_head over 1 row instead of 100: other matmul blocking, last bits
+            assert got.shape == (1, 1, VOCAB)
+            torch.testing.assert_close(got, want[:, -1:], atol=1e-5, rtol=1e-5)
+            calls.clear()
+            got = model(input_ids=ids, logits_to_keep=12).logits
+            assert [n for _, n in calls] == [0, 2]  # chunk 3 (10 rows): all
+            torch.testing.assert_close(got, want[:, -12:], atol=1e-5, rtol=1e-5)
+            calls.clear()
+            model(input_ids=ids[:, :40], logits_to_keep=1, output_hidden_states=True)
+            model(input_ids=ids, logits_to_keep=40, labels=ids[:, -40:])
+            assert calls == []
+            model(input_ids=ids[:, :40], logits_to_keep=1)  # one chunk
+            assert [n for _, n in calls] == [1]
+    assert "forward" not in model.__dict__
