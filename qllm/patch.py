@@ -390,7 +390,10 @@ def _wrap_top(handle: PatchHandle):
     """The causal LM's forward, noting how many trailing positions the caller keeps (_KEEP) for
     the base model's forward below it.  Same signature (``generate`` inspects it)."""
     model = handle.model
-    orig = type(model).forward.__get__(model)
+    # an instance forward already there (e.g. accelerate's device hook) stays under ours, and
+    # unpatch puts it back
+    prev = model.__dict__.get("forward")
+    orig = prev if prev is not None else type(model).forward.__get__(model)
 
     @functools.wraps(orig)
     def forward(*args, **kwargs):
@@ -406,6 +409,7 @@ def _wrap_top(handle: PatchHandle):
             _KEEP.reset(token)
 
     forward._qllm_top = True
+    forward._qllm_prev = prev
     return forward
 
 
@@ -664,8 +668,12 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     if handle.config.strategy != "full":
         handle.text_config._attn_implementation = handle.orig_attn_impl
         handle.base.__dict__.pop("forward", None)
-        if getattr(model.__dict__.get("forward"), "_qllm_top", False):
-            del model.__dict__["forward"]
+        top = model.__dict__.get("forward")
+        if getattr(top, "_qllm_top", False):
+            if top._qllm_prev is not None:
+                model.forward = top._qllm_prev
+            else:
+                del model.__dict__["forward"]
         _, layers = _find_layers(model)
         for layer in layers:
             layer.self_attn.__dict__.pop("_qllm_owner", None)

@@ -819,3 +819,27 @@ def test_logits_to_keep_reaches_the_last_layer(family, monkeypatch):
             model(input_ids=ids[:, :40], logits_to_keep=1)  # one chunk
             assert [n for _, n in calls] == [1]
     assert "forward" not in model.__dict__
+
+
+def test_top_forward_keeps_an_instance_forward():
+    """A causal LM whose forward already is an instance attribute (accelerate's device hook, say)
+    keeps it under the patch's wrapper (it still runs), and gets it back from unpatch."""
+    import functools
+
+    model = make_model("llama", seed=53)
+    seen = []
+    cls_forward = type(model).forward.__get__(model)
+
+    @functools.wraps(cls_forward)
+    def hooked(*args, **kwargs):
+        seen.append(kwargs.get("logits_to_keep"))
+        return cls_forward(*args, **kwargs)
+
+    model.forward = hooked
+    with qllm.patched(model, CFG.replace(chunk_size=45)):
+        assert model.forward is not hooked
+        assert "logits_to_keep" in inspect.signature(model.forward).parameters
+        with torch.no_grad():
+            model(input_ids=ids_of(60, seed=54), logits_to_keep=1)
+        assert seen == [1]
+    assert model.forward is hooked
