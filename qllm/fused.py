@@ -23,6 +23,12 @@ that calls one fused kernel instead:
   sum is rounded once (the module rounds the product, then the sum): not bitwise the module's,
   closer to float32.
 
+Inside :func:`rows_used` a fused decoder layer runs its attention over every row but ``o_proj``,
+the post-attention norm and the MLP over only the last rows asked for: the patched model does
+this for its last layer when the caller keeps only the last positions' logits (``logits_to_keep``
+of the causal LM, as ``generate`` calls it), since the other rows of that layer's output feed
+nothing.  At 128K tokens of an 8B model that is ~2% of the prefill.
+
 The fused forward runs when the input is a CUDA float16 / bfloat16 tensor, the module's
 weights have that dtype, no gradient is needed and qllm was built with CUDA; otherwise the
 module's own forward runs, and the reason is logged once (INFO, logger ``qllm``).
