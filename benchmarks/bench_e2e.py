@@ -589,49 +589,47 @@ def _question_vector_synced(q_fixed, token_scores, config):
                                        config.repr_topk)[0]
 
 
-def ab_question_sync(prefill, dev: torch.device, n: int) -> dict:
-    """Wall time of ``prefill`` in one process, alternating the question vector without a host sync
-    (the library's) and with one per layer (``_question_vector_synced``), n rounds each."""
-    import qllm.attention as qa
-
-    new_fn, walls = qa.question_vector, {"no_sync": [], "sync_per_layer": []}
+def _alternate(prefill, dev: torch.device, n: int, what: str, arms: dict) -> dict:
+    """Wall time of ``prefill`` in one process, n rounds alternating the arms (name -> a function
+    that sets the arm up); the first arm's setup runs again at the end (the library's default)."""
+    walls = {arm: [] for arm in arms}
     try:
         for _ in range(n):
-            for arm, fn in (("no_sync", new_fn), ("sync_per_layer", _question_vector_synced)):
-                qa.question_vector = fn
+            for arm, setup in arms.items():
+                setup()
                 sync(dev)
                 t0 = time.perf_counter()
                 prefill()
                 sync(dev)
                 walls[arm].append(time.perf_counter() - t0)
-                print(f"  A/B question vector, {arm}: {walls[arm][-1]:.3f} s", flush=True)
+                print(f"  A/B {what}, {arm}: {walls[arm][-1]:.3f} s", flush=True)
     finally:
-        qa.question_vector = new_fn
+        next(iter(arms.values()))()
     return walls
+
+
+def ab_question_sync(prefill, dev: torch.device, n: int) -> dict:
+    """The question vector without a host sync (the library's) against one per layer
+    (``_question_vector_synced``), alternating (_alternate)."""
+    import qllm.attention as qa
+
+    new_fn = qa.question_vector
+    return _alternate(prefill, dev, n, "question vector", {
+        "no_sync": lambda: setattr(qa, "question_vector", new_fn),
+        "sync_per_layer": lambda: setattr(qa, "question_vector", _question_vector_synced)})
 
 
 AB_TRIM = 0  # --ab-trim N: N alternations of the prefill with / without the last layer's rows trimmed
 
 
 def ab_trim(prefill, dev: torch.device, n: int) -> dict:
-    """Wall time of ``prefill`` in one process, alternating the last decoder layer over the kept
-    position only (the library's default under logits_to_keep) and over every position
-    (``qllm.patch._TRIM_LAST_LAYER = False``), n rounds each."""
+    """The last decoder layer over the kept position only (the library's default under
+    logits_to_keep) against over every position (``qllm.patch._TRIM_LAST_LAYER = False``),
+    alternating (_alternate)."""
     qp = sys.modules["qllm.patch"]
-    walls = {"trimmed": [], "every_row": []}
-    try:
-        for _ in range(n):
-            for arm, on in (("trimmed", True), ("every_row", False)):
-                qp._TRIM_LAST_LAYER = on
-                sync(dev)
-                t0 = time.perf_counter()
-                prefill()
-                sync(dev)
-                walls[arm].append(time.perf_counter() - t0)
-                print(f"  A/B last layer, {arm}: {walls[arm][-1]:.3f} s", flush=True)
-    finally:
-        qp._TRIM_LAST_LAYER = True
-    return walls
+    return _alternate(prefill, dev, n, "last layer", {
+        "trimmed": lambda: setattr(qp, "_TRIM_LAST_LAYER", True),
+        "every_row": lambda: setattr(qp, "_TRIM_LAST_LAYER", False)})
 
 
 def profile_prefill(model, runner: "Runner", qcfg: qllm.QLLMConfig, ids: torch.Tensor, dev: torch.device,
