@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call = build + CUDA tests + layer benchmark (see benchmarks/NOTES_gpu.md).
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [tfused] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [microsel] [micropc [ncupc]] [gemm] [resgemm] [microseam] [mergeab] [bench10] [kvab] [pairab] [cutab] [seamab] [ncuseam] [e2eprof] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
+# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [build] [test] [ttier] [e2etier] [tmodel] [tfused] [bench] [test8] [bench8] [pdecode] [probe] [mma] [tsab] [tsorder] [microsel] [micropc [ncupc]] [gemm] [resgemm] [microseam] [mergeab] [bench10] [kvab] [pairab] [earlyab] [e2eearly] [cutab] [seamab] [ncuseam] [e2eprof] [ncu] [ncuts] [ncuattn] [profile] [e2e] [e2eg]
 # Logs and results go to $OUT (default: /tmp/qllm_out).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -242,6 +242,23 @@ if [[ " $stages " == *" pairab "* ]]; then
   # (QLLM_ATTN_PAIR=0): 128K and 512K prefill
   ab_layer ab_pair "prefill\|rror" pair "QLLM_ATTN_PAIR=1" "" natural "QLLM_ATTN_PAIR=0" "" \
     --prefill 131072 524288 --decode-at --no-dense --repeats 5
+fi
+if [[ " $stages " == *" earlyab "* ]]; then
+  # the attention started while the seam runs (default: it waits on the seam's counters) against
+  # its launch after the seam's end (QLLM_ATTN_EARLY=0): 128K and 512K prefill
+  ab_layer ab_early "prefill\|rror" early "QLLM_ATTN_EARLY=1" "" late "QLLM_ATTN_EARLY=0" "" \
+    --prefill 131072 524288 --no-dense --repeats 3
+fi
+if [[ " $stages " == *" e2eearly "* ]]; then
+  # 8B-shaped model, 128K prefill: the early start (default) against QLLM_ATTN_EARLY=0, one process
+  # per run, alternating twice
+  for rep in 1 2; do
+    for v in 1 0; do
+      stamp "e2e QLLM_ATTN_EARLY=$v (round $rep)"
+      QLLM_ATTN_EARLY=$v timeout ${E2E_TIMEOUT:-200} python3 benchmarks/bench_e2e.py --skip-dense --long-tokens 0 \
+        --million-tokens 0 --new-tokens 8 --out "$OUT/e2e_early_${v}_$rep.json" 2>&1 | grep "qllm\|rror" | tail -5
+    done
+  done
 fi
 if [[ " $stages " == *" cutab "* ]]; then
   # graph decode at 128K: block-cut tokens replaying the second graph (default) against the ordinary

@@ -892,7 +892,8 @@ def test_cuda_attention_kernel_names_the_kernel_that_runs():
     mma.sync for both."""
     import os
 
-    env = {k: v for k, v in os.environ.items() if k.startswith("QLLM_ATTN_") and k != "QLLM_ATTN_PAIR"}
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith("QLLM_ATTN_") and k not in ("QLLM_ATTN_PAIR", "QLLM_ATTN_EARLY")}
     n128 = torch.ops.qllm.cuda_attention_kernel(128)
     n64 = torch.ops.qllm.cuda_attention_kernel(64)
     plain = "mma.sync, 4 warps x 16 rows"
@@ -969,4 +970,13 @@ def test_attention_row_pairing_changes_nothing(tmp_path):
     and representatives: one process each, Llama-3 head geometry, 2K-budget config, execution
     blocks of 8 row tiles, then decode steps."""
     _assert_same_runs(_knob_runs(tmp_path, "QLLM_ATTN_PAIR", ("1", "0")))
+
+
+def test_attention_early_start_changes_nothing(tmp_path):
+    """The attention launched while the seam still runs (the default: it waits on the seam's
+    counters, for the block's ids only before its retrieved tiles) and launched after the seam's
+    end (QLLM_ATTN_EARLY=0) give bitwise the same outputs, token scores and representatives: the
+    tile order is the same both ways.  Two runs of the early start as well: the waits are on
+    data, so the result does not depend on when the seam's CTAs finish."""
+    _assert_same_runs(_knob_runs(tmp_path, "QLLM_ATTN_EARLY", ("1", "0", "on")))
 

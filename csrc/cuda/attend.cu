@@ -12,8 +12,10 @@
  *                   times cos[0]) and the recent segment's keys (index j - T0)
  *   select_kernel   top-k block ids of precomputed block scores (ascending)
  *   attn_kernel     FlashAttention-style tiles over [init | retrieved blocks |
- *                   tail memory] (fixed-position query, un-rotated keys) then
- *                   the local window (rotated), one online softmax; bf16/f16
+ *                   tail memory] (fixed-position query, un-rotated keys) and
+ *                   the local window (rotated), one online softmax (wgmma:
+ *                   local, init, tail, retrieved tiles in that order, so an
+ *                   early start waits for the ids last); bf16/f16
  *                   wgmma (sm_90a, head dim 128, software-pipelined) or
  *                   mma.sync, f32 accumulate; writes out and the row's lse
  *   combine_kernel  merges key splits (small E: decode) by log-sum-exp
@@ -37,6 +39,57 @@ constexpr int TS_KEYS = 64;    /* keys per token-score CTA (4 warps x 16) */
 constexpr int TS_Q = 64;       /* queries per token-score step */
 constexpr int TS_THREADS = 128;
 constexpr float kLog2e = 1.4426950408889634f;
+
+/* ------------------------------------------ early start (qllm_gpu_early) */
+
+/* Programmatic dependent launch (sm_90): the seam lets the next grid launch
+ * once all its CTAs have started; the attention launched that way waits for
+ * the seam's end only when it exits (so the kernels after it still follow the
+ * seam).  Both are no-ops in a grid launched without the attribute. */
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait_primary() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+/* The CTA's writes, then one count at *sig (cooperative groups' grid barrier
+ * pattern: block barrier, then one thread's fence and atomic).  All threads. */
+__device__ __forceinline__ void cta_signal(int32_t *sig) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        atomicAdd(sig, 1);
+    }
+}
+
+/* One warp's writes, then one count at *sig.  All lanes of the warp. */
+__device__ __forceinline__ void warp_signal(int32_t *sig) {
+    __syncwarp();
+    if ((threadIdx.x & 31) == 0) {
+        __threadfence();
+        atomicAdd(sig, 1);
+    }
+}
+
+/* Thread 0 waits until *sig >= target, then the CTA reads what the counted
+ * writers wrote.  All threads (a block barrier at the end). */
+__device__ __forceinline__ void cta_wait_count(const int32_t *sig, int target) {
+    if (threadIdx.x == 0) {
+        for (;;) {
+            int v;
+            asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(sig) : "memory");
+            if (v >= target) break;
+            __nanosleep(64);
+        }
+        __threadfence();
+    }
+    __syncthreads();
+}
 
 /* ------------------------------------------------------------------ prep */
 
@@ -808,6 +861,11 @@ struct AttnArgs {
     int pack;         /* rows are the query heads of one KV head (E = 1; set by the launcher) */
     int pair_rows;    /* heavy / light row tiles paired in the grid order (attn_body; set by the launcher) */
     const int64_t *dyn; /* decode: sizes from the device row, else NULL */
+    /* early start (qllm_gpu_early; wgmma kernel only), else NULL: wait for
+     * sig[0] >= sig_prep before reading the rotated queries and keys, and for
+     * sig[1] >= sig_ids before the retrieved tiles' addresses */
+    const int32_t *sig;
+    int sig_prep, sig_ids;
 };
 
 /* Element offset of memory key u (init | retrieved blocks | tail memory) of
@@ -824,7 +882,8 @@ __device__ __forceinline__ int64_t mem_off(const AttnArgs &a, int hk, int64_t u,
         if (u < nbk) {
             /* 32-bit division: u < n_ret * bs, a few thousand */
             const int ui = static_cast<int>(u), bi = ui / a.bs;
-            const int64_t id = a.ids[bi], j = ui - bi * a.bs;
+            /* L2: with an early start the ids were written while this grid ran */
+            const int64_t id = __ldcg(a.ids + bi), j = ui - bi * a.bs;
             if (a.slot_of != nullptr) {
                 from_cache = true;
                 return ((static_cast<int64_t>(a.slot_of[id]) * a.hkv + hk) * a.bs + j) * D;
@@ -897,9 +956,11 @@ __host__ __device__ constexpr size_t attn_tab_off() {
 }
 
 /* One CTA = BM = 64*MI query rows of one head (NW warps x 16*MI rows; with
- * MI = 2 each K/V fragment feeds the MMAs of two 16-row groups).  Tiles: memory tiles (fixed-position
- * queries, un-rotated keys) first, then local tiles; the queries switch from
- * the fixed to the local rotation at the first local tile.
+ * MI = 2 each K/V fragment feeds the MMAs of two 16-row groups).  Tiles: memory
+ * tiles (fixed-position queries, un-rotated keys) and local tiles (local
+ * rotation).  mma.sync: memory tiles first, then local ones (the queries switch
+ * once); wgmma: local tiles first, then the memory tiles, those with retrieved
+ * keys last (perm; both query tiles stay in shared memory).
  *
  * WG (sm_90a): the two products on wgmma, one warpgroup = the CTA's 64 rows,
  * tiles in the 128-byte-swizzled layout of wgmma.cuh (from a 1024-byte
@@ -992,6 +1053,43 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
     const int per = (n_tot + a.n_split_eff - 1) / a.n_split_eff;
     const int t_begin = split * per;
     const int t_end = min(n_tot, t_begin + per);
+    /* Processing order of the CTA's tiles t_begin .. t_end-1 (tile p of the
+     * loop is logical tile perm(p)).  wgmma: the local tiles, then the memory
+     * tiles that hold no retrieved key (init, tail), then those that do: with
+     * an early start (a.sig) only these need block i+1's ids, so the CTA waits
+     * for them there, after most of its work.  mma.sync: the logical order
+     * (memory tiles, then local).  The order is fixed by the arguments, so an
+     * early start changes no bit of the result. */
+    const int32_t *sig = WG ? a.sig : nullptr;
+    /* wgmma: n_loc local tiles from lo_loc, n_pre memory tiles from t_begin,
+     * n_post from lo_post, then the rest from lo_dep (retrieved keys) */
+    int n_loc = 0, n_pre = 0, n_post = 0, lo_loc = 0, lo_post = 0, lo_dep = 0, n_dep = 0;
+    if constexpr (WG) {
+        const int me = min(t_end, n_mt); /* memory tiles of the range: t_begin .. me-1 */
+        /* logical memory tiles d0 .. d1-1 hold retrieved keys */
+        const int d0 = nbk > 0 ? a.init_len / BN : n_mt;
+        const int d1 = nbk > 0 ? min(n_mt, (fixed_end + BN - 1) / BN) : n_mt;
+        lo_loc = max(t_begin, n_mt);
+        n_loc = max(0, t_end - lo_loc);
+        n_pre = max(0, min(me, d0) - t_begin);
+        lo_post = max(t_begin, d1);
+        n_post = max(0, me - lo_post);
+        lo_dep = max(t_begin, d0);
+        n_dep = max(0, min(me, d1) - lo_dep);
+    }
+    auto perm = [&](int p) -> int {
+        if constexpr (!WG) return p;
+        int j = p - t_begin;
+        if (j < n_loc) return lo_loc + j;
+        j -= n_loc;
+        if (j < n_pre) return t_begin + j;
+        j -= n_pre;
+        return j < n_post ? lo_post + j : lo_dep + (j - n_post);
+    };
+    /* first loop index of the tiles that need the ids; with an early start
+     * their table entries wait for the ids */
+    const int p_dep = t_begin + n_loc + n_pre + n_post;
+    const bool defer = sig != nullptr && n_dep > 0;
 
     const T *qf = static_cast<const T *>(a.qfix) + (static_cast<int64_t>(h) * a.E + r0) * D;
     const T *ql = static_cast<const T *>(a.qloc) + (static_cast<int64_t>(h) * a.E + r0) * D;
@@ -1001,24 +1099,6 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
             const bool v = row < rows_valid;
             cp_async16(qdst(dst, row, ch * 8), src + (v ? row * D + ch * 8 : 0), v);
         }
-    };
-    /* Where tile t's keys live.  Per tile, not per key: when the tile's keys
-     * are consecutive rows of one buffer (nearly always), each key's address is
-     * base + row * D (base -1: per key). */
-    struct TileSrc {
-        int64_t base;
-        bool cached;
-    };
-    auto tile_src = [&](int t) -> TileSrc {
-        TileSrc s{-1, false};
-        if (t < n_mt) {
-            s.base = mem_tile_base<D>(a, hk, static_cast<int64_t>(t) * BN, s.cached);
-        } else {
-            const int64_t p0 = a.T0 + static_cast<int64_t>(lt0 + t - n_mt) * BN;
-            const int64_t w0 = kv_row(p0, a.n_init, a.wmask);
-            s.base = kv_row(p0 + BN - 1, a.n_init, a.wmask) - w0 == BN - 1 ? (kv_head + w0) * D : -1;
-        }
-        return s;
     };
     /* sources of key row kr of tile t, a tile whose keys are not consecutive
      * rows (the per-key path); false past the tile's live keys */
@@ -1051,7 +1131,7 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
     struct TileEnt {
         const T *k, *v; /* first key / value row when consecutive rows, else null (per key) */
         int lim;        /* live rows (>= BN: the whole tile) */
-        int kind;       /* classify */
+        int kind;       /* classify | logical tile << 2 */
     };
     static_assert(sizeof(TileEnt) == ATT_ENT_B, "tile table entries");
     /* Copies of tile t's keys into kdst and/or its values into vdst (either
@@ -1059,7 +1139,7 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
      * chunk tid % CH of rows tid / CH + i * NT / CH.  Consecutive rows (e.k
      * set, nearly always) are unrolled; the per-key case (e.k null) stays a
      * compact loop, so the main loop's code stays small (instruction cache). */
-    auto load_rows = [&](int t, const TileEnt &e, T *kdst, T *vdst) {
+    auto load_rows = [&](const TileEnt &e, T *kdst, T *vdst) {
         const int ch = tid % CH;
         if (e.k != nullptr) {
             const T *kb = e.k + ch * 8, *vb = e.v + ch * 8;
@@ -1085,7 +1165,7 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
             for (int i = 0; i < BN * CH / NT; ++i) {
                 const int kr = tid / CH + i * (NT / CH);
                 const T *ksrc, *vsrc;
-                const bool v = row_src(t, kr, ksrc, vsrc);
+                const bool v = row_src(e.kind >> 2, kr, ksrc, vsrc);
                 if (kdst != nullptr) cp_async16(cdst(kdst, i), ksrc + ch * 8, v);
                 if (vdst != nullptr) cp_async16(cdst(vdst, i), vsrc + ch * 8, v);
             }
@@ -1130,23 +1210,32 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
      * compute theirs on the fly).  The loop then reads 32 bytes per tile
      * instead of redoing mem_tile_base and classify (a division and a dozen
      * branches, in every thread, for every tile: a fifth of the loop's
-     * instructions). */
-    auto make_ent = [&](int t) -> TileEnt {
-        TileEnt e{nullptr, nullptr, 0, classify(t)};
-        const TileSrc s = tile_src(t);
-        if (t < n_mt) {
-            e.lim = M_total - t * BN;
-            if (s.base >= 0) {
-                e.k = (s.cached ? kc : kst) + s.base;
-                e.v = (s.cached ? vc : vst) + s.base;
-            }
-        } else {
-            const int s0 = (lt0 + t - n_mt) * BN;
-            e.lim = a.L - s0;
-            if (s.base >= 0) {
-                e.k = krot + (static_cast<int64_t>(hk) * a.L + s0) * D;
-                e.v = vst + s.base;
-            }
+     * instructions).  Entries are in loop order (perm); a tile's keys are
+     * consecutive rows of one buffer nearly always, then k / v point at the
+     * first (else null: per key, row_src). */
+    /* entry of memory tile t (< n_mt) */
+    auto mem_ent = [&](int t) -> TileEnt {
+        TileEnt e{nullptr, nullptr, M_total - t * BN, classify(t) | (t << 2)};
+        bool cached = false;
+        const int64_t base = mem_tile_base<D>(a, hk, static_cast<int64_t>(t) * BN, cached);
+        if (base >= 0) {
+            e.k = (cached ? kc : kst) + base;
+            e.v = (cached ? vc : vst) + base;
+        }
+        return e;
+    };
+    auto make_ent = [&](int p) -> TileEnt {
+        const int t = perm(p);
+        if (t < n_mt) return mem_ent(t);
+        /* local tile: keys rotated in krot, values in the store (consecutive
+         * rows unless the ring wraps inside the tile: then per key) */
+        const int s0 = (lt0 + t - n_mt) * BN;
+        TileEnt e{nullptr, nullptr, a.L - s0, classify(t) | (t << 2)};
+        const int64_t p0 = a.T0 + s0;
+        const int64_t w0 = kv_row(p0, a.n_init, a.wmask);
+        if (kv_row(p0 + BN - 1, a.n_init, a.wmask) - w0 == BN - 1) {
+            e.k = krot + (static_cast<int64_t>(hk) * a.L + s0) * D;
+            e.v = vst + (kv_head + w0) * D;
         }
         return e;
     };
@@ -1156,15 +1245,28 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
         if (__builtin_expect(i < ATT_TAB, 1)) return tab[i];
         return make_ent(t);
     };
-    for (int i = tid; i < ATT_TAB && t_begin + i < t_end; i += NT) tab[i] = make_ent(t_begin + i);
-    __syncthreads();
+    /* with an early start the entries from p_dep on are made once the ids are there */
+    const int tab_now = (defer ? p_dep : t_end) - t_begin;
+    for (int i = tid; i < ATT_TAB && i < tab_now; i += NT) tab[i] = make_ent(t_begin + i);
+    if (sig != nullptr)
+        cta_wait_count(sig, a.sig_prep); /* the seam's rotations of this block (a block barrier) */
+    else
+        __syncthreads();
+    /* the ids of the retrieved blocks, then their tiles' entries (published by
+     * the caller's next block barrier) */
+    auto wait_ids = [&]() {
+        cta_wait_count(sig + 1, a.sig_ids);
+        for (int i = p_dep - t_begin + tid; i < ATT_TAB && i < t_end - t_begin; i += NT)
+            tab[i] = mem_ent(lo_dep + i - (p_dep - t_begin));
+    };
     /* raw scores of tile t: -inf where the key is not visible (boundary tiles
      * only).  Each row sees the tile's columns [lo, hi): memory tiles every key
      * before fixed_end plus the tail keys its position allows, local tiles the
      * causal window. */
-    auto mask_tile = [&](float(&S)[MI][8][4], int t) {
-        const int i = t - t_begin;
-        const int kind = i < ATT_TAB ? tab[i].kind : classify(t);
+    auto mask_tile = [&](float(&S)[MI][8][4], int p) {
+        const int i = p - t_begin;
+        const int kt = i < ATT_TAB ? tab[i].kind : classify(perm(p)) | (perm(p) << 2);
+        const int kind = kt & 3, t = kt >> 2;
         if (kind == 0) return;
         int lo[MI][2], hi[MI][2];
 #pragma unroll
@@ -1264,9 +1366,9 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
         float(&Of)[NDT * 4] = *reinterpret_cast<float(*)[NDT * 4]>(&O[0][0][0]);
         const unsigned char *QsF = smem, *QsL = smem + TILE_B;
         auto stage_of = [&](int t) { return (t - t_begin) & 1; };
-        /* S = Q K_t^T, issued and committed (not waited) */
+        /* S = Q K_t^T, issued and committed (not waited); the local tiles come first */
         auto issue_s = [&](int t) {
-            const uint64_t dq = qllm_sdesc(t < n_mt ? QsF : QsL, QLLM_WG_KMAJ_LBO, QLLM_WG_KMAJ_SBO);
+            const uint64_t dq = qllm_sdesc(t - t_begin >= n_loc ? QsF : QsL, QLLM_WG_KMAJ_LBO, QLLM_WG_KMAJ_SBO);
             const uint64_t dk = qllm_sdesc(kstage(stage_of(t)), QLLM_WG_KMAJ_LBO, QLLM_WG_KMAJ_SBO);
 #pragma unroll
             for (int kk = 0; kk < D / 16; ++kk) {
@@ -1307,8 +1409,12 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
             /* prologue: both queries, K and V of the first tile, K of the second; S of the first */
             if (t_begin < n_mt) load_q(reinterpret_cast<T *>(smem), qf);
             if (t_end > n_mt) load_q(reinterpret_cast<T *>(smem + TILE_B), ql);
-            load_rows(t_begin, ent(t_begin), kstage(0), vstage(0));
-            if (t_begin + 1 < t_end) load_rows(t_begin + 1, ent(t_begin + 1), kstage(1), nullptr);
+            if (defer && p_dep - 2 < t_begin) { /* the ids are needed at once */
+                wait_ids();
+                __syncthreads();
+            }
+            load_rows(ent(t_begin), kstage(0), vstage(0));
+            if (t_begin + 1 < t_end) load_rows(ent(t_begin + 1), kstage(1), nullptr);
             cp_async_commit();
             cp_async_wait<0>();
             fence_async_smem();
@@ -1325,9 +1431,10 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
                 softmax_pack(t);
                 cp_async_wait<0>(); /* K_{t+1}, V_t */
                 fence_async_smem();
+                if (defer && t == p_dep - 2) wait_ids(); /* K of tile p_dep loads now */
                 __syncthreads(); /* every warp is past S_t (K stage of t) and P V_{t-1} (V stage of t-1) */
-                load_rows(t + 1, ent(t + 1), nullptr, vstage(stage_of(t + 1)));
-                if (t + 2 < t_end) load_rows(t + 2, ent(t + 2), kstage(stage_of(t)), nullptr);
+                load_rows(ent(t + 1), nullptr, vstage(stage_of(t + 1)));
+                if (t + 2 < t_end) load_rows(ent(t + 2), kstage(stage_of(t)), nullptr);
                 cp_async_commit();
                 wg_fence();
                 issue_s(t + 1);
@@ -1347,7 +1454,7 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
     } else {
         if (t_begin < t_end) {
             load_q(Qs, t_begin < n_mt ? qf : ql);
-            load_rows(t_begin, ent(t_begin), kstage(0), vstage(0));
+            load_rows(ent(t_begin), kstage(0), vstage(0));
         }
         cp_async_commit();
 
@@ -1356,7 +1463,7 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
             const bool more = t + 1 < t_end;
             if (more) {
                 if (t == n_mt && t > t_begin) load_q(Qs, ql); /* first local tile: every warp is past the last one */
-                load_rows(t + 1, ent(t + 1), kstage(st ^ 1), vstage(st ^ 1));
+                load_rows(ent(t + 1), kstage(st ^ 1), vstage(st ^ 1));
             } else if (t == n_mt && t > t_begin) {
                 load_q(Qs, ql);
             }
@@ -1458,6 +1565,9 @@ __device__ __forceinline__ void attn_body(const AttnArgs &a) {
                 if (tq == 0) a.part_lse[row] = lse;
             }
         }
+    /* early start: the grid ends after the seam (the kernels after it follow
+     * the seam through it) */
+    if (sig != nullptr) pdl_wait_primary();
 }
 
 template <typename T, int D, int MI, int NW, bool WG>
@@ -1985,6 +2095,8 @@ struct SeamArgs {
     int sel_after_cut; /* the selection ranks blocks this launch cuts */
     int sel_merge;     /* ... and merges a list of the others made beside the cut */
     int sel_cta;       /* the grid has a select CTA after the cut CTAs */
+    int32_t *sig;      /* early start of the next attention (qllm_gpu_early), else NULL: each prep CTA
+                          counts sig[0] when done, the selection sig[1] once its ids are written */
 };
 
 constexpr int SEAM_THREADS = SEL_THREADS;
@@ -2107,6 +2219,7 @@ __device__ __forceinline__ void seam_finish(const qllm_gpu_layer &ly, const Seam
     if (!a.sel_after_cut) return;
     __syncthreads();
     topk_ascending(sel_s, a.sel_n, a.sel_k, a.sel_ids);
+    if (a.sig != nullptr) cta_signal(a.sig + 1);
 }
 
 /* Sums over heads of the partials of pairs q = first, first + step, .. < nq
@@ -2176,6 +2289,7 @@ __device__ __forceinline__ void seam_finish_merge(const qllm_gpu_layer &ly, cons
         uint32_t wk, wi;
         warp_rounds(l, k, wk, wi);
         write_ascending(wi, k, a.sel_ids);
+        if (a.sig != nullptr) warp_signal(a.sig + 1);
         seam_stamp(SEAM_T_SUMS);
     } else if (ni > 1) {
         const int nr = cut_n * (ni - 1); /* pair q: block q / (ni-1), row i0 + 1 + q % (ni-1) */
@@ -2280,17 +2394,21 @@ __global__ void __launch_bounds__(SEAM_THREADS) seam_kernel(qllm_gpu_layer ly, S
     int cta = static_cast<int>(blockIdx.x);
     const int n_cut = a.cut_n * ly.hq;
     seam_stamp(SEAM_T_START);
+    pdl_launch_dependents(); /* an early-started attention may launch once every CTA is here */
     if (cta < n_cut) {
         seam_cut<T>(ly, a, cta, seam_smem);
     } else if (cta -= n_cut; a.sel_cta && cta == 0) {
-        if (a.sel_merge)
+        if (a.sel_merge) {
             seam_pre(ly, a, seam_smem);
-        else
+        } else {
             topk_staged(a.sel_scores, a.sel_n, a.sel_k, a.sel_ids, seam_smem); /* ranks no block cut now */
+            if (a.sig != nullptr) cta_signal(a.sig + 1);
+        }
     } else {
         if (a.sel_cta) cta -= 1;
         prep_body<T, VEC>(ly, a.ex, static_cast<const T *>(a.q), a.q_hs, a.q_ts, static_cast<T *>(a.qfix),
                           static_cast<T *>(a.qloc), static_cast<T *>(a.krot), nullptr, cta, a.prep_ctas);
+        if (a.sig != nullptr) cta_signal(a.sig);
     }
     seam_stamp(SEAM_T_END);
 }
@@ -2530,6 +2648,25 @@ int launch_attention_v(const AttnArgs &a0, int E, int hq, cudaStream_t stream) {
     a.pack = attn_packs(E, a.group) ? 1 : 0;
     dim3 grid(a.pack ? 1 : (E + BMr - 1) / BMr, a.pack ? hq / a.group : hq, a.n_split);
     a.pair_rows = !a.pack && a.n_split == 1 && grid.x % 2 == 0 && attn_pair_rows() ? 1 : 0;
+    if (!DYN && WG && a.sig != nullptr) { /* early start: launched while the seam runs */
+        cudaLaunchConfig_t cfg{};
+        cfg.gridDim = grid;
+        cfg.blockDim = dim3(NW * 32);
+        cfg.dynamicSmemBytes = smem;
+        cfg.stream = stream;
+        cudaLaunchAttribute attr[1];
+        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[0].val.programmaticStreamSerializationAllowed = 1;
+        cfg.attrs = attr;
+        cfg.numAttrs = 1;
+        const cudaError_t e = cudaLaunchKernelEx(&cfg, attn_kernel<T, D, MI, NW, WG>, a);
+        if (e != cudaSuccess) {
+            (void)cudaGetLastError();
+            return set_error(QLLM_CUDA_ERR_LAUNCH, "attn_kernel (early start): %s", cudaGetErrorString(e));
+        }
+        return check_launch("attn_kernel");
+    }
+    a.sig = nullptr;
     if (DYN)
         attn_dyn_kernel<T, D, MI, NW, WG><<<grid, NW * 32, smem, stream>>>(a);
     else
@@ -2840,7 +2977,8 @@ extern "C" int qllm_cuda_exec_attention(const qllm_gpu_layer *ly, const qllm_gpu
                                         const void *qfix, const void *qloc, const void *krot,
                                         const int32_t *ids, float scaling, void *out,
                                         int64_t o_hs, int64_t o_ts, float *lse, int n_split,
-                                        float *part_o, float *part_lse, cudaStream_t stream) {
+                                        float *part_o, float *part_lse, const qllm_gpu_early *after,
+                                        cudaStream_t stream) {
     int st = check_layer(ly, "exec_attention");
     if (st) return st;
     if (n_split < 1 || n_split > QLLM_CUDA_MAX_SPLIT || (n_split > 1 && (!part_o || !part_lse)))
@@ -2868,6 +3006,19 @@ extern "C" int qllm_cuda_exec_attention(const qllm_gpu_layer *ly, const qllm_gpu
     a.n_split = n_split;
     a.n_split_eff = n_split;
     a.dyn = nullptr;
+    /* early start: the wgmma kernel only (its tile order puts the retrieved tiles last) */
+    bool wg = false;
+#if defined(QLLM_SM90A)
+    wg = attn_variant() == 3 && ly->head_dim == 128;
+#endif
+    if (after != nullptr && after->ok && after->sig != nullptr && wg && qllm_cuda_early_enabled()) {
+        if (after->prep > INT_MAX || after->ids > INT_MAX)
+            return set_error(QLLM_CUDA_ERR_ARG, "exec_attention: early-start counts %lld / %lld overflow",
+                             (long long)after->prep, (long long)after->ids);
+        a.sig = after->sig;
+        a.sig_prep = static_cast<int>(after->prep);
+        a.sig_ids = static_cast<int>(after->ids);
+    }
     if (ly->hq > 65535) return set_error(QLLM_CUDA_ERR_ARG, "exec_attention: too many heads");
     QLLM_DISPATCH_T(ly->dtype, {
         st = ly->head_dim == 64 ? launch_attention<T, 64>(a, ex->E, ly->hq, stream)
@@ -2917,6 +3068,11 @@ extern "C" int qllm_cuda_cut_blocks(const qllm_gpu_layer *ly, int64_t b0, int64_
     QLLM_DISPATCH_T(ly->dtype, cut_kernel<T><<<grid, 128, static_cast<size_t>(k) * sizeof(int64_t),
                                                stream>>>(*ly, b0, k, nullptr));
     return check_launch("cut_kernel");
+}
+
+extern "C" int qllm_cuda_early_enabled(void) {
+    static const int on = env_is("QLLM_ATTN_EARLY", '0') ? 0 : 1;
+    return on;
 }
 
 extern "C" int qllm_cuda_seam_enabled(void) {
@@ -2998,6 +3154,12 @@ extern "C" int qllm_cuda_exec_seam(const qllm_gpu_layer *ly, const qllm_gpu_seam
     }
     a.sel_cta = sel_in && (!a.sel_after_cut || a.sel_merge);
     const int64_t grid = cut_n * ly->hq + (a.sel_cta ? 1 : 0) + a.prep_ctas;
+    if (s->early != nullptr) { /* what the next attention may wait for */
+        a.sig = s->early->sig;
+        s->early->prep += a.prep_ctas;
+        if (sel && sel_in) s->early->ids += 1;
+        s->early->ok = a.sig != nullptr && grid > 0 && (!sel || sel_in); /* else the ids come from select_kernel */
+    }
     if (grid > 0) {
         const size_t smem = static_cast<size_t>(floats) * sizeof(float);
         const bool vec = prep_vec(*ly);

@@ -148,16 +148,38 @@ int qllm_cuda_block_scores(const qllm_gpu_layer *ly, const float *qcomb, int i0,
 int qllm_cuda_select_blocks(const float *bscore, int64_t n, int k, int32_t *ids,
                             cudaStream_t stream);
 
+/* Early start of an attention right after a seam (qllm_cuda_exec_seam): the
+ * attention launches while the seam still runs (programmatic dependent launch)
+ * and waits on device counters instead of the seam's end: for the seam's prep
+ * CTAs before it reads its rotated queries and keys, for block i+1's ids only
+ * before its retrieved tiles.  So the seam's cut-and-select chain overlaps the
+ * attention's local, init and tail tiles.
+ * sig: int32 [2] on the device, zero before the call's first seam: prep CTAs
+ * done, selections written.  The seam adds to prep / ids (host counts: the
+ * targets the next attention waits for) and sets ok = 0 when the next block's
+ * ids come from a launch of their own (exec_attention then launches plainly). */
+typedef struct qllm_gpu_early {
+    int32_t *sig;
+    int64_t prep, ids;
+    int ok;
+} qllm_gpu_early;
+
+/* 1 unless QLLM_ATTN_EARLY=0 (read once). */
+int qllm_cuda_early_enabled(void);
+
 /* Attention of the execution block over [init | retrieved blocks | tail
  * memory] (fixed positions) and the local window, one softmax.
  * out [hq, E, D] at out + h*o_hs + r*o_ts; lse [hq, E].  With n_split > 1
  * the key tiles are split over n_split thread blocks per row tile and merged:
- * part_o [n_split, hq, E, D] f32 and part_lse [n_split, hq, E] are scratch. */
+ * part_o [n_split, hq, E, D] f32 and part_lse [n_split, hq, E] are scratch.
+ * after: NULL, or the early start after the seam just launched (used when
+ * after->ok and the wgmma kernel runs; a plain launch otherwise). */
 int qllm_cuda_exec_attention(const qllm_gpu_layer *ly, const qllm_gpu_exec *ex,
                              const void *qfix, const void *qloc, const void *krot,
                              const int32_t *ids, float scaling, void *out, int64_t o_hs,
                              int64_t o_ts, float *lse, int n_split, float *part_o,
-                             float *part_lse, cudaStream_t stream);
+                             float *part_lse, const qllm_gpu_early *after,
+                             cudaStream_t stream);
 
 /* Token scores: for every key of the recent segment add the probability mass
  * it received as a LOCAL key from this block's queries (merged softmax, lse
@@ -183,6 +205,8 @@ int qllm_cuda_cut_blocks(const qllm_gpu_layer *ly, int64_t b0, int64_t n, int re
  * [QLLM_SEAM_CNT_INTS]: an arrival counter, zero before the first call (each
  * call leaves it zero), then room for the select CTA's list. */
 #define QLLM_SEAM_CNT_INTS 17
+/* the early-start signals (qllm_gpu_early.sig) after the counter workspace */
+#define QLLM_SEAM_SIG_INTS 2
 typedef struct {
     const qllm_gpu_exec *next;
     const void *q;            /* block i+1's first q row, strides as exec_prep */
@@ -200,6 +224,7 @@ typedef struct {
     int64_t sel_n;
     int sel_k;
     int32_t *sel_ids;
+    qllm_gpu_early *early;    /* NULL, or signals for the next attention's early start */
 } qllm_gpu_seam;
 
 int qllm_cuda_exec_seam(const qllm_gpu_layer *ly, const qllm_gpu_seam *s, cudaStream_t stream);

@@ -446,7 +446,8 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
         return ex;
     };
     auto ids_of = [&](int64_t i) { return retrieved.mutable_data_ptr<int32_t>() + i * kk; };
-    auto attend_and_score = [&](const ExecRow &r, const qllm_gpu_exec &ex, const int32_t *ids) {
+    auto attend_and_score = [&](const ExecRow &r, const qllm_gpu_exec &ex, const int32_t *ids,
+                                const qllm_gpu_early *after) {
         const int n_split = choose_split(r);
         check_cuda(op, qllm_cuda_exec_attention(
                            &ly, &ex, qfix.const_data_ptr(), qloc.const_data_ptr(),
@@ -454,7 +455,7 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
                            obase + r.t0 * out.stride(1) * esz, out.stride(0), out.stride(1),
                            lse.mutable_data_ptr<float>(), n_split,
                            n_split > 1 ? part_o.mutable_data_ptr<float>() : nullptr,
-                           n_split > 1 ? part_lse.mutable_data_ptr<float>() : nullptr, st));
+                           n_split > 1 ? part_lse.mutable_data_ptr<float>() : nullptr, after, st));
         check_cuda(op, qllm_cuda_exec_token_scores(&ly, &ex, qloc.const_data_ptr(),
                                                    krot.const_data_ptr(), lse.const_data_ptr<float>(),
                                                    static_cast<float>(scaling), st));
@@ -467,7 +468,10 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
         int64_t cut_max = 0;
         for (int64_t i = 0; i < n_exec; ++i) cut_max = std::max(cut_max, read_row(sched, i).cut_n);
         at::Tensor pdot = at::empty({std::max<int64_t>(cut_max * n_exec * hq, 1)}, opt_f);
-        at::Tensor cnt = at::zeros({QLLM_SEAM_CNT_INTS}, q.options().dtype(at::kInt)); /* arrival counter + list */
+        /* arrival counter + list, then the early-start signals */
+        at::Tensor cnt = at::zeros({QLLM_SEAM_CNT_INTS + QLLM_SEAM_SIG_INTS}, q.options().dtype(at::kInt));
+        qllm_gpu_early early{};
+        early.sig = qllm_cuda_early_enabled() ? cnt.mutable_data_ptr<int32_t>() + QLLM_SEAM_CNT_INTS : nullptr;
         qllm_gpu_exec next{};
         auto seam = [&](int64_t i) { /* cut of block i (i >= 0), prep and top-k of block i + 1 */
             qllm_gpu_seam sm{};
@@ -501,12 +505,15 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
                 sm.pdot = pdot.mutable_data_ptr<float>();
                 sm.cnt = cnt.mutable_data_ptr<int32_t>();
             }
+            sm.early = early.sig != nullptr ? &early : nullptr;
             check_cuda(op, qllm_cuda_exec_seam(&ly, &sm, st));
         };
         seam(-1);
         for (int64_t i = 0; i < n_exec; ++i) {
             const ExecRow r = read_row(sched, i);
-            attend_and_score(r, exec_of(r), ids_of(i));
+            /* launched while seam i-1 runs: it waits for the seam's rotations, and for the ids
+               only before the retrieved tiles (qllm_gpu_early) */
+            attend_and_score(r, exec_of(r), ids_of(i), early.sig != nullptr && early.ok ? &early : nullptr);
             seam(i);
         }
         return;
@@ -528,7 +535,7 @@ void attend_run_cuda(const at::Tensor &q, const at::Tensor &k_store, const at::T
                                                    r.n_blocks, static_cast<int>(r.n_ret), ids, st));
         if (r.n_ret > 0 && tiered) /* the retrieved blocks into the device cache */
             check_cuda(op, qllm_cuda_tier_touch(&ly, ids, 0, static_cast<int>(r.n_ret), ring_lo, nullptr, st));
-        attend_and_score(r, ex, ids);
+        attend_and_score(r, ex, ids, nullptr);
         if (r.cut_n > 0) {
             check_cuda(op, qllm_cuda_cut_blocks(&ly, r.cut_b0, r.cut_n, static_cast<int>(repr_topk), st));
             if (tiered) /* new blocks enter the device cache (LRU) */
